@@ -1,0 +1,104 @@
+/**
+ * The `file` protocol: positional I/O on a host file through fs.promises.
+ * Reads past the end of the file return zeros (a sparse or short file reads
+ * like its zero-filled tail); flush is fdatasync. Concurrency: calls may
+ * overlap freely; each is one pread/pwrite on libuv's thread pool.
+ */
+import { open, type FileHandle } from 'node:fs/promises';
+import { constants as fsConstants } from 'node:fs';
+import createDebug from 'debug';
+import { hostIoError } from './errors.js';
+import type { HostOffset, Protocol } from './types.js';
+
+const log = createDebug('imgmount:file');
+
+export class FileProtocol implements Protocol {
+  private constructor(
+    readonly path: string,
+    readonly readOnly: boolean,
+    private readonly handle: FileHandle,
+  ) {}
+
+  /** Opens an existing host file; never creates one. */
+  static async open(path: string, readOnly: boolean): Promise<FileProtocol> {
+    try {
+      const handle = await open(path, readOnly ? fsConstants.O_RDONLY : fsConstants.O_RDWR);
+      const stat = await handle.stat();
+      if (stat.isDirectory()) {
+        await handle.close();
+        throw Object.assign(new Error('is a directory'), { code: 'EISDIR' });
+      }
+      log('opened %s %s', path, readOnly ? 'read-only' : 'read-write');
+      return new FileProtocol(path, readOnly, handle);
+    } catch (error) {
+      throw hostIoError('cannot open', path, error);
+    }
+  }
+
+  async read(offset: HostOffset, buffer: Buffer): Promise<void> {
+    let done = 0;
+    try {
+      while (done < buffer.length) {
+        const { bytesRead } = await this.handle.read(buffer, done, buffer.length - done, offset + done);
+        if (bytesRead === 0) break;
+        done += bytesRead;
+      }
+    } catch (error) {
+      throw hostIoError(`read at ${offset} from`, this.path, error);
+    }
+    if (done < buffer.length) buffer.fill(0, done);
+  }
+
+  async write(offset: HostOffset, buffer: Buffer): Promise<void> {
+    let done = 0;
+    try {
+      while (done < buffer.length) {
+        const { bytesWritten } = await this.handle.write(buffer, done, buffer.length - done, offset + done);
+        done += bytesWritten;
+      }
+    } catch (error) {
+      throw hostIoError(`write at ${offset} to`, this.path, error);
+    }
+  }
+
+  async flush(): Promise<void> {
+    if (this.readOnly) return;
+    try {
+      await this.handle.datasync();
+    } catch (error) {
+      throw hostIoError('fdatasync', this.path, error);
+    }
+  }
+
+  async size(): Promise<number> {
+    try {
+      return (await this.handle.stat()).size;
+    } catch (error) {
+      throw hostIoError('stat', this.path, error);
+    }
+  }
+
+  async allocatedSize(): Promise<number> {
+    try {
+      return (await this.handle.stat()).blocks * 512;
+    } catch (error) {
+      throw hostIoError('stat', this.path, error);
+    }
+  }
+
+  async truncate(length: number): Promise<void> {
+    try {
+      await this.handle.truncate(length);
+    } catch (error) {
+      throw hostIoError(`truncate to ${length}`, this.path, error);
+    }
+  }
+
+  async close(): Promise<void> {
+    try {
+      await this.handle.close();
+    } catch (error) {
+      throw hostIoError('close', this.path, error);
+    }
+  }
+}

@@ -1,0 +1,204 @@
+/**
+ * BlockImage: the generic layer over one format image and its backing chain.
+ * It owns the byte moving: range checks (once, here), following mappings
+ * down the backing chain, zero-filling past the end of a shorter backing
+ * file, and `map` answers like `qemu-img map`. Formats only answer where
+ * bytes live and allocate on write.
+ *
+ * Concurrency: reads and writes may overlap; the format driver serializes
+ * whatever must be serialized (QED: allocating writes).
+ */
+import createDebug from 'debug';
+import { InvalidArgumentError, ReadOnlyError } from './errors.js';
+import type { FormatImage, GuestOffset, HostOffset, Protocol } from './types.js';
+
+const log = createDebug('imgmount:block');
+
+/** One run of `map`, like a line of `qemu-img map --output=json`. */
+export interface MapRun {
+  offset: GuestOffset;
+  length: number;
+  /** True where the bytes are stored in some layer's file (not zero, not unallocated). */
+  data: boolean;
+  /** True where the bytes read as zeros. */
+  zero: boolean;
+  /** True where some layer of the chain says what the bytes are (data or a zero cluster), as in qemu-img map. */
+  present: boolean;
+  /** 0 for the top image, 1 for its backing file, and so on. */
+  depth: number;
+  /** Where the data lives, for data runs. */
+  hostOffset?: HostOffset;
+  /** The file that holds the data, for data runs. */
+  filename?: string;
+}
+
+export interface ImageInfo {
+  filename: string;
+  format: string;
+  virtualSize: number;
+  actualSize: number;
+  clusterSize?: number;
+  dirty?: boolean;
+  backingFilename?: string;
+  backingFormat?: string;
+  fullBackingFilename?: string;
+  formatSpecific?: Record<string, string | number | boolean>;
+  backing?: ImageInfo;
+}
+
+export class BlockImage {
+  /** The virtual size in bytes. */
+  readonly length: number;
+
+  constructor(
+    readonly path: string,
+    readonly format: string,
+    private readonly file: Protocol,
+    private readonly image: FormatImage,
+    /** The opened backing image (always read-only), if any. */
+    readonly backing: BlockImage | undefined,
+  ) {
+    this.length = image.virtualSize;
+    image.attachBacking?.(backing ? (offset, buffer) => this.readBacking(offset, buffer) : undefined);
+  }
+
+  get readOnly(): boolean {
+    return this.file.readOnly;
+  }
+
+  /** Fills `buffer` with the guest bytes at `offset`. */
+  async read(offset: GuestOffset, buffer: Buffer): Promise<void> {
+    this.checkRange('read', offset, buffer.length);
+    if (buffer.length === 0) return;
+    const runs = await this.image.map(offset, buffer.length);
+    await Promise.all(
+      runs.map((run) => {
+        const part = buffer.subarray(run.guestOffset - offset, run.guestOffset - offset + run.length);
+        switch (run.kind) {
+          case 'data':
+            return this.file.read(run.hostOffset, part);
+          case 'zero':
+            part.fill(0);
+            return undefined;
+          case 'backing':
+            return this.readBacking(run.guestOffset, part);
+        }
+      }),
+    );
+  }
+
+  /** Writes `buffer` at guest `offset`. */
+  async write(offset: GuestOffset, buffer: Buffer): Promise<void> {
+    if (this.readOnly) throw new ReadOnlyError(`${this.path} is open read-only`);
+    this.checkRange('write', offset, buffer.length);
+    if (buffer.length === 0) return;
+    await this.image.write(offset, buffer);
+  }
+
+  /** Everything written so far reaches stable storage (driver metadata, then fdatasync). */
+  async flush(): Promise<void> {
+    if (this.readOnly) return;
+    await this.image.flush();
+  }
+
+  /** Describes [offset, offset + length) like `qemu-img map`, following the backing chain. */
+  async map(offset: GuestOffset = 0, length: number = this.length - offset): Promise<MapRun[]> {
+    this.checkRange('map', offset, length);
+    const runs: MapRun[] = [];
+    for (const run of await this.image.map(offset, length)) {
+      if (run.kind === 'data') {
+        runs.push({ offset: run.guestOffset, length: run.length, data: true, zero: false, present: true, depth: 0, hostOffset: run.hostOffset, filename: this.path });
+      } else if (run.kind === 'zero' || !this.backing) {
+        runs.push({ offset: run.guestOffset, length: run.length, data: false, zero: true, present: run.kind === 'zero', depth: 0 });
+      } else {
+        const inBacking = Math.max(0, Math.min(run.length, this.backing.length - run.guestOffset));
+        if (inBacking > 0) {
+          for (const below of await this.backing.map(run.guestOffset, inBacking)) runs.push({ ...below, depth: below.depth + 1 });
+        }
+        if (inBacking < run.length) {
+          runs.push({ offset: run.guestOffset + inBacking, length: run.length - inBacking, data: false, zero: true, present: false, depth: 1 });
+        }
+      }
+    }
+    return mergeRuns(runs);
+  }
+
+  /** Bytes the image file occupies on disk (not counting backing files). */
+  async allocatedBytes(): Promise<number> {
+    return this.file.allocatedSize();
+  }
+
+  async info(): Promise<ImageInfo> {
+    const formatInfo = this.image.info();
+    const reference = this.image.backing;
+    return {
+      filename: this.path,
+      format: this.format,
+      virtualSize: this.length,
+      actualSize: await this.file.allocatedSize(),
+      clusterSize: formatInfo.clusterSize,
+      dirty: formatInfo.dirty,
+      backingFilename: reference?.filename,
+      backingFormat: reference ? (reference.format ?? this.backing?.format) : undefined,
+      fullBackingFilename: this.backing?.path,
+      formatSpecific: formatInfo.specific,
+      backing: this.backing ? await this.backing.info() : undefined,
+    };
+  }
+
+  /** Flushes, marks the image clean, closes it and then its backing chain. */
+  async close(): Promise<void> {
+    log('closing %s', this.path);
+    try {
+      await this.image.close();
+    } finally {
+      await this.backing?.close();
+    }
+  }
+
+  /** Reads from the backing chain; past the end of a shorter backing file reads zeros. */
+  private async readBacking(offset: GuestOffset, buffer: Buffer): Promise<void> {
+    const backing = this.backing;
+    if (!backing) {
+      buffer.fill(0);
+      return;
+    }
+    const inBacking = Math.max(0, Math.min(buffer.length, backing.length - offset));
+    if (inBacking < buffer.length) buffer.fill(0, inBacking);
+    if (inBacking > 0) await backing.read(offset, buffer.subarray(0, inBacking));
+  }
+
+  private checkRange(operation: string, offset: number, length: number): void {
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
+      throw new InvalidArgumentError(`${operation} of ${length} bytes at offset ${offset}: offset and length must be whole non-negative numbers`);
+    }
+    if (offset + length > this.length) {
+      throw new InvalidArgumentError(
+        `${operation} of ${length} bytes at offset ${offset} is outside ${this.path} (virtual size ${this.length})`,
+      );
+    }
+  }
+}
+
+/** Joins neighbouring runs that describe the same kind of storage. */
+function mergeRuns(runs: MapRun[]): MapRun[] {
+  const merged: MapRun[] = [];
+  for (const run of runs) {
+    const last = merged[merged.length - 1];
+    if (
+      last &&
+      last.offset + last.length === run.offset &&
+      last.data === run.data &&
+      last.zero === run.zero &&
+      last.present === run.present &&
+      last.depth === run.depth &&
+      last.filename === run.filename &&
+      (last.hostOffset === undefined || last.hostOffset + last.length === run.hostOffset)
+    ) {
+      last.length += run.length;
+    } else {
+      merged.push({ ...run });
+    }
+  }
+  return merged;
+}

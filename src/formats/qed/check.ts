@@ -1,0 +1,157 @@
+/**
+ * The QED consistency check, after the invariants in the specification:
+ * every L1/L2/data offset aligned and inside the file with room for a whole
+ * table, each cluster referenced at most once, unreferenced clusters are
+ * leaks. With repair:
+ * - an invalid offset is cleared (that guest range becomes unallocated; its
+ *   data could not be read anyway);
+ * - a cluster or table referenced twice is copied to a new cluster at the end
+ *   of the file, so both references keep their bytes and a later write to one
+ *   no longer changes the other;
+ * - leaked clusters at the end of the file are truncated away (leaks in the
+ *   middle cannot be reused by QED and are only reported);
+ * - when no corruption is left, QED_F_NEED_CHECK is cleared.
+ */
+import type { CheckOptions, CheckResult, Protocol } from '../../block/types.js';
+import { Geometry, getEntry, setEntry, ZERO_CLUSTER, type Table } from './geometry.js';
+import { QED_F_NEED_CHECK, type QedHeader } from './header.js';
+import { readTable, writeHeader } from './tables.js';
+
+/** Tracks which clusters of the file are referenced. */
+class ClusterMap {
+  private used: Uint8Array;
+  constructor(clusters: number) {
+    this.used = new Uint8Array(clusters);
+  }
+  /** Marks [first, first + count) used; false if any was already used. */
+  claim(first: number, count: number): boolean {
+    this.grow(first + count);
+    let fresh = true;
+    for (let i = first; i < first + count; i++) {
+      if (this.used[i]) fresh = false;
+      this.used[i] = 1;
+    }
+    return fresh;
+  }
+  isUsed(index: number): boolean {
+    return index < this.used.length && this.used[index] === 1;
+  }
+  get length(): number {
+    return this.used.length;
+  }
+  private grow(size: number): void {
+    if (size <= this.used.length) return;
+    const bigger = new Uint8Array(Math.max(size, this.used.length * 2));
+    bigger.set(this.used);
+    this.used = bigger;
+  }
+}
+
+export async function checkQed(file: Protocol, header: QedHeader, options: CheckOptions): Promise<CheckResult> {
+  const geometry = new Geometry(header);
+  const { clusterSize, tableBytes, entries } = geometry;
+  const fileEnd = Math.floor((await file.size()) / clusterSize) * clusterSize;
+  const fileClusters = fileEnd / clusterSize;
+  const result: CheckResult = { corruptions: 0, leaks: 0, corruptionsFixed: 0, leaksFixed: 0, messages: [] };
+  const clustersPerTable = header.tableSize;
+  const map = new ClusterMap(fileClusters);
+  map.claim(0, header.headerSize);
+  map.claim(header.l1TableOffset / clusterSize, clustersPerTable);
+  let allocationEnd = fileEnd;
+  let allocatedDataClusters = 0;
+
+  const copyToEnd = async (from: number, bytes: number): Promise<number> => {
+    const content = Buffer.alloc(bytes);
+    await file.read(from, content);
+    const to = allocationEnd;
+    allocationEnd += bytes;
+    await file.write(to, content);
+    map.claim(to / clusterSize, bytes / clusterSize);
+    return to;
+  };
+  const corruption = (message: string): void => {
+    result.corruptions += 1;
+    result.messages.push(message);
+  };
+
+  const l1 = await readTable(file, header.l1TableOffset, tableBytes);
+  let l1Changed = false;
+  for (let l1Index = 0; l1Index < entries; l1Index++) {
+    options.progress?.(l1Index, entries);
+    let l2Offset = getEntry(l1, l1Index);
+    if (l2Offset === 0) continue;
+    if (!geometry.isValidTableOffset(l2Offset, fileEnd)) {
+      corruption(`L1 entry ${l1Index}: L2 table offset ${describe(l2Offset)} is misaligned or outside the file`);
+      if (options.repair) {
+        setEntry(l1, l1Index, 0);
+        l1Changed = true;
+        result.corruptionsFixed += 1;
+      }
+      continue;
+    }
+    if (!map.claim(l2Offset / clusterSize, clustersPerTable)) {
+      corruption(`L1 entry ${l1Index}: L2 table at ${l2Offset} overlaps a cluster that is already in use`);
+      if (options.repair) {
+        l2Offset = await copyToEnd(l2Offset, tableBytes);
+        setEntry(l1, l1Index, l2Offset);
+        l1Changed = true;
+        result.corruptionsFixed += 1;
+      }
+    }
+    const l2: Table = await readTable(file, l2Offset, tableBytes);
+    let l2Changed = false;
+    for (let l2Index = 0; l2Index < entries; l2Index++) {
+      const dataOffset = getEntry(l2, l2Index);
+      if (dataOffset === 0 || dataOffset === ZERO_CLUSTER) continue;
+      const guest = l1Index * geometry.l2Span + l2Index * clusterSize;
+      if (!geometry.isValidClusterOffset(dataOffset, fileEnd)) {
+        corruption(`guest offset ${guest}: data cluster offset ${describe(dataOffset)} is misaligned or outside the file`);
+        if (options.repair) {
+          setEntry(l2, l2Index, 0);
+          l2Changed = true;
+          result.corruptionsFixed += 1;
+        }
+        continue;
+      }
+      allocatedDataClusters += 1;
+      if (!map.claim(dataOffset / clusterSize, 1)) {
+        corruption(`guest offset ${guest}: data cluster at ${dataOffset} is referenced more than once`);
+        if (options.repair) {
+          setEntry(l2, l2Index, await copyToEnd(dataOffset, clusterSize));
+          l2Changed = true;
+          result.corruptionsFixed += 1;
+        }
+      }
+    }
+    if (l2Changed) await file.write(l2Offset, l2);
+  }
+  options.progress?.(entries, entries);
+  if (l1Changed) await file.write(header.l1TableOffset, l1);
+
+  let lastUsed = -1;
+  for (let i = 0; i < map.length; i++) if (map.isUsed(i)) lastUsed = i;
+  for (let i = 0; i < fileClusters; i++) {
+    if (!map.isUsed(i)) {
+      result.leaks += 1;
+      if (result.leaks <= 20) result.messages.push(`cluster at ${i * clusterSize} is leaked (referenced by no table)`);
+    }
+  }
+  if (result.leaks > 20) result.messages.push(`... ${result.leaks - 20} more leaked clusters`);
+  const imageEndOffset = (lastUsed + 1) * clusterSize;
+  if (options.repair && result.leaks > 0 && imageEndOffset < fileEnd && allocationEnd === fileEnd) {
+    result.leaksFixed = (fileEnd - imageEndOffset) / clusterSize;
+    await file.truncate(imageEndOffset);
+  }
+  if (options.repair && result.corruptions === result.corruptionsFixed && header.features & QED_F_NEED_CHECK) {
+    await file.flush();
+    await writeHeader(file, { ...header, features: header.features & ~QED_F_NEED_CHECK });
+  }
+  result.imageEndOffset = Math.max(imageEndOffset, allocationEnd === fileEnd ? 0 : allocationEnd);
+  result.totalClusters = Math.ceil(header.imageSize / clusterSize);
+  result.allocatedClusters = allocatedDataClusters;
+  return result;
+}
+
+function describe(offset: number): string {
+  return offset === -1 ? 'above 2^53' : String(offset);
+}

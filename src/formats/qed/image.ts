@@ -1,0 +1,251 @@
+/**
+ * An opened QED image: translation of guest offsets through the L1 table and
+ * cached L2 tables, allocating writes, flush and clean close.
+ *
+ * Concurrency rules:
+ * - Reads (map) never take a lock; they see each L2 entry either before or
+ *   after an allocation, and both are consistent because data is written
+ *   before the entry that points to it.
+ * - Writes into allocated clusters go straight to the file, concurrently.
+ * - Allocating writes are serialized by `allocationLock` (one at a time, as
+ *   in qemu): under the lock the range is mapped again, so two writers that
+ *   both saw a cluster unallocated never both allocate it.
+ * - Ordering of an allocating write: need-check set and flushed (once), data
+ *   (with the untouched part of each new cluster copied from the backing file
+ *   or zeros), fdatasync when a backing file is used, then the L2 entries
+ *   (a new L2 table is written whole), then the L1 entry.
+ */
+import { Mutex } from 'async-mutex';
+import createDebug from 'debug';
+import { BlockError, CorruptImageError } from '../../block/errors.js';
+import { constants as osConstants } from 'node:os';
+import type { BackingReader, BackingReference, FormatImage, FormatInfo, Mapping, OpenOptions, Protocol } from '../../block/types.js';
+import { TableCache } from '../../cache/table-cache.js';
+import { Geometry, getEntry, setEntry, ZERO_CLUSTER, type Table } from './geometry.js';
+import { describeFeatures, QED_F_NEED_CHECK, type QedHeader } from './header.js';
+import { readTable, updateEntries, writeHeader } from './tables.js';
+
+const log = createDebug('imgmount:qed');
+
+/** Default L2 cache bound: 16 MiB covers a 128 GiB image with the default geometry. */
+export const DEFAULT_L2_CACHE_BYTES = 16 * 1024 * 1024;
+
+export class QedImage implements FormatImage {
+  readonly virtualSize: number;
+  readonly geometry: Geometry;
+  private readonly l2Cache: TableCache<Table>;
+  private readonly allocationLock = new Mutex();
+  private readBacking: BackingReader | undefined;
+  private closed = false;
+
+  constructor(
+    private readonly file: Protocol,
+    private header: QedHeader,
+    private readonly l1: Table,
+    /** Where the next cluster is allocated: the file size rounded down to a cluster. */
+    private fileEnd: number,
+    readonly backing: BackingReference | undefined,
+    options: OpenOptions,
+  ) {
+    this.virtualSize = header.imageSize;
+    this.geometry = new Geometry(header);
+    const tableBytes = this.geometry.tableBytes;
+    this.l2Cache = new TableCache<Table>({
+      maxBytes: options.metadataCacheBytes ?? DEFAULT_L2_CACHE_BYTES,
+      sizeOf: (table) => table.length,
+      load: (offset) => readTable(file, offset, tableBytes),
+    });
+  }
+
+  get needCheck(): boolean {
+    return (this.header.features & QED_F_NEED_CHECK) !== 0n;
+  }
+
+  attachBacking(reader: BackingReader | undefined): void {
+    this.readBacking = reader;
+  }
+
+  async map(offset: number, length: number): Promise<Mapping[]> {
+    const runs: Mapping[] = [];
+    const end = offset + length;
+    let pos = offset;
+    while (pos < end) {
+      const l1Index = this.geometry.l1Index(pos);
+      const spanEnd = Math.min(end, (l1Index + 1) * this.geometry.l2Span);
+      const l2Offset = getEntry(this.l1, l1Index);
+      if (l2Offset === 0) {
+        pushRun(runs, { kind: 'backing', guestOffset: pos, length: spanEnd - pos });
+      } else {
+        if (!this.geometry.isValidTableOffset(l2Offset, this.fileEnd)) {
+          throw new CorruptImageError(
+            `${this.file.path}: L1 entry ${l1Index} (guest bytes ${l1Index * this.geometry.l2Span}..) points to L2 table at ${l2Offset}, which is misaligned or outside the file; run 'imgmount check -r'`,
+          );
+        }
+        const handle = await this.l2Cache.acquire(l2Offset);
+        try {
+          this.mapInTable(handle.table, pos, spanEnd, runs);
+        } finally {
+          handle.release();
+        }
+      }
+      pos = spanEnd;
+    }
+    return runs;
+  }
+
+  private mapInTable(table: Table, start: number, end: number, runs: Mapping[]): void {
+    const { clusterSize } = this.geometry;
+    let pos = start;
+    while (pos < end) {
+      const clusterEnd = Math.min(end, this.geometry.clusterStart(pos) + clusterSize);
+      const entry = getEntry(table, this.geometry.l2Index(pos));
+      const length = clusterEnd - pos;
+      if (entry === 0) {
+        pushRun(runs, { kind: 'backing', guestOffset: pos, length });
+      } else if (entry === ZERO_CLUSTER) {
+        pushRun(runs, { kind: 'zero', guestOffset: pos, length });
+      } else if (!this.geometry.isValidClusterOffset(entry, this.fileEnd)) {
+        throw new CorruptImageError(
+          `${this.file.path}: the L2 entry for guest offset ${this.geometry.clusterStart(pos)} points to ${entry === -1 ? 'an offset above 2^53' : entry}, which is misaligned or outside the file; run 'imgmount check -r'`,
+        );
+      } else {
+        pushRun(runs, { kind: 'data', guestOffset: pos, length, hostOffset: entry + (pos % clusterSize) });
+      }
+      pos = clusterEnd;
+    }
+  }
+
+  async write(offset: number, data: Buffer): Promise<void> {
+    const runs = await this.map(offset, data.length);
+    await Promise.all(
+      runs.map((run) => {
+        const part = data.subarray(run.guestOffset - offset, run.guestOffset - offset + run.length);
+        return run.kind === 'data' ? this.file.write(run.hostOffset, part) : this.allocatingWrite(run.guestOffset, part);
+      }),
+    );
+  }
+
+  /** Writes to a range that was unallocated when looked at; serialized with other allocations. */
+  private async allocatingWrite(offset: number, data: Buffer): Promise<void> {
+    await this.allocationLock.runExclusive(async () => {
+      this.assertOpen();
+      for (const run of await this.map(offset, data.length)) {
+        const part = data.subarray(run.guestOffset - offset, run.guestOffset - offset + run.length);
+        if (run.kind === 'data') await this.file.write(run.hostOffset, part);
+        else await this.allocateClusters(run, part);
+      }
+    });
+  }
+
+  /** Allocates the clusters under one unallocated run (inside one L2 table) and writes `data` there. */
+  private async allocateClusters(run: Mapping, data: Buffer): Promise<void> {
+    const { clusterSize, tableBytes } = this.geometry;
+    const first = this.geometry.clusterStart(run.guestOffset);
+    const runEnd = run.guestOffset + run.length;
+    const last = Math.ceil(runEnd / clusterSize) * clusterSize;
+    const count = (last - first) / clusterSize;
+    await this.setNeedCheck();
+
+    const clusters = Buffer.alloc(last - first);
+    const head = run.guestOffset - first;
+    const tail = last - runEnd;
+    if (run.kind === 'backing' && this.readBacking) {
+      if (head > 0) await this.readBacking(first, clusters.subarray(0, head));
+      if (tail > 0) await this.readBackingClamped(runEnd, clusters.subarray(clusters.length - tail));
+    }
+    data.copy(clusters, head);
+    const hostOffset = this.fileEnd;
+    this.fileEnd += clusters.length;
+    await this.file.write(hostOffset, clusters);
+    if (this.readBacking) await this.file.flush();
+
+    const entries = Array.from({ length: count }, (_, i) => hostOffset + i * clusterSize);
+    const l1Index = this.geometry.l1Index(first);
+    const l2Index = this.geometry.l2Index(first);
+    const l2Offset = getEntry(this.l1, l1Index);
+    if (l2Offset === 0) {
+      const table = Buffer.alloc(tableBytes);
+      const tableOffset = this.fileEnd;
+      this.fileEnd += tableBytes;
+      entries.forEach((entry, i) => setEntry(table, l2Index + i, entry));
+      await this.file.write(tableOffset, table);
+      await updateEntries(this.file, this.header.l1TableOffset, this.l1, l1Index, [tableOffset]);
+      this.l2Cache.insert(tableOffset, table).release();
+      log('allocated L2 table %d at %d', l1Index, tableOffset);
+    } else {
+      const handle = await this.l2Cache.acquire(l2Offset);
+      try {
+        await updateEntries(this.file, l2Offset, handle.table, l2Index, entries);
+      } finally {
+        handle.release();
+      }
+    }
+  }
+
+  /** Backing bytes for a cluster tail; the range may run past the image end (never past the cluster). */
+  private async readBackingClamped(offset: number, buffer: Buffer): Promise<void> {
+    const inside = Math.max(0, Math.min(buffer.length, this.virtualSize - offset));
+    if (inside > 0) await this.readBacking!(offset, buffer.subarray(0, inside));
+  }
+
+  /** Sets QED_F_NEED_CHECK and makes it durable before the first metadata change. */
+  private async setNeedCheck(): Promise<void> {
+    if (this.needCheck) return;
+    this.header = { ...this.header, features: this.header.features | QED_F_NEED_CHECK };
+    await writeHeader(this.file, this.header);
+    await this.file.flush();
+    log('%s: need-check set', this.file.path);
+  }
+
+  async flush(): Promise<void> {
+    this.assertOpen();
+    await this.file.flush();
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    await this.allocationLock.runExclusive(async () => {
+      this.closed = true;
+      try {
+        if (!this.file.readOnly && this.needCheck) {
+          await this.file.flush();
+          this.header = { ...this.header, features: this.header.features & ~QED_F_NEED_CHECK };
+          await writeHeader(this.file, this.header);
+          await this.file.flush();
+          log('%s: need-check cleared on close', this.file.path);
+        }
+      } finally {
+        await this.file.close();
+      }
+    });
+  }
+
+  info(): FormatInfo {
+    return {
+      clusterSize: this.geometry.clusterSize,
+      dirty: this.needCheck,
+      specific: {
+        'table-size': this.header.tableSize,
+        'header-size': this.header.headerSize,
+        'l1-table-offset': this.header.l1TableOffset,
+        features: describeFeatures(this.header.features),
+      },
+    };
+  }
+
+  private assertOpen(): void {
+    if (this.closed) throw new BlockError(`${this.file.path}: image is closed`, osConstants.errno.EBADF);
+  }
+}
+
+/** Appends a run, joining it to the previous one when it continues it. */
+function pushRun(runs: Mapping[], run: Mapping): void {
+  const last = runs[runs.length - 1];
+  if (last && last.kind === run.kind && last.guestOffset + last.length === run.guestOffset) {
+    if (last.kind !== 'data' || (run.kind === 'data' && last.hostOffset + last.length === run.hostOffset)) {
+      last.length += run.length;
+      return;
+    }
+  }
+  runs.push(run);
+}
