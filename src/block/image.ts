@@ -10,6 +10,7 @@
  */
 import createDebug from 'debug';
 import { InvalidArgumentError, ReadOnlyError } from './errors.js';
+import { resolveBackingName } from './backing-name.js';
 import type { FormatImage, GuestOffset, HostOffset, Protocol } from './types.js';
 
 const log = createDebug('imgmount:block');
@@ -140,7 +141,7 @@ export class BlockImage {
       dirty: formatInfo.dirty,
       backingFilename: reference?.filename,
       backingFormat: reference ? (reference.format ?? this.backing?.format) : undefined,
-      fullBackingFilename: this.backing?.path,
+      fullBackingFilename: reference ? (this.backing?.path ?? resolveBackingName(this.path, reference.filename)) : undefined,
       formatSpecific: formatInfo.specific,
       backing: this.backing ? await this.backing.info() : undefined,
     };

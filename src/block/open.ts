@@ -7,11 +7,11 @@
  * read-only, loops are refused and the chain depth is bounded.
  */
 import { realpath, stat } from 'node:fs/promises';
-import { dirname, isAbsolute, resolve } from 'node:path';
 import createDebug from 'debug';
 import { FileProtocol } from './file.js';
 import { BlockImage } from './image.js';
 import { InvalidArgumentError, UnsupportedFeatureError, hostIoError } from './errors.js';
+import { resolveBackingName } from './backing-name.js';
 import { namedFormat, probeFormat, PROBE_BYTES } from './probe.js';
 import type { CheckResult, CreateOptions, FormatDriver, Protocol } from './types.js';
 
@@ -29,6 +29,8 @@ export interface OpenImageOptions {
   metadataCacheBytes?: number;
   /** Receives lines the user should see (repairs made on open). */
   notice?: (line: string) => void;
+  /** Open the backing chain (default true); `info` turns it off to describe images whose backing file is missing. */
+  openBacking?: boolean;
 }
 
 /** Opens an image and its whole backing chain. */
@@ -61,7 +63,7 @@ async function openLayer(
       notice: options.notice,
     });
     try {
-      if (image.backing) {
+      if (image.backing && options.openBacking !== false) {
         const backingPath = resolveBackingName(path, image.backing.filename);
         backing = await openLayer(backingPath, image.backing.format, true, options, [...chain, canonical]);
       }
@@ -74,15 +76,6 @@ async function openLayer(
     await file.close().catch(() => undefined);
     throw error;
   }
-}
-
-/** Resolves a backing file name as stored in `imagePath` into a path to open. */
-export function resolveBackingName(imagePath: string, name: string): string {
-  if (name.startsWith('json:') || /^[a-z][a-z0-9+.-]*:\/\//i.test(name)) {
-    throw new UnsupportedFeatureError(`${imagePath}: backing file '${name}' uses a protocol other than plain files, which is not supported`);
-  }
-  const plain = name.startsWith('file:') ? name.slice('file:'.length) : name;
-  return isAbsolute(plain) ? plain : resolve(dirname(imagePath), plain);
 }
 
 async function canonicalPath(path: string): Promise<string> {

@@ -1,0 +1,76 @@
+/**
+ * The command line: yargs wiring for every imgmount command. Each command's
+ * work lives in its own module; this file only parses and dispatches, and
+ * turns every failure into one line on stderr with a non-zero exit.
+ */
+import yargs from 'yargs';
+import { hideBin } from 'yargs/helpers';
+import { runCheck } from './check.js';
+import { runCreate } from './create.js';
+import { ExitError, reportError } from './errors.js';
+import { runInfo } from './info.js';
+
+const outputChoices = ['human', 'json'] as const;
+
+export async function main(argv: string[]): Promise<void> {
+  const parser = yargs(argv)
+    .scriptName('imgmount')
+    .usage('$0 [options] IMAGE... MOUNTPOINT\n$0 <command> [options]')
+    .command(
+      'create <file> [size]',
+      'create a disk image (like qemu-img create)',
+      (y) =>
+        y
+          .positional('file', { type: 'string', demandOption: true, describe: 'image file to create' })
+          .positional('size', { type: 'string', describe: 'virtual size, with an optional K, M, G or T suffix' })
+          .option('format', { alias: 'f', type: 'string', default: 'raw', describe: 'image format (qed, raw)' })
+          .option('backing', { alias: 'b', type: 'string', describe: 'backing file' })
+          .option('backing-format', { alias: 'F', type: 'string', describe: 'backing file format (raw, qed)' })
+          .option('options', { alias: 'o', type: 'string', array: true, describe: 'format options: cluster_size=N,table_size=N' })
+          .option('force', { type: 'boolean', default: false, describe: 'overwrite an existing file' }),
+      (args) =>
+        runCreate({
+          format: args.format,
+          file: args.file,
+          size: args.size,
+          backing: args.backing,
+          backingFormat: args['backing-format'],
+          options: args.options,
+          force: args.force,
+        }),
+    )
+    .command(
+      'info <file>',
+      'show what an image is (like qemu-img info)',
+      (y) =>
+        y
+          .positional('file', { type: 'string', demandOption: true })
+          .option('format', { alias: 'f', type: 'string', describe: 'image format (no probing)' })
+          .option('output', { choices: outputChoices, default: 'human' as const })
+          .option('backing-chain', { type: 'boolean', default: false, describe: 'describe every image of the backing chain' }),
+      (args) => runInfo({ file: args.file, format: args.format, output: args.output, backingChain: args['backing-chain'] }),
+    )
+    .command(
+      'check <file>',
+      'check image metadata (like qemu-img check); exit 0 clean, 2 corrupt, 3 leaks, 1 failed',
+      (y) =>
+        y
+          .positional('file', { type: 'string', demandOption: true })
+          .option('format', { alias: 'f', type: 'string', describe: 'image format (no probing)' })
+          .option('repair', { alias: 'r', type: 'boolean', default: false, describe: 'repair what can be repaired' })
+          .option('output', { choices: outputChoices, default: 'human' as const }),
+      (args) => runCheck({ file: args.file, format: args.format, repair: args.repair, output: args.output }),
+    )
+    .strict()
+    .demandCommand(1, 'give a command (create, info, check) or IMAGE... MOUNTPOINT to mount')
+    .help()
+    .alias('help', 'h')
+    .version(false)
+    .wrap(Math.min(100, process.stdout.columns ?? 100))
+    .fail((message, error) => {
+      throw error ?? new ExitError(`${message} (see imgmount --help)`, 1);
+    });
+  await parser.parseAsync();
+}
+
+main(hideBin(process.argv)).catch(reportError);
