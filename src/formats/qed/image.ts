@@ -131,8 +131,16 @@ export class QedImage implements FormatImage {
       this.assertOpen();
       for (const run of await this.map(offset, data.length)) {
         const part = data.subarray(run.guestOffset - offset, run.guestOffset - offset + run.length);
-        if (run.kind === 'data') await this.file.write(run.hostOffset, part);
-        else await this.allocateClusters(run, part);
+        if (run.kind === 'data') {
+          await this.file.write(run.hostOffset, part);
+          continue;
+        }
+        // Runs may span L2 tables; allocate one table's share at a time.
+        for (let pos = run.guestOffset; pos < run.guestOffset + run.length; ) {
+          const end = Math.min(run.guestOffset + run.length, (this.geometry.l1Index(pos) + 1) * this.geometry.l2Span);
+          await this.allocateClusters({ ...run, guestOffset: pos, length: end - pos }, part.subarray(pos - run.guestOffset, end - run.guestOffset));
+          pos = end;
+        }
       }
     });
   }
