@@ -12,6 +12,11 @@ import { runInfo } from './info.js';
 
 const outputChoices = ['human', 'json'] as const;
 
+/** A repeatable string option: yargs gives a string, an array or nothing. */
+export function asList(value: string | string[] | undefined): string[] {
+  return value === undefined ? [] : Array.isArray(value) ? value : [value];
+}
+
 export async function main(argv: string[]): Promise<void> {
   const parser = yargs(argv)
     .scriptName('imgmount')
@@ -26,7 +31,7 @@ export async function main(argv: string[]): Promise<void> {
           .option('format', { alias: 'f', type: 'string', default: 'raw', describe: 'image format (qed, raw)' })
           .option('backing', { alias: 'b', type: 'string', describe: 'backing file' })
           .option('backing-format', { alias: 'F', type: 'string', describe: 'backing file format (raw, qed)' })
-          .option('options', { alias: 'o', type: 'string', array: true, describe: 'format options: cluster_size=N,table_size=N' })
+          .option('options', { alias: 'o', type: 'string', describe: 'format options: cluster_size=N,table_size=N (repeatable)' })
           .option('force', { type: 'boolean', default: false, describe: 'overwrite an existing file' }),
       (args) =>
         runCreate({
@@ -35,7 +40,7 @@ export async function main(argv: string[]): Promise<void> {
           size: args.size,
           backing: args.backing,
           backingFormat: args['backing-format'],
-          options: args.options,
+          options: asList(args.options),
           force: args.force,
         }),
     )

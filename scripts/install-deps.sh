@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what imgmount and its tests need on Debian/Ubuntu: FUSE (libfuse2 for
+# fuse-native, fuse3 for fusermount), qemu-utils (the oracle: qemu-img, qemu-io),
+# e2fsprogs (mkfs.ext4, e2fsck), util-linux (losetup), then the npm packages,
+# and builds. Idempotent: installs only what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v qemu-img >/dev/null || need+=(qemu-utils)
+command -v fusermount3 >/dev/null || need+=(fuse3)
+ldconfig -p 2>/dev/null | grep -q 'libfuse.so.2' || need+=(libfuse2)
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+command -v losetup >/dev/null || need+=(util-linux)
+if [ "${IMGMOUNT_BENCH_DEPS:-0}" = 1 ]; then
+  command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-common)
+  command -v fio >/dev/null || need+=(fio)
+fi
+if [ ${#need[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  echo "installing Debian packages: ${need[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+stamp=node_modules/.package-lock.json
+if [ ! -f "$stamp" ] || [ package-lock.json -nt "$stamp" ]; then
+  npm ci --no-audit --no-fund --loglevel=error
+fi
+npm run --silent build
