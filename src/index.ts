@@ -1,0 +1,4 @@
+/**
+ * imgmount as a library: the block layer's public API.
+ */
+export * from './block/index.js';
