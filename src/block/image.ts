@@ -50,6 +50,9 @@ export interface ImageInfo {
 export class BlockImage {
   /** The virtual size in bytes. */
   readonly length: number;
+  /** Reads and writes not finished yet; close waits for them. */
+  private readonly inFlight = new Set<Promise<void>>();
+  private closing: Promise<void> | undefined;
 
   constructor(
     readonly path: string,
@@ -68,7 +71,11 @@ export class BlockImage {
   }
 
   /** Fills `buffer` with the guest bytes at `offset`. */
-  async read(offset: GuestOffset, buffer: Buffer): Promise<void> {
+  read(offset: GuestOffset, buffer: Buffer): Promise<void> {
+    return this.track(() => this.readNow(offset, buffer));
+  }
+
+  private async readNow(offset: GuestOffset, buffer: Buffer): Promise<void> {
     this.checkRange('read', offset, buffer.length);
     if (buffer.length === 0) return;
     const runs = await this.image.map(offset, buffer.length);
@@ -89,7 +96,11 @@ export class BlockImage {
   }
 
   /** Writes `buffer` at guest `offset`. */
-  async write(offset: GuestOffset, buffer: Buffer): Promise<void> {
+  write(offset: GuestOffset, buffer: Buffer): Promise<void> {
+    return this.track(() => this.writeNow(offset, buffer));
+  }
+
+  private async writeNow(offset: GuestOffset, buffer: Buffer): Promise<void> {
     if (this.readOnly) throw new ReadOnlyError(`${this.path} is open read-only`);
     this.checkRange('write', offset, buffer.length);
     if (buffer.length === 0) return;
@@ -147,14 +158,30 @@ export class BlockImage {
     };
   }
 
-  /** Flushes, marks the image clean, closes it and then its backing chain. */
-  async close(): Promise<void> {
-    log('closing %s', this.path);
+  /** Waits for reads and writes in flight, flushes, marks the image clean, closes it and then its backing chain. */
+  close(): Promise<void> {
+    this.closing ??= this.closeNow();
+    return this.closing;
+  }
+
+  private async closeNow(): Promise<void> {
+    log('closing %s (%d requests in flight)', this.path, this.inFlight.size);
+    await Promise.allSettled([...this.inFlight]);
     try {
       await this.image.close();
     } finally {
       await this.backing?.close();
     }
+  }
+
+  /** Runs an I/O request, refusing it once close has begun, and remembers it until it settles. */
+  private track(request: () => Promise<void>): Promise<void> {
+    if (this.closing) return Promise.reject(new InvalidArgumentError(`${this.path} is closed`));
+    const promise = request();
+    this.inFlight.add(promise);
+    const forget = () => this.inFlight.delete(promise);
+    promise.then(forget, forget);
+    return promise;
   }
 
   /** Reads from the backing chain; past the end of a shorter backing file reads zeros. */
