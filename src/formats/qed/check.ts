@@ -50,14 +50,17 @@ class ClusterMap {
 export async function checkQed(file: Protocol, header: QedHeader, options: CheckOptions): Promise<CheckResult> {
   const geometry = new Geometry(header);
   const { clusterSize, tableBytes, entries } = geometry;
-  const fileEnd = Math.floor((await file.size()) / clusterSize) * clusterSize;
+  const fileSize = await file.size();
+  const fileEnd = Math.floor(fileSize / clusterSize) * clusterSize;
   const fileClusters = fileEnd / clusterSize;
   const result: CheckResult = { corruptions: 0, leaks: 0, corruptionsFixed: 0, leaksFixed: 0, messages: [] };
   const clustersPerTable = header.tableSize;
   const map = new ClusterMap(fileClusters);
   map.claim(0, header.headerSize);
   map.claim(header.l1TableOffset / clusterSize, clustersPerTable);
-  let allocationEnd = fileEnd;
+  // Copies go past a partial last cluster (a truncated file), never over it.
+  const firstCopyOffset = Math.ceil(fileSize / clusterSize) * clusterSize;
+  let allocationEnd = firstCopyOffset;
   let allocatedDataClusters = 0;
 
   const copyToEnd = async (from: number, bytes: number): Promise<number> => {
@@ -138,7 +141,8 @@ export async function checkQed(file: Protocol, header: QedHeader, options: Check
   }
   if (result.leaks > 20) result.messages.push(`... ${result.leaks - 20} more leaked clusters`);
   const imageEndOffset = (lastUsed + 1) * clusterSize;
-  if (options.repair && result.leaks > 0 && imageEndOffset < fileEnd && allocationEnd === fileEnd) {
+  const copied = allocationEnd !== firstCopyOffset;
+  if (options.repair && result.leaks > 0 && imageEndOffset < fileEnd && !copied) {
     result.leaksFixed = (fileEnd - imageEndOffset) / clusterSize;
     await file.truncate(imageEndOffset);
   }
@@ -146,7 +150,7 @@ export async function checkQed(file: Protocol, header: QedHeader, options: Check
     await file.flush();
     await writeHeader(file, { ...header, features: header.features & ~QED_F_NEED_CHECK });
   }
-  result.imageEndOffset = Math.max(imageEndOffset, allocationEnd === fileEnd ? 0 : allocationEnd);
+  result.imageEndOffset = copied ? allocationEnd : imageEndOffset;
   result.totalClusters = Math.ceil(header.imageSize / clusterSize);
   result.allocatedClusters = allocatedDataClusters;
   return result;

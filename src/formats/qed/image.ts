@@ -37,18 +37,28 @@ export class QedImage implements FormatImage {
   private readonly allocationLock = new Mutex();
   private readBacking: BackingReader | undefined;
   private closed = false;
+  /** Offsets below this (cluster-aligned) may be referenced. */
+  private validEnd: number;
+  /** Where the next cluster is allocated: the file size rounded up to a cluster. */
+  private allocationEnd: number;
+  /** The partial last cluster of a truncated file: referenced data there is lost, so it stays invalid. */
+  private readonly damagedCluster: number | undefined;
 
   constructor(
     private readonly file: Protocol,
     private header: QedHeader,
     private readonly l1: Table,
-    /** Where the next cluster is allocated: the file size rounded down to a cluster. */
-    private fileEnd: number,
+    /** The file size at open; a partial last cluster (a truncated file) is never valid nor reused. */
+    fileSize: number,
     readonly backing: BackingReference | undefined,
     options: OpenOptions,
   ) {
     this.virtualSize = header.imageSize;
     this.geometry = new Geometry(header);
+    const { clusterSize } = this.geometry;
+    this.validEnd = Math.floor(fileSize / clusterSize) * clusterSize;
+    this.allocationEnd = Math.ceil(fileSize / clusterSize) * clusterSize;
+    this.damagedCluster = this.validEnd < this.allocationEnd ? this.validEnd : undefined;
     const tableBytes = this.geometry.tableBytes;
     this.l2Cache = new TableCache<Table>({
       maxBytes: options.metadataCacheBytes ?? DEFAULT_L2_CACHE_BYTES,
@@ -76,7 +86,7 @@ export class QedImage implements FormatImage {
       if (l2Offset === 0) {
         pushRun(runs, { kind: 'backing', guestOffset: pos, length: spanEnd - pos });
       } else {
-        if (!this.geometry.isValidTableOffset(l2Offset, this.fileEnd)) {
+        if (!this.isValidTable(l2Offset)) {
           throw new CorruptImageError(
             `${this.file.path}: L1 entry ${l1Index} (guest bytes ${l1Index * this.geometry.l2Span}..) points to L2 table at ${l2Offset}, which is misaligned or outside the file; run 'imgmount check -r'`,
           );
@@ -104,7 +114,7 @@ export class QedImage implements FormatImage {
         pushRun(runs, { kind: 'backing', guestOffset: pos, length });
       } else if (entry === ZERO_CLUSTER) {
         pushRun(runs, { kind: 'zero', guestOffset: pos, length });
-      } else if (!this.geometry.isValidClusterOffset(entry, this.fileEnd)) {
+      } else if (!this.isValidCluster(entry)) {
         throw new CorruptImageError(
           `${this.file.path}: the L2 entry for guest offset ${this.geometry.clusterStart(pos)} points to ${entry === -1 ? 'an offset above 2^53' : entry}, which is misaligned or outside the file; run 'imgmount check -r'`,
         );
@@ -162,8 +172,7 @@ export class QedImage implements FormatImage {
       if (tail > 0) await this.readBackingClamped(runEnd, clusters.subarray(clusters.length - tail));
     }
     data.copy(clusters, head);
-    const hostOffset = this.fileEnd;
-    this.fileEnd += clusters.length;
+    const hostOffset = this.allocate(clusters.length);
     await this.file.write(hostOffset, clusters);
     if (this.readBacking) await this.file.flush();
 
@@ -173,8 +182,7 @@ export class QedImage implements FormatImage {
     const l2Offset = getEntry(this.l1, l1Index);
     if (l2Offset === 0) {
       const table = Buffer.alloc(tableBytes);
-      const tableOffset = this.fileEnd;
-      this.fileEnd += tableBytes;
+      const tableOffset = this.allocate(tableBytes);
       entries.forEach((entry, i) => setEntry(table, l2Index + i, entry));
       await this.file.write(tableOffset, table);
       await updateEntries(this.file, this.header.l1TableOffset, this.l1, l1Index, [tableOffset]);
@@ -188,6 +196,24 @@ export class QedImage implements FormatImage {
         handle.release();
       }
     }
+  }
+
+  /** Reserves `bytes` (whole clusters) at the end of the file. */
+  private allocate(bytes: number): number {
+    const offset = this.allocationEnd;
+    this.allocationEnd += bytes;
+    this.validEnd = this.allocationEnd;
+    return offset;
+  }
+
+  private isValidCluster(offset: number): boolean {
+    return this.geometry.isValidClusterOffset(offset, this.validEnd) && offset !== this.damagedCluster;
+  }
+
+  private isValidTable(offset: number): boolean {
+    const damaged = this.damagedCluster;
+    const overlapsDamage = damaged !== undefined && offset <= damaged && damaged < offset + this.geometry.tableBytes;
+    return this.geometry.isValidTableOffset(offset, this.validEnd) && !overlapsDamage;
   }
 
   /** Backing bytes for a cluster tail; the range may run past the image end (never past the cluster). */

@@ -48,8 +48,7 @@ async function openQed(file: Protocol, options: OpenOptions): Promise<FormatImag
   const geometryTableBytes = header.tableSize * header.clusterSize;
   const l1 = await readTable(file, header.l1TableOffset, geometryTableBytes);
   const fileSize = await file.size();
-  const fileEnd = Math.floor(fileSize / header.clusterSize) * header.clusterSize;
-  return new QedImage(file, header, l1, fileEnd, backing, options);
+  return new QedImage(file, header, l1, fileSize, backing, options);
 }
 
 async function check(file: Protocol, options: CheckOptions): Promise<CheckResult> {
