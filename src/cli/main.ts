@@ -9,6 +9,7 @@ import { runCheck } from './check.js';
 import { runCreate } from './create.js';
 import { ExitError, reportError } from './errors.js';
 import { runInfo } from './info.js';
+import { runMount, runUnmount } from './mount.js';
 
 const outputChoices = ['human', 'json'] as const;
 
@@ -65,6 +66,41 @@ export async function main(argv: string[]): Promise<void> {
           .option('repair', { alias: 'r', type: 'boolean', default: false, describe: 'repair what can be repaired' })
           .option('output', { choices: outputChoices, default: 'human' as const }),
       (args) => runCheck({ file: args.file, format: args.format, repair: args.repair, output: args.output }),
+    )
+    .command(
+      '$0 [paths..]',
+      'mount IMAGE... at MOUNTPOINT: one raw file per image (disk.qed -> disk.raw)',
+      (y) =>
+        y
+          .positional('paths', { type: 'string', array: true, describe: 'IMAGE... MOUNTPOINT' })
+          .option('read-only', { alias: 'r', type: 'boolean', describe: 'open the images read-only; writes fail with EROFS' })
+          .option('format', { alias: 'f', type: 'string', describe: 'image format (qed, raw); no probing' })
+          .option('name', { type: 'string', describe: 'file name in the mount (one image only)' })
+          .option('allow-other', { type: 'boolean', describe: 'let other users open the files' })
+          .option('foreground', { type: 'boolean', describe: 'stay attached instead of returning once the mount is ready' })
+          .option('debug', { alias: 'd', type: 'boolean', describe: 'log every FUSE operation (implies --foreground without --log)' })
+          .option('log', { type: 'string', describe: "append the daemon's log to this file" })
+          .option('options', { alias: 'o', type: 'string', describe: 'mount(8)-style options: ro, allow_other, format=FMT, name=NAME, log=FILE, debug, foreground, nonempty' })
+          .option('unmount', { alias: 'u', type: 'boolean', describe: 'unmount MOUNTPOINT (same as imgmount unmount)' }),
+      (args) =>
+        runMount({
+          paths: args.paths ?? [],
+          format: args.format,
+          readOnly: args['read-only'],
+          allowOther: args['allow-other'],
+          name: args.name,
+          foreground: args.foreground,
+          debug: args.debug,
+          log: args.log,
+          options: asList(args.options),
+          unmount: args.unmount,
+        }),
+    )
+    .command(
+      'unmount <mountpoint>',
+      'unmount and wait until every image is closed cleanly',
+      (y) => y.positional('mountpoint', { type: 'string', demandOption: true }),
+      (args) => runUnmount({ mountpoint: args.mountpoint }),
     )
     .strict()
     .demandCommand(1, 'give a command (create, info, check) or IMAGE... MOUNTPOINT to mount')

@@ -185,8 +185,13 @@ export class QedImage implements FormatImage {
       const tableOffset = this.allocate(tableBytes);
       entries.forEach((entry, i) => setEntry(table, l2Index + i, entry));
       await this.file.write(tableOffset, table);
-      await updateEntries(this.file, this.header.l1TableOffset, this.l1, l1Index, [tableOffset]);
-      this.l2Cache.insert(tableOffset, table).release();
+      // Cached before the L1 entry points to it, so no reader ever loads a second copy.
+      const handle = this.l2Cache.insert(tableOffset, table);
+      try {
+        await updateEntries(this.file, this.header.l1TableOffset, this.l1, l1Index, [tableOffset]);
+      } finally {
+        handle.release();
+      }
       log('allocated L2 table %d at %d', l1Index, tableOffset);
     } else {
       const handle = await this.l2Cache.acquire(l2Offset);
