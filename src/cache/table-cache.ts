@@ -65,6 +65,15 @@ export class TableCache<Table extends object> {
     return { table: pin.table, release: () => this.release(offset, pin) };
   }
 
+  /**
+   * The table at `offset` if it is held right now, else undefined; no load, no pin.
+   * For callers that use the table synchronously (no await before they are done
+   * with it): the fast path of lookups.
+   */
+  peek(offset: number): Table | undefined {
+    return this.pins.get(offset)?.table ?? this.lru.get(offset);
+  }
+
   /** Puts a table the caller just wrote to disk (a new allocation) into the cache, pinned. */
   insert(offset: number, table: Table): TableHandle<Table> {
     this.lru.set(offset, table);

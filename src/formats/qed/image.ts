@@ -91,11 +91,16 @@ export class QedImage implements FormatImage {
             `${this.file.path}: L1 entry ${l1Index} (guest bytes ${l1Index * this.geometry.l2Span}..) points to L2 table at ${l2Offset}, which is misaligned or outside the file; run 'imgmount check -r'`,
           );
         }
-        const handle = await this.l2Cache.acquire(l2Offset);
-        try {
-          this.mapInTable(handle.table, pos, spanEnd, runs);
-        } finally {
-          handle.release();
+        const cached = this.l2Cache.peek(l2Offset);
+        if (cached) {
+          this.mapInTable(cached, pos, spanEnd, runs);
+        } else {
+          const handle = await this.l2Cache.acquire(l2Offset);
+          try {
+            this.mapInTable(handle.table, pos, spanEnd, runs);
+          } finally {
+            handle.release();
+          }
         }
       }
       pos = spanEnd;
@@ -164,14 +169,17 @@ export class QedImage implements FormatImage {
     const count = (last - first) / clusterSize;
     await this.setNeedCheck();
 
-    const clusters = Buffer.alloc(last - first);
     const head = run.guestOffset - first;
     const tail = last - runEnd;
-    if (run.kind === 'backing' && this.readBacking) {
-      if (head > 0) await this.readBacking(first, clusters.subarray(0, head));
-      if (tail > 0) await this.readBackingClamped(runEnd, clusters.subarray(clusters.length - tail));
+    let clusters = data;
+    if (head > 0 || tail > 0) {
+      clusters = Buffer.alloc(last - first);
+      if (run.kind === 'backing' && this.readBacking) {
+        if (head > 0) await this.readBacking(first, clusters.subarray(0, head));
+        if (tail > 0) await this.readBackingClamped(runEnd, clusters.subarray(clusters.length - tail));
+      }
+      data.copy(clusters, head);
     }
-    data.copy(clusters, head);
     const hostOffset = this.allocate(clusters.length);
     await this.file.write(hostOffset, clusters);
     if (this.readBacking) await this.file.flush();
