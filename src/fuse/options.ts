@@ -1,0 +1,144 @@
+/**
+ * What a mount is made of, as plain data: the mount configuration (it crosses the
+ * IPC channel to a background daemon), the `-o` mount(8)-style options, the names
+ * of the files in the mount, and the option string handed to libfuse.
+ *
+ * Pure functions only; every check happens here, before anything is opened.
+ */
+import { basename, extname } from 'node:path';
+import { InvalidArgumentError } from '../block/index.js';
+
+/** One mount, fully resolved: every path is absolute. */
+export interface MountConfig {
+  images: string[];
+  mountpoint: string;
+  /** Format of every image (no probing); probed when undefined. */
+  format?: string;
+  readOnly: boolean;
+  allowOther: boolean;
+  /** The file name in the mount, for a single image. */
+  name?: string;
+  /** Log every FUSE operation. */
+  debug: boolean;
+  /** Append the daemon's log to this file. */
+  logFile?: string;
+  /** Mount over a directory that is not empty (libfuse refuses by default). */
+  nonempty: boolean;
+}
+
+/** What `-o` can set; the same settings as the long options. */
+export interface MountOptionSettings {
+  readOnly?: boolean;
+  allowOther?: boolean;
+  format?: string;
+  name?: string;
+  debug?: boolean;
+  logFile?: string;
+  foreground?: boolean;
+  nonempty?: boolean;
+}
+
+const FLAG_OPTIONS: Record<string, (settings: MountOptionSettings) => void> = {
+  ro: (s) => (s.readOnly = true),
+  'read-only': (s) => (s.readOnly = true),
+  read_only: (s) => (s.readOnly = true),
+  rw: (s) => (s.readOnly = false),
+  allow_other: (s) => (s.allowOther = true),
+  'allow-other': (s) => (s.allowOther = true),
+  debug: (s) => (s.debug = true),
+  foreground: (s) => (s.foreground = true),
+  nonempty: (s) => (s.nonempty = true),
+  defaults: () => undefined,
+};
+
+const VALUE_OPTIONS: Record<string, (settings: MountOptionSettings, value: string) => void> = {
+  format: (s, v) => (s.format = v),
+  name: (s, v) => (s.name = v),
+  log: (s, v) => (s.logFile = v),
+};
+
+/** Parses `-o ro,allow_other,format=qed` (repeatable) into settings; later items win. */
+export function parseMountOptions(lists: readonly string[]): MountOptionSettings {
+  const settings: MountOptionSettings = {};
+  for (const list of lists) {
+    for (const rawItem of list.split(',')) {
+      const item = rawItem.trim();
+      if (item === '') continue;
+      const equals = item.indexOf('=');
+      if (equals < 0) {
+        const apply = FLAG_OPTIONS[item];
+        if (!apply) throw unknownOption(item);
+        apply(settings);
+      } else {
+        const key = item.slice(0, equals);
+        const value = item.slice(equals + 1);
+        const apply = VALUE_OPTIONS[key];
+        if (!apply) throw unknownOption(item);
+        if (value === '') throw new InvalidArgumentError(`mount option '${key}' needs a value (${key}=...)`);
+        apply(settings, value);
+      }
+    }
+  }
+  return settings;
+}
+
+function unknownOption(item: string): InvalidArgumentError {
+  const known = [...Object.keys(FLAG_OPTIONS), ...Object.keys(VALUE_OPTIONS).map((key) => `${key}=...`)];
+  return new InvalidArgumentError(`unknown mount option '${item}' (known: ${known.join(', ')})`);
+}
+
+/** The file an image appears as: its name with the extension replaced by `.raw` (`disk.qed` -> `disk.raw`). */
+export function rawFileName(imagePath: string): string {
+  const name = basename(imagePath);
+  const extension = extname(name);
+  return `${extension === '' ? name : name.slice(0, -extension.length)}.raw`;
+}
+
+/** The file names of a mount, in image order; refuses clashes and unusable names. */
+export function mountFileNames(images: readonly string[], name: string | undefined): string[] {
+  if (images.length === 0) throw new InvalidArgumentError('no image given: imgmount [options] IMAGE... MOUNTPOINT');
+  if (name !== undefined && images.length > 1) {
+    throw new InvalidArgumentError(`--name sets the file name of a single image, but ${images.length} images were given`);
+  }
+  const names = name !== undefined ? [name] : images.map(rawFileName);
+  const seen = new Map<string, string>();
+  names.forEach((fileName, index) => {
+    checkFileName(fileName);
+    const image = images[index];
+    const other = seen.get(fileName);
+    if (other !== undefined) {
+      throw new InvalidArgumentError(`${other} and ${image} would both appear as ${fileName}; mount them separately with --name`);
+    }
+    seen.set(fileName, image);
+  });
+  return names;
+}
+
+function checkFileName(name: string): void {
+  if (name === '' || name === '.' || name === '..' || name.includes('/') || name.includes('\0')) {
+    throw new InvalidArgumentError(`'${name}' cannot be a file name (no '/', not empty, '.' or '..')`);
+  }
+  if (Buffer.byteLength(name) > 255) throw new InvalidArgumentError(`file name '${name}' is longer than 255 bytes`);
+}
+
+/** The kernel's file-system type of our mounts in /proc/self/mountinfo. */
+export const FUSE_SUBTYPE = 'imgmount';
+export const MOUNT_TYPE = `fuse.${FUSE_SUBTYPE}`;
+
+/**
+ * libfuse options for a mount. `big_writes,max_write=131072` lets the kernel send
+ * writes of up to 128 KiB (libfuse 2's ceiling) instead of 4 KiB pieces, about ten
+ * times the write throughput; fuse-native has no option for it, see session.ts.
+ * `default_permissions` makes the kernel enforce the files' mode and owner.
+ */
+export function fuseOptions(config: MountConfig): string[] {
+  const options = ['subtype=' + FUSE_SUBTYPE, 'big_writes', 'max_write=131072', 'default_permissions'];
+  if (config.allowOther) options.push('allow_other');
+  if (config.readOnly) options.push('ro');
+  if (config.nonempty) options.push('nonempty');
+  // The source column of mount(8) and df: the image, when libfuse can carry its name
+  // (commas and backslashes would be read as option syntax; fuse-native keeps 1023 bytes).
+  const source = config.images[0] ?? FUSE_SUBTYPE;
+  const usable = !/[,\\\s]/.test(source) && source.length + options.join(',').length < 900;
+  return [`fsname=${usable ? source : FUSE_SUBTYPE}`, ...options];
+}
