@@ -130,9 +130,13 @@ export const MOUNT_TYPE = `fuse.${FUSE_SUBTYPE}`;
  * writes of up to 128 KiB (libfuse 2's ceiling) instead of 4 KiB pieces, about ten
  * times the write throughput; fuse-native has no option for it, see session.ts.
  * `default_permissions` makes the kernel enforce the files' mode and owner.
+ * `kernel_cache` keeps the kernel's page cache of a file across opens: the bytes of
+ * a mounted file change only through this mount (the daemon holds the image open
+ * read-write, and every write comes through the kernel), so cached pages never go
+ * stale, and reading a file again is served from memory.
  */
 export function fuseOptions(config: MountConfig): string[] {
-  const options = ['subtype=' + FUSE_SUBTYPE, 'big_writes', 'max_write=131072', 'default_permissions'];
+  const options = ['subtype=' + FUSE_SUBTYPE, 'big_writes', 'max_write=131072', 'default_permissions', 'kernel_cache'];
   if (config.allowOther) options.push('allow_other');
   if (config.readOnly) options.push('ro');
   if (config.nonempty) options.push('nonempty');

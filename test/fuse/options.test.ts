@@ -55,7 +55,7 @@ describe('libfuse options', () => {
   const base: MountConfig = { images: ['/images/disk.qed'], mountpoint: '/mnt', readOnly: false, allowOther: false, debug: false, nonempty: false };
 
   test('big writes, our subtype, kernel permission checks, the image as source', () => {
-    expect(fuseOptions(base)).toEqual(['fsname=/images/disk.qed', 'subtype=imgmount', 'big_writes', 'max_write=131072', 'default_permissions']);
+    expect(fuseOptions(base)).toEqual(['fsname=/images/disk.qed', 'subtype=imgmount', 'big_writes', 'max_write=131072', 'default_permissions', 'kernel_cache']);
   });
 
   test('read-only, allow_other and nonempty', () => {
