@@ -1,11 +1,15 @@
 /**
- * The `file` protocol: positional I/O on a host file through fs.promises.
- * Reads past the end of the file return zeros (a sparse or short file reads
- * like its zero-filled tail); flush is fdatasync. Concurrency: calls may
- * overlap freely; each is one pread/pwrite on libuv's thread pool.
+ * The `file` protocol: positional I/O on a host file. Reads past the end of
+ * the file return zeros (a sparse or short file reads like its zero-filled
+ * tail); flush is fdatasync. Concurrency: calls may overlap freely; each is
+ * one pread/pwrite on libuv's thread pool.
+ *
+ * The hot path (read/write) uses fs's callback functions on the raw fd: on
+ * Node 20, FileHandle.read costs about a third more CPU per call, which
+ * showed as the largest item in profiles of 4 KiB random reads.
  */
 import { open, type FileHandle } from 'node:fs/promises';
-import { constants as fsConstants } from 'node:fs';
+import { constants as fsConstants, read as readCallback, write as writeCallback } from 'node:fs';
 import createDebug from 'debug';
 import { hostIoError } from './errors.js';
 import type { HostOffset, Protocol } from './types.js';
@@ -39,7 +43,7 @@ export class FileProtocol implements Protocol {
     let done = 0;
     try {
       while (done < buffer.length) {
-        const { bytesRead } = await this.handle.read(buffer, done, buffer.length - done, offset + done);
+        const bytesRead = await pread(this.handle.fd, buffer, done, buffer.length - done, offset + done);
         if (bytesRead === 0) break;
         done += bytesRead;
       }
@@ -53,7 +57,7 @@ export class FileProtocol implements Protocol {
     let done = 0;
     try {
       while (done < buffer.length) {
-        const { bytesWritten } = await this.handle.write(buffer, done, buffer.length - done, offset + done);
+        const bytesWritten = await pwrite(this.handle.fd, buffer, done, buffer.length - done, offset + done);
         done += bytesWritten;
       }
     } catch (error) {
@@ -101,4 +105,16 @@ export class FileProtocol implements Protocol {
       throw hostIoError('close', this.path, error);
     }
   }
+}
+
+function pread(fd: number, buffer: Buffer, at: number, length: number, position: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    readCallback(fd, buffer, at, length, position, (error, bytesRead) => (error ? reject(error) : resolve(bytesRead)));
+  });
+}
+
+function pwrite(fd: number, buffer: Buffer, at: number, length: number, position: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    writeCallback(fd, buffer, at, length, position, (error, bytesWritten) => (error ? reject(error) : resolve(bytesWritten)));
+  });
 }
