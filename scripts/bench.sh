@@ -45,12 +45,18 @@ measure() { # measure FILE -> "seqwrite seqread randread randwrite"
   echo "$sw $sr $rr $rw"
 }
 
+buffered_reread() { # second buffered read of the whole file with dd, MB/s
+  dd if="$1" of=/dev/null bs=1M 2>/dev/null
+  dd if="$1" of=/dev/null bs=1M 2>&1 | awk '/copied/ { for (i = 1; i <= NF; i++) if ($i == "s,") { t = $(i-1) } } /copied/ { printf "%.0f\n", $1 / t / 1e6 }'
+}
+
 # imgmount
 qemu-img create -q -f qed "$work/a.qed" "${size_mb}M"
 mkdir -p "$work/mnt"
 bin/imgmount "$work/a.qed" "$work/mnt"
 first_write_ours=$(fio_job "$work/mnt/a.raw" write 128k 1 mb)
 ours=$(measure "$work/mnt/a.raw")
+reread_ours=$(buffered_reread "$work/mnt/a.raw")
 bin/imgmount unmount "$work/mnt"
 
 # qemu-storage-daemon
@@ -63,6 +69,7 @@ qsd_pid=$!
 for _ in $(seq 50); do [ "$(stat -c %s "$work/b.raw")" -gt 0 ] && break; sleep 0.1; done
 first_write_qsd=$(fio_job "$work/b.raw" write 128k 1 mb)
 theirs=$(measure "$work/b.raw")
+reread_qsd=$(buffered_reread "$work/b.raw")
 kill "$qsd_pid"; wait "$qsd_pid" 2>/dev/null || true; qsd_pid=""
 
 read -r sw sr rr rw <<<"$ours"
@@ -73,3 +80,4 @@ printf '%-34s %12s %22s\n' "rewrite 128k (MB/s)" "$sw" "$qsw"
 printf '%-34s %12s %22s\n' "sequential read 128k (MB/s)" "$sr" "$qsr"
 printf '%-34s %12s %22s\n' "random read 4k, 4 jobs (IOPS)" "$rr" "$qrr"
 printf '%-34s %12s %22s\n' "random write 4k, 4 jobs (IOPS)" "$rw" "$qrw"
+printf '%-34s %12s %22s\n' "buffered re-read, dd (MB/s)" "$reread_ours" "$reread_qsd"

@@ -80,7 +80,8 @@ export async function main(argv: string[]): Promise<void> {
           .option('foreground', { type: 'boolean', describe: 'stay attached instead of returning once the mount is ready' })
           .option('debug', { alias: 'd', type: 'boolean', describe: 'log every FUSE operation (implies --foreground without --log)' })
           .option('log', { type: 'string', describe: "append the daemon's log to this file" })
-          .option('options', { alias: 'o', type: 'string', describe: 'mount(8)-style options: ro, allow_other, format=FMT, name=NAME, log=FILE, debug, foreground, nonempty' })
+          .option('cache-size', { type: 'string', describe: 'L2-table cache per image (default 16M: every table of a 128 GiB default-geometry QED image)' })
+          .option('options', { alias: 'o', type: 'string', describe: 'mount(8)-style options: ro, allow_other, format=FMT, name=NAME, log=FILE, debug, foreground, nonempty, cache_size=SIZE' })
           .option('unmount', { alias: 'u', type: 'boolean', describe: 'unmount MOUNTPOINT (same as imgmount unmount)' }),
       (args) =>
         runMount({
@@ -92,6 +93,7 @@ export async function main(argv: string[]): Promise<void> {
           foreground: args.foreground,
           debug: args.debug,
           log: args.log,
+          cacheSize: args['cache-size'],
           options: asList(args.options),
           unmount: args.unmount,
         }),

@@ -6,7 +6,7 @@
  */
 import { realpath } from 'node:fs/promises';
 import { resolve } from 'node:path';
-import { InvalidArgumentError } from '../block/index.js';
+import { InvalidArgumentError, parseSize } from '../block/index.js';
 import { runDaemon, startDaemon } from '../fuse/daemon.js';
 import { logToFile } from '../fuse/log.js';
 import { parseMountOptions, type MountConfig } from '../fuse/options.js';
@@ -23,6 +23,8 @@ export interface MountArguments {
   foreground?: boolean;
   debug?: boolean;
   log?: string;
+  /** L2 cache bound per image, e.g. "64M". */
+  cacheSize?: string;
   /** `-o` lists, mount(8) style. */
   options?: string[];
   /** `-u`: unmount the one path given. */
@@ -49,6 +51,7 @@ export function mountPlan(args: MountArguments, cwd = process.cwd()): MountPlan 
   const format = agree('format', args.format, settings.format);
   const name = agree('name', args.name, settings.name);
   const logFile = agree('log', args.log, settings.logFile);
+  const cacheSize = agree('cache-size', args.cacheSize, settings.cacheSize);
   const debug = (args.debug ?? false) || (settings.debug ?? false);
   const images = args.paths.slice(0, -1).map((path) => resolve(cwd, path));
   const config: MountConfig = {
@@ -61,6 +64,7 @@ export function mountPlan(args: MountArguments, cwd = process.cwd()): MountPlan 
     debug,
     logFile: logFile === undefined ? undefined : resolve(cwd, logFile),
     nonempty: settings.nonempty ?? false,
+    cacheBytes: cacheSize === undefined ? undefined : parseSize(cacheSize, 'cache size'),
   };
   const foreground = (args.foreground ?? false) || (settings.foreground ?? false) || (debug && logFile === undefined);
   return { config, foreground };

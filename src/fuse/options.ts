@@ -24,6 +24,8 @@ export interface MountConfig {
   logFile?: string;
   /** Mount over a directory that is not empty (libfuse refuses by default). */
   nonempty: boolean;
+  /** L2-table cache bound per image in bytes; the format's default when undefined. */
+  cacheBytes?: number;
 }
 
 /** What `-o` can set; the same settings as the long options. */
@@ -36,6 +38,7 @@ export interface MountOptionSettings {
   logFile?: string;
   foreground?: boolean;
   nonempty?: boolean;
+  cacheSize?: string;
 }
 
 const FLAG_OPTIONS: Record<string, (settings: MountOptionSettings) => void> = {
@@ -55,6 +58,7 @@ const VALUE_OPTIONS: Record<string, (settings: MountOptionSettings, value: strin
   format: (s, v) => (s.format = v),
   name: (s, v) => (s.name = v),
   log: (s, v) => (s.logFile = v),
+  cache_size: (s, v) => (s.cacheSize = v),
 };
 
 /** Parses `-o ro,allow_other,format=qed` (repeatable) into settings; later items win. */

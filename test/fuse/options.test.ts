@@ -101,6 +101,13 @@ describe('the mount plan from the command line', () => {
     expect(mountPlan({ paths: ['a', 'm'], options: ['foreground'] }).foreground).toBe(true);
   });
 
+  test('the L2 cache size comes from --cache-size or -o cache_size, with size suffixes', () => {
+    expect(mountPlan({ paths: ['a', 'm'] }).config.cacheBytes).toBeUndefined();
+    expect(mountPlan({ paths: ['a', 'm'], cacheSize: '64M' }).config.cacheBytes).toBe(64 * 1024 * 1024);
+    expect(mountPlan({ paths: ['a', 'm'], options: ['cache_size=1G'] }).config.cacheBytes).toBe(1024 ** 3);
+    expect(() => mountPlan({ paths: ['a', 'm'], cacheSize: 'lots' })).toThrow("invalid cache size 'lots'");
+  });
+
   test('one path is not enough', () => {
     expect(() => mountPlan({ paths: ['mnt'] })).toThrow(/give at least one IMAGE and the MOUNTPOINT/);
   });
