@@ -12,6 +12,7 @@ import { FileProtocol } from './file.js';
 import { BlockImage } from './image.js';
 import { InvalidArgumentError, UnsupportedFeatureError, hostIoError } from './errors.js';
 import { resolveBackingName } from './backing-name.js';
+import { lockForWriting } from './lock.js';
 import { namedFormat, probeFormat, PROBE_BYTES } from './probe.js';
 import type { CheckResult, CreateOptions, FormatDriver, Protocol } from './types.js';
 
@@ -119,7 +120,13 @@ export async function createImage(path: string, formatName: string, options: Cre
     throw new InvalidArgumentError('a backing format (-F) was given without a backing file (-b)');
   }
   if (size === undefined) throw new InvalidArgumentError('a size is needed when there is no backing file');
-  await format.create(path, { ...options, size, backingFormat });
+  // Overwriting (--force) an image that a mount is writing would pull it from under the mount.
+  const lock = (await exists(path)) ? await lockForWriting(await canonicalPath(path), path) : undefined;
+  try {
+    await format.create(path, { ...options, size, backingFormat });
+  } finally {
+    await lock?.release();
+  }
 }
 
 export interface CheckImageOptions {
