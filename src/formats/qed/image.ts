@@ -180,27 +180,38 @@ export class QedImage implements FormatImage {
       }
       data.copy(clusters, head);
     }
-    const hostOffset = this.allocate(clusters.length);
-    await this.file.write(hostOffset, clusters);
-    if (this.readBacking) await this.file.flush();
-
-    const entries = Array.from({ length: count }, (_, i) => hostOffset + i * clusterSize);
+    // New clusters are written before anything points to them; if that fails (ENOSPC),
+    // the file is cut back so the failed allocation leaves neither leak nor garbage.
+    const mark = { allocationEnd: this.allocationEnd, validEnd: this.validEnd };
+    const entries: number[] = [];
+    let newTable: { offset: number; table: Table } | undefined;
     const l1Index = this.geometry.l1Index(first);
     const l2Index = this.geometry.l2Index(first);
     const l2Offset = getEntry(this.l1, l1Index);
-    if (l2Offset === 0) {
-      const table = Buffer.alloc(tableBytes);
-      const tableOffset = this.allocate(tableBytes);
-      entries.forEach((entry, i) => setEntry(table, l2Index + i, entry));
-      await this.file.write(tableOffset, table);
+    try {
+      const hostOffset = this.allocate(clusters.length);
+      for (let i = 0; i < count; i++) entries.push(hostOffset + i * clusterSize);
+      await this.file.write(hostOffset, clusters);
+      if (this.readBacking) await this.file.flush();
+      if (l2Offset === 0) {
+        newTable = { offset: this.allocate(tableBytes), table: Buffer.alloc(tableBytes) };
+        entries.forEach((entry, i) => setEntry(newTable!.table, l2Index + i, entry));
+        await this.file.write(newTable.offset, newTable.table);
+      }
+    } catch (error) {
+      await this.rollBackAllocation(mark);
+      throw error;
+    }
+
+    if (newTable) {
       // Cached before the L1 entry points to it, so no reader ever loads a second copy.
-      const handle = this.l2Cache.insert(tableOffset, table);
+      const handle = this.l2Cache.insert(newTable.offset, newTable.table);
       try {
-        await updateEntries(this.file, this.header.l1TableOffset, this.l1, l1Index, [tableOffset]);
+        await updateEntries(this.file, this.header.l1TableOffset, this.l1, l1Index, [newTable.offset]);
       } finally {
         handle.release();
       }
-      log('allocated L2 table %d at %d', l1Index, tableOffset);
+      log('allocated L2 table %d at %d', l1Index, newTable.offset);
     } else {
       const handle = await this.l2Cache.acquire(l2Offset);
       try {
@@ -208,6 +219,17 @@ export class QedImage implements FormatImage {
       } finally {
         handle.release();
       }
+    }
+  }
+
+  /** Undoes allocations nothing points to yet: forgets them and truncates the file back. */
+  private async rollBackAllocation(mark: { allocationEnd: number; validEnd: number }): Promise<void> {
+    this.allocationEnd = mark.allocationEnd;
+    this.validEnd = mark.validEnd;
+    try {
+      if ((await this.file.size()) > mark.allocationEnd) await this.file.truncate(mark.allocationEnd);
+    } catch (error) {
+      log('%s: could not cut back a failed allocation (%s); the clusters stay as leaks', this.file.path, (error as Error).message);
     }
   }
 
