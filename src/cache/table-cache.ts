@@ -41,7 +41,7 @@ export class TableCache<Table extends object> {
   private readonly lru: LRUCache<number, Table>;
   private readonly pins = new Map<number, Pin<Table>>();
 
-  constructor(private readonly options: TableCacheOptions<Table>) {
+  constructor(options: TableCacheOptions<Table>) {
     this.lru = new LRUCache<number, Table>({
       maxSize: Math.max(1, options.maxBytes),
       sizeCalculation: (table) => Math.max(1, options.sizeOf(table)),
