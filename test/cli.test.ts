@@ -124,6 +124,15 @@ describe.skipIf(!haveQemu)('imgmount info', () => {
     expect(ours['dirty-flag']).toBe(true);
   });
 
+  it('refuses FIFOs and directories at once instead of hanging, also as a backing file', async () => {
+    await run('mkfifo', [join(dir, 'pipe.qed')]);
+    expectOneLineError(await imgmount('info', 'pipe.qed'), /pipe\.qed is a FIFO, not a regular image file/);
+    expectOneLineError(await imgmount('info', dir), /is a directory, not a regular image file/);
+    await run('mkfifo', [join(dir, 'pipe.raw')]);
+    await run('qemu-img', ['create', '-q', '-f', 'qed', '-u', '-b', 'pipe.raw', '-F', 'raw', join(dir, 'onpipe.qed'), '1M']);
+    expectOneLineError(await imgmount('info', '--backing-chain', 'onpipe.qed'), /pipe\.raw is a FIFO/);
+  });
+
   it('fails with one line for a missing file and for a non-image named .qed', async () => {
     expectOneLineError(await imgmount('info', 'nothere.qed'), /nothere\.qed.*(ENOENT|no such file)/i);
     await writeFile(join(dir, 'fake.qed'), Buffer.alloc(4096, 0x41));
