@@ -34,13 +34,14 @@ describe.skipIf(skipWithoutFuse('who may open the files', ['setpriv']))('who may
   });
 
   test('others with --allow-other or -o allow_other, within the file mode', async () => {
-    const image = await lab.file('disk.img', Buffer.alloc(MiB, 0x61));
     for (const [name, options] of [['long', ['--allow-other']], ['o', ['-o', 'allow_other']]] as const) {
+      // One image per mount: an image has one read-write opener at a time.
+      const image = await lab.file(`disk-${name}.img`, Buffer.alloc(MiB, 0x61));
       const mnt = await lab.mountpoint(`mnt-${name}`);
       await lab.mount([...options, image], mnt);
-      const read = await asNobody(`head -c 3 ${join(mnt, 'disk.raw')}`);
+      const read = await asNobody(`head -c 3 ${join(mnt, `disk-${name}.raw`)}`);
       expect(read).toMatchObject({ code: 0, stdout: 'aaa' });
-      const write = await asNobody(`echo x | dd of=${join(mnt, 'disk.raw')} conv=notrunc status=none`);
+      const write = await asNobody(`echo x | dd of=${join(mnt, `disk-${name}.raw`)} conv=notrunc status=none`);
       expect(write.code).not.toBe(0);
       expect(write.stderr).toMatch(/Permission denied/);
     }
