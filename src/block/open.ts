@@ -103,7 +103,8 @@ export interface CreateImageOptions extends Omit<CreateOptions, 'size'> {
 /** Creates an image file of `formatName`; refuses to overwrite unless `force`. */
 export async function createImage(path: string, formatName: string, options: CreateImageOptions): Promise<void> {
   const format = namedFormat(formatName);
-  if (!options.force && (await exists(path))) {
+  const overwriting = await exists(path);
+  if (overwriting && !options.force) {
     throw new InvalidArgumentError(`${path} already exists; pass --force to overwrite it`);
   }
   let size = options.size;
@@ -121,7 +122,7 @@ export async function createImage(path: string, formatName: string, options: Cre
   }
   if (size === undefined) throw new InvalidArgumentError('a size is needed when there is no backing file');
   // Overwriting (--force) an image that a mount is writing would pull it from under the mount.
-  const lock = (await exists(path)) ? await lockForWriting(await canonicalPath(path), path) : undefined;
+  const lock = overwriting ? await lockForWriting(await canonicalPath(path), path) : undefined;
   try {
     await format.create(path, { ...options, size, backingFormat });
   } finally {
