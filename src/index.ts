@@ -1,4 +1,31 @@
 /**
- * imgmount as a library: the block layer's public API.
+ * imgmount as a library: the block layer's public API, wired to the default
+ * list of formats. `openImage`, `createImage` and `checkImage` here take the
+ * same options as the block layer's, with `formats` optional.
  */
+import * as block from './block/index.js';
+import { defaultFormats } from './formats/index.js';
+
 export * from './block/index.js';
+export { defaultFormats, formatDrivers } from './formats/index.js';
+
+type WithDefaultFormats<T extends { formats: block.FormatList }> = Omit<T, 'formats'> & { formats?: block.FormatList };
+
+export type OpenImageOptions = WithDefaultFormats<block.OpenImageOptions>;
+export type CreateImageOptions = WithDefaultFormats<block.CreateImageOptions>;
+export type CheckImageOptions = WithDefaultFormats<block.CheckImageOptions>;
+
+/** Opens an image and its backing chain (formats probed unless `format` is given). */
+export function openImage(path: string, options: OpenImageOptions = {}): Promise<block.BlockImage> {
+  return block.openImage(path, { ...options, formats: options.formats ?? defaultFormats });
+}
+
+/** Creates an image file; refuses to overwrite unless `force`. */
+export function createImage(path: string, format: string, options: CreateImageOptions): Promise<void> {
+  return block.createImage(path, format, { ...options, formats: options.formats ?? defaultFormats });
+}
+
+/** Checks (and with `repair`, repairs) an image's metadata. */
+export function checkImage(path: string, options: CheckImageOptions = {}): Promise<block.CheckReport> {
+  return block.checkImage(path, { ...options, formats: options.formats ?? defaultFormats });
+}

@@ -9,7 +9,7 @@ import { copyFile, mkdir, readFile, rm, symlink, writeFile } from 'node:fs/promi
 import { constants as osConstants } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { BlockError, MAX_CHAIN_DEPTH, createImage, openImage, type BlockImage } from '../src/block/index.js';
+import { BlockError, MAX_CHAIN_DEPTH, createImage, openImage, type BlockImage } from '../src/index.js';
 import {
   makeTempDir, patchBytes, qemuConvertToRaw, qemuImg, qemuInfo, qemuIo, readAll, readU64, run, seededBytes,
   skipWithoutQemu, writeU64, QED_F_BACKING_FILE, QED_F_BACKING_FORMAT_NO_PROBE, QED_F_NEED_CHECK, QED_HEADER,

@@ -12,7 +12,7 @@ import { describe, expect, it } from 'vitest';
 import {
   BlockError, CorruptImageError, UnsupportedFeatureError, checkImage, createImage, openImage,
   type BlockImage, type OpenImageOptions,
-} from '../src/block/index.js';
+} from '../src/index.js';
 import {
   makeTempDir, openQedOver, patchBytes, qedEntryLocations, qemuCheck, readAll, readBytes, readU64, seededBytes,
   skipWithoutQemu, spyProtocol, writeU32, writeU64, QED_F_BACKING_FILE, QED_HEADER,

@@ -11,7 +11,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createImage, openImage } from '../src/block/index.js';
+import { createImage, openImage } from '../src/index.js';
 import { seededRandom } from './helpers/random.js';
 
 const run = promisify(execFile);

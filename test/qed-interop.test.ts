@@ -8,10 +8,11 @@
 import { appendFile, copyFile, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { BlockImage, createImage, openImage, checkImage } from '../src/block/index.js';
+import { BlockImage, createImage, openImage, checkImage } from '../src/index.js';
 import { FileProtocol } from '../src/block/file.js';
+import { ImageFileGate } from '../src/block/gate.js';
 import { qed } from '../src/formats/qed/index.js';
-import type { Protocol } from '../src/block/index.js';
+import type { Protocol } from '../src/index.js';
 import {
   makeTempDir, normalizeMap, qemuCheck, qemuConvertToRaw, qemuImg, qemuInfo, qemuIo, qemuMap, readAll, readBytes,
   readU64, seededBytes, skipWithoutQemu, spyProtocol, QED_F_NEED_CHECK, QED_HEADER, run,
@@ -452,7 +453,7 @@ describe('the need-check bit', () => {
       truncate: (length) => inner.truncate(length),
       close: () => inner.close(),
     };
-    const image = new BlockImage(path, 'qed', spy, await qed.open(spy, { readOnly: false }), undefined);
+    const image = new BlockImage({ path, format: 'qed', file: spy, image: await qed.open(spy, { readOnly: false, files: new ImageFileGate(path, {}, true) }) });
     await Promise.all([
       image.write(100, Buffer.alloc(5000, 3)),
       image.write(4 * MiB - 2000, Buffer.alloc(1000, 4)),
@@ -478,7 +479,7 @@ describe('the need-check bit', () => {
     const l1TableOffset = Number(await readU64(path, QED_HEADER.l1TableOffset));
     const protocol = await spyProtocol(path, false);
     const backing = await openImage(join(dir, 'base.raw'), { readOnly: true, format: 'raw' });
-    const image = new BlockImage(path, 'qed', protocol, await qed.open(protocol, { readOnly: false }), backing);
+    const image = new BlockImage({ path, format: 'qed', file: protocol, image: await qed.open(protocol, { readOnly: false, files: new ImageFileGate(path, {}, true) }), backing });
     const fileEnd = (await stat(path)).size;
     try {
       protocol.calls.length = 0;

@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { BlockError, createImage, openImage } from '../src/block/index.js';
+import { BlockError, createImage, openImage } from '../src/index.js';
 import { maxImageSize, parseHeader, serializeHeader, type QedHeader } from '../src/formats/qed/header.js';
 
 const powerOfTwo = (min: number, max: number) => fc.integer({ min, max }).map((exponent) => 2 ** exponent);

@@ -7,7 +7,7 @@
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { openImage } from '../src/block/index.js';
+import { openImage } from '../src/index.js';
 import { makeTempDir, qemuConvertToRaw, qemuImg, qemuIo, readAll, seededBytes, skipWithoutQemu } from './helpers/qemu.js';
 
 const MiB = 1024 * 1024;

@@ -58,6 +58,15 @@ export function hostIoError(operation: string, path: string, cause: unknown): Bl
   if (cause instanceof BlockError) return cause;
   const code = (cause as NodeJS.ErrnoException | undefined)?.code;
   const value = code !== undefined && code in errno ? errno[code as keyof typeof errno] : errno.EIO;
-  const reason = cause instanceof Error ? cause.message : String(cause);
-  return new HostIoError(`${operation} ${path}: ${reason}`, value);
+  return new HostIoError(`${operation} ${path}: ${systemReason(cause)}`, value);
+}
+
+/**
+ * The reason of a Node.js system error without Node's decoration: "no such file
+ * or directory" rather than "ENOENT: no such file or directory, realpath '/x'".
+ */
+export function systemReason(cause: unknown): string {
+  const message = cause instanceof Error ? cause.message : String(cause);
+  const match = /^E[A-Z0-9]+: ([^,]+)(?:, .*)?$/.exec(message);
+  return match ? match[1]! : message;
 }

@@ -2,16 +2,25 @@
  * BlockImage: the generic layer over one format image and its backing chain.
  * It owns the byte moving: range checks (once, here), following mappings
  * down the backing chain, zero-filling past the end of a shorter backing
- * file, and `map` answers like `qemu-img map`. Formats only answer where
- * bytes live and allocate on write.
+ * file, decoding encoded clusters (through the driver, with a cache), data
+ * kept in other files than the image's own (external data files), and `map`
+ * answers like `qemu-img map`. Formats only answer where bytes live and
+ * allocate on write.
  *
  * Concurrency: reads and writes may overlap; the format driver serializes
- * whatever must be serialized (QED: allocating writes).
+ * whatever must be serialized (QED: allocating writes). A request split into
+ * parts is answered only once every part has finished (settleAll), and
+ * close waits for every request in flight, so no I/O ever runs on a buffer
+ * that was answered or on a file that was closed.
  */
 import createDebug from 'debug';
-import { InvalidArgumentError, ReadOnlyError } from './errors.js';
+import { CorruptImageError, InvalidArgumentError, ReadOnlyError } from './errors.js';
 import { resolveBackingName } from './backing-name.js';
-import type { FormatImage, GuestOffset, HostOffset, Protocol } from './types.js';
+import { DecodedClusterCache } from './decoded-cache.js';
+import type { ImageFileGate } from './gate.js';
+import type { WriteGuard } from './probe-guard.js';
+import { settleAll } from './settle.js';
+import type { EncodedCluster, FormatImage, GuestOffset, HostOffset, Protocol, SnapshotInfo } from './types.js';
 
 const log = createDebug('imgmount:block');
 
@@ -27,47 +36,80 @@ export interface MapRun {
   present: boolean;
   /** 0 for the top image, 1 for its backing file, and so on. */
   depth: number;
-  /** Where the data lives, for data runs. */
+  /** Where the data lives, for data runs stored as is (not for compressed clusters). */
   hostOffset?: HostOffset;
   /** The file that holds the data, for data runs. */
   filename?: string;
+  /** True for compressed (encoded) data. */
+  compressed?: boolean;
 }
 
 export interface ImageInfo {
   filename: string;
   format: string;
   virtualSize: number;
+  /** Bytes on disk of every file of this image (its own file and the files it names, not backing files). */
   actualSize: number;
   clusterSize?: number;
   dirty?: boolean;
   backingFilename?: string;
   backingFormat?: string;
   fullBackingFilename?: string;
-  formatSpecific?: Record<string, string | number | boolean>;
+  formatSpecific?: Record<string, unknown>;
+  snapshots?: SnapshotInfo[];
+  /** Other files of this image and where their names resolved. */
+  files?: { role: string; name: string; path: string }[];
   backing?: ImageInfo;
 }
 
+export interface BlockImageParts {
+  path: string;
+  format: string;
+  /** The image's own file. */
+  file: Protocol;
+  image: FormatImage;
+  /** The opened backing image (always read-only), if any. */
+  backing?: BlockImage;
+  /** The files the driver opened through the gate; closed after the image. */
+  gate?: ImageFileGate;
+  /** Checked before every write (an image probed as raw). */
+  writeGuard?: WriteGuard;
+  decodedCacheBytes?: number;
+}
+
 export class BlockImage {
+  readonly path: string;
+  readonly format: string;
   /** The virtual size in bytes. */
   readonly length: number;
+  /** The opened backing image (always read-only), if any. */
+  readonly backing: BlockImage | undefined;
+  private readonly file: Protocol;
+  private readonly image: FormatImage;
+  private readonly gate: ImageFileGate | undefined;
+  private readonly writeGuard: WriteGuard | undefined;
+  private readonly decoded: DecodedClusterCache | undefined;
   /** Reads and writes not finished yet; close waits for them. */
   private readonly inFlight = new Set<Promise<void>>();
   private closing: Promise<void> | undefined;
 
-  constructor(
-    readonly path: string,
-    readonly format: string,
-    private readonly file: Protocol,
-    private readonly image: FormatImage,
-    /** The opened backing image (always read-only), if any. */
-    readonly backing: BlockImage | undefined,
-  ) {
-    this.length = image.virtualSize;
-    image.attachBacking?.(backing ? (offset, buffer) => this.readBacking(offset, buffer) : undefined);
+  constructor(parts: BlockImageParts) {
+    this.path = parts.path;
+    this.format = parts.format;
+    this.file = parts.file;
+    this.image = parts.image;
+    this.backing = parts.backing;
+    this.gate = parts.gate;
+    this.writeGuard = parts.writeGuard;
+    this.length = parts.image.virtualSize;
+    const decode = parts.image.decode?.bind(parts.image);
+    this.decoded = decode ? new DecodedClusterCache((cluster) => this.decodeChecked(decode, cluster), parts.decodedCacheBytes) : undefined;
+    parts.image.attachBacking?.(parts.backing ? (offset, buffer) => this.readBacking(offset, buffer) : undefined);
   }
 
+  /** True when writes are refused: the file is open read-only or the format cannot write. */
   get readOnly(): boolean {
-    return this.file.readOnly;
+    return this.file.readOnly || this.image.write === undefined;
   }
 
   /** Fills `buffer` with the guest bytes at `offset`. */
@@ -79,12 +121,14 @@ export class BlockImage {
     this.checkRange('read', offset, buffer.length);
     if (buffer.length === 0) return;
     const runs = await this.image.map(offset, buffer.length);
-    await Promise.all(
+    await settleAll(
       runs.map((run) => {
         const part = buffer.subarray(run.guestOffset - offset, run.guestOffset - offset + run.length);
         switch (run.kind) {
           case 'data':
-            return this.file.read(run.hostOffset, part);
+            return (run.file ?? this.file).read(run.hostOffset, part);
+          case 'encoded':
+            return this.readEncoded(run.cluster, run.guestOffset - run.cluster.guestStart, part);
           case 'zero':
             part.fill(0);
             return undefined;
@@ -95,15 +139,31 @@ export class BlockImage {
     );
   }
 
+  private readEncoded(cluster: EncodedCluster, offsetInCluster: number, part: Buffer): Promise<void> {
+    if (!this.decoded) throw new CorruptImageError(`${this.path}: the ${this.format} driver mapped an encoded cluster but cannot decode it`);
+    return this.decoded.read(cluster, offsetInCluster, part);
+  }
+
+  private async decodeChecked(decode: (cluster: EncodedCluster) => Promise<Buffer>, cluster: EncodedCluster): Promise<Buffer> {
+    const decoded = await decode(cluster);
+    if (decoded.length !== cluster.decodedLength) {
+      throw new CorruptImageError(
+        `${this.path}: the compressed cluster at host offset ${cluster.hostOffset} (guest offset ${cluster.guestStart}) decodes to ${decoded.length} bytes, not ${cluster.decodedLength}`,
+      );
+    }
+    return decoded;
+  }
+
   /** Writes `buffer` at guest `offset`. */
   write(offset: GuestOffset, buffer: Buffer): Promise<void> {
     return this.track(() => this.writeNow(offset, buffer));
   }
 
   private async writeNow(offset: GuestOffset, buffer: Buffer): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.path} is open read-only`);
+    if (this.readOnly || !this.image.write) throw new ReadOnlyError(`${this.path} is open read-only`);
     this.checkRange('write', offset, buffer.length);
     if (buffer.length === 0) return;
+    await this.writeGuard?.(offset, buffer);
     await this.image.write(offset, buffer);
   }
 
@@ -119,7 +179,9 @@ export class BlockImage {
     const runs: MapRun[] = [];
     for (const run of await this.image.map(offset, length)) {
       if (run.kind === 'data') {
-        runs.push({ offset: run.guestOffset, length: run.length, data: true, zero: false, present: true, depth: 0, hostOffset: run.hostOffset, filename: this.path });
+        runs.push({ offset: run.guestOffset, length: run.length, data: true, zero: false, present: true, depth: 0, hostOffset: run.hostOffset, filename: (run.file ?? this.file).path });
+      } else if (run.kind === 'encoded') {
+        runs.push({ offset: run.guestOffset, length: run.length, data: true, zero: false, present: true, depth: 0, filename: this.path, compressed: true });
       } else if (run.kind === 'zero' || !this.backing) {
         runs.push({ offset: run.guestOffset, length: run.length, data: false, zero: true, present: run.kind === 'zero', depth: 0 });
       } else {
@@ -135,9 +197,11 @@ export class BlockImage {
     return mergeRuns(runs);
   }
 
-  /** Bytes the image file occupies on disk (not counting backing files). */
+  /** Bytes the image occupies on disk: its own file and every file it names (not backing files). */
   async allocatedBytes(): Promise<number> {
-    return this.file.allocatedSize();
+    let total = await this.file.allocatedSize();
+    for (const file of this.gate?.opened ?? []) total += await file.allocatedSize();
+    return total;
   }
 
   async info(): Promise<ImageInfo> {
@@ -147,18 +211,20 @@ export class BlockImage {
       filename: this.path,
       format: this.format,
       virtualSize: this.length,
-      actualSize: await this.file.allocatedSize(),
+      actualSize: await this.allocatedBytes(),
       clusterSize: formatInfo.clusterSize,
       dirty: formatInfo.dirty,
       backingFilename: reference?.filename,
       backingFormat: reference ? (reference.format ?? this.backing?.format) : undefined,
-      fullBackingFilename: reference ? (this.backing?.path ?? resolveBackingName(this.path, reference.filename)) : undefined,
+      fullBackingFilename: reference ? (this.backing?.path ?? safeResolve(this.path, reference.filename)) : undefined,
       formatSpecific: formatInfo.specific,
+      snapshots: formatInfo.snapshots,
+      files: this.gate && this.gate.resolved.length > 0 ? [...this.gate.resolved] : undefined,
       backing: this.backing ? await this.backing.info() : undefined,
     };
   }
 
-  /** Waits for reads and writes in flight, flushes, marks the image clean, closes it and then its backing chain. */
+  /** Waits for reads and writes in flight, flushes, marks the image clean, closes it, its files, then its backing chain. */
   close(): Promise<void> {
     this.closing ??= this.closeNow();
     return this.closing;
@@ -170,7 +236,11 @@ export class BlockImage {
     try {
       await this.image.close();
     } finally {
-      await this.backing?.close();
+      try {
+        await this.gate?.closeAll();
+      } finally {
+        await this.backing?.close();
+      }
     }
   }
 
@@ -208,6 +278,15 @@ export class BlockImage {
   }
 }
 
+/** The path a backing name stands for, or undefined when it cannot be a plain file. */
+function safeResolve(imagePath: string, name: string): string | undefined {
+  try {
+    return resolveBackingName(imagePath, name);
+  } catch {
+    return undefined;
+  }
+}
+
 /** Joins neighbouring runs that describe the same kind of storage. */
 function mergeRuns(runs: MapRun[]): MapRun[] {
   const merged: MapRun[] = [];
@@ -221,6 +300,7 @@ function mergeRuns(runs: MapRun[]): MapRun[] {
       last.present === run.present &&
       last.depth === run.depth &&
       last.filename === run.filename &&
+      last.compressed === run.compressed &&
       (last.hostOffset === undefined || last.hostOffset + last.length === run.hostOffset)
     ) {
       last.length += run.length;

@@ -1,12 +1,15 @@
 /**
- * The block layer's public surface: open / read / write / flush / map / close
- * by byte offset, plus create and check.
+ * The block layer's surface: open / read / write / flush / map / close by
+ * byte offset, plus create and check, over a list of formats the caller
+ * passes in (src/index.ts wires the default one).
  */
-export { openImage, createImage, checkImage, MAX_CHAIN_DEPTH } from './open.js';
+export { openImage, createImage, checkImage, MAX_CHAIN_DEPTH, NoCheckError, NO_CHECK_EXIT_STATUS } from './open.js';
 export { resolveBackingName } from './backing-name.js';
 export type { OpenImageOptions, CreateImageOptions, CheckImageOptions, CheckReport } from './open.js';
 export { BlockImage } from './image.js';
 export type { MapRun, ImageInfo } from './image.js';
+export { FormatList, PROBE_HEAD_BYTES, PROBE_TAIL_BYTES } from './probe.js';
+export type { FilePolicy } from './gate.js';
 export * from './errors.js';
 export { parseSize } from './size.js';
 export type * from './types.js';

@@ -1,42 +1,58 @@
 /**
  * Opening images and their backing chains, creating and checking images:
- * the library's entry points by file name.
+ * the block layer's entry points by file name. The list of formats is always
+ * passed in (src/index.ts wires the default list), so the block layer never
+ * imports the formats.
  *
- * Backing files are opened here, never by drivers: names resolve against
- * the directory of the image that names them, they are always opened
- * read-only, loops are refused and the chain depth is bounded.
+ * Every file goes through the gate (gate.ts): backing files and the files a
+ * driver opens resolve against the directory of the image that names them,
+ * follow the file policy, and are read-only below the top image. Loops are
+ * refused and the chain depth is bounded. A format that cannot write (its
+ * driver has `readOnlyReason`) is opened read-only before any write lock is
+ * taken, with one notice.
  */
 import { realpath, stat } from 'node:fs/promises';
 import createDebug from 'debug';
 import { FileProtocol } from './file.js';
 import { BlockImage } from './image.js';
-import { InvalidArgumentError, UnsupportedFeatureError, hostIoError } from './errors.js';
+import { BlockError, HostIoError, InvalidArgumentError, UnsupportedFeatureError, hostIoError } from './errors.js';
 import { resolveBackingName } from './backing-name.js';
+import { ImageFileGate, resolveAllowed, type FilePolicy } from './gate.js';
 import { lockForWriting } from './lock.js';
-import { namedFormat, probeFormat, PROBE_BYTES } from './probe.js';
-import type { CheckResult, CreateOptions, FormatDriver, Protocol } from './types.js';
+import { FormatList, sampleFile } from './probe.js';
+import { rawProbeGuard } from './probe-guard.js';
+import type { CheckResult, CreateOptions, FormatDriver } from './types.js';
+import { constants as osConstants } from 'node:os';
 
 const log = createDebug('imgmount:open');
 
 /** Longest backing chain accepted (the top image counts as one). */
 export const MAX_CHAIN_DEPTH = 64;
 
-export interface OpenImageOptions {
+/** Exit status qemu-img check uses for a format without a check (and the errno-free marker here). */
+export const NO_CHECK_EXIT_STATUS = 63;
+
+export interface OpenImageOptions extends FilePolicy {
+  /** The formats to probe and open with. */
+  formats: FormatList;
   /** Open the top image read-only (backing files are always read-only). */
   readOnly?: boolean;
   /** The top image's format; probed when omitted. */
   format?: string;
+  /** An internal snapshot (id or name) of the top image to open; implies read-only. */
+  snapshot?: string;
   /** Metadata cache bound in bytes, per image in the chain. */
   metadataCacheBytes?: number;
-  /** Receives lines the user should see (repairs made on open). */
+  /** Receives lines the user should see (repairs made on open, read-only fallbacks). */
   notice?: (line: string) => void;
   /** Open the backing chain (default true); `info` turns it off to describe images whose backing file is missing. */
   openBacking?: boolean;
 }
 
 /** Opens an image and its whole backing chain. */
-export async function openImage(path: string, options: OpenImageOptions = {}): Promise<BlockImage> {
-  return openLayer(path, options.format, options.readOnly ?? false, options, []);
+export async function openImage(path: string, options: OpenImageOptions): Promise<BlockImage> {
+  const readOnly = (options.readOnly ?? false) || options.snapshot !== undefined;
+  return openLayer(path, options.format, readOnly, options, []);
 }
 
 async function openLayer(
@@ -46,54 +62,95 @@ async function openLayer(
   options: OpenImageOptions,
   chain: string[],
 ): Promise<BlockImage> {
-  const canonical = await canonicalPath(path);
+  const canonical = await canonicalPath(path, chain.length > 0 ? 'backing file' : undefined);
   if (chain.includes(canonical)) {
     throw new InvalidArgumentError(`backing chain loops: ${[...chain, canonical].join(' -> ')}`);
   }
   if (chain.length >= MAX_CHAIN_DEPTH) {
     throw new InvalidArgumentError(`backing chain of ${chain[0]} is deeper than ${MAX_CHAIN_DEPTH} images`);
   }
+  const notice = options.notice ?? ((line: string) => log(line));
+  const isTop = chain.length === 0;
+  const snapshot = isTop ? options.snapshot : undefined;
+  let format: FormatDriver;
+  let probedAsRaw = false;
+  if (formatName !== undefined) {
+    format = options.formats.named(formatName);
+  } else {
+    const probeFile = await FileProtocol.open(path, true);
+    try {
+      format = options.formats.probe(await sampleFile(probeFile));
+    } finally {
+      await probeFile.close();
+    }
+    probedAsRaw = format.name === 'raw';
+  }
+  if (snapshot !== undefined && !format.snapshots) {
+    throw new UnsupportedFeatureError(`${path}: ${format.name} images have no internal snapshots; -s/--snapshot cannot be used`);
+  }
+  if (!readOnly && format.readOnlyReason !== undefined) {
+    notice(`${path}: opened read-only: ${format.readOnlyReason}`);
+    readOnly = true;
+  }
   const file = await FileProtocol.open(path, readOnly);
+  const gate = new ImageFileGate(path, options, isTop && !readOnly);
   let backing: BlockImage | undefined;
   try {
-    const format = formatName !== undefined ? namedFormat(formatName) : await probeFile(file);
     log('opening %s as %s%s', path, format.name, readOnly ? ' (read-only)' : '');
     const image = await format.open(file, {
       readOnly,
       metadataCacheBytes: options.metadataCacheBytes,
       notice: options.notice,
+      files: gate,
+      snapshot,
     });
     try {
       if (image.backing && options.openBacking !== false) {
-        const backingPath = resolveBackingName(path, image.backing.filename);
-        backing = await openLayer(backingPath, image.backing.format, true, options, [...chain, canonical]);
+        const backingPath = await resolveAllowed(path, image.backing.filename, 'backing file', options);
+        backing = await openLayer(backingPath, image.backing.format, true, options, [...chain, canonical]).catch((error: unknown) => {
+          throw describeBackingFailure(error, image.backing!.filename, path);
+        });
       }
-      return new BlockImage(path, format.name, file, image, backing);
+      return new BlockImage({
+        path,
+        format: format.name,
+        file,
+        image,
+        backing,
+        gate,
+        writeGuard: probedAsRaw && !readOnly ? rawProbeGuard(options.formats, file) : undefined,
+      });
     } catch (error) {
       await image.close().catch(() => undefined);
       throw error;
     }
   } catch (error) {
+    await gate.closeAll().catch(() => undefined);
     await file.close().catch(() => undefined);
     throw error;
   }
 }
 
-async function canonicalPath(path: string): Promise<string> {
+/** "backing file base.raw of disk.qed: no such file" instead of a bare ENOENT. */
+function describeBackingFailure(error: unknown, name: string, imagePath: string): unknown {
+  if (error instanceof HostIoError && error.errno === osConstants.errno.ENOENT && !error.message.startsWith('backing file')) {
+    const path = resolveBackingName(imagePath, name);
+    const where = path === name ? '' : ` (looked for ${path})`;
+    return new HostIoError(`backing file ${name} of ${imagePath}: no such file${where}`, error.errno);
+  }
+  return error;
+}
+
+async function canonicalPath(path: string, role?: string): Promise<string> {
   try {
     return await realpath(path);
   } catch (error) {
-    throw hostIoError('cannot open', path, error);
+    throw hostIoError(role ? `cannot open ${role}` : 'cannot open', path, error);
   }
 }
 
-async function probeFile(file: Protocol): Promise<FormatDriver> {
-  const firstBytes = Buffer.alloc(PROBE_BYTES);
-  await file.read(0, firstBytes);
-  return probeFormat(firstBytes, file.path);
-}
-
 export interface CreateImageOptions extends Omit<CreateOptions, 'size'> {
+  formats: FormatList;
   /** Virtual size; may be omitted when a backing file gives it. */
   size?: number;
   /** Overwrite an existing file. */
@@ -102,7 +159,8 @@ export interface CreateImageOptions extends Omit<CreateOptions, 'size'> {
 
 /** Creates an image file of `formatName`; refuses to overwrite unless `force`. */
 export async function createImage(path: string, formatName: string, options: CreateImageOptions): Promise<void> {
-  const format = namedFormat(formatName);
+  const format = options.formats.named(formatName);
+  if (!format.create) throw new UnsupportedFeatureError(`creating ${format.name} images is not supported`);
   const overwriting = await exists(path);
   if (overwriting && !options.force) {
     throw new InvalidArgumentError(`${path} already exists; pass --force to overwrite it`);
@@ -110,7 +168,10 @@ export async function createImage(path: string, formatName: string, options: Cre
   let size = options.size;
   let backingFormat = options.backingFormat;
   if (options.backingFile !== undefined) {
-    const backing = await openImage(resolveBackingName(path, options.backingFile), { readOnly: true, format: backingFormat });
+    const backingPath = resolveBackingName(path, options.backingFile);
+    const backing = await openImage(backingPath, { formats: options.formats, readOnly: true, format: backingFormat }).catch((error: unknown) => {
+      throw describeBackingFailure(error, options.backingFile!, path);
+    });
     try {
       size ??= backing.length;
       backingFormat ??= backing.format;
@@ -124,13 +185,15 @@ export async function createImage(path: string, formatName: string, options: Cre
   // Overwriting (--force) an image that a mount is writing would pull it from under the mount.
   const lock = overwriting ? await lockForWriting(await canonicalPath(path), path) : undefined;
   try {
-    await format.create(path, { ...options, size, backingFormat });
+    const { formats: _formats, force: _force, ...createOptions } = options;
+    await format.create(path, { ...createOptions, size, backingFormat });
   } finally {
     await lock?.release();
   }
 }
 
 export interface CheckImageOptions {
+  formats: FormatList;
   repair?: boolean;
   format?: string;
   progress?: (done: number, total: number) => void;
@@ -141,15 +204,33 @@ export interface CheckReport extends CheckResult {
   filename: string;
 }
 
+/** A format without a consistency check: qemu-img check exits 63 for it. */
+export class NoCheckError extends BlockError {
+  constructor(message: string) {
+    super(message, osConstants.errno.ENOTSUP);
+  }
+}
+
 /** Runs a format's consistency check (with repair if asked) on one image file. */
-export async function checkImage(path: string, options: CheckImageOptions = {}): Promise<CheckReport> {
+export async function checkImage(path: string, options: CheckImageOptions): Promise<CheckReport> {
   const repair = options.repair ?? false;
+  let format: FormatDriver;
+  if (options.format !== undefined) {
+    format = options.formats.named(options.format);
+  } else {
+    const probeFile = await FileProtocol.open(path, true);
+    try {
+      format = options.formats.probe(await sampleFile(probeFile));
+    } finally {
+      await probeFile.close();
+    }
+  }
+  if (!format.check) throw new NoCheckError(`${path}: ${format.name} images have no metadata to check`);
+  if (repair && format.readOnlyReason !== undefined) {
+    throw new UnsupportedFeatureError(`${path}: cannot repair: ${format.readOnlyReason}`);
+  }
   const file = await FileProtocol.open(path, !repair);
   try {
-    const format = options.format !== undefined ? namedFormat(options.format) : await probeFile(file);
-    if (!format.check) {
-      throw new UnsupportedFeatureError(`${path}: ${format.name} images have no metadata to check`);
-    }
     const result = await format.check(file, { repair, progress: options.progress });
     if (repair) await file.flush();
     return { ...result, format: format.name, filename: path };
@@ -162,7 +243,9 @@ async function exists(path: string): Promise<boolean> {
   try {
     await stat(path);
     return true;
-  } catch {
-    return false;
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return false;
+    throw hostIoError('cannot look at', path, error);
   }
 }
+

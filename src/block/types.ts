@@ -2,17 +2,24 @@
  * The interfaces between the layers of the block stack:
  *
  *   Protocol     - where the raw bytes live (a host file); byte-addressed positional I/O.
- *   FormatDriver - a format module (qed, raw): probe, open, create, check; one exported object each.
+ *   FormatDriver - a format module (qed, qcow2, raw...): probe, open, create, check; one exported
+ *                  object each. Formats we recognize but cannot read yet are drivers too, whose
+ *                  `open` refuses by name.
  *   FormatImage  - an opened format: answers "where does guest offset X live?" with runs of
  *                  mappings, and handles allocation on write. It never walks the backing chain.
+ *   FileGate     - the only way a driver opens another file an image names (an external data
+ *                  file, later VMDK extents): resolved, checked against the policy, closed by the
+ *                  generic layer.
  *
  * The generic layer (src/block/image.ts) moves the bytes, follows mappings down the backing
- * chain and checks ranges once, so drivers do not repeat it.
+ * chain, decodes encoded clusters through the driver's `decode` (with a cache), and checks
+ * ranges once, so drivers do not repeat it. Optional methods are optional abilities: a missing
+ * one means "not supported", and the generic layer says so once.
  */
 
 /** A byte offset as the guest (the user of the virtual disk) sees it. */
 export type GuestOffset = number;
-/** A byte offset inside the host file that stores the image. */
+/** A byte offset inside a host file that stores the image. */
 export type HostOffset = number;
 
 /** Raw byte storage under a format: a host file. */
@@ -31,9 +38,25 @@ export interface Protocol {
   close(): Promise<void>;
 }
 
+/** Encoded (compressed) bytes that decode to one whole cluster of guest data. */
+export interface EncodedCluster {
+  /** Identifies these encoded bytes inside the image: the decoded-cluster cache key. */
+  readonly key: string;
+  /** Guest offset of the first byte of the decoded cluster. */
+  readonly guestStart: GuestOffset;
+  /** Bytes the cluster decodes to. */
+  readonly decodedLength: number;
+  /** Where the encoded bytes start in the image file, and how many there are at most. */
+  readonly hostOffset: HostOffset;
+  readonly hostLength: number;
+}
+
 /** One run of a mapping answer; runs are contiguous and cover the asked range in order. */
 export type Mapping =
-  | { kind: 'data'; guestOffset: GuestOffset; length: number; hostOffset: HostOffset }
+  /** Stored as is at `hostOffset` of `file` (the image's own file when omitted). */
+  | { kind: 'data'; guestOffset: GuestOffset; length: number; hostOffset: HostOffset; file?: Protocol }
+  /** Part of an encoded cluster, decoded by the driver's `decode`. */
+  | { kind: 'encoded'; guestOffset: GuestOffset; length: number; cluster: EncodedCluster }
   | { kind: 'zero'; guestOffset: GuestOffset; length: number }
   | { kind: 'backing'; guestOffset: GuestOffset; length: number };
 
@@ -44,8 +67,22 @@ export type BackingReader = (offset: GuestOffset, buffer: Buffer) => Promise<voi
 export interface BackingReference {
   /** The name as stored in the image (may be relative to the image's directory). */
   filename: string;
-  /** A format that must be used without probing ('raw' for QED_F_BACKING_FORMAT_NO_PROBE). */
+  /** A format that must be used without probing ('raw' for QED_F_BACKING_FORMAT_NO_PROBE, qcow2's backing format extension). */
   format?: string;
+}
+
+/** An internal snapshot, with qemu-img's fields. */
+export interface SnapshotInfo {
+  id: string;
+  name: string;
+  vmStateSize: number;
+  dateSec: number;
+  dateNsec: number;
+  vmClockSec: number;
+  vmClockNsec: number;
+  icount?: number;
+  /** Virtual size of the disk when the snapshot was taken. */
+  diskSize?: number;
 }
 
 /** Facts an opened image reports for `info`. */
@@ -53,8 +90,9 @@ export interface FormatInfo {
   clusterSize?: number;
   /** The need-check / dirty state, when the format has one. */
   dirty?: boolean;
-  /** Format-specific details for `info` (table size, header size...). */
-  specific?: Record<string, string | number | boolean>;
+  /** Format-specific details for `info` (qemu-img's `format-specific.data`). */
+  specific?: Record<string, unknown>;
+  snapshots?: SnapshotInfo[];
 }
 
 /** An opened image of one format over one protocol. */
@@ -63,18 +101,31 @@ export interface FormatImage {
   readonly backing: BackingReference | undefined;
   /** Answers where [offset, offset + length) lives; the caller keeps the range inside the image. */
   map(offset: GuestOffset, length: number): Promise<Mapping[]>;
+  /** Decodes an encoded cluster a `map` returned into `decodedLength` bytes; required when `map` returns encoded runs. */
+  decode?(cluster: EncodedCluster): Promise<Buffer>;
   /**
    * Writes guest bytes (range already checked). Allocating formats fill the
-   * untouched part of a new cluster through `readBacking` (or zeros without one).
+   * untouched part of a new cluster through the backing reader (or zeros without one).
+   * Missing: the format cannot write, and its images open read-only.
    */
-  write(offset: GuestOffset, data: Buffer): Promise<void>;
+  write?(offset: GuestOffset, data: Buffer): Promise<void>;
   /** Makes everything written so far durable. */
   flush(): Promise<void>;
-  /** Flushes, marks the image clean and releases it. */
+  /** Flushes, marks the image clean and releases its own file. Files opened through the gate are closed by the generic layer. */
   close(): Promise<void>;
   info(): FormatInfo;
   /** Set by the generic layer once the backing chain is open. */
   attachBacking?(reader: BackingReader | undefined): void;
+}
+
+/** How a driver opens the other files an image names. */
+export interface FileGate {
+  /**
+   * Opens `name` as stored in the image (relative names resolve against the image's
+   * directory), after the policy allows it. `role` names the file in messages
+   * ('external data file'). Read-write only for the top image's own files.
+   */
+  open(name: string, role: string, options: { readOnly: boolean }): Promise<Protocol>;
 }
 
 export interface OpenOptions {
@@ -83,6 +134,10 @@ export interface OpenOptions {
   metadataCacheBytes?: number;
   /** Log lines a user should see (repairs done on open); defaults to the debug log. */
   notice?: (message: string) => void;
+  /** Opens other files the image names. */
+  files: FileGate;
+  /** An internal snapshot (id or name) to open instead of the current state; always read-only. */
+  snapshot?: string;
 }
 
 export interface CreateOptions {
@@ -113,15 +168,33 @@ export interface CheckOptions {
   progress?: (done: number, total: number) => void;
 }
 
+/** What probing sees of a file. */
+export interface ProbeSample {
+  /** The first bytes of the file (PROBE_HEAD_BYTES; zeros past the end of a short file). */
+  head: Buffer;
+  /** The last bytes of the file (PROBE_TAIL_BYTES, fewer for a short file): VHD footers, DMG trailers. */
+  tail: Buffer;
+  fileSize: number;
+  filename: string;
+}
+
 /** A format module: one exported object per format, listed in src/formats/index.ts. */
 export interface FormatDriver {
   readonly name: string;
   /** How sure (0-100) this format is that the file is one of its images. Pure. */
-  probe(firstBytes: Buffer, filename: string): number;
+  probe(sample: ProbeSample): number;
   /** File name extensions that claim this format ('.qed'). */
   readonly extensions: readonly string[];
+  /**
+   * Why images of this format cannot be written here, when they cannot: a read-write
+   * open becomes read-only (before the write lock is taken) with a notice saying this.
+   */
+  readonly readOnlyReason?: string;
+  /** True when `open` understands `options.snapshot`; otherwise `-s` is refused by name. */
+  readonly snapshots?: boolean;
   open(file: Protocol, options: OpenOptions): Promise<FormatImage>;
-  create(path: string, options: CreateOptions): Promise<void>;
+  /** Optional: creating images; missing means not supported. */
+  create?(path: string, options: CreateOptions): Promise<void>;
   /** Optional: consistency check with optional repair; missing means not supported. */
   check?(file: Protocol, options: CheckOptions): Promise<CheckResult>;
 }

@@ -5,7 +5,7 @@
  * terminal when the check takes longer than a moment.
  */
 import cliProgress from 'cli-progress';
-import { checkImage, type CheckReport } from '../block/open.js';
+import { checkImage, type CheckReport } from '../index.js';
 import { ExitError } from './errors.js';
 
 export interface CheckArguments {

@@ -2,7 +2,7 @@
  * `imgmount create -f FMT [-b BACKING [-F FMT]] [-o k=v,...] FILE [SIZE]`,
  * after qemu-img create. Prints a "Formatting ..." line like qemu-img.
  */
-import { createImage } from '../block/open.js';
+import { createImage } from '../index.js';
 import { parseSize } from '../block/size.js';
 import { InvalidArgumentError } from '../block/errors.js';
 import { humanSize } from './format-bytes.js';

@@ -2,7 +2,7 @@
  * `imgmount info [--output=human|json] [--backing-chain] FILE`: what
  * qemu-img info shows, with qemu-img's JSON keys.
  */
-import { openImage } from '../block/open.js';
+import { openImage } from '../index.js';
 import type { ImageInfo } from '../block/image.js';
 import { humanSize } from './format-bytes.js';
 

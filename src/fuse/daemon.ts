@@ -22,7 +22,7 @@
 import { spawn } from 'node:child_process';
 import { closeSync, openSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
-import { BlockError, InvalidArgumentError, openImage } from '../block/index.js';
+import { BlockError, InvalidArgumentError, openImage } from '../index.js';
 import type { BlockImage } from '../block/index.js';
 import { ControlServer } from './control.js';
 import { Errno } from './errno.js';

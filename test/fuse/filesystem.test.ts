@@ -6,8 +6,8 @@
  */
 import { constants } from 'node:os';
 import { describe, expect, test } from 'vitest';
-import { BlockError, CorruptImageError, ReadOnlyError } from '../../src/block/index.js';
-import type { BlockImage } from '../../src/block/index.js';
+import { BlockError, CorruptImageError, ReadOnlyError } from '../../src/index.js';
+import type { BlockImage } from '../../src/index.js';
 import { toFuseError } from '../../src/fuse/errno.js';
 import { ImageFilesystem } from '../../src/fuse/filesystem.js';
 

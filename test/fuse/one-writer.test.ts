@@ -7,7 +7,7 @@
  */
 import { readFile } from 'node:fs/promises';
 import { afterEach, beforeEach, describe, expect, test } from 'vitest';
-import { openImage } from '../../src/block/index.js';
+import { openImage } from '../../src/index.js';
 import { qemuImg, skipWithoutQemu } from '../helpers/qemu.js';
 import { daemonPid, imgmount, isAlive, MountLab, skipWithoutFuse, waitFor } from './fuse-helpers.js';
 

@@ -12,9 +12,10 @@ import { mkdtemp, open, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach } from 'vitest';
-import { BlockImage as BlockImageClass } from '../../src/block/index.js';
-import type { BlockImage, MapRun, Protocol } from '../../src/block/index.js';
+import { BlockImage as BlockImageClass } from '../../src/index.js';
+import type { BlockImage, MapRun, Protocol } from '../../src/index.js';
 import { FileProtocol } from '../../src/block/file.js';
+import { ImageFileGate } from '../../src/block/gate.js';
 import { qed } from '../../src/formats/qed/index.js';
 
 export interface RunResult {
@@ -310,6 +311,7 @@ export async function spyProtocol(path: string, readOnly: boolean): Promise<SpyP
 
 /** Opens a QED image (no backing file) over `protocol`, as openImage would. */
 export async function openQedOver(protocol: Protocol): Promise<BlockImage> {
-  const format = await qed.open(protocol, { readOnly: protocol.readOnly });
-  return new BlockImageClass(protocol.path, 'qed', protocol, format, undefined);
+  const files = new ImageFileGate(protocol.path, {}, !protocol.readOnly);
+  const image = await qed.open(protocol, { readOnly: protocol.readOnly, files });
+  return new BlockImageClass({ path: protocol.path, format: 'qed', file: protocol, image, gate: files });
 }

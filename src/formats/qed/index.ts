@@ -4,7 +4,7 @@
  * handling), create and check. The I/O path lives in image.ts.
  */
 import createDebug from 'debug';
-import type { CheckOptions, CheckResult, CreateOptions, FormatDriver, FormatImage, OpenOptions, Protocol } from '../../block/types.js';
+import type { CheckOptions, CheckResult, CreateOptions, FormatDriver, FormatImage, OpenOptions, ProbeSample, Protocol } from '../../block/types.js';
 import { checkQed } from './check.js';
 import { createQed } from './create.js';
 import { HEADER_BYTES, KNOWN_AUTOCLEAR_FEATURES, parseHeader, QED_F_BACKING_FILE, QED_F_BACKING_FORMAT_NO_PROBE, QED_F_NEED_CHECK, QED_MAGIC, type QedHeader } from './header.js';
@@ -58,8 +58,8 @@ async function check(file: Protocol, options: CheckOptions): Promise<CheckResult
 export const qed: FormatDriver = {
   name: 'qed',
   extensions: ['.qed'],
-  probe(firstBytes: Buffer): number {
-    return firstBytes.length >= 4 && firstBytes.subarray(0, 4).equals(QED_MAGIC) ? 100 : 0;
+  probe(sample: ProbeSample): number {
+    return sample.head.subarray(0, 4).equals(QED_MAGIC) ? 100 : 0;
   },
   open: openQed,
   create: (path: string, options: CreateOptions) => createQed(path, options),
