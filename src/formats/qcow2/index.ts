@@ -1,13 +1,120 @@
-import { UnsupportedFeatureError } from '../../block/errors.js';
-import type { FormatDriver } from '../../block/types.js';
+/**
+ * The qcow2 format driver (specification: docs/interop/qcow2.txt in qemu;
+ * what is supported here: docs/formats/qcow2.md): probe and open, read-only
+ * in this release. Open reads and validates the header, its extensions, the
+ * L1 table (the active one or a snapshot's), the refcount table (to know
+ * where metadata lives) and the snapshot table, and opens an external data
+ * file through the gate. The I/O path lives in image.ts.
+ */
+import createDebug from 'debug';
+import { CorruptImageError, UnsupportedFeatureError } from '../../block/errors.js';
+import type { FormatDriver, FormatImage, OpenOptions, ProbeSample, Protocol } from '../../block/types.js';
+import { describeBits, parseExtensions } from './extensions.js';
+import { Geometry } from './geometry.js';
+import {
+  INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, KNOWN_INCOMPAT, parseHeader, QCOW_MAGIC, type Qcow2Header,
+} from './header.js';
+import { Qcow2Image } from './image.js';
+import { MetadataClusters, readWords } from './metadata.js';
+import { findSnapshot, readSnapshots } from './snapshots.js';
 
-const QCOW_MAGIC = Buffer.from([0x51, 0x46, 0x49, 0xfb]);
+const log = createDebug('imgmount:qcow2');
+
+/** Bytes read first: enough for every fixed header field. */
+const HEADER_PROBE_BYTES = 4096;
+
+async function openQcow2(file: Protocol, options: OpenOptions): Promise<FormatImage> {
+  const notice = options.notice ?? ((line: string) => log(line));
+  const fileSize = await file.size();
+  const start = Buffer.alloc(HEADER_PROBE_BYTES);
+  await file.read(0, start);
+  const header = parseHeader(start, fileSize, file.path);
+  const firstCluster = Buffer.alloc(header.clusterSize);
+  await file.read(0, firstCluster);
+  const extensions = parseExtensions(firstCluster, header, file.path);
+  refuseUnsupported(header, extensions.featureNames, extensions.hasCrypto, file.path);
+  if (header.incompatibleFeatures & INCOMPAT_CORRUPT) {
+    notice(`${file.path}: the qcow2 image is marked corrupt; it is opened read-only (run qemu-img check -r to repair it)`);
+  }
+  const geometry = new Geometry(header);
+  const needed = geometry.l1EntriesFor(header.size);
+  if (header.l1Size < needed) {
+    throw new CorruptImageError(`${file.path}: qcow2 l1_size ${header.l1Size} is too small for the virtual size ${header.size} (it needs ${needed} entries)`);
+  }
+
+  const metadata = new MetadataClusters(header.clusterBits);
+  metadata.addRange(0, header.clusterSize);
+  metadata.addRange(header.l1TableOffset, header.l1Size * 8);
+  const refcountTable = await readWords(file, header.refcountTableOffset, (header.refcountTableClusters * header.clusterSize) / 8);
+  metadata.addRange(header.refcountTableOffset, refcountTable.length);
+  metadata.addTablesListedIn(refcountTable, refcountTable.length / 8, header.clusterSize);
+  const snapshots = header.nbSnapshots > 0 ? await readSnapshots(file, header, fileSize) : [];
+  for (const snapshot of snapshots) metadata.addRange(snapshot.l1TableOffset, snapshot.l1Size * 8);
+
+  let l1Offset = header.l1TableOffset;
+  let l1Entries = header.l1Size;
+  let virtualSize = header.size;
+  if (options.snapshot !== undefined) {
+    const snapshot = findSnapshot(snapshots, options.snapshot, file.path);
+    l1Offset = snapshot.l1TableOffset;
+    l1Entries = snapshot.l1Size;
+    virtualSize = snapshot.diskSize ?? header.size;
+    const snapshotNeeds = geometry.l1EntriesFor(virtualSize);
+    if (l1Entries < snapshotNeeds) {
+      throw new CorruptImageError(`${file.path}: snapshot ${snapshot.id} has ${l1Entries} L1 entries, too few for its size ${virtualSize} (it needs ${snapshotNeeds})`);
+    }
+    log('%s: opening snapshot %s (%s)', file.path, snapshot.id, snapshot.name);
+  }
+  const l1 = await readWords(file, l1Offset, l1Entries);
+  metadata.addTablesListedIn(l1, l1Entries, header.clusterSize);
+  if (l1Offset !== header.l1TableOffset) {
+    metadata.addTablesListedIn(await readWords(file, header.l1TableOffset, header.l1Size), header.l1Size, header.clusterSize);
+  }
+
+  let backing: { filename: string; format?: string } | undefined;
+  if (header.backingFileOffset !== 0) {
+    const name = firstCluster.subarray(header.backingFileOffset, header.backingFileOffset + header.backingFileSize).toString('utf8');
+    backing = { filename: name };
+    if (extensions.backingFormat !== undefined) backing.format = extensions.backingFormat;
+  }
+
+  let dataFile: Protocol | undefined;
+  if (header.incompatibleFeatures & INCOMPAT_DATA_FILE) {
+    if (extensions.dataFile === undefined) {
+      throw new UnsupportedFeatureError(`${file.path}: the qcow2 image keeps its data in an external data file but does not name it`);
+    }
+    dataFile = await options.files.open(extensions.dataFile, 'external data file', { readOnly: true });
+  } else if (extensions.dataFile !== undefined) {
+    throw new CorruptImageError(`${file.path}: qcow2 names an external data file (${extensions.dataFile}) without the external data file feature bit`);
+  }
+
+  return new Qcow2Image({
+    file, header, extensions, geometry, l1, l1Entries, virtualSize, fileSize, dataFile, metadata, backing, snapshots,
+    metadataCacheBytes: options.metadataCacheBytes,
+  });
+}
+
+/** Encryption and unknown incompatible features are refused by name. */
+function refuseUnsupported(header: Qcow2Header, names: Parameters<typeof describeBits>[2], hasCrypto: boolean, path: string): void {
+  if (header.cryptMethod !== 0 || hasCrypto) {
+    const method = header.cryptMethod === 1 ? 'AES' : header.cryptMethod === 2 ? 'LUKS' : `method ${header.cryptMethod}`;
+    throw new UnsupportedFeatureError(`${path}: encrypted qcow2 images (${method}) are not supported`);
+  }
+  const unknown = header.incompatibleFeatures & ~KNOWN_INCOMPAT;
+  if (unknown !== 0n) {
+    throw new UnsupportedFeatureError(`${path}: the qcow2 image uses unknown incompatible features: ${describeBits(unknown, 'incompatible', names)}`);
+  }
+}
 
 export const qcow2: FormatDriver = {
   name: 'qcow2',
-  extensions: ['.qcow2', '.qcow'],
-  probe: (sample) => (sample.head.subarray(0, 4).equals(QCOW_MAGIC) ? 100 : 0),
-  async open(file) {
-    throw new UnsupportedFeatureError(`${file.path}: qcow2 images are not supported yet`);
+  extensions: ['.qcow2', '.qcow2c'],
+  readOnlyReason: 'writing qcow2 images is not supported yet',
+  snapshots: true,
+  probe(sample: ProbeSample): number {
+    if (!sample.head.subarray(0, 4).equals(QCOW_MAGIC)) return 0;
+    const version = sample.head.readUInt32BE(4);
+    return version === 2 || version === 3 ? 100 : 0;
   },
+  open: openQcow2,
 };
