@@ -48,7 +48,7 @@ export interface ImageInfo {
   filename: string;
   format: string;
   virtualSize: number;
-  /** Bytes on disk of every file of this image (its own file and the files it names, not backing files). */
+  /** Bytes on disk of the image's own file (qemu-img's actual-size). */
   actualSize: number;
   clusterSize?: number;
   dirty?: boolean;
@@ -57,8 +57,8 @@ export interface ImageInfo {
   fullBackingFilename?: string;
   formatSpecific?: Record<string, unknown>;
   snapshots?: SnapshotInfo[];
-  /** Other files of this image and where their names resolved. */
-  files?: { role: string; name: string; path: string }[];
+  /** Other files of this image (an external data file...): the name stored, where it resolved, bytes on disk. */
+  files?: { role: string; name: string; path: string; actualSize: number }[];
   backing?: ImageInfo;
 }
 
@@ -211,7 +211,7 @@ export class BlockImage {
       filename: this.path,
       format: this.format,
       virtualSize: this.length,
-      actualSize: await this.allocatedBytes(),
+      actualSize: await this.file.allocatedSize(),
       clusterSize: formatInfo.clusterSize,
       dirty: formatInfo.dirty,
       backingFilename: reference?.filename,
@@ -219,9 +219,15 @@ export class BlockImage {
       fullBackingFilename: reference ? (this.backing?.path ?? safeResolve(this.path, reference.filename)) : undefined,
       formatSpecific: formatInfo.specific,
       snapshots: formatInfo.snapshots,
-      files: this.gate && this.gate.resolved.length > 0 ? [...this.gate.resolved] : undefined,
+      files: await this.otherFiles(),
       backing: this.backing ? await this.backing.info() : undefined,
     };
+  }
+
+  private async otherFiles(): Promise<ImageInfo['files']> {
+    if (!this.gate || this.gate.opened.length === 0) return undefined;
+    const files = this.gate.opened;
+    return Promise.all(this.gate.resolved.map(async (entry, i) => ({ ...entry, actualSize: await files[i]!.allocatedSize() })));
   }
 
   /** Waits for reads and writes in flight, flushes, marks the image clean, closes it, its files, then its backing chain. */

@@ -1,20 +1,30 @@
 /**
- * `imgmount info [--output=human|json] [--backing-chain] FILE`: what
- * qemu-img info shows, with qemu-img's JSON keys.
+ * `imgmount info [-f FMT] [-s SNAPSHOT] [--output=human|json] [--backing-chain] FILE`:
+ * what qemu-img info shows, with qemu-img's JSON keys and human layout
+ * (snapshot list, format-specific information). With --output=json only
+ * the JSON goes to stdout; notices (a corrupt image...) go to stderr.
  */
 import { openImage } from '../index.js';
 import type { ImageInfo } from '../block/image.js';
+import type { SnapshotInfo } from '../block/types.js';
 import { humanSize } from './format-bytes.js';
 
 export interface InfoArguments {
   file: string;
   format?: string;
+  snapshot?: string;
   output: 'human' | 'json';
   backingChain?: boolean;
 }
 
 export async function runInfo(args: InfoArguments): Promise<void> {
-  const image = await openImage(args.file, { readOnly: true, format: args.format, openBacking: args.backingChain === true });
+  const image = await openImage(args.file, {
+    readOnly: true,
+    format: args.format,
+    snapshot: args.snapshot,
+    openBacking: args.backingChain === true,
+    notice: (line) => process.stderr.write(`imgmount: ${line}\n`),
+  });
   let info: ImageInfo;
   try {
     info = await image.info();
@@ -32,20 +42,37 @@ export async function runInfo(args: InfoArguments): Promise<void> {
 }
 
 function toJson(info: ImageInfo): Record<string, unknown> {
-  const json: Record<string, unknown> = {
-    'virtual-size': info.virtualSize,
-    filename: info.filename,
-    format: info.format,
-    'actual-size': info.actualSize,
-  };
+  const json: Record<string, unknown> = {};
+  if (info.snapshots) json.snapshots = info.snapshots.map(snapshotJson);
+  json['virtual-size'] = info.virtualSize;
+  json.filename = info.filename;
+  json.format = info.format;
+  json['actual-size'] = info.actualSize;
   if (info.clusterSize !== undefined) json['cluster-size'] = info.clusterSize;
   if (info.backingFilename !== undefined) {
     json['backing-filename'] = info.backingFilename;
     if (info.fullBackingFilename !== undefined) json['full-backing-filename'] = info.fullBackingFilename;
     if (info.backingFormat !== undefined) json['backing-filename-format'] = info.backingFormat;
   }
-  if (info.dirty !== undefined) json['dirty-flag'] = info.dirty;
   if (info.formatSpecific) json['format-specific'] = { type: info.format, data: info.formatSpecific };
+  if (info.dirty !== undefined) json['dirty-flag'] = info.dirty;
+  if (info.files) {
+    json.files = info.files.map((file) => ({ role: file.role, filename: file.name, 'full-filename': file.path, 'actual-size': file.actualSize }));
+  }
+  return json;
+}
+
+function snapshotJson(snapshot: SnapshotInfo): Record<string, unknown> {
+  const json: Record<string, unknown> = {
+    id: snapshot.id,
+    name: snapshot.name,
+    'vm-state-size': snapshot.vmStateSize,
+    'date-sec': snapshot.dateSec,
+    'date-nsec': snapshot.dateNsec,
+    'vm-clock-sec': snapshot.vmClockSec,
+    'vm-clock-nsec': snapshot.vmClockNsec,
+  };
+  if (snapshot.icount !== undefined) json.icount = snapshot.icount;
   return json;
 }
 
@@ -61,10 +88,44 @@ function toHuman(info: ImageInfo): string {
     lines.push(`backing file: ${info.backingFilename}${info.fullBackingFilename ? ` (actual path: ${info.fullBackingFilename})` : ''}`);
     if (info.backingFormat !== undefined) lines.push(`backing file format: ${info.backingFormat}`);
   }
+  if (info.snapshots) {
+    lines.push('Snapshot list:', snapshotRow(['ID', 'TAG', 'VM SIZE', 'DATE', 'VM CLOCK', 'ICOUNT'], true));
+    for (const snapshot of info.snapshots) {
+      lines.push(
+        snapshotRow(
+          [snapshot.id, snapshot.name, humanSize(snapshot.vmStateSize), snapshotDate(snapshot), vmClock(snapshot), snapshot.icount?.toString() ?? ''],
+          false,
+        ),
+      );
+    }
+  }
   if (info.dirty !== undefined) lines.push(`dirty (need-check): ${info.dirty ? 'yes' : 'no'}`);
+  for (const file of info.files ?? []) {
+    lines.push(`${file.role}: ${file.name} (actual path: ${file.path}, disk size: ${humanSize(file.actualSize)})`);
+  }
   if (info.formatSpecific) {
     lines.push('Format specific information:');
-    for (const [key, value] of Object.entries(info.formatSpecific)) lines.push(`    ${key}: ${value}`);
+    for (const [key, value] of Object.entries(info.formatSpecific)) lines.push(`    ${key.replace(/-/g, ' ')}: ${value}`);
   }
   return `${lines.join('\n')}\n`;
+}
+
+/** One line of qemu-img's snapshot table (its column widths). */
+function snapshotRow(cells: string[], heading: boolean): string {
+  const [id, tag, size, date, clock, icount] = cells as [string, string, string, string, string, string];
+  const left = heading ? `${id.padEnd(10)}${tag.padEnd(17)}` : `${id.padEnd(9)} ${tag.padEnd(16)} `;
+  return `${left}${size.padStart(8)}${date.padStart(20)}${clock.padStart(13)}${icount.padStart(11)}`;
+}
+
+function snapshotDate(snapshot: SnapshotInfo): string {
+  const date = new Date(snapshot.dateSec * 1000);
+  const two = (n: number) => String(n).padStart(2, '0');
+  return `${date.getFullYear()}-${two(date.getMonth() + 1)}-${two(date.getDate())} ${two(date.getHours())}:${two(date.getMinutes())}:${two(date.getSeconds())}`;
+}
+
+function vmClock(snapshot: SnapshotInfo): string {
+  const seconds = snapshot.vmClockSec;
+  const two = (n: number) => String(n).padStart(2, '0');
+  const ms = String(Math.floor(snapshot.vmClockNsec / 1_000_000)).padStart(3, '0');
+  return `${two(Math.floor(seconds / 3600))}:${two(Math.floor(seconds / 60) % 60)}:${two(seconds % 60)}.${ms}`;
 }

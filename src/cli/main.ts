@@ -52,9 +52,10 @@ export async function main(argv: string[]): Promise<void> {
         y
           .positional('file', { type: 'string', demandOption: true })
           .option('format', { alias: 'f', type: 'string', describe: 'image format (no probing)' })
+          .option('snapshot', { alias: 's', type: 'string', describe: 'describe this internal snapshot (id or name) instead of the current state' })
           .option('output', { choices: outputChoices, default: 'human' as const })
           .option('backing-chain', { type: 'boolean', default: false, describe: 'describe every image of the backing chain' }),
-      (args) => runInfo({ file: args.file, format: args.format, output: args.output, backingChain: args['backing-chain'] }),
+      (args) => runInfo({ file: args.file, format: args.format, snapshot: args.snapshot, output: args.output, backingChain: args['backing-chain'] }),
     )
     .command(
       'check <file>',
@@ -75,18 +76,20 @@ export async function main(argv: string[]): Promise<void> {
           .positional('paths', { type: 'string', array: true, describe: 'IMAGE... MOUNTPOINT' })
           .option('read-only', { alias: 'r', type: 'boolean', describe: 'open the images read-only; writes fail with EROFS' })
           .option('format', { alias: 'f', type: 'string', describe: 'image format (qed, raw); no probing' })
+          .option('snapshot', { alias: 's', type: 'string', describe: 'mount this internal snapshot (id or name) read-only; the file keeps its usual name' })
           .option('name', { type: 'string', describe: 'file name in the mount (one image only)' })
           .option('allow-other', { type: 'boolean', describe: 'let other users open the files' })
           .option('foreground', { type: 'boolean', describe: 'stay attached instead of returning once the mount is ready' })
           .option('debug', { alias: 'd', type: 'boolean', describe: 'log every FUSE operation (implies --foreground without --log)' })
           .option('log', { type: 'string', describe: "append the daemon's log to this file" })
-          .option('cache-size', { type: 'string', describe: 'L2-table cache per image (default 16M: every table of a 128 GiB default-geometry QED image)' })
-          .option('options', { alias: 'o', type: 'string', describe: 'mount(8)-style options: ro, allow_other, format=FMT, name=NAME, log=FILE, debug, foreground, nonempty, cache_size=SIZE' })
+          .option('cache-size', { type: 'string', describe: 'L2-table cache per image (default 16M: every table of a 128 GiB default-geometry QED image); a size below 4 tables, 0 included, is raised to 4 tables, with a notice' })
+          .option('options', { alias: 'o', type: 'string', describe: 'mount(8)-style options: ro, allow_other, format=FMT, snapshot=ID, name=NAME, log=FILE, debug, foreground, nonempty, cache_size=SIZE' })
           .option('unmount', { alias: 'u', type: 'boolean', describe: 'unmount MOUNTPOINT (same as imgmount unmount)' }),
       (args) =>
         runMount({
           paths: args.paths ?? [],
           format: args.format,
+          snapshot: args.snapshot,
           readOnly: args['read-only'],
           allowOther: args['allow-other'],
           name: args.name,

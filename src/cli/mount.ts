@@ -17,6 +17,8 @@ export interface MountArguments {
   /** IMAGE... MOUNTPOINT (or, with `unmount`, just MOUNTPOINT). */
   paths: string[];
   format?: string;
+  /** `-s`: an internal snapshot to mount (read-only). */
+  snapshot?: string;
   readOnly?: boolean;
   allowOther?: boolean;
   name?: string;
@@ -50,6 +52,7 @@ export function mountPlan(args: MountArguments, cwd = process.cwd()): MountPlan 
   }
   const format = agree('format', args.format, settings.format);
   const name = agree('name', args.name, settings.name);
+  const snapshot = agree('snapshot', args.snapshot, settings.snapshot);
   const logFile = agree('log', args.log, settings.logFile);
   const cacheSize = agree('cache-size', args.cacheSize, settings.cacheSize);
   const debug = (args.debug ?? false) || (settings.debug ?? false);
@@ -58,7 +61,8 @@ export function mountPlan(args: MountArguments, cwd = process.cwd()): MountPlan 
     images,
     mountpoint: resolve(cwd, args.paths[args.paths.length - 1]),
     format,
-    readOnly: (args.readOnly ?? false) || (settings.readOnly ?? false),
+    snapshot,
+    readOnly: (args.readOnly ?? false) || (settings.readOnly ?? false) || snapshot !== undefined,
     allowOther: (args.allowOther ?? false) || (settings.allowOther ?? false),
     name,
     debug,

@@ -14,6 +14,8 @@ export interface MountConfig {
   mountpoint: string;
   /** Format of every image (no probing); probed when undefined. */
   format?: string;
+  /** An internal snapshot (id or name) to show instead of the current state; implies read-only. */
+  snapshot?: string;
   readOnly: boolean;
   allowOther: boolean;
   /** The file name in the mount, for a single image. */
@@ -24,7 +26,7 @@ export interface MountConfig {
   logFile?: string;
   /** Mount over a directory that is not empty (libfuse refuses by default). */
   nonempty: boolean;
-  /** L2-table cache bound per image in bytes; the format's default when undefined. */
+  /** L2-table cache bound per image in bytes; the format's default when undefined. A bound below 4 tables (0 too) is raised to 4 tables by the format, with a notice. */
   cacheBytes?: number;
 }
 
@@ -33,6 +35,7 @@ export interface MountOptionSettings {
   readOnly?: boolean;
   allowOther?: boolean;
   format?: string;
+  snapshot?: string;
   name?: string;
   debug?: boolean;
   logFile?: string;
@@ -56,6 +59,7 @@ const FLAG_OPTIONS: Record<string, (settings: MountOptionSettings) => void> = {
 
 const VALUE_OPTIONS: Record<string, (settings: MountOptionSettings, value: string) => void> = {
   format: (s, v) => (s.format = v),
+  snapshot: (s, v) => (s.snapshot = v),
   name: (s, v) => (s.name = v),
   log: (s, v) => (s.logFile = v),
   cache_size: (s, v) => (s.cacheSize = v),
