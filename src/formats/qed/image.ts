@@ -265,12 +265,17 @@ export class QedImage implements FormatImage {
     if (inside > 0) await this.readBacking!(offset, buffer.subarray(0, inside));
   }
 
-  /** Sets QED_F_NEED_CHECK and makes it durable before the first metadata change. */
+  /**
+   * Sets QED_F_NEED_CHECK and makes it durable before the first metadata change.
+   * The bit counts as set (in memory) only once the header write and the flush
+   * succeeded: after a failure the next allocation writes the header again.
+   */
   private async setNeedCheck(): Promise<void> {
     if (this.needCheck) return;
-    this.header = { ...this.header, features: this.header.features | QED_F_NEED_CHECK };
-    await writeHeader(this.file, this.header);
+    const header = { ...this.header, features: this.header.features | QED_F_NEED_CHECK };
+    await writeHeader(this.file, header);
     await this.file.flush();
+    this.header = header;
     log('%s: need-check set', this.file.path);
   }
 
