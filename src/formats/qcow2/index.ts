@@ -113,8 +113,8 @@ export const qcow2: FormatDriver = {
   snapshots: true,
   probe(sample: ProbeSample): number {
     if (!sample.head.subarray(0, 4).equals(QCOW_MAGIC)) return 0;
-    const version = sample.head.readUInt32BE(4);
-    return version === 2 || version === 3 ? 100 : 0;
+    // Version 1 is the older qcow format; any other version is ours to accept or refuse by number.
+    return sample.head.readUInt32BE(4) === 1 ? 0 : 100;
   },
   open: openQcow2,
 };
