@@ -7,7 +7,8 @@
  *   data could not be read anyway);
  * - a cluster or table referenced twice is copied to a new cluster at the end
  *   of the file, so both references keep their bytes and a later write to one
- *   no longer changes the other;
+ *   no longer changes the other; as for allocating writes, the copy is
+ *   flushed before the table that points to it is rewritten;
  * - leaked clusters at the end of the file are truncated away (leaks in the
  *   middle cannot be reused by QED and are only reported);
  * - when no corruption is left, QED_F_NEED_CHECK is cleared.
@@ -62,6 +63,14 @@ export async function checkQed(file: Protocol, header: QedHeader, options: Check
   const firstCopyOffset = Math.ceil(fileSize / clusterSize) * clusterSize;
   let allocationEnd = firstCopyOffset;
   let allocatedDataClusters = 0;
+  // As for allocating writes: whatever a table is about to point to (a copied cluster
+  // or table) is flushed before that table is written, so a crash in between loses nothing.
+  let unflushed = false;
+  const durable = async (): Promise<void> => {
+    if (!unflushed) return;
+    await file.flush();
+    unflushed = false;
+  };
 
   const copyToEnd = async (from: number, bytes: number): Promise<number> => {
     const content = Buffer.alloc(bytes);
@@ -69,6 +78,7 @@ export async function checkQed(file: Protocol, header: QedHeader, options: Check
     const to = allocationEnd;
     allocationEnd += bytes;
     await file.write(to, content);
+    unflushed = true;
     map.claim(to / clusterSize, bytes / clusterSize);
     return to;
   };
@@ -126,10 +136,17 @@ export async function checkQed(file: Protocol, header: QedHeader, options: Check
         }
       }
     }
-    if (l2Changed) await file.write(l2Offset, l2);
+    if (l2Changed) {
+      await durable();
+      await file.write(l2Offset, l2);
+      unflushed = true; // the L1 table may point to this table (a copy)
+    }
   }
   options.progress?.(entries, entries);
-  if (l1Changed) await file.write(header.l1TableOffset, l1);
+  if (l1Changed) {
+    await durable();
+    await file.write(header.l1TableOffset, l1);
+  }
 
   let lastUsed = -1;
   for (let i = 0; i < map.length; i++) if (map.isUsed(i)) lastUsed = i;
