@@ -18,6 +18,7 @@
 import { Mutex } from 'async-mutex';
 import createDebug from 'debug';
 import { BlockError, CorruptImageError } from '../../block/errors.js';
+import { settleAll } from '../../block/settle.js';
 import { constants as osConstants } from 'node:os';
 import type { BackingReader, BackingReference, FormatImage, FormatInfo, Mapping, OpenOptions, Protocol } from '../../block/types.js';
 import { MIN_CACHED_TABLES, TableCache } from '../../cache/table-cache.js';
@@ -140,7 +141,9 @@ export class QedImage implements FormatImage {
 
   async write(offset: number, data: Buffer): Promise<void> {
     const runs = await this.map(offset, data.length);
-    await Promise.all(
+    // Every part finishes before the request answers (settleAll, not Promise.all): a part
+    // failing fast must not hand the buffer back while another still writes from it.
+    await settleAll(
       runs.map((run) => {
         const part = data.subarray(run.guestOffset - offset, run.guestOffset - offset + run.length);
         return run.kind === 'data' ? this.file.write(run.hostOffset, part) : this.allocatingWrite(run.guestOffset, part);
