@@ -432,6 +432,22 @@ describe('the raw write guard', () => {
     }
   });
 
+  test('two concurrent writes that together make a signature: one of them is refused, and the file never probes as qcow2', async () => {
+    for (let round = 0; round < 20; round++) {
+      const { path } = await rawFile();
+      const image = await openImage(path);
+      try {
+        const results = await Promise.allSettled([image.write(4, Buffer.from([0, 0, 0, 3])), image.write(0, from('QFI\xfb'))]);
+        expect(results.filter((result) => result.status === 'rejected')).toHaveLength(1);
+      } finally {
+        await image.close();
+      }
+      const reopened = await openImage(path, { readOnly: true });
+      expect(reopened.format).toBe('raw');
+      await reopened.close();
+    }
+  });
+
   test('ordinary writes succeed: the middle of the file, zeros over the head and the tail, random data at both ends', async () => {
     const { path, original } = await rawFile();
     const expected = Buffer.from(original);

@@ -163,8 +163,9 @@ export class BlockImage {
     if (this.readOnly || !this.image.write) throw new ReadOnlyError(`${this.path} is open read-only`);
     this.checkRange('write', offset, buffer.length);
     if (buffer.length === 0) return;
-    await this.writeGuard?.(offset, buffer);
-    await this.image.write(offset, buffer);
+    const write = this.image.write.bind(this.image);
+    if (this.writeGuard) await this.writeGuard(offset, buffer, () => write(offset, buffer));
+    else await write(offset, buffer);
   }
 
   /** Everything written so far reaches stable storage (driver metadata, then fdatasync). */

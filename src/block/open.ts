@@ -118,7 +118,7 @@ async function openLayer(
         image,
         backing,
         gate,
-        writeGuard: probedAsRaw && !readOnly ? rawProbeGuard(options.formats, file) : undefined,
+        writeGuard: probedAsRaw && !readOnly ? rawProbeGuard(options.formats, file, image.virtualSize) : undefined,
       });
     } catch (error) {
       await image.close().catch(() => undefined);

@@ -4,24 +4,45 @@
  * refused (EPERM), because that next open would read the guest's data as
  * image metadata. Only writes touching the bytes probing looks at (the head
  * and the tail of the file) are checked, so ordinary writes cost nothing.
+ *
+ * Concurrency: the guard runs the write itself. Writes that touch the head or
+ * the tail are serialized (check, then write, one at a time), so two writes
+ * that are harmless alone cannot together complete a signature.
  */
 import { constants as osConstants } from 'node:os';
+import { Mutex } from 'async-mutex';
 import { BlockError } from './errors.js';
 import { PROBE_HEAD_BYTES, PROBE_TAIL_BYTES, type FormatList } from './probe.js';
 import type { GuestOffset, Protocol } from './types.js';
 
-export type WriteGuard = (offset: GuestOffset, data: Buffer) => Promise<void>;
+/** Checks a write and, when it is allowed, runs it (`write`). */
+export type WriteGuard = (offset: GuestOffset, data: Buffer, write: () => Promise<void>) => Promise<void>;
 
-/** A guard for `file` (raw: guest offset = host offset). */
-export function rawProbeGuard(formats: FormatList, file: Protocol): WriteGuard {
-  return async (offset, data) => {
-    const fileSize = await file.size();
+/**
+ * A guard for `file` (raw: guest offset = host offset), whose size is
+ * `fileSize` (a raw image's virtual size: fixed while it is open, so the hot
+ * path needs no stat).
+ */
+export function rawProbeGuard(formats: FormatList, file: Protocol, fileSize: number): WriteGuard {
+  const probedBytes = new Mutex();
+  return async (offset, data, write) => {
     const tailLength = Math.min(PROBE_TAIL_BYTES, fileSize);
     const tailStart = fileSize - tailLength;
     const end = offset + data.length;
     const touchesHead = offset < PROBE_HEAD_BYTES;
     const touchesTail = end > tailStart && tailLength > 0;
-    if (!touchesHead && !touchesTail) return;
+    if (!touchesHead && !touchesTail) return write();
+    await probedBytes.runExclusive(async () => {
+      await check(formats, file, fileSize, offset, data);
+      await write();
+    });
+  };
+}
+
+async function check(formats: FormatList, file: Protocol, fileSize: number, offset: GuestOffset, data: Buffer): Promise<void> {
+  {
+    const tailLength = Math.min(PROBE_TAIL_BYTES, fileSize);
+    const tailStart = fileSize - tailLength;
     const head = Buffer.alloc(PROBE_HEAD_BYTES);
     await file.read(0, head);
     const tail = Buffer.alloc(tailLength);
@@ -35,7 +56,7 @@ export function rawProbeGuard(formats: FormatList, file: Protocol): WriteGuard {
         osConstants.errno.EPERM,
       );
     }
-  };
+  }
 }
 
 /** Copies the part of `data` (at `offset`) that falls inside `target` (which holds bytes from `targetStart`). */
