@@ -15,6 +15,7 @@ export interface InfoArguments {
   snapshot?: string;
   output: 'human' | 'json';
   backingChain?: boolean;
+  allowFiles?: string[];
 }
 
 export async function runInfo(args: InfoArguments): Promise<void> {
@@ -23,6 +24,7 @@ export async function runInfo(args: InfoArguments): Promise<void> {
     format: args.format,
     snapshot: args.snapshot,
     openBacking: args.backingChain === true,
+    allowFiles: args.allowFiles && args.allowFiles.length > 0 ? args.allowFiles : undefined,
     notice: (line) => process.stderr.write(`imgmount: ${line}\n`),
   });
   let info: ImageInfo;

@@ -3,25 +3,46 @@
  * work lives in its own module; this file only parses and dispatches, and
  * turns every failure into one line on stderr with a non-zero exit.
  */
-import yargs from 'yargs';
-import { hideBin } from 'yargs/helpers';
-import { runCheck } from './check.js';
-import { runCreate } from './create.js';
+import { readFileSync } from 'node:fs';
+import type { CheckArguments } from './check.js';
+import type { CreateArguments } from './create.js';
 import { ExitError, reportError } from './errors.js';
-import { runInfo } from './info.js';
-import { runMount, runUnmount } from './mount.js';
+import type { InfoArguments } from './info.js';
+import type { MountArguments } from './mount.js';
+
+// yargs and each command's module (the block layer, FUSE, cli-progress) load only when
+// used, so `imgmount --version` starts as fast as node itself.
+const runCheck = async (args: CheckArguments) => (await import('./check.js')).runCheck(args);
+const runCreate = async (args: CreateArguments) => (await import('./create.js')).runCreate(args);
+const runInfo = async (args: InfoArguments) => (await import('./info.js')).runInfo(args);
+const runMount = async (args: MountArguments) => (await import('./mount.js')).runMount(args);
+const runUnmount = async (args: { mountpoint: string }) => (await import('./mount.js')).runUnmount(args);
 
 const outputChoices = ['human', 'json'] as const;
+
+const ALLOW_FILES_HELP =
+  'backing files and external data files an image names must lie in DIR (repeatable); by default any regular file you can read';
 
 /** A repeatable string option: yargs gives a string, an array or nothing. */
 export function asList(value: string | string[] | undefined): string[] {
   return value === undefined ? [] : Array.isArray(value) ? value : [value];
 }
 
+/** "imgmount 0.1.0": the version from package.json, read with fs (no other module needed). */
+export function versionLine(): string {
+  const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
+  return `imgmount ${pkg.version}`;
+}
+
 export async function main(argv: string[]): Promise<void> {
+  if (argv.length === 1 && (argv[0] === '--version' || argv[0] === '-V')) {
+    process.stdout.write(`${versionLine()}\n`);
+    return;
+  }
+  const { default: yargs } = await import('yargs');
   const parser = yargs(argv)
     .scriptName('imgmount')
-    .usage('$0 [options] IMAGE... MOUNTPOINT\n$0 <command> [options]')
+    .usage('$0 [options] IMAGE... MOUNTPOINT\n$0 <command> [options]\n$0 --version')
     .command(
       'create <file> [size]',
       'create a disk image (like qemu-img create)',
@@ -54,12 +75,21 @@ export async function main(argv: string[]): Promise<void> {
           .option('format', { alias: 'f', type: 'string', describe: 'image format (no probing)' })
           .option('snapshot', { alias: 's', type: 'string', describe: 'describe this internal snapshot (id or name) instead of the current state' })
           .option('output', { choices: outputChoices, default: 'human' as const })
-          .option('backing-chain', { type: 'boolean', default: false, describe: 'describe every image of the backing chain' }),
-      (args) => runInfo({ file: args.file, format: args.format, snapshot: args.snapshot, output: args.output, backingChain: args['backing-chain'] }),
+          .option('backing-chain', { type: 'boolean', default: false, describe: 'describe every image of the backing chain' })
+          .option('allow-files', { type: 'string', describe: ALLOW_FILES_HELP }),
+      (args) =>
+        runInfo({
+          file: args.file,
+          format: args.format,
+          snapshot: args.snapshot,
+          output: args.output,
+          backingChain: args['backing-chain'],
+          allowFiles: asList(args['allow-files']),
+        }),
     )
     .command(
       'check <file>',
-      'check image metadata (like qemu-img check); exit 0 clean, 2 corrupt, 3 leaks, 1 failed',
+      'check image metadata (like qemu-img check); exit 0 clean, 2 corrupt, 3 leaks, 1 failed, 63 no check for the format',
       (y) =>
         y
           .positional('file', { type: 'string', demandOption: true })
@@ -78,6 +108,7 @@ export async function main(argv: string[]): Promise<void> {
           .option('format', { alias: 'f', type: 'string', describe: 'image format (qed, raw); no probing' })
           .option('snapshot', { alias: 's', type: 'string', describe: 'mount this internal snapshot (id or name) read-only; the file keeps its usual name' })
           .option('name', { type: 'string', describe: 'file name in the mount (one image only)' })
+          .option('allow-files', { type: 'string', describe: ALLOW_FILES_HELP })
           .option('allow-other', { type: 'boolean', describe: 'let other users open the files' })
           .option('foreground', { type: 'boolean', describe: 'stay attached instead of returning once the mount is ready' })
           .option('debug', { alias: 'd', type: 'boolean', describe: 'log every FUSE operation (implies --foreground without --log)' })
@@ -90,6 +121,7 @@ export async function main(argv: string[]): Promise<void> {
           paths: args.paths ?? [],
           format: args.format,
           snapshot: args.snapshot,
+          allowFiles: asList(args['allow-files']),
           readOnly: args['read-only'],
           allowOther: args['allow-other'],
           name: args.name,
@@ -119,4 +151,4 @@ export async function main(argv: string[]): Promise<void> {
   await parser.parseAsync();
 }
 
-main(hideBin(process.argv)).catch(reportError);
+main(process.argv.slice(2)).catch(reportError);

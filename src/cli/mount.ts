@@ -27,6 +27,8 @@ export interface MountArguments {
   log?: string;
   /** L2 cache bound per image, e.g. "64M". */
   cacheSize?: string;
+  /** `--allow-files DIR` (repeatable): where backing and data files may lie. */
+  allowFiles?: string[];
   /** `-o` lists, mount(8) style. */
   options?: string[];
   /** `-u`: unmount the one path given. */
@@ -69,6 +71,7 @@ export function mountPlan(args: MountArguments, cwd = process.cwd()): MountPlan 
     logFile: logFile === undefined ? undefined : resolve(cwd, logFile),
     nonempty: settings.nonempty ?? false,
     cacheBytes: cacheSize === undefined ? undefined : parseSize(cacheSize, 'cache size'),
+    allowFiles: args.allowFiles && args.allowFiles.length > 0 ? args.allowFiles.map((dir) => resolve(cwd, dir)) : undefined,
   };
   const foreground = (args.foreground ?? false) || (settings.foreground ?? false) || (debug && logFile === undefined);
   return { config, foreground };

@@ -111,7 +111,14 @@ async function serveUntilUnmounted(session: FuseSession, stops: StopRequests): P
 
 /** Opens an image for the mount; an image file this user cannot write is mounted read-only, with a notice. */
 async function openForMount(path: string, config: MountConfig, notice: (line: string) => void): Promise<BlockImage> {
-  const options = { readOnly: config.readOnly, format: config.format, snapshot: config.snapshot, metadataCacheBytes: config.cacheBytes, notice };
+  const options = {
+    readOnly: config.readOnly,
+    format: config.format,
+    snapshot: config.snapshot,
+    metadataCacheBytes: config.cacheBytes,
+    allowFiles: config.allowFiles,
+    notice,
+  };
   try {
     return await openImage(path, options);
   } catch (error) {

@@ -28,6 +28,8 @@ export interface MountConfig {
   nonempty: boolean;
   /** L2-table cache bound per image in bytes; the format's default when undefined. A bound below 4 tables (0 too) is raised to 4 tables by the format, with a notice. */
   cacheBytes?: number;
+  /** Directories the files images name (backing files, data files) must lie in; anywhere when undefined. */
+  allowFiles?: string[];
 }
 
 /** What `-o` can set; the same settings as the long options. */
