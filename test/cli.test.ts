@@ -176,6 +176,21 @@ describe.skipIf(!haveQemu)('imgmount check', () => {
     await run('qemu-img', ['check', join(dir, 'x.qed')]);
   });
 
+  it('exits 63 with one line naming the file for a format without a check, as qemu-img does', async () => {
+    await writeFile(join(dir, 'plain.raw'), Buffer.alloc(1024 * 1024));
+    const theirs = await run('qemu-img', ['check', join(dir, 'plain.raw')]).then(
+      () => 0,
+      (error: { code: number; stderr: string }) => error,
+    );
+    expect(theirs).toMatchObject({ code: 63, stderr: expect.stringMatching(/This image format does not support checks/) });
+    for (const args of [['check', 'plain.raw'], ['check', '-f', 'raw', 'plain.raw'], ['check', '-r', 'plain.raw']]) {
+      const result = await imgmount(...args);
+      expect(result.code, args.join(' ')).toBe(63);
+      expect(result.stdout).toBe('');
+      expect(result.stderr).toBe('imgmount: plain.raw: This image format does not support checks\n');
+    }
+  });
+
   it('exits 1 when the image cannot be checked', async () => {
     await run('qemu-img', ['create', '-q', '-f', 'qed', join(dir, 'h.qed'), '1M']);
     const handle = await open(join(dir, 'h.qed'), 'r+');
@@ -186,5 +201,12 @@ describe.skipIf(!haveQemu)('imgmount check', () => {
     const result = await imgmount('check', 'h.qed');
     expect(result.code).toBe(1);
     expect(result.stderr).toMatch(/cluster_size 3000 is not a power of two/);
+  });
+});
+
+describe('imgmount --version', () => {
+  it('prints "imgmount <version in package.json>" and exits 0', async () => {
+    const { version } = JSON.parse(await readFile(resolve(import.meta.dirname, '../package.json'), 'utf8')) as { version: string };
+    expect(await imgmount('--version')).toEqual({ code: 0, stdout: `imgmount ${version}\n`, stderr: '' });
   });
 });

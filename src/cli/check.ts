@@ -1,11 +1,12 @@
 /**
  * `imgmount check [-r] [--output=human|json] FILE`, after qemu-img check:
  * exit 0 when clean, 2 when corruptions remain, 3 when only leaks remain,
- * 1 when the image could not be checked. A progress bar appears on a
- * terminal when the check takes longer than a moment.
+ * 1 when the image could not be checked, 63 when its format has no check
+ * (raw). A progress bar appears on a terminal when the check takes longer
+ * than a moment.
  */
 import cliProgress from 'cli-progress';
-import { checkImage, type CheckReport } from '../index.js';
+import { checkImage, NO_CHECK_EXIT_STATUS, NoCheckError, type CheckReport } from '../index.js';
 import { ExitError } from './errors.js';
 
 export interface CheckArguments {
@@ -24,6 +25,8 @@ export async function runCheck(args: CheckArguments): Promise<void> {
   try {
     report = await checkImage(args.file, { repair: args.repair, format: args.format, progress: progress.update });
   } catch (error) {
+    // qemu-img's words and exit status for a format without a check, with the file named.
+    if (error instanceof NoCheckError) throw new ExitError(`${args.file}: This image format does not support checks`, NO_CHECK_EXIT_STATUS);
     throw new ExitError(error instanceof Error ? error.message : String(error), 1);
   } finally {
     progress.stop();
