@@ -14,7 +14,8 @@
  * that was answered or on a file that was closed.
  */
 import createDebug from 'debug';
-import { CorruptImageError, InvalidArgumentError, ReadOnlyError } from './errors.js';
+import { constants as osConstants } from 'node:os';
+import { BlockError, CorruptImageError, InvalidArgumentError, ReadOnlyError } from './errors.js';
 import { resolveBackingName } from './backing-name.js';
 import { DecodedClusterCache } from './decoded-cache.js';
 import type { ImageFileGate } from './gate.js';
@@ -166,6 +167,28 @@ export class BlockImage {
     const write = this.image.write.bind(this.image);
     if (this.writeGuard) await this.writeGuard(offset, buffer, () => write(offset, buffer));
     else await write(offset, buffer);
+  }
+
+  /** Makes [offset, offset + length) read as zeros; EOPNOTSUPP when the format cannot. */
+  zero(offset: GuestOffset, length: number): Promise<void> {
+    return this.track(() => this.optionalWrite('zero', offset, length, this.image.zero?.bind(this.image)));
+  }
+
+  /** Frees [offset, offset + length) where the format can; EOPNOTSUPP when it cannot. */
+  discard(offset: GuestOffset, length: number): Promise<void> {
+    return this.track(() => this.optionalWrite('discard', offset, length, this.image.discard?.bind(this.image)));
+  }
+
+  private async optionalWrite(
+    operation: 'zero' | 'discard',
+    offset: GuestOffset,
+    length: number,
+    run: ((offset: GuestOffset, length: number) => Promise<void>) | undefined,
+  ): Promise<void> {
+    if (this.readOnly) throw new ReadOnlyError(`${this.path} is open read-only`);
+    this.checkRange(operation, offset, length);
+    if (!run) throw new BlockError(`${this.path}: ${this.format} images do not support ${operation} requests here`, osConstants.errno.EOPNOTSUPP);
+    if (length > 0) await run(offset, length);
   }
 
   /** Everything written so far reaches stable storage (driver metadata, then fdatasync). */

@@ -109,6 +109,10 @@ export interface FormatImage {
    * Missing: the format cannot write, and its images open read-only.
    */
   write?(offset: GuestOffset, data: Buffer): Promise<void>;
+  /** Makes [offset, offset + length) read as zeros (range checked). Missing: EOPNOTSUPP, the image stays writable. */
+  zero?(offset: GuestOffset, length: number): Promise<void>;
+  /** Lets the format free [offset, offset + length); it then reads as zeros or as the backing file. Missing: EOPNOTSUPP. */
+  discard?(offset: GuestOffset, length: number): Promise<void>;
   /** Makes everything written so far durable. */
   flush(): Promise<void>;
   /** Flushes, marks the image clean and releases its own file. Files opened through the gate are closed by the generic layer. */
