@@ -107,9 +107,22 @@ function toHuman(info: ImageInfo): string {
   }
   if (info.formatSpecific) {
     lines.push('Format specific information:');
-    for (const [key, value] of Object.entries(info.formatSpecific)) lines.push(`    ${key.replace(/-/g, ' ')}: ${value}`);
+    for (const [key, value] of Object.entries(info.formatSpecific)) humanValue(lines, key.replace(/-/g, ' '), value, '    ');
   }
   return `${lines.join('\n')}\n`;
+}
+
+/** Prints a format-specific value as qemu-img does: lists as `[i]:` items, objects one key per line, 4 more spaces each level. */
+function humanValue(lines: string[], label: string, value: unknown, indent: string): void {
+  if (Array.isArray(value)) {
+    lines.push(`${indent}${label}:`);
+    value.forEach((item, i) => humanValue(lines, `[${i}]`, item, `${indent}    `));
+  } else if (value !== null && typeof value === 'object') {
+    lines.push(`${indent}${label}:`);
+    for (const [key, inner] of Object.entries(value)) humanValue(lines, key.replace(/-/g, ' '), inner, `${indent}    `);
+  } else {
+    lines.push(`${indent}${label}: ${String(value)}`);
+  }
 }
 
 /** One line of qemu-img's snapshot table (its column widths). */

@@ -25,6 +25,7 @@ import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, AUTOCLEAR_DATA
 import type { Qcow2Extensions } from './extensions.js';
 import type { MetadataClusters } from './metadata.js';
 import type { Qcow2Snapshot } from './snapshots.js';
+import type { BitmapInfo } from './bitmaps.js';
 
 const log = createDebug('imgmount:qcow2');
 
@@ -46,6 +47,8 @@ export interface Qcow2Parts {
   metadata: MetadataClusters;
   backing: BackingReference | undefined;
   snapshots: Qcow2Snapshot[];
+  /** Persistent dirty bitmaps, when the image has a consistent bitmap directory. */
+  bitmaps?: BitmapInfo[];
   metadataCacheBytes?: number;
 }
 
@@ -236,6 +239,7 @@ export class Qcow2Image implements FormatImage {
     const { header, extensions } = this.parts;
     const specific: Record<string, unknown> = { compat: header.version === 3 ? '1.1' : '0.10', 'compression-type': header.compressionType };
     if (header.version === 3) specific['lazy-refcounts'] = (header.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n;
+    if (this.parts.bitmaps) specific.bitmaps = this.parts.bitmaps;
     specific['refcount-bits'] = 2 ** header.refcountOrder;
     if (extensions.dataFile !== undefined) {
       specific['data-file'] = extensions.dataFile;

@@ -12,11 +12,12 @@ import type { FormatDriver, FormatImage, OpenOptions, ProbeSample, Protocol } fr
 import { describeBits, parseExtensions } from './extensions.js';
 import { Geometry } from './geometry.js';
 import {
-  INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, KNOWN_INCOMPAT, parseHeader, QCOW_MAGIC, type Qcow2Header,
+  AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, KNOWN_INCOMPAT, parseHeader, QCOW_MAGIC, type Qcow2Header,
 } from './header.js';
 import { Qcow2Image } from './image.js';
 import { MetadataClusters, readWords } from './metadata.js';
 import { findSnapshot, readSnapshots } from './snapshots.js';
+import { readBitmaps } from './bitmaps.js';
 
 const log = createDebug('imgmount:qcow2');
 
@@ -88,8 +89,11 @@ async function openQcow2(file: Protocol, options: OpenOptions): Promise<FormatIm
     throw new CorruptImageError(`${file.path}: qcow2 names an external data file (${extensions.dataFile}) without the external data file feature bit`);
   }
 
+  // The bitmap directory is consistent with the image only while the autoclear bit is set.
+  const bitmaps = extensions.bitmaps && header.autoclearFeatures & AUTOCLEAR_BITMAPS ? await readBitmaps(file, extensions.bitmaps, fileSize) : undefined;
+
   return new Qcow2Image({
-    file, header, extensions, geometry, l1, l1Entries, virtualSize, fileSize, dataFile, metadata, backing, snapshots,
+    file, header, extensions, geometry, l1, l1Entries, virtualSize, fileSize, dataFile, metadata, backing, snapshots, bitmaps,
     metadataCacheBytes: options.metadataCacheBytes,
   });
 }
