@@ -8,6 +8,7 @@ import type { CheckArguments } from './check.js';
 import type { CreateArguments } from './create.js';
 import { ExitError, reportError } from './errors.js';
 import type { InfoArguments } from './info.js';
+import type { MapArguments } from './map.js';
 import type { MountArguments } from './mount.js';
 
 // yargs and each command's module (the block layer, FUSE, cli-progress) load only when
@@ -15,6 +16,7 @@ import type { MountArguments } from './mount.js';
 const runCheck = async (args: CheckArguments) => (await import('./check.js')).runCheck(args);
 const runCreate = async (args: CreateArguments) => (await import('./create.js')).runCreate(args);
 const runInfo = async (args: InfoArguments) => (await import('./info.js')).runInfo(args);
+const runMap = async (args: MapArguments) => (await import('./map.js')).runMap(args);
 const runMount = async (args: MountArguments) => (await import('./mount.js')).runMount(args);
 const runUnmount = async (args: { mountpoint: string }) => (await import('./mount.js')).runUnmount(args);
 
@@ -99,6 +101,16 @@ export async function main(argv: string[]): Promise<void> {
       (args) => runCheck({ file: args.file, format: args.format, repair: args.repair, output: args.output }),
     )
     .command(
+      'map <file>',
+      'show where the guest bytes live, data, zero or unallocated, down the backing chain (like qemu-img map)',
+      (y) =>
+        y
+          .positional('file', { type: 'string', demandOption: true })
+          .option('format', { alias: 'f', type: 'string', describe: 'image format (no probing)' })
+          .option('output', { choices: outputChoices, default: 'human' as const, describe: "human: qemu-img's table of data runs; json: every run, as qemu-img map --output=json" }),
+      (args) => runMap({ file: args.file, format: args.format, output: args.output }),
+    )
+    .command(
       '$0 [paths..]',
       'mount IMAGE... at MOUNTPOINT: one raw file per image (disk.qed -> disk.raw)',
       (y) =>
@@ -140,7 +152,7 @@ export async function main(argv: string[]): Promise<void> {
       (args) => runUnmount({ mountpoint: args.mountpoint }),
     )
     .strict()
-    .demandCommand(1, 'give a command (create, info, check) or IMAGE... MOUNTPOINT to mount')
+    .demandCommand(1, 'give a command (create, info, check, map) or IMAGE... MOUNTPOINT to mount')
     .help()
     .alias('help', 'h')
     .version(false)
