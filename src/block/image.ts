@@ -214,7 +214,8 @@ export class BlockImage {
           for (const below of await this.backing.map(run.guestOffset, inBacking)) runs.push({ ...below, depth: below.depth + 1 });
         }
         if (inBacking < run.length) {
-          runs.push({ offset: run.guestOffset + inBacking, length: run.length - inBacking, data: false, zero: true, present: false, depth: 1 });
+          // Past the end of a shorter backing file: zeros of this layer, as qemu-img map reports them (depth 0).
+          runs.push({ offset: run.guestOffset + inBacking, length: run.length - inBacking, data: false, zero: true, present: false, depth: 0 });
         }
       }
     }

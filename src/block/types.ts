@@ -194,6 +194,8 @@ export interface FormatDriver {
    * open becomes read-only (before the write lock is taken) with a notice saying this.
    */
   readonly readOnlyReason?: string;
+  /** True for a format recognized only so that its images are never read as raw: its `open` refuses by name. */
+  readonly recognizedOnly?: boolean;
   /** True when `open` understands `options.snapshot`; otherwise `-s` is refused by name. */
   readonly snapshots?: boolean;
   open(file: Protocol, options: OpenOptions): Promise<FormatImage>;

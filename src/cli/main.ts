@@ -42,6 +42,10 @@ export async function main(argv: string[]): Promise<void> {
     return;
   }
   const { default: yargs } = await import('yargs');
+  const { formatDrivers } = await import('../formats/index.js');
+  // Help texts come from the list of formats.
+  const readable = formatDrivers.filter((driver) => !driver.recognizedOnly).map((driver) => driver.name).join(', ');
+  const creatable = formatDrivers.filter((driver) => driver.create !== undefined).map((driver) => driver.name).join(', ');
   const parser = yargs(argv)
     .scriptName('imgmount')
     .usage('$0 [options] IMAGE... MOUNTPOINT\n$0 <command> [options]\n$0 --version')
@@ -52,9 +56,9 @@ export async function main(argv: string[]): Promise<void> {
         y
           .positional('file', { type: 'string', demandOption: true, describe: 'image file to create' })
           .positional('size', { type: 'string', describe: 'virtual size, with an optional K, M, G or T suffix' })
-          .option('format', { alias: 'f', type: 'string', default: 'raw', describe: 'image format (qed, raw)' })
+          .option('format', { alias: 'f', type: 'string', default: 'raw', describe: `image format (${creatable})` })
           .option('backing', { alias: 'b', type: 'string', describe: 'backing file' })
-          .option('backing-format', { alias: 'F', type: 'string', describe: 'backing file format (raw, qed)' })
+          .option('backing-format', { alias: 'F', type: 'string', describe: `backing file format (${readable})` })
           .option('options', { alias: 'o', type: 'string', describe: 'format options: cluster_size=N,table_size=N (repeatable)' })
           .option('force', { type: 'boolean', default: false, describe: 'overwrite an existing file' }),
       (args) =>
@@ -74,7 +78,7 @@ export async function main(argv: string[]): Promise<void> {
       (y) =>
         y
           .positional('file', { type: 'string', demandOption: true })
-          .option('format', { alias: 'f', type: 'string', describe: 'image format (no probing)' })
+          .option('format', { alias: 'f', type: 'string', describe: `image format (${readable}); no probing` })
           .option('snapshot', { alias: 's', type: 'string', describe: 'describe this internal snapshot (id or name) instead of the current state' })
           .option('output', { choices: outputChoices, default: 'human' as const })
           .option('backing-chain', { type: 'boolean', default: false, describe: 'describe every image of the backing chain' })
@@ -95,7 +99,7 @@ export async function main(argv: string[]): Promise<void> {
       (y) =>
         y
           .positional('file', { type: 'string', demandOption: true })
-          .option('format', { alias: 'f', type: 'string', describe: 'image format (no probing)' })
+          .option('format', { alias: 'f', type: 'string', describe: `image format (${readable}); no probing` })
           .option('repair', { alias: 'r', type: 'boolean', default: false, describe: 'repair what can be repaired' })
           .option('output', { choices: outputChoices, default: 'human' as const }),
       (args) => runCheck({ file: args.file, format: args.format, repair: args.repair, output: args.output }),
@@ -106,9 +110,18 @@ export async function main(argv: string[]): Promise<void> {
       (y) =>
         y
           .positional('file', { type: 'string', demandOption: true })
-          .option('format', { alias: 'f', type: 'string', describe: 'image format (no probing)' })
+          .option('format', { alias: 'f', type: 'string', describe: `image format (${readable}); no probing` })
+          .option('snapshot', { alias: 's', type: 'string', describe: 'map this internal snapshot (id or name) instead of the current state' })
+          .option('allow-files', { type: 'string', describe: ALLOW_FILES_HELP })
           .option('output', { choices: outputChoices, default: 'human' as const, describe: "human: qemu-img's table of data runs; json: every run, as qemu-img map --output=json" }),
-      (args) => runMap({ file: args.file, format: args.format, output: args.output }),
+      (args) =>
+        runMap({
+          file: args.file,
+          format: args.format,
+          snapshot: args.snapshot,
+          allowFiles: asList(args['allow-files']),
+          output: args.output,
+        }),
     )
     .command(
       '$0 [paths..]',
@@ -117,7 +130,7 @@ export async function main(argv: string[]): Promise<void> {
         y
           .positional('paths', { type: 'string', array: true, describe: 'IMAGE... MOUNTPOINT' })
           .option('read-only', { alias: 'r', type: 'boolean', describe: 'open the images read-only; writes fail with EROFS' })
-          .option('format', { alias: 'f', type: 'string', describe: 'image format (qed, raw); no probing' })
+          .option('format', { alias: 'f', type: 'string', describe: `image format (${readable}); no probing` })
           .option('snapshot', { alias: 's', type: 'string', describe: 'mount this internal snapshot (id or name) read-only; the file keeps its usual name' })
           .option('name', { type: 'string', describe: 'file name in the mount (one image only)' })
           .option('allow-files', { type: 'string', describe: ALLOW_FILES_HELP })

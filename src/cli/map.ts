@@ -1,5 +1,5 @@
 /**
- * `imgmount map [-f FMT] [--output=human|json] FILE`: where the guest bytes of
+ * `imgmount map [-f FMT] [-s SNAPSHOT] [--output=human|json] FILE`: where the guest bytes of
  * an image live, printed byte for byte as `qemu-img map` prints them.
  *
  * - JSON: one object per run, keys in qemu's order (start, length, depth,
@@ -21,11 +21,19 @@ import { ExitError } from './errors.js';
 export interface MapArguments {
   file: string;
   format?: string;
+  snapshot?: string;
+  allowFiles?: string[];
   output: 'human' | 'json';
 }
 
 export async function runMap(args: MapArguments): Promise<void> {
-  const image = await openImage(args.file, { readOnly: true, format: args.format });
+  const image = await openImage(args.file, {
+    readOnly: true,
+    format: args.format,
+    snapshot: args.snapshot,
+    allowFiles: args.allowFiles && args.allowFiles.length > 0 ? args.allowFiles : undefined,
+    notice: (line) => process.stderr.write(`imgmount: ${line}\n`),
+  });
   let runs: MapRun[];
   let names: Map<string, string>;
   try {

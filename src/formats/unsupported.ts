@@ -44,6 +44,7 @@ function recognized(name: string, extensions: readonly string[], probe: (sample:
     name,
     extensions,
     probe,
+    recognizedOnly: true,
     async open(file) {
       throw new UnsupportedFeatureError(`${file.path}: ${name} images are not supported yet`);
     },

@@ -18,7 +18,7 @@
 import createDebug from 'debug';
 import { CorruptImageError } from '../../block/errors.js';
 import type { BackingReference, EncodedCluster, FormatImage, FormatInfo, Mapping, Protocol } from '../../block/types.js';
-import { TableCache } from '../../cache/table-cache.js';
+import { MIN_CACHED_TABLES, TableCache } from '../../cache/table-cache.js';
 import { decompressCluster } from './compression.js';
 import { classify, Geometry, Kind, offsetBits, wordAt } from './geometry.js';
 import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, AUTOCLEAR_DATA_FILE_RAW, type Qcow2Header } from './header.js';
@@ -50,6 +50,7 @@ export interface Qcow2Parts {
   /** Persistent dirty bitmaps, when the image has a consistent bitmap directory. */
   bitmaps?: BitmapInfo[];
   metadataCacheBytes?: number;
+  notice?: (line: string) => void;
 }
 
 export class Qcow2Image implements FormatImage {
@@ -80,6 +81,7 @@ export class Qcow2Image implements FormatImage {
     const tableBytes = this.geometry.clusterSize;
     this.l2Cache = new TableCache<Buffer>({
       maxBytes: parts.metadataCacheBytes ?? DEFAULT_L2_CACHE_BYTES,
+      tableBytes,
       sizeOf: (table) => table.length,
       load: async (offset) => {
         const table = Buffer.alloc(tableBytes);
@@ -87,6 +89,13 @@ export class Qcow2Image implements FormatImage {
         return table;
       },
     });
+    if (this.l2Cache.raisedFrom !== undefined) {
+      const notice = parts.notice ?? ((line: string) => log(line));
+      notice(
+        `${this.file.path}: L2-table cache of ${this.l2Cache.raisedFrom} bytes raised to ${this.l2Cache.maxBytes} bytes` +
+          ` (${MIN_CACHED_TABLES} tables of ${tableBytes} bytes, the smallest cache allowed)`,
+      );
+    }
   }
 
   async map(offset: number, length: number): Promise<Mapping[]> {

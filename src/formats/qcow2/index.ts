@@ -95,6 +95,7 @@ async function openQcow2(file: Protocol, options: OpenOptions): Promise<FormatIm
   return new Qcow2Image({
     file, header, extensions, geometry, l1, l1Entries, virtualSize, fileSize, dataFile, metadata, backing, snapshots, bitmaps,
     metadataCacheBytes: options.metadataCacheBytes,
+    notice: options.notice,
   });
 }
 
