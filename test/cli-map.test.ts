@@ -34,6 +34,19 @@ describe.skipIf(skipWithoutQemu('imgmount map'))('imgmount map', () => {
     await qemuIo(join(dir, 'over-raw.qed'), ['write -P 8 100k 4k', 'write -z 3M 1M', 'write -P 9 8188k 4k']);
     await qemuImg(['create', '-q', '-f', 'qed', join(dir, 'empty.qed'), '0']);
     await writeFile(join(dir, 'empty.raw'), Buffer.alloc(0));
+    // qcow2: v3 zero clusters that keep their allocation (qemu-img map shows their offset), extended L2 subclusters,
+    // a raw external data file (run from dir: qemu resolves data file names against its working directory),
+    // compressed clusters (data without an offset; the human table refuses them, as qemu's does), a qcow2 chain.
+    await qemuImg(['create', '-q', '-f', 'qcow2', join(dir, 'plain.qcow2'), '8M']);
+    await qemuIo(join(dir, 'plain.qcow2'), ['write -P 1 0 200k', 'write -z 64k 64k', 'write -z -u 128k 64k', 'write -P 2 5M 100k'], 'qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'extended_l2=on', join(dir, 'subclusters.qcow2'), '4M']);
+    await qemuIo(join(dir, 'subclusters.qcow2'), ['write -P 3 1536 1000', 'write -z 70000 5000', 'write -P 4 1M 70k'], 'qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'data_file=data.raw,data_file_raw=on,extended_l2=on', join(dir, 'datafile.qcow2'), '2M'], { cwd: dir });
+    await qemuIo(join(dir, 'datafile.qcow2'), ['write -P 5 0 4k', 'write -z 64k 64k'], 'qcow2', { cwd: dir });
+    await writeFile(join(dir, 'compressible.raw'), Buffer.concat([Buffer.from('text '.repeat(400_000)), seededBytes(10, MiB)]));
+    await qemuImg(['convert', '-c', '-O', 'qcow2', join(dir, 'compressible.raw'), join(dir, 'compressed.qcow2')]);
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'plain.qcow2', '-F', 'qcow2', join(dir, 'over-qcow2.qcow2')], { cwd: dir });
+    await qemuIo(join(dir, 'over-qcow2.qcow2'), ['write -P 6 100k 4k', 'write -z 5M 64k'], 'qcow2');
   });
 
   afterAll(async () => {
@@ -49,6 +62,10 @@ describe.skipIf(skipWithoutQemu('imgmount map'))('imgmount map', () => {
     { file: 'base.raw' },
     { file: 'empty.qed' },
     { file: 'empty.raw', format: 'raw' },
+    { file: 'plain.qcow2' },
+    { file: 'subclusters.qcow2' },
+    { file: 'datafile.qcow2' },
+    { file: 'over-qcow2.qcow2' },
   ];
   for (const { file, format } of cases) {
     for (const output of ['json', 'human'] as const) {
@@ -64,6 +81,17 @@ describe.skipIf(skipWithoutQemu('imgmount map'))('imgmount map', () => {
       });
     }
   }
+
+  it('compressed qcow2: JSON like qemu-img (data without offsets); the human table refuses it with one line, as qemu-img does', async () => {
+    const json = await run(IMGMOUNT, ['map', '--output=json', 'compressed.qcow2'], { cwd: dir });
+    expect(json.stdout).toBe((await run('qemu-img', ['map', '--output=json', 'compressed.qcow2'], { cwd: dir })).stdout);
+    expect(json.stdout).toMatch(/"data": true}/);
+    const human = await run(IMGMOUNT, ['map', 'compressed.qcow2'], { cwd: dir });
+    expect(human.code).toBe(1);
+    expect(human.stderr.trim().split('\n')).toHaveLength(1);
+    expect(human.stderr).toMatch(/compressed/);
+    expect((await run('qemu-img', ['map', 'compressed.qcow2'], { cwd: dir })).code).not.toBe(0);
+  });
 
   it('shows what the backing chain holds: data at depth 1 and 0, zero clusters in both layers', async () => {
     const { stdout } = await run(IMGMOUNT, ['map', '--output=json', 'over-qed.qed'], { cwd: dir });

@@ -207,7 +207,12 @@ export class BlockImage {
       } else if (run.kind === 'encoded') {
         runs.push({ offset: run.guestOffset, length: run.length, data: true, zero: false, present: true, depth: 0, filename: this.path, compressed: true });
       } else if (run.kind === 'zero' || !this.backing) {
-        runs.push({ offset: run.guestOffset, length: run.length, data: false, zero: true, present: run.kind === 'zero', depth: 0 });
+        const zero: MapRun = { offset: run.guestOffset, length: run.length, data: false, zero: true, present: run.kind === 'zero', depth: 0 };
+        if (run.hostOffset !== undefined) {
+          zero.hostOffset = run.hostOffset;
+          zero.filename = (run.file ?? this.file).path;
+        }
+        runs.push(zero);
       } else {
         const inBacking = Math.max(0, Math.min(run.length, this.backing.length - run.guestOffset));
         if (inBacking > 0) {
@@ -332,6 +337,7 @@ function mergeRuns(runs: MapRun[]): MapRun[] {
       last.depth === run.depth &&
       last.filename === run.filename &&
       last.compressed === run.compressed &&
+      (last.hostOffset === undefined) === (run.hostOffset === undefined) &&
       (last.hostOffset === undefined || last.hostOffset + last.length === run.hostOffset)
     ) {
       last.length += run.length;

@@ -57,8 +57,10 @@ export type Mapping =
   | { kind: 'data'; guestOffset: GuestOffset; length: number; hostOffset: HostOffset; file?: Protocol }
   /** Part of an encoded cluster, decoded by the driver's `decode`. */
   | { kind: 'encoded'; guestOffset: GuestOffset; length: number; cluster: EncodedCluster }
-  | { kind: 'zero'; guestOffset: GuestOffset; length: number }
-  | { kind: 'backing'; guestOffset: GuestOffset; length: number };
+  /** Reads as zeros; `hostOffset` when host space stays allocated there (qcow2 zero-alloc clusters), for `map`. */
+  | { kind: 'zero'; guestOffset: GuestOffset; length: number; hostOffset?: HostOffset; file?: Protocol }
+  /** Not stored in this layer; `hostOffset` when host space is allocated all the same (an unallocated subcluster of an allocated qcow2 cluster), for `map`. */
+  | { kind: 'backing'; guestOffset: GuestOffset; length: number; hostOffset?: HostOffset; file?: Protocol };
 
 /** Reads guest bytes from the layer below a format (its backing file), zeros past its end. */
 export type BackingReader = (offset: GuestOffset, buffer: Buffer) => Promise<void>;

@@ -93,7 +93,8 @@ async function displayNames(top: BlockImage, file: string): Promise<Map<string, 
   let info: ImageInfo | undefined = await top.info();
   for (let layer: BlockImage | undefined = top; layer && info; layer = layer.backing, info = info.backing) {
     names.set(layer.path, name);
-    for (const named of info.files ?? []) names.set(named.path, qemuPathCombine(name, named.name));
+    // qemu opens a data file by its stored name as is (relative to its working directory) and shows that name.
+    for (const named of info.files ?? []) names.set(named.path, named.name);
     if (info.backingFilename === undefined) break;
     name = qemuPathCombine(name, info.backingFilename);
   }

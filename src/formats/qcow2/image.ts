@@ -20,7 +20,7 @@ import { CorruptImageError } from '../../block/errors.js';
 import type { BackingReference, EncodedCluster, FormatImage, FormatInfo, Mapping, Protocol } from '../../block/types.js';
 import { MIN_CACHED_TABLES, TableCache } from '../../cache/table-cache.js';
 import { decompressCluster } from './compression.js';
-import { classify, Geometry, Kind, offsetBits, wordAt } from './geometry.js';
+import { classify, Geometry, Kind, L2E_COPIED_HIGH, offsetBits, wordAt } from './geometry.js';
 import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, AUTOCLEAR_DATA_FILE_RAW, type Qcow2Header } from './header.js';
 import type { Qcow2Extensions } from './extensions.js';
 import type { MetadataClusters } from './metadata.js';
@@ -171,11 +171,18 @@ export class Qcow2Image implements FormatImage {
     const length = to - from;
     switch (kind) {
       case Kind.Unallocated:
-        pushRun(runs, { kind: 'backing', guestOffset: from, length });
+      case Kind.Zero: {
+        const run: Extract<Mapping, { kind: 'zero' | 'backing' }> = { kind: kind === Kind.Zero ? 'zero' : 'backing', guestOffset: from, length };
+        // Host space that stays allocated under zeros or an unallocated subcluster: qemu-img map shows its offset.
+        const hostCluster = offsetBits(high, low);
+        const allocated = hostCluster > 0 || (this.dataFile !== undefined && hostCluster === 0 && (high & L2E_COPIED_HIGH) !== 0);
+        if (allocated && hostCluster % this.geometry.clusterSize === 0) {
+          run.hostOffset = hostCluster + (from - clusterStart);
+          if (this.dataFile) run.file = this.dataFile;
+        }
+        pushRun(runs, run);
         return;
-      case Kind.Zero:
-        pushRun(runs, { kind: 'zero', guestOffset: from, length });
-        return;
+      }
       case Kind.Normal: {
         const hostCluster = this.validDataCluster(high, low, clusterStart);
         const run: Mapping = { kind: 'data', guestOffset: from, length, hostOffset: hostCluster + (from - clusterStart) };
@@ -270,8 +277,13 @@ export class Qcow2Image implements FormatImage {
 /** Appends a run, joining it to the previous one when it continues it (encoded runs are never joined). */
 function pushRun(runs: Mapping[], run: Mapping): void {
   const last = runs[runs.length - 1];
-  if (last && last.kind === run.kind && run.kind !== 'encoded' && last.guestOffset + last.length === run.guestOffset) {
-    if (last.kind !== 'data' || (run.kind === 'data' && last.file === run.file && last.hostOffset + last.length === run.hostOffset)) {
+  if (last && last.kind === run.kind && run.kind !== 'encoded' && last.kind !== 'encoded' && last.guestOffset + last.length === run.guestOffset) {
+    const lastHost = 'hostOffset' in last ? last.hostOffset : undefined;
+    const runHost = 'hostOffset' in run ? run.hostOffset : undefined;
+    const lastFile = 'file' in last ? last.file : undefined;
+    const runFile = 'file' in run ? run.file : undefined;
+    const sameHostShape = lastHost === undefined ? runHost === undefined : runHost !== undefined && lastFile === runFile && lastHost + last.length === runHost;
+    if (sameHostShape) {
       last.length += run.length;
       return;
     }
