@@ -8,9 +8,10 @@
  *   single zero-length entry.
  * - human: qemu's "Offset / Length / Mapped to / File" table, data runs only,
  *   numbers as printf's %#-16x (0 is "0", others 0x...). File names are shown
- *   as qemu names them: the image as given, a backing file (or a data file) as
- *   its stored name combined with the directory part of the name of the image
- *   that names it (qemu's path_combine), so relative stays relative.
+ *   as qemu names them: the image as given, a backing file as its stored name
+ *   combined with the directory part of the name of the image that names it
+ *   (qemu's path_combine), so relative stays relative; a data file by its
+ *   stored name as is.
  *   Compressed runs have no host offset; like qemu, the human format refuses
  *   them (use --output=json).
  */
