@@ -72,19 +72,8 @@ async function openLayer(
   const notice = options.notice ?? ((line: string) => log(line));
   const isTop = chain.length === 0;
   const snapshot = isTop ? options.snapshot : undefined;
-  let format: FormatDriver;
-  let probedAsRaw = false;
-  if (formatName !== undefined) {
-    format = options.formats.named(formatName);
-  } else {
-    const probeFile = await FileProtocol.open(path, true);
-    try {
-      format = options.formats.probe(await sampleFile(probeFile));
-    } finally {
-      await probeFile.close();
-    }
-    probedAsRaw = format.name === 'raw';
-  }
+  const format = await chooseFormat(path, formatName, options.formats);
+  const probedAsRaw = formatName === undefined && format.name === 'raw';
   if (snapshot !== undefined && !format.snapshots) {
     throw new UnsupportedFeatureError(`${path}: ${format.name} images have no internal snapshots; -s/--snapshot cannot be used`);
   }
@@ -128,6 +117,17 @@ async function openLayer(
     await gate.closeAll().catch(() => undefined);
     await file.close().catch(() => undefined);
     throw error;
+  }
+}
+
+/** The format named by the user, or the one probing finds (the file is opened read-only for that, never locked). */
+async function chooseFormat(path: string, formatName: string | undefined, formats: FormatList): Promise<FormatDriver> {
+  if (formatName !== undefined) return formats.named(formatName);
+  const probeFile = await FileProtocol.open(path, true);
+  try {
+    return formats.probe(await sampleFile(probeFile));
+  } finally {
+    await probeFile.close();
   }
 }
 
@@ -214,17 +214,7 @@ export class NoCheckError extends BlockError {
 /** Runs a format's consistency check (with repair if asked) on one image file. */
 export async function checkImage(path: string, options: CheckImageOptions): Promise<CheckReport> {
   const repair = options.repair ?? false;
-  let format: FormatDriver;
-  if (options.format !== undefined) {
-    format = options.formats.named(options.format);
-  } else {
-    const probeFile = await FileProtocol.open(path, true);
-    try {
-      format = options.formats.probe(await sampleFile(probeFile));
-    } finally {
-      await probeFile.close();
-    }
-  }
+  const format = await chooseFormat(path, options.format, options.formats);
   if (!format.check) throw new NoCheckError(`${path}: ${format.name} images have no metadata to check`);
   if (repair && format.readOnlyReason !== undefined) {
     throw new UnsupportedFeatureError(`${path}: cannot repair: ${format.readOnlyReason}`);

@@ -110,6 +110,22 @@ export class TableCache<Table extends object> {
     return this.pins.get(offset)?.table ?? this.lru.get(offset);
   }
 
+  /**
+   * Runs `use` on the table at `offset`: at once when it is held (no pin needed,
+   * since `use` is synchronous), else after loading it, pinned while `use` runs.
+   * The lookup path of the format drivers.
+   */
+  async read<Result>(offset: number, use: (table: Table) => Result): Promise<Result> {
+    const held = this.peek(offset);
+    if (held) return use(held);
+    const handle = await this.acquire(offset);
+    try {
+      return use(handle.table);
+    } finally {
+      handle.release();
+    }
+  }
+
   /** Puts a table the caller just wrote to disk (a new allocation) into the cache, pinned. */
   insert(offset: number, table: Table): TableHandle<Table> {
     if (this.pins.has(offset) || this.loading.has(offset)) {

@@ -3,7 +3,6 @@
  * from our driver): big-endian header fields, where the L2 entry of a guest
  * offset lives, and the raw 64-bit L1/L2 entries.
  */
-import { open } from 'node:fs/promises';
 
 export const QCOW2 = {
   version: 4,
@@ -26,25 +25,9 @@ export const QCOW2 = {
   compressionType: 104,
 } as const;
 
-export async function readAt(path: string, offset: number, length: number): Promise<Buffer> {
-  const handle = await open(path, 'r');
-  try {
-    const buffer = Buffer.alloc(length);
-    await handle.read(buffer, 0, length, offset);
-    return buffer;
-  } finally {
-    await handle.close();
-  }
-}
-
-export async function writeAt(path: string, offset: number, bytes: Buffer): Promise<void> {
-  const handle = await open(path, 'r+');
-  try {
-    await handle.write(bytes, 0, bytes.length, offset);
-  } finally {
-    await handle.close();
-  }
-}
+/** Reads `length` bytes at `offset` of a file; writes bytes at an offset (the shared helpers, under the names used here). */
+export { readBytes as readAt, patchBytes as writeAt } from './qemu.js';
+import { readBytes as readAt, patchBytes as writeAt } from './qemu.js';
 
 export async function readBE64(path: string, offset: number): Promise<bigint> {
   return (await readAt(path, offset, 8)).readBigUInt64BE(0);

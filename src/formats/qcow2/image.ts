@@ -109,17 +109,8 @@ export class Qcow2Image implements FormatImage {
       if (l2Offset === 0) {
         pushRun(runs, { kind: 'backing', guestOffset: pos, length: spanEnd - pos });
       } else {
-        const cached = this.l2Cache.peek(l2Offset);
-        if (cached) {
-          this.mapInTable(cached, pos, spanEnd, runs);
-        } else {
-          const handle = await this.l2Cache.acquire(l2Offset);
-          try {
-            this.mapInTable(handle.table, pos, spanEnd, runs);
-          } finally {
-            handle.release();
-          }
-        }
+        const from = pos;
+        await this.l2Cache.read(l2Offset, (table) => this.mapInTable(table, from, spanEnd, runs));
       }
       pos = spanEnd;
     }

@@ -100,17 +100,8 @@ export class QedImage implements FormatImage {
             `${this.file.path}: L1 entry ${l1Index} (guest bytes ${l1Index * this.geometry.l2Span}..) points to L2 table at ${l2Offset}, which is misaligned or outside the file; run 'imgmount check -r'`,
           );
         }
-        const cached = this.l2Cache.peek(l2Offset);
-        if (cached) {
-          this.mapInTable(cached, pos, spanEnd, runs);
-        } else {
-          const handle = await this.l2Cache.acquire(l2Offset);
-          try {
-            this.mapInTable(handle.table, pos, spanEnd, runs);
-          } finally {
-            handle.release();
-          }
-        }
+        const from = pos;
+        await this.l2Cache.read(l2Offset, (table) => this.mapInTable(table, from, spanEnd, runs));
       }
       pos = spanEnd;
     }
