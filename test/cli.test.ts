@@ -135,7 +135,13 @@ describe.skipIf(!haveQemu)('imgmount info', () => {
   });
 
   it('fails with one line for a missing file and for a non-image named .qed', async () => {
-    expectOneLineError(await imgmount('info', 'nothere.qed'), /nothere\.qed.*(ENOENT|no such file)/i);
+    const missing = await imgmount('info', 'nothere.qed');
+    expectOneLineError(missing, /^imgmount: cannot open nothere\.qed: no such file or directory$/m);
+    expect(missing.stderr).not.toMatch(/ENOENT|realpath|stat '/); // no Node.js decoration
+    await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-u', '-b', 'gone.raw', '-F', 'raw', join(dir, 'orphan.qcow2'), '1M']);
+    for (const command of [['info', '--backing-chain'], ['map']]) {
+      expectOneLineError(await imgmount(...command, 'orphan.qcow2'), /^imgmount: backing file gone\.raw of orphan\.qcow2: no such file \(looked for .*gone\.raw\)$/m);
+    }
     await writeFile(join(dir, 'fake.qed'), Buffer.alloc(4096, 0x41));
     expectOneLineError(await imgmount('info', 'fake.qed'), /fake\.qed.*not a valid qed image/);
   });
