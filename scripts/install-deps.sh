@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs what imgmount and its tests need on Debian/Ubuntu: FUSE (libfuse2 for
 # fuse-native, fuse3 for fusermount), qemu-utils (the oracle: qemu-img, qemu-io),
-# e2fsprogs (mkfs.ext4, e2fsck), util-linux (losetup), then the npm packages,
-# and builds. Idempotent: installs only what is missing.
+# e2fsprogs (mkfs.ext4, e2fsck), util-linux (losetup), build-essential and
+# python3 (node-gyp builds the native addon, native/imgmount.c: a C compiler,
+# g++ as gyp's linker, make, the libc and kernel headers), then the npm
+# packages, and builds. Idempotent: installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +14,8 @@ command -v fusermount3 >/dev/null || need+=(fuse3)
 ldconfig -p 2>/dev/null | grep -q 'libfuse.so.2' || need+=(libfuse2)
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v losetup >/dev/null || need+=(util-linux)
+{ command -v gcc && command -v g++ && command -v make && [ -f /usr/include/linux/fuse.h ]; } >/dev/null || need+=(build-essential)
+command -v python3 >/dev/null || need+=(python3)
 if [ "${IMGMOUNT_BENCH_DEPS:-0}" = 1 ]; then
   command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-common)
   command -v fio >/dev/null || need+=(fio)
