@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs what imgmount and its tests need on Debian/Ubuntu: FUSE (libfuse2 for
-# fuse-native, fuse3 for fusermount), qemu-utils (the oracle: qemu-img, qemu-io),
+# Installs what imgmount and its tests need on Debian/Ubuntu: fuse3 (fusermount3,
+# for ordinary users' mounts and for unmounting), qemu-utils (the oracle: qemu-img, qemu-io),
 # e2fsprogs (mkfs.ext4, e2fsck), util-linux (losetup), build-essential and
 # python3 (node-gyp builds the native addon, native/imgmount.c: a C compiler,
 # g++ as gyp's linker, make, the libc and kernel headers), then the npm
@@ -11,7 +11,6 @@ cd "$(dirname "$0")/.."
 need=()
 command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v fusermount3 >/dev/null || need+=(fuse3)
-ldconfig -p 2>/dev/null | grep -q 'libfuse.so.2' || need+=(libfuse2)
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v losetup >/dev/null || need+=(util-linux)
 { command -v gcc && command -v g++ && command -v make && [ -f /usr/include/linux/fuse.h ]; } >/dev/null || need+=(build-essential)

@@ -102,8 +102,8 @@ export async function runMount(args: MountArguments): Promise<void> {
     await startDaemon(plan.config, printNotice);
     return;
   }
-  // fuse-native keeps the event loop alive once it has mounted, so a foreground
-  // daemon always ends with an explicit exit.
+  // Whatever a library left on the event loop, a foreground daemon ends when its
+  // mount has ended: an explicit exit.
   try {
     if (plan.config.logFile !== undefined) logToFile(plan.config.logFile);
     process.exitCode = await runDaemon(plan.config, { notice: printNotice, ready: () => undefined });

@@ -29,7 +29,7 @@ import { Errno } from './errno.js';
 import { ImageFilesystem, type MountedImage } from './filesystem.js';
 import { enableDaemonLog, log } from './log.js';
 import { findMount } from './mountinfo.js';
-import { fuseOptions, MOUNT_TYPE, mountFileNames, type MountConfig } from './options.js';
+import { kernelMountOptions, MOUNT_TYPE, mountFileNames, type MountConfig } from './options.js';
 import { checkMountpoint, FuseSession, fusermount, isDisconnected } from './session.js';
 
 /** What the daemon tells whoever started it. */
@@ -72,7 +72,7 @@ export async function runDaemon(config: MountConfig, events: DaemonEvents): Prom
       stops.throwIfRequested();
       filesystem = new ImageFilesystem(opened);
       const readOnly = config.readOnly || opened.every(({ image }) => image.readOnly);
-      session = await FuseSession.mount(config.mountpoint, filesystem.operations(), fuseOptions({ ...config, readOnly }));
+      session = await FuseSession.mount(config.mountpoint, filesystem, kernelMountOptions({ ...config, readOnly }));
     } catch (error) {
       await closeImages(opened.map(({ image }) => image));
       throw error;
@@ -82,7 +82,7 @@ export async function runDaemon(config: MountConfig, events: DaemonEvents): Prom
     events.ready();
 
     await serveUntilUnmounted(session, stops);
-    await filesystem.drain();
+    await session.drain();
     const failures = await closeImages(opened.map(({ image }) => image));
     const status = failures.length === 0 ? 0 : 1;
     await control?.announceClosed(status === 0 ? { ok: true } : { ok: false, error: failures.join('; ') });

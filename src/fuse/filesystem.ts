@@ -1,42 +1,56 @@
 /**
- * The FUSE operations: a flat directory with one regular file per opened image,
- * whose bytes are the image's guest bytes.
+ * The image file system: a flat directory (node 1) with one regular file per
+ * opened image (nodes 2, 3, ...), whose bytes are the image's guest bytes. It
+ * answers the kernel connection's handlers (kernel/connection.ts) and never
+ * sees a byte of the protocol.
  *
- * Thread model. fuse-native runs libfuse's multithreaded loop: each kernel request
- * is taken by a libfuse worker thread, which hands it to the JavaScript main thread
- * (uv_async) and blocks until the handler calls back. So every handler here runs
- * on the one JavaScript thread, and requests overlap only while a handler awaits:
- * handlers never block, and two requests may interleave at any `await` (the block
- * layer orders what must be ordered, such as QED allocations). The Buffer a read
- * or write handler gets is libfuse's own memory, valid only until the callback:
- * it is filled or consumed before answering and never kept.
+ * Concurrency: every handler runs on the JavaScript main thread; requests
+ * overlap only at their awaits, and the block layer orders what must be
+ * ordered (QED allocations). A READ's buffer is filled, and a WRITE's data
+ * consumed, before the handler resolves, so the connection answers only
+ * after all I/O on the request's buffer has finished.
  *
- * Semantics:
+ * Semantics, as for a block device:
  * - read: clamped to the virtual size; at or past the end it returns 0 bytes (EOF).
- * - write: a write that starts at or past the end fails with ENOSPC; one that crosses
- *   the end writes what fits and returns the short count. That is what a block
- *   device does, so dd reports "No space left on device".
+ * - write: one that starts at or past the end fails with ENOSPC; one that crosses
+ *   the end writes what fits and returns the short count, so dd reports "No space
+ *   left on device".
  * - fsync / fdatasync: the image's flush (driver metadata, then fdatasync of the
- *   image file): stable storage. flush (on every close()) does nothing more: each
- *   write already reached the image before it was answered.
- * - truncate to the current size succeeds; any other size fails with EINVAL and a
- *   log line (as for a block device: the virtual size does not change here).
- * - Files are owned by the mounting user, mode 0644 (0444 when read-only);
- *   st_blocks counts what the image file occupies on disk. The directory is 0555:
- *   files cannot be created, removed or renamed (ENOSYS for root, who passes the
- *   permission check).
+ *   image file): stable storage. flush (each close()) needs nothing more: each write
+ *   reached the image before it was answered.
+ * - size changes: to the current size succeed; to 0 succeed and change nothing (an
+ *   open with O_TRUNC, which `dd` and `cp` do, leaves the disk as it is, as for a
+ *   block device: FUSE_ATOMIC_O_TRUNC is not negotiated, so the kernel sends that
+ *   truncation as a size-0 SETATTR); any other size fails with EINVAL and a log line.
+ *   Mode and owner changes fail with EPERM; time changes are accepted and ignored.
+ * - lseek SEEK_DATA / SEEK_HOLE answer from the image's map (backing chain included):
+ *   ranges that read as zeros (zero clusters, unallocated down the chain) are holes.
+ * - fallocate: EOPNOTSUPP (never ENOSYS, which would switch it off for the whole
+ *   connection) until the block layer's zero/discard reach the formats.
+ * - Files are owned by the mounting user, mode 0644 (0444 when read-only), and the
+ *   kernel enforces that (default_permissions); st_blocks counts every file of the
+ *   image on disk. The directory is 0555: files cannot be created, removed or
+ *   renamed (ENOSYS for root, who passes the permission check).
  * - Every error becomes -errno in errno.ts; no error ends the daemon.
  */
-import type Fuse from 'fuse-native';
 import type { BlockImage } from '../block/index.js';
-import { Errno, refusal, toFuseError } from './errno.js';
-import { log, trace } from './log.js';
+import { Errno, refusal } from './errno.js';
+import { log } from './log.js';
+import type { DirectoryEntry, KernelFilesystem, NodeEntry } from './kernel/connection.js';
+import type { FuseAttr, Kstatfs } from './kernel/reply.js';
+import { FOPEN_KEEP_CACHE, FOPEN_PARALLEL_DIRECT_WRITES } from './kernel/abi.js';
 
 const S_IFDIR = 0o040000;
 const S_IFREG = 0o100000;
 const O_ACCMODE = 3;
 const O_RDONLY = 0;
 const BLOCK_SIZE = 4096;
+const ROOT = 1n;
+const SEEK_DATA = 3;
+const SEEK_HOLE = 4;
+const FATTR_MODE = 1 << 0;
+const FATTR_UID = 1 << 1;
+const FATTR_GID = 1 << 2;
 
 /** One image as a file of the mount. */
 export interface MountedImage {
@@ -46,176 +60,204 @@ export interface MountedImage {
 }
 
 interface FileEntry extends MountedImage {
+  nodeid: bigint;
   /** Last write through the mount (the mount time before any). */
   mtime: Date;
 }
 
-export class ImageFilesystem {
-  private readonly files = new Map<string, FileEntry>();
+export class ImageFilesystem implements KernelFilesystem {
+  private readonly files: FileEntry[] = [];
+  private readonly byName = new Map<string, FileEntry>();
   private readonly mountedAt = new Date();
   private readonly owner = { uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0 };
   private nextHandle = 1;
-  private running = 0;
-  private idle: (() => void)[] = [];
 
   constructor(images: readonly MountedImage[]) {
-    for (const { name, image } of images) {
-      this.files.set(`/${name}`, { name, image, mtime: this.mountedAt });
+    images.forEach(({ name, image }, index) => {
+      const entry: FileEntry = { name, image, nodeid: BigInt(index + 2), mtime: this.mountedAt };
+      this.files.push(entry);
+      this.byName.set(name, entry);
+    });
+  }
+
+  async lookup(parent: bigint, name: string): Promise<NodeEntry> {
+    this.directory(parent);
+    const entry = this.byName.get(name);
+    if (!entry) throw refusal(`no such file ${name}`, Errno.ENOENT);
+    return { nodeid: entry.nodeid, attr: await this.fileAttr(entry) };
+  }
+
+  async getattr(node: bigint): Promise<FuseAttr> {
+    return node === ROOT ? this.directoryAttr() : this.fileAttr(this.file(node));
+  }
+
+  async setattr(node: bigint, change: { size?: number; valid: number }): Promise<FuseAttr> {
+    if (node === ROOT) throw refusal('the mount directory cannot be changed', Errno.EPERM);
+    const entry = this.file(node);
+    if (change.valid & (FATTR_MODE | FATTR_UID | FATTR_GID)) {
+      throw refusal(`${entry.name}: its mode and owner are fixed by the mount`, Errno.EPERM);
     }
+    const { size } = change;
+    if (size !== undefined && size !== entry.image.length && size !== 0) {
+      if (entry.image.readOnly) throw refusal(`${entry.name} is read-only`, Errno.EROFS);
+      throw refusal(
+        `refusing to resize ${entry.name} from ${entry.image.length} to ${size} bytes: the virtual size cannot be changed through the mount`,
+        Errno.EINVAL,
+      );
+    }
+    if (size === 0 && entry.image.length !== 0) log('%s: a truncation to 0 (an open with O_TRUNC) leaves the disk as it is', entry.name);
+    return this.fileAttr(entry);
   }
 
-  /** Requests being answered right now. */
-  get requestsInFlight(): number {
-    return this.running;
-  }
-
-  /** Resolves once no request is being answered. */
-  drain(): Promise<void> {
-    if (this.running === 0) return Promise.resolve();
-    return new Promise((resolve) => this.idle.push(resolve));
-  }
-
-  /** The handlers for fuse-native. */
-  operations(): Fuse.Operations {
-    return {
-      getattr: (path, done) =>
-        this.serve(`getattr ${path}`, () => this.getattr(path), (stat) => done(0, stat), (errno) => done(errno)),
-      readdir: (path, done) =>
-        this.serve(`readdir ${path}`, () => this.readdir(path), ([names, stats]) => done(0, names, stats), (errno) => done(errno)),
-      open: (path, flags, done) =>
-        this.serve(`open ${path} flags 0x${flags.toString(16)}`, () => this.open(path, flags), (handle) => done(0, handle), (errno) => done(errno)),
-      release: (path, handle, done) =>
-        this.serve(`release ${path} #${handle}`, () => this.entry(path), () => done(0), done),
-      read: (path, handle, buffer, length, position, done) =>
-        this.serve(`read ${path} ${length}@${position}`, () => this.read(path, buffer, length, position), done, done),
-      write: (path, handle, buffer, length, position, done) =>
-        this.serve(`write ${path} ${length}@${position}`, () => this.write(path, buffer, length, position), done, done),
-      flush: (path, handle, done) => this.serve(`flush ${path} #${handle}`, () => this.entry(path), () => done(0), done),
-      fsync: (path, dataSync, handle, done) =>
-        this.serve(`fsync ${path}${dataSync ? ' (data)' : ''}`, () => this.entry(path).image.flush(), () => done(0), done),
-      truncate: (path, size, done) => this.serve(`truncate ${path} ${size}`, () => this.truncate(path, size), () => done(0), done),
-      ftruncate: (path, handle, size, done) =>
-        this.serve(`ftruncate ${path} ${size}`, () => this.truncate(path, size), () => done(0), done),
-      statfs: (path, done) => this.serve(`statfs ${path}`, () => this.statfs(), (statfs) => done(0, statfs), (errno) => done(errno)),
-    };
-  }
-
-  /**
-   * Runs one request: answers with `succeed(result)` or, for anything thrown,
-   * `fail(-errno)`; counts requests in flight for drain().
-   */
-  private serve<T>(request: string, work: () => T | Promise<T>, succeed: (result: T) => void, fail: (errno: number) => void): void {
-    this.running++;
-    const started = trace.enabled ? performance.now() : 0;
-    const finished = (outcome: string): void => {
-      if (trace.enabled) trace('%s -> %s (%s ms)', request, outcome, (performance.now() - started).toFixed(2));
-      this.running--;
-      if (this.running === 0) for (const wake of this.idle.splice(0)) wake();
-    };
-    // Inside an async function, even a handler that throws before its first await becomes a rejection.
-    (async () => work())()
-      .then(
-        (result) => {
-          finished(typeof result === 'number' ? String(result) : 'ok');
-          succeed(result);
-        },
-        (error: unknown) => {
-          const errno = toFuseError(error, request);
-          finished(errnoName(errno));
-          fail(errno);
-        },
-      )
-      .catch((error: unknown) => log('answering %s failed: %O', request, error));
-  }
-
-  private entry(path: string): FileEntry {
-    const entry = this.files.get(path);
-    if (!entry) throw refusal(`no such file ${path}`, Errno.ENOENT);
-    return entry;
-  }
-
-  private async getattr(path: string): Promise<Fuse.Stat> {
-    if (path === '/') return this.directoryStat();
-    return this.fileStat(this.entry(path));
-  }
-
-  /** 0555: the files can be written, but none can be added, removed or renamed. */
-  private directoryStat(): Fuse.Stat {
-    const time = this.mountedAt;
-    return { mode: S_IFDIR | 0o555, nlink: 2, size: BLOCK_SIZE, ...this.owner, atime: time, mtime: time, ctime: time };
-  }
-
-  private async fileStat(entry: FileEntry): Promise<Fuse.Stat> {
-    const allocated = await entry.image.allocatedBytes();
-    return {
-      mode: S_IFREG | (entry.image.readOnly ? 0o444 : 0o644),
-      nlink: 1,
-      size: entry.image.length,
-      blksize: BLOCK_SIZE,
-      blocks: Math.ceil(allocated / 512),
-      ...this.owner,
-      atime: entry.mtime,
-      mtime: entry.mtime,
-      ctime: entry.mtime,
-    };
-  }
-
-  private async readdir(path: string): Promise<[string[], Fuse.Stat[]]> {
-    if (path !== '/') throw refusal(`${path} is not a directory`, this.files.has(path) ? Errno.ENOTDIR : Errno.ENOENT);
-    const entries = [...this.files.values()];
-    return [entries.map((entry) => entry.name), await Promise.all(entries.map((entry) => this.fileStat(entry)))];
-  }
-
-  private open(path: string, flags: number): number {
-    const entry = this.entry(path);
+  open(node: bigint, flags: number): { fh: number; openFlags: number } {
+    if (node === ROOT) throw refusal('the mount directory is not a file', Errno.EISDIR);
+    const entry = this.file(node);
     if ((flags & O_ACCMODE) !== O_RDONLY && entry.image.readOnly) {
       throw refusal(`${entry.name} is read-only (${entry.image.path} is open read-only)`, Errno.EROFS);
     }
+    // The bytes change only through this mount, so the kernel's page cache of a file never goes stale.
+    return { fh: this.handle(), openFlags: FOPEN_KEEP_CACHE | FOPEN_PARALLEL_DIRECT_WRITES };
+  }
+
+  release(node: bigint): void {
+    this.file(node);
+  }
+
+  async read(node: bigint, offset: number, size: number): Promise<Buffer> {
+    const { image } = this.file(node);
+    const count = Math.max(0, Math.min(size, image.length - offset));
+    const buffer = Buffer.allocUnsafe(count);
+    if (count > 0) await image.read(offset, buffer);
+    return buffer;
+  }
+
+  async write(node: bigint, offset: number, data: Buffer): Promise<number> {
+    const entry = this.file(node);
+    const { image } = entry;
+    if (image.readOnly) throw refusal(`${entry.name} is read-only`, Errno.EROFS);
+    if (data.length === 0) return 0;
+    if (offset >= image.length) {
+      throw refusal(`write of ${data.length} bytes at ${offset} is past the end of ${entry.name} (${image.length} bytes)`, Errno.ENOSPC);
+    }
+    const count = Math.min(data.length, image.length - offset);
+    await image.write(offset, data.subarray(0, count));
+    entry.mtime = new Date();
+    return count;
+  }
+
+  flush(node: bigint): void {
+    this.file(node);
+  }
+
+  async fsync(node: bigint): Promise<void> {
+    await this.file(node).image.flush();
+  }
+
+  statfs(): Kstatfs {
+    const total = this.files.reduce((sum, entry) => sum + entry.image.length, 0);
+    return {
+      blocks: Math.ceil(total / BLOCK_SIZE),
+      bfree: 0,
+      bavail: 0,
+      files: this.files.length + 1,
+      ffree: 0,
+      bsize: BLOCK_SIZE,
+      namelen: 255,
+      frsize: BLOCK_SIZE,
+    };
+  }
+
+  opendir(node: bigint): number {
+    this.directory(node);
+    return this.handle();
+  }
+
+  readdir(node: bigint): DirectoryEntry[] {
+    this.directory(node);
+    return [
+      { name: '.', nodeid: ROOT, mode: S_IFDIR },
+      { name: '..', nodeid: ROOT, mode: S_IFDIR },
+      ...this.files.map((entry) => ({ name: entry.name, nodeid: entry.nodeid, mode: S_IFREG })),
+    ];
+  }
+
+  access(node: bigint): void {
+    if (node !== ROOT) this.file(node);
+  }
+
+  async lseek(node: bigint, offset: number, whence: number): Promise<number> {
+    const { image, name } = this.file(node);
+    if (whence !== SEEK_DATA && whence !== SEEK_HOLE) throw refusal(`${name}: lseek whence ${whence} is answered by the kernel`, Errno.EINVAL);
+    if (offset >= image.length) throw refusal(`${name}: lseek to ${offset} is at or past the end`, Errno.ENXIO);
+    for (const run of await image.map(offset, image.length - offset)) {
+      const hole = run.zero;
+      if (whence === SEEK_DATA && !hole) return Math.max(offset, run.offset);
+      if (whence === SEEK_HOLE && hole) return Math.max(offset, run.offset);
+    }
+    if (whence === SEEK_DATA) throw refusal(`${name}: no data after ${offset}`, Errno.ENXIO);
+    return image.length; // the end of the file is a hole
+  }
+
+  async fallocate(node: bigint, offset: number, length: number, mode: number): Promise<void> {
+    const { name } = this.file(node);
+    throw refusal(`${name}: fallocate mode 0x${mode.toString(16)} of ${length} bytes at ${offset} is not supported yet`, Errno.EOPNOTSUPP);
+  }
+
+  private handle(): number {
     const handle = this.nextHandle;
     this.nextHandle = this.nextHandle >= 0x7fffffff ? 1 : this.nextHandle + 1;
     return handle;
   }
 
-  private async read(path: string, buffer: Buffer, length: number, position: number): Promise<number> {
-    const { image } = this.entry(path);
-    const count = Math.max(0, Math.min(length, image.length - position));
-    if (count > 0) await image.read(position, buffer.subarray(0, count));
-    return count;
+  private directory(node: bigint): void {
+    if (node === ROOT) return;
+    this.file(node);
+    throw refusal(`node ${node} is not a directory`, Errno.ENOTDIR);
   }
 
-  private async write(path: string, buffer: Buffer, length: number, position: number): Promise<number> {
-    const entry = this.entry(path);
-    const { image } = entry;
-    if (image.readOnly) throw refusal(`${entry.name} is read-only`, Errno.EROFS);
-    if (length === 0) return 0;
-    if (position >= image.length) {
-      throw refusal(`write of ${length} bytes at ${position} is past the end of ${entry.name} (${image.length} bytes)`, Errno.ENOSPC);
-    }
-    const count = Math.min(length, image.length - position);
-    await image.write(position, buffer.subarray(0, count));
-    entry.mtime = new Date();
-    return count;
+  private file(node: bigint): FileEntry {
+    const entry = node >= 2n ? this.files[Number(node) - 2] : undefined;
+    if (!entry) throw refusal(node === ROOT ? 'the mount directory is not a file' : `no such node ${node}`, node === ROOT ? Errno.EISDIR : Errno.ENOENT);
+    return entry;
   }
 
-  private truncate(path: string, size: number): void {
-    const entry = this.entry(path);
-    if (size === entry.image.length) return;
-    if (entry.image.readOnly) throw refusal(`${entry.name} is read-only`, Errno.EROFS);
-    throw refusal(
-      `refusing to resize ${entry.name} from ${entry.image.length} to ${size} bytes: the virtual size cannot be changed through the mount`,
-      Errno.EINVAL,
-    );
+  /** 0555: the files can be written, but none can be added, removed or renamed. */
+  private directoryAttr(): FuseAttr {
+    return this.attr(ROOT, { mode: S_IFDIR | 0o555, nlink: 2, size: BLOCK_SIZE, blocks: 0, time: this.mountedAt });
   }
 
-  private statfs(): Fuse.StatFs {
-    const total = [...this.files.values()].reduce((sum, entry) => sum + entry.image.length, 0);
-    const blocks = Math.min(0xffffffff, Math.ceil(total / BLOCK_SIZE));
-    const files = this.files.size + 1;
-    return { bsize: BLOCK_SIZE, frsize: BLOCK_SIZE, blocks, bfree: 0, bavail: 0, files, ffree: 0, favail: 0, fsid: 0, flag: 0, namemax: 255 };
+  private async fileAttr(entry: FileEntry): Promise<FuseAttr> {
+    const allocated = await entry.image.allocatedBytes();
+    return this.attr(entry.nodeid, {
+      mode: S_IFREG | (entry.image.readOnly ? 0o444 : 0o644),
+      nlink: 1,
+      size: entry.image.length,
+      blocks: Math.ceil(allocated / 512),
+      time: entry.mtime,
+    });
   }
-}
 
-function errnoName(errno: number): string {
-  const name = Object.entries(Errno).find(([, value]) => value === -errno)?.[0];
-  return name ?? String(errno);
+  private attr(ino: bigint, fields: { mode: number; nlink: number; size: number; blocks: number; time: Date }): FuseAttr {
+    const ms = fields.time.getTime();
+    const seconds = Math.floor(ms / 1000);
+    const nsec = (ms - seconds * 1000) * 1_000_000;
+    return {
+      ino,
+      size: fields.size,
+      blocks: fields.blocks,
+      atime: seconds,
+      mtime: seconds,
+      ctime: seconds,
+      atimensec: nsec,
+      mtimensec: nsec,
+      ctimensec: nsec,
+      mode: fields.mode,
+      nlink: fields.nlink,
+      uid: this.owner.uid,
+      gid: this.owner.gid,
+      rdev: 0,
+      blksize: BLOCK_SIZE,
+      flags: 0,
+    };
+  }
 }

@@ -1,12 +1,13 @@
 /**
  * What a mount is made of, as plain data: the mount configuration (it crosses the
  * IPC channel to a background daemon), the `-o` mount(8)-style options, the names
- * of the files in the mount, and the option string handed to libfuse.
+ * of the files in the mount, and the options of the kernel mount.
  *
  * Pure functions only; every check happens here, before anything is opened.
  */
 import { basename, extname } from 'node:path';
 import { InvalidArgumentError } from '../block/index.js';
+import type { KernelMountOptions } from './kernel/mount.js';
 
 /** One mount, fully resolved: every path is absolute. */
 export interface MountConfig {
@@ -24,7 +25,7 @@ export interface MountConfig {
   debug: boolean;
   /** Append the daemon's log to this file. */
   logFile?: string;
-  /** Mount over a directory that is not empty (libfuse refuses by default). */
+  /** Mount over a directory that is not empty (refused by default, as libfuse does). */
   nonempty: boolean;
   /** L2-table cache bound per image in bytes; the format's default when undefined. A bound below 4 tables (0 too) is raised to 4 tables by the format, with a notice. */
   cacheBytes?: number;
@@ -136,23 +137,13 @@ export const FUSE_SUBTYPE = 'imgmount';
 export const MOUNT_TYPE = `fuse.${FUSE_SUBTYPE}`;
 
 /**
- * libfuse options for a mount. `big_writes,max_write=131072` lets the kernel send
- * writes of up to 128 KiB (libfuse 2's ceiling) instead of 4 KiB pieces, about ten
- * times the write throughput; fuse-native has no option for it, see session.ts.
- * `default_permissions` makes the kernel enforce the files' mode and owner.
- * `kernel_cache` keeps the kernel's page cache of a file across opens: the bytes of
- * a mounted file change only through this mount (the daemon holds the image open
- * read-write, and every write comes through the kernel), so cached pages never go
- * stale, and reading a file again is served from memory.
+ * How a mount is made (kernel/mount.ts): the source shown by mount(8) and df (the
+ * image, when its name can travel in fusermount's option syntax: no commas,
+ * backslashes or spaces), the `fuse.imgmount` type, read-only, allow_other. The
+ * kernel enforces the files' mode and owner (default_permissions, always on).
  */
-export function fuseOptions(config: MountConfig): string[] {
-  const options = ['subtype=' + FUSE_SUBTYPE, 'big_writes', 'max_write=131072', 'default_permissions', 'kernel_cache'];
-  if (config.allowOther) options.push('allow_other');
-  if (config.readOnly) options.push('ro');
-  if (config.nonempty) options.push('nonempty');
-  // The source column of mount(8) and df: the image, when libfuse can carry its name
-  // (commas and backslashes would be read as option syntax; fuse-native keeps 1023 bytes).
+export function kernelMountOptions(config: MountConfig): KernelMountOptions {
   const source = config.images[0] ?? FUSE_SUBTYPE;
-  const usable = !/[,\\\s]/.test(source) && source.length + options.join(',').length < 900;
-  return [`fsname=${usable ? source : FUSE_SUBTYPE}`, ...options];
+  const usable = !/[,\\\s]/.test(source) && Buffer.byteLength(source) < 900;
+  return { fsname: usable ? source : FUSE_SUBTYPE, subtype: FUSE_SUBTYPE, readOnly: config.readOnly, allowOther: config.allowOther };
 }

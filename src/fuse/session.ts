@@ -1,53 +1,27 @@
 /**
- * The kernel side of one mount, through fuse-native: checking the mount point,
- * mounting with our libfuse options, noticing when the kernel lets go of the file
- * system (whoever unmounted it), and unmounting.
+ * The kernel side of one mount: checking the mount point, mounting (kernel/mount.ts:
+ * mount(2) as root, fusermount3 as an ordinary user), serving the /dev/fuse
+ * connection (kernel/connection.ts), noticing when the kernel lets go of the file
+ * system, and unmounting.
  *
- * What fuse-native 2.2.6 does, read from its index.js / fuse-native.c and measured:
- *
- * - Options: `_fuseOptions()` joins its known options into one `-oa,b,c` argument
- *   that fuse_mount() and fuse_new() both parse. It knows no big_writes/max_write
- *   (the kernel then splits writes into 4 KiB requests), and it adds libfuse's
- *   `debug` whenever $DEBUG contains a `*`. FuseMount overrides `_fuseOptions()`
- *   to hand over exactly our list (options.ts); fuse-native keeps 1023 bytes of it.
- * - Timeout: unless `timeout: false`, fuse-native answers ETIMEDOUT after 15 s while
- *   the JavaScript handler is still running (a slow flush would look failed).
- * - Unmount from outside (umount, fusermount -u, umount -l): libfuse's loop thread
- *   sees the connection end and tears down in C; fuse-native tells JavaScript
- *   nothing and keeps the process alive (its uv_async handle stays referenced).
- *   We watch the mount's root with inotify instead: the kernel queues IN_UNMOUNT
- *   when the super block goes away, a few milliseconds after umount returns, and
- *   after a lazy unmount only once the last user (an open file, a loop device) has
- *   let go -- exactly when the images may be closed. The watch lives in a worker
- *   thread because adding it resolves the path through this very file system, whose
- *   requests only the main thread can answer. Should the watch fail, we poll the
- *   mount table every second instead.
+ * Every unmount route (umount, fusermount -u, imgmount unmount, a lazy unmount once
+ * its last user has let go) ends the same way: reads of /dev/fuse fail with ENODEV
+ * once the kernel is done with the file system, and the connection's `ended`
+ * resolves. Only then may the images be closed.
  */
 import { execFile } from 'node:child_process';
 import { constants as fsConstants } from 'node:fs';
 import { open, readdir, readFile, stat, statfs } from 'node:fs/promises';
-import { Worker } from 'node:worker_threads';
-import Fuse from 'fuse-native';
 import { BlockError, InvalidArgumentError } from '../block/index.js';
+import { KernelConnection, type KernelFilesystem } from './kernel/connection.js';
+import { mountKernel, type KernelMountOptions } from './kernel/mount.js';
 import { Errno } from './errno.js';
 import { log } from './log.js';
-import { findMount, isMounted } from './mountinfo.js';
+import { findMount } from './mountinfo.js';
 import { MOUNT_TYPE } from './options.js';
 
-/** fuse-native with our libfuse option list instead of the one it builds. */
-class FuseMount extends Fuse {
-  constructor(
-    mountpoint: string,
-    operations: Fuse.Operations,
-    private readonly optionArgument: string,
-  ) {
-    super(mountpoint, operations, { timeout: false });
-  }
-
-  protected override _fuseOptions(): string {
-    return this.optionArgument;
-  }
-}
+/** How long the kernel may take to send INIT after the mount. */
+const INIT_TIMEOUT_MS = 10_000;
 
 /** Fails with a clear line unless `mountpoint` can take a new mount. */
 export async function checkMountpoint(
@@ -128,44 +102,40 @@ function firstLine(text: string): string {
 
 /** One mounted file system, from mount until the kernel has let go of it. */
 export class FuseSession {
-  /** Resolves once the file system is unmounted and no longer in use: after this no request can come. */
-  readonly ended: Promise<void>;
-  private markEnded!: () => void;
-  private hasEnded = false;
-  private watcher: Worker | undefined;
-  private poller: NodeJS.Timeout | undefined;
-
   private constructor(
     readonly mountpoint: string,
     /** Our line in /proc/self/mountinfo. */
     readonly mountId: number,
-  ) {
-    this.ended = new Promise((resolve) => (this.markEnded = resolve));
+    private readonly connection: KernelConnection,
+  ) {}
+
+  /** Resolves once the file system is unmounted and no longer in use: after this no request can come. */
+  get ended(): Promise<void> {
+    return this.connection.ended;
   }
 
-  /** Mounts `operations` at `mountpoint` (checked by checkMountpoint) and resolves once the kernel can send requests. */
-  static async mount(mountpoint: string, operations: Fuse.Operations, fuseOptions: readonly string[]): Promise<FuseSession> {
-    const optionArgument = `-o${fuseOptions.join(',')}`;
-    if (optionArgument.length > 1023 || Buffer.byteLength(mountpoint) > 1000) {
-      throw new InvalidArgumentError(`mount point path or libfuse options too long for fuse-native (${mountpoint})`);
-    }
-    const fuse = new FuseMount(mountpoint, operations, optionArgument);
-    log('mounting %s with %s', mountpoint, optionArgument);
+  /** Resolves once no request is being answered. */
+  drain(): Promise<void> {
+    return this.connection.drain();
+  }
+
+  /** Mounts `filesystem` at `mountpoint` (checked by checkMountpoint) and resolves once the kernel can send requests. */
+  static async mount(mountpoint: string, filesystem: KernelFilesystem, options: KernelMountOptions): Promise<FuseSession> {
+    const fd = await mountKernel(mountpoint, options);
+    const connection = new KernelConnection(fd, filesystem);
     try {
-      await new Promise<void>((resolve, reject) => fuse.mount((error) => (error ? reject(error) : resolve())));
+      await waitForInit(connection, mountpoint);
+      const entry = await findMount(mountpoint);
+      if (!entry || entry.type !== MOUNT_TYPE) {
+        throw new BlockError(`mounted ${mountpoint} but cannot find it in /proc/self/mountinfo`, Errno.EIO);
+      }
+      log('mounted %s (mount id %d, device %s)', mountpoint, entry.id, entry.device);
+      return new FuseSession(mountpoint, entry.id, connection);
     } catch (error) {
       await removeFailedMount(mountpoint);
-      const reason = (error as Error).message === 'fuse failed' ? 'libfuse refused (its own message is in the log)' : (error as Error).message;
-      throw new InvalidArgumentError(`cannot mount on ${mountpoint}: ${reason}`);
+      connection.close();
+      throw error;
     }
-    const entry = await findMount(mountpoint);
-    if (!entry || entry.type !== MOUNT_TYPE) {
-      throw new BlockError(`mounted ${mountpoint} but cannot find it in /proc/self/mountinfo`, Errno.EIO);
-    }
-    const session = new FuseSession(mountpoint, entry.id);
-    await session.watchForUnmount();
-    log('mounted %s (mount id %d, device %s)', mountpoint, entry.id, entry.device);
-    return session;
   }
 
   /**
@@ -173,7 +143,6 @@ export class FuseSession {
    * up) and resolves once the kernel has let go of the file system.
    */
   async unmount(): Promise<void> {
-    if (this.hasEnded) return;
     await fusermount(['-u', this.mountpoint]);
     log('unmounted %s', this.mountpoint);
     const slow = setTimeout(() => {
@@ -182,71 +151,19 @@ export class FuseSession {
     await this.ended;
     clearTimeout(slow);
   }
+}
 
-  /** Starts the inotify watch (or polling) and resolves once it is in place, before anyone is told the mount is ready. */
-  private watchForUnmount(): Promise<void> {
-    return new Promise((resolve) => {
-      const worker = new Worker(WATCHER_SOURCE, { eval: true, workerData: { mountpoint: this.mountpoint } });
-      this.watcher = worker;
-      worker.unref();
-      worker.on('message', (message: { watching?: true; event?: string; error?: string }) => {
-        if (message.error !== undefined) {
-          log('cannot watch %s for unmount (%s); polling the mount table instead', this.mountpoint, message.error);
-          this.startPolling();
-        } else {
-          // Also right after the watch was added: an unmount before it would have been missed.
-          void this.checkStillMounted();
-        }
-        resolve();
-      });
-      worker.on('error', (error) => {
-        log('unmount watcher failed (%s); polling the mount table instead', error.message);
-        this.startPolling();
-        resolve();
-      });
-    });
-  }
-
-  private startPolling(): void {
-    this.poller ??= setInterval(() => void this.checkStillMounted(), 1000);
-  }
-
-  private async checkStillMounted(): Promise<void> {
-    let mounted: boolean;
-    try {
-      mounted = await isMounted(this.mountId);
-    } catch (error) {
-      log('cannot read the mount table: %s', (error as Error).message);
-      return;
-    }
-    if (mounted || this.hasEnded) return;
-    this.hasEnded = true;
-    clearInterval(this.poller);
-    void this.watcher?.terminate();
-    log('the kernel has let go of %s', this.mountpoint);
-    this.markEnded();
+/** The kernel sends INIT right after the mount; the mount is usable once it is answered. */
+async function waitForInit(connection: KernelConnection, mountpoint: string): Promise<void> {
+  const deadline = Date.now() + INIT_TIMEOUT_MS;
+  while (!connection.ready) {
+    if (Date.now() > deadline) throw new BlockError(`the kernel sent no FUSE INIT for ${mountpoint} within ${INIT_TIMEOUT_MS / 1000} s`, Errno.EIO);
+    const ended = await Promise.race([connection.ended.then(() => true), new Promise<false>((resolve) => setTimeout(() => resolve(false), 2))]);
+    if (ended) throw new BlockError(`the FUSE connection of ${mountpoint} ended before INIT`, Errno.EIO);
   }
 }
 
-/**
- * The watcher thread: reports inotify events on the mount's root. IN_UNMOUNT
- * arrives as 'rename'; 'change' events (writes to the files) are not forwarded.
- */
-const WATCHER_SOURCE = `
-const { parentPort, workerData } = require('node:worker_threads');
-const { watch } = require('node:fs');
-try {
-  const watcher = watch(workerData.mountpoint, (event) => {
-    if (event === 'rename') parentPort.postMessage({ event });
-  });
-  watcher.on('error', (error) => parentPort.postMessage({ error: String(error && error.message) }));
-  parentPort.postMessage({ watching: true });
-} catch (error) {
-  parentPort.postMessage({ error: String(error && error.message) });
-}
-`;
-
-/** After a failed mount, takes away a mount libfuse may have left (fuse_new can fail after fuse_mount). */
+/** After a failed mount, takes away the half-made mount (mounted, but never served). */
 async function removeFailedMount(mountpoint: string): Promise<void> {
   const entry = await findMount(mountpoint).catch(() => undefined);
   if (entry?.type !== MOUNT_TYPE) return;

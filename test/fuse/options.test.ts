@@ -1,11 +1,11 @@
 /**
- * The pure parts of a mount: `-o` parsing, file names, the libfuse option list,
+ * The pure parts of a mount: `-o` parsing, file names, the kernel mount options,
  * combining the command line into a plan, and reading /proc/self/mountinfo.
  */
 import { describe, expect, test } from 'vitest';
 import { mountPlan } from '../../src/cli/mount.js';
 import { parseMountInfo } from '../../src/fuse/mountinfo.js';
-import { fuseOptions, mountFileNames, parseMountOptions, rawFileName, type MountConfig } from '../../src/fuse/options.js';
+import { kernelMountOptions, mountFileNames, parseMountOptions, rawFileName, type MountConfig } from '../../src/fuse/options.js';
 
 describe('-o mount options', () => {
   test('flags and values, repeatable, later items win', () => {
@@ -51,23 +51,18 @@ describe('file names in the mount', () => {
   });
 });
 
-describe('libfuse options', () => {
+describe('kernel mount options', () => {
   const base: MountConfig = { images: ['/images/disk.qed'], mountpoint: '/mnt', readOnly: false, allowOther: false, debug: false, nonempty: false };
 
-  test('big writes, our subtype, kernel permission checks, the image as source', () => {
-    expect(fuseOptions(base)).toEqual(['fsname=/images/disk.qed', 'subtype=imgmount', 'big_writes', 'max_write=131072', 'default_permissions', 'kernel_cache']);
+  test('our subtype, the image as source, read-only and allow_other as configured', () => {
+    expect(kernelMountOptions(base)).toEqual({ fsname: '/images/disk.qed', subtype: 'imgmount', readOnly: false, allowOther: false });
+    expect(kernelMountOptions({ ...base, readOnly: true, allowOther: true })).toMatchObject({ readOnly: true, allowOther: true });
   });
 
-  test('read-only, allow_other and nonempty', () => {
-    expect(fuseOptions({ ...base, readOnly: true, allowOther: true, nonempty: true })).toEqual(
-      expect.arrayContaining(['ro', 'allow_other', 'nonempty']),
-    );
-  });
-
-  test('an image path libfuse would misread is not used as the source', () => {
-    expect(fuseOptions({ ...base, images: ['/images/a,b.qed'] })[0]).toBe('fsname=imgmount');
-    expect(fuseOptions({ ...base, images: ['/images/a b.qed'] })[0]).toBe('fsname=imgmount');
-    expect(fuseOptions({ ...base, images: [`/${'x'.repeat(2000)}.qed`] })[0]).toBe('fsname=imgmount');
+  test('an image path fusermount would misread is not used as the source', () => {
+    expect(kernelMountOptions({ ...base, images: ['/images/a,b.qed'] }).fsname).toBe('imgmount');
+    expect(kernelMountOptions({ ...base, images: ['/images/a b.qed'] }).fsname).toBe('imgmount');
+    expect(kernelMountOptions({ ...base, images: [`/${'x'.repeat(2000)}.qed`] }).fsname).toBe('imgmount');
   });
 });
 

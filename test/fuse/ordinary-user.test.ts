@@ -25,11 +25,11 @@ function asNobody(command: string, cwd: string): ReturnType<typeof run> {
 
 /** A copy of imgmount that nobody can run, or the checkout itself when it already can. */
 async function programForNobody(): Promise<string> {
-  const check = await asNobody(`test -r ${repository}/dist/cli/main.js && test -r ${repository}/node_modules/fuse-native/index.js`, '/');
+  const check = await asNobody(`test -r ${repository}/dist/cli/main.js && test -r ${repository}/build/Release/imgmount.node`, '/');
   if (check.code === 0) return join(repository, 'bin/imgmount');
   const copy = await mkdtemp('/tmp/imgmount-program-');
   await chmod(copy, 0o755);
-  for (const part of ['bin', 'dist', 'node_modules', 'package.json']) await cp(join(repository, part), join(copy, part), { recursive: true });
+  for (const part of ['bin', 'build', 'dist', 'node_modules', 'package.json']) await cp(join(repository, part), join(copy, part), { recursive: true });
   await promisify(execFile)('chmod', ['-R', 'a+rX', copy]);
   return join(copy, 'bin/imgmount');
 }

@@ -144,7 +144,7 @@ describe.skipIf(skipWithoutFuse('reading through the FUSE mount'))('reading thro
     } finally {
       await handle.close();
     }
-    expect(await readFile(log, 'utf8')).toMatch(/read \/disk\.raw \d+@33554432: .*points to 12345/);
+    expect(await readFile(log, 'utf8')).toMatch(/read node 2 \d+@33554432: .*points to 12345/);
     expect((await imgmount(['unmount', mnt])).code).toBe(0);
   });
 
