@@ -12,11 +12,17 @@
  * The hot path (read/write) uses fs's callback functions on the raw fd: on
  * Node 20, FileHandle.read costs about a third more CPU per call, which
  * showed as the largest item in profiles of 4 KiB random reads.
+ *
+ * Reads try the page cache first, on the calling (main) thread: preadv2 with
+ * RWF_NOWAIT (native addon) returns at once with what is cached, or EAGAIN;
+ * only the rest goes through libuv's thread pool, whose round trip costs
+ * about 100 µs, far more than copying a cached 4 KiB block.
  */
 import { open, realpath, stat, type FileHandle } from 'node:fs/promises';
 import { constants as fsConstants, read as readCallback, write as writeCallback } from 'node:fs';
 import createDebug from 'debug';
 import { constants as osConstants } from 'node:os';
+import { preadNowait } from '../native/index.js';
 import { HostIoError, hostIoError, InvalidArgumentError } from './errors.js';
 import { lockForWriting, type ImageLock } from './lock.js';
 import type { HostOffset, Protocol } from './types.js';
@@ -30,6 +36,9 @@ export class FileProtocol implements Protocol {
     private readonly handle: FileHandle,
     private readonly lock: ImageLock | undefined,
   ) {}
+
+  /** Whether reads try the page cache first (RWF_NOWAIT); off for a file system that refuses it. */
+  private nowait = true;
 
   /** Opens an existing host file; never creates one. */
   static async open(path: string, readOnly: boolean): Promise<FileProtocol> {
@@ -54,6 +63,13 @@ export class FileProtocol implements Protocol {
   async read(offset: HostOffset, buffer: Buffer): Promise<void> {
     let done = 0;
     try {
+      if (this.nowait && buffer.length > 0) {
+        const cached = preadNowait(this.handle.fd, buffer, 0, buffer.length, offset);
+        if (cached === -osConstants.errno.EOPNOTSUPP) this.nowait = false; // a file system without RWF_NOWAIT
+        else if (cached === 0) done = buffer.length; // at or past the end of the file: zeros
+        else if (cached > 0) done = cached;
+        if (cached === 0) buffer.fill(0);
+      }
       while (done < buffer.length) {
         const bytesRead = await pread(this.handle.fd, buffer, done, buffer.length - done, offset + done);
         if (bytesRead === 0) break;
