@@ -1,34 +1,60 @@
 /**
- * Optional abilities of formats, said once and by name: a format without
- * zero/discard stays writable and answers those requests with EOPNOTSUPP; a
+ * Optional abilities of formats, said once and by name: QED and raw zero and
+ * discard ranges; a format without zero/discard stays writable and answers those
+ * requests with EOPNOTSUPP; a
  * format that cannot write opens read-only with a notice (EROFS for writes);
  * a format without internal snapshots refuses `snapshot` by name.
  */
 import { join } from 'node:path';
 import { constants } from 'node:os';
 import { describe, expect, it } from 'vitest';
-import { createImage, openImage } from '../src/index.js';
+import { BlockImage, createImage, openImage, type FormatImage } from '../src/index.js';
 import { makeTempDir, qemuImg, skipWithoutQemu } from './helpers/qemu.js';
 
 const { EOPNOTSUPP, EROFS } = constants.errno;
 
 describe.skipIf(skipWithoutQemu('optional abilities of formats'))('optional abilities of formats', () => {
-  it.each(['qed', 'raw'])('%s: zero and discard answer EOPNOTSUPP naming the format, and the image stays writable', async (format) => {
+  it.each(['qed', 'raw'])('%s: zero and discard make the range read as zeros, inside and across clusters; the rest is kept', async (format) => {
     const dir = await makeTempDir();
     const path = join(dir, `disk.${format === 'raw' ? 'img' : format}`);
     await createImage(path, format, { size: 1 << 20 });
     const image = await openImage(path, { format });
     try {
-      for (const request of [image.zero(4096, 4096), image.discard(0, 65536)]) {
-        await expect(request).rejects.toMatchObject({ errno: EOPNOTSUPP, message: expect.stringMatching(new RegExp(`${format} images do not support (zero|discard) requests`)) });
-      }
-      await image.write(4096, Buffer.alloc(4096, 0x42));
-      const back = Buffer.alloc(4096);
-      await image.read(4096, back);
-      expect(back.equals(Buffer.alloc(4096, 0x42))).toBe(true);
+      await image.write(0, Buffer.alloc(1 << 20, 0x42));
+      await image.zero(4096, 4096);
+      await image.discard(60_000, 200_000);
+      const expected = Buffer.alloc(1 << 20, 0x42);
+      expected.fill(0, 4096, 8192);
+      expected.fill(0, 60_000, 260_000);
+      const back = Buffer.alloc(1 << 20);
+      await image.read(0, back);
+      expect(back.equals(expected)).toBe(true);
+      await image.write(4096, Buffer.alloc(4096, 0x43));
+      await image.read(4096, back.subarray(0, 4096));
+      expect(back.subarray(0, 4096).equals(Buffer.alloc(4096, 0x43))).toBe(true);
     } finally {
       await image.close();
     }
+  });
+
+  it('a format without zero/discard answers EOPNOTSUPP naming it, and stays writable', async () => {
+    const bytes = Buffer.alloc(65536);
+    const file = { path: 'mem', readOnly: false, read: async () => undefined, write: async () => undefined, flush: async () => undefined, size: async () => bytes.length, allocatedSize: async () => 0, truncate: async () => undefined, close: async () => undefined };
+    const format: FormatImage = {
+      virtualSize: bytes.length,
+      backing: undefined,
+      map: async (offset, length) => [{ kind: 'data', guestOffset: offset, length, hostOffset: offset }],
+      write: async (offset, data) => void data.copy(bytes, offset),
+      flush: async () => undefined,
+      close: async () => undefined,
+      info: () => ({}),
+    };
+    const image = new BlockImage({ path: 'mem', format: 'memory', file, image: format });
+    for (const request of [image.zero(4096, 4096), image.discard(0, 65536)]) {
+      await expect(request).rejects.toMatchObject({ errno: EOPNOTSUPP, message: expect.stringMatching(/memory images do not support (zero|discard) requests/) });
+    }
+    await image.write(0, Buffer.alloc(10, 1));
+    expect(bytes.subarray(0, 10).equals(Buffer.alloc(10, 1))).toBe(true);
   });
 
   it('qcow2 (no writing yet): zero, discard and write answer EROFS on an image asked for read-write', async () => {

@@ -22,7 +22,7 @@ import { open, realpath, stat, type FileHandle } from 'node:fs/promises';
 import { constants as fsConstants, read as readCallback, write as writeCallback } from 'node:fs';
 import createDebug from 'debug';
 import { constants as osConstants } from 'node:os';
-import { preadNowait } from '../native/index.js';
+import { constants as nativeConstants, fallocate, lseek, preadNowait } from '../native/index.js';
 import { HostIoError, hostIoError, InvalidArgumentError } from './errors.js';
 import { lockForWriting, type ImageLock } from './lock.js';
 import type { HostOffset, Protocol } from './types.js';
@@ -115,6 +115,33 @@ export class FileProtocol implements Protocol {
       await this.handle.truncate(length);
     } catch (error) {
       throw hostIoError(`truncate to ${length}`, this.path, error);
+    }
+  }
+
+  async punchHole(offset: HostOffset, length: number): Promise<void> {
+    if (this.readOnly) throw new HostIoError(`punch a hole in ${this.path}: open read-only`, osConstants.errno.EBADF);
+    try {
+      fallocate(this.handle.fd, nativeConstants.FALLOC_FL_PUNCH_HOLE | nativeConstants.FALLOC_FL_KEEP_SIZE, offset, length);
+    } catch (error) {
+      throw hostIoError(`punch a hole of ${length} bytes at ${offset} in`, this.path, error);
+    }
+  }
+
+  async nextData(offset: HostOffset): Promise<HostOffset | undefined> {
+    try {
+      return lseek(this.handle.fd, offset, nativeConstants.SEEK_DATA);
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code === 'ENXIO') return undefined;
+      throw hostIoError(`SEEK_DATA at ${offset} in`, this.path, error);
+    }
+  }
+
+  async nextHole(offset: HostOffset): Promise<HostOffset> {
+    try {
+      return lseek(this.handle.fd, offset, nativeConstants.SEEK_HOLE);
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code === 'ENXIO') return offset;
+      throw hostIoError(`SEEK_HOLE at ${offset} in`, this.path, error);
     }
   }
 

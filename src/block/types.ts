@@ -35,6 +35,11 @@ export interface Protocol {
   /** Bytes the file occupies on disk (st_blocks * 512). */
   allocatedSize(): Promise<number>;
   truncate(length: number): Promise<void>;
+  /** Frees [offset, offset + length) of the host file, which then reads as zeros (size kept). Optional: missing means not supported. */
+  punchHole?(offset: HostOffset, length: number): Promise<void>;
+  /** The next offset at or after `offset` holding data, and the next hole (the end of the file counts as one); undefined past the end. Optional. */
+  nextData?(offset: HostOffset): Promise<HostOffset | undefined>;
+  nextHole?(offset: HostOffset): Promise<HostOffset>;
   close(): Promise<void>;
 }
 

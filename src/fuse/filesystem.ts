@@ -25,8 +25,10 @@
  *   Mode and owner changes fail with EPERM; time changes are accepted and ignored.
  * - lseek SEEK_DATA / SEEK_HOLE answer from the image's map (backing chain included):
  *   ranges that read as zeros (zero clusters, unallocated down the chain) are holes.
- * - fallocate: EOPNOTSUPP (never ENOSYS, which would switch it off for the whole
- *   connection) until the block layer's zero/discard reach the formats.
+ * - fallocate: PUNCH_HOLE|KEEP_SIZE is the image's discard and ZERO_RANGE its zero
+ *   (afterwards the range reads as zeros; whole clusters free host space); other
+ *   modes, and formats without them, answer EOPNOTSUPP (never ENOSYS, which would
+ *   switch fallocate off for the whole connection).
  * - Files are owned by the mounting user, mode 0644 (0444 when read-only), and the
  *   kernel enforces that (default_permissions); st_blocks counts every file of the
  *   image on disk. The directory is 0555: files cannot be created, removed or
@@ -51,6 +53,9 @@ const SEEK_HOLE = 4;
 const FATTR_MODE = 1 << 0;
 const FATTR_UID = 1 << 1;
 const FATTR_GID = 1 << 2;
+const FALLOC_FL_KEEP_SIZE = 0x01;
+const FALLOC_FL_PUNCH_HOLE = 0x02;
+const FALLOC_FL_ZERO_RANGE = 0x10;
 
 /** One image as a file of the mount. */
 export interface MountedImage {
@@ -199,8 +204,20 @@ export class ImageFilesystem implements KernelFilesystem {
   }
 
   async fallocate(node: bigint, offset: number, length: number, mode: number): Promise<void> {
-    const { name } = this.file(node);
-    throw refusal(`${name}: fallocate mode 0x${mode.toString(16)} of ${length} bytes at ${offset} is not supported yet`, Errno.EOPNOTSUPP);
+    const entry = this.file(node);
+    const { image, name } = entry;
+    const punch = mode === (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE);
+    const zeroRange = (mode & ~FALLOC_FL_KEEP_SIZE) === FALLOC_FL_ZERO_RANGE;
+    if (!punch && !zeroRange) {
+      // Allocating (mode 0) cannot be promised for an image; EOPNOTSUPP makes posix_fallocate write zeros instead.
+      throw refusal(`${name}: fallocate mode 0x${mode.toString(16)} is not supported (only punching holes and zeroing ranges)`, Errno.EOPNOTSUPP);
+    }
+    if (image.readOnly) throw refusal(`${name} is read-only`, Errno.EROFS);
+    const end = Math.min(image.length, offset + length);
+    if (end <= offset) return;
+    if (punch) await image.discard(offset, end - offset);
+    else await image.zero(offset, end - offset);
+    entry.mtime = new Date();
   }
 
   private handle(): number {

@@ -941,11 +941,12 @@ export function describeEachFormat(title: string, body: (format: FormatEntry) =>
  * Turns both sides' map runs into comparable shapes (normalizeMap), with
  * these documented adjustments:
  *
- * - qemu-img asks the host file system about holes (SEEK_HOLE) under data it
- *   maps: an allocated qcow2 cluster never written (preallocation, the unwritten
- *   tail of a cluster at the end of the file) is "data": true, "zero": true, and
- *   a hole in a raw file is "data": false, "zero": true with an offset. This
- *   library does not look for host holes: those are data, not zero, here.
+ * - qemu-img asks the host file system about holes (SEEK_HOLE) under the data
+ *   a format maps: an allocated qcow2 cluster never written (preallocation, the
+ *   unwritten tail of a cluster at the end of the file) is "data": true,
+ *   "zero": true. This library asks only for raw images (whose holes both sides
+ *   map as "data": false, "zero": true with an offset), so under qcow2 and QED
+ *   such clusters are data, not zero, here.
  * - Host offsets are compared only for the top image's own data (depth 0):
  *   qemu's JSON does not say which file an offset is in; below the top the
  *   offset is in a backing file. For an external data file both sides give
@@ -956,10 +957,6 @@ export function mapForComparison(runs: ReadonlyArray<QemuMapRun | MapRun>, layer
     const copy = { ...run };
     const isQemu = 'start' in copy;
     if (isQemu && copy.data && copy.zero) copy.zero = false;
-    if (isQemu && layers[copy.depth] === 'raw' && copy.present && copy.zero && !copy.data && copy.offset !== undefined) {
-      copy.data = true;
-      copy.zero = false;
-    }
     if (copy.depth !== 0) {
       if (isQemu) delete (copy as QemuMapRun).offset;
       else delete (copy as MapRun).hostOffset;

@@ -273,6 +273,44 @@ export class QedImage implements FormatImage {
     log('%s: need-check set', this.file.path);
   }
 
+  /**
+   * Makes [offset, offset + length) read as zeros. Allocated clusters keep their
+   * L2 entries (QED has no refcounts: a dropped entry would leave a leaked
+   * cluster that qemu-img check reports) and their host range is punched, which
+   * frees the space of whole clusters and zeroes partial ones. Zero clusters stay.
+   * Unallocated ranges read as zeros already without a backing file; over one,
+   * zeros are written (an allocating write).
+   */
+  async zero(offset: number, length: number): Promise<void> {
+    this.assertOpen();
+    const runs = await this.map(offset, length);
+    await settleAll(
+      runs.map((run) => {
+        if (run.kind === 'data') return this.clearHostRange(run.hostOffset, run.length);
+        if (run.kind === 'backing' && this.readBacking) return this.writeZeros(run.guestOffset, run.length);
+        return undefined;
+      }),
+    );
+  }
+
+  /** Writes zeros over [offset, offset + length) in pieces of at most 1 MiB. */
+  private async writeZeros(offset: number, length: number): Promise<void> {
+    const piece = Buffer.alloc(Math.min(length, 1024 * 1024));
+    for (let pos = offset; pos < offset + length; pos += piece.length) {
+      await this.write(pos, piece.subarray(0, Math.min(piece.length, offset + length - pos)));
+    }
+  }
+
+  /** Discard: QED cannot free a cluster without leaking it, so it zeroes (see zero). */
+  async discard(offset: number, length: number): Promise<void> {
+    await this.zero(offset, length);
+  }
+
+  private async clearHostRange(hostOffset: number, length: number): Promise<void> {
+    if (this.file.punchHole) await this.file.punchHole(hostOffset, length);
+    else await this.file.write(hostOffset, Buffer.alloc(length));
+  }
+
   async flush(): Promise<void> {
     this.assertOpen();
     await this.file.flush();

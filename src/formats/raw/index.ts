@@ -1,6 +1,8 @@
 /**
  * The raw format: guest offset X is host offset X, the virtual size is the
  * file size. It probes with the lowest confidence so any real format wins.
+ * Holes of the host file (SEEK_DATA / SEEK_HOLE) map as zeros, as qemu-img map
+ * shows them, and are not read; zero and discard punch holes.
  */
 import { open } from 'node:fs/promises';
 import { hostIoError, InvalidArgumentError } from '../../block/errors.js';
@@ -15,7 +17,35 @@ class RawImage implements FormatImage {
   ) {}
 
   async map(offset: number, length: number): Promise<Mapping[]> {
-    return [{ kind: 'data', guestOffset: offset, length, hostOffset: offset }];
+    const { nextData, nextHole } = this.file;
+    if (!nextData || !nextHole) return [{ kind: 'data', guestOffset: offset, length, hostOffset: offset }];
+    const runs: Mapping[] = [];
+    const end = offset + length;
+    for (let pos = offset; pos < end; ) {
+      const data = await nextData.call(this.file, pos);
+      if (data === undefined || data >= end) {
+        runs.push({ kind: 'zero', guestOffset: pos, length: end - pos, hostOffset: pos });
+        break;
+      }
+      if (data > pos) runs.push({ kind: 'zero', guestOffset: pos, length: data - pos, hostOffset: pos });
+      const hole = Math.min(end, Math.max(data + 1, await nextHole.call(this.file, data)));
+      runs.push({ kind: 'data', guestOffset: data, length: hole - data, hostOffset: data });
+      pos = hole;
+    }
+    return runs;
+  }
+
+  async zero(offset: number, length: number): Promise<void> {
+    await this.punch(offset, length);
+  }
+
+  async discard(offset: number, length: number): Promise<void> {
+    await this.punch(offset, length);
+  }
+
+  private async punch(offset: number, length: number): Promise<void> {
+    if (this.file.punchHole) await this.file.punchHole(offset, length);
+    else await this.file.write(offset, Buffer.alloc(length));
   }
 
   async write(offset: number, data: Buffer): Promise<void> {
