@@ -4,7 +4,8 @@
  * tail); flush is fdatasync. Concurrency: calls may overlap freely; each is
  * one pread/pwrite on libuv's thread pool. A read-write open holds the image's
  * write lock (lock.ts) until close, so two imgmount processes never write one
- * image at once.
+ * image at once, and QEMU's own byte-range locks are taken and respected
+ * (qemu-locks.ts), so neither does a running VM.
  *
  * A pwrite that writes nothing fails the write with EIO (it would otherwise be
  * repeated forever).
@@ -25,6 +26,7 @@ import { constants as osConstants } from 'node:os';
 import { constants as nativeConstants, fallocate, lseek, preadNowait } from '../native/index.js';
 import { HostIoError, hostIoError, InvalidArgumentError } from './errors.js';
 import { lockForWriting, type ImageLock } from './lock.js';
+import { takeQemuLocks } from './qemu-locks.js';
 import type { HostOffset, Protocol } from './types.js';
 
 const log = createDebug('imgmount:file');
@@ -47,7 +49,9 @@ export class FileProtocol implements Protocol {
       await refuseSpecialFile(path);
       const handle = await open(path, readOnly ? fsConstants.O_RDONLY : fsConstants.O_RDWR);
       try {
+        // Another imgmount first (its message names it), then QEMU's locks.
         if (!readOnly) lock = await lockForWriting(await realpath(path), path);
+        takeQemuLocks(handle.fd, readOnly, path);
       } catch (error) {
         await handle.close();
         throw error;
