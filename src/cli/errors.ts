@@ -2,10 +2,17 @@
  * How the command line reports failures: one line on stderr, no stack trace
  * for expected errors (BlockError), and the exit code the command chose.
  */
-import createDebug from 'debug';
+import { createRequire } from 'node:module';
+import type createDebug from 'debug';
 import { BlockError } from '../block/errors.js';
 
-const log = createDebug('imgmount:cli');
+// The debug package loads (synchronously: it is CommonJS) only for an unexpected error,
+// not at the start of every command.
+let log: createDebug.Debugger | undefined;
+function debugLog(): createDebug.Debugger {
+  log ??= (createRequire(import.meta.url)('debug') as typeof createDebug)('imgmount:cli');
+  return log;
+}
 
 /** An error that ends the command with a specific exit code. */
 export class ExitError extends Error {
@@ -19,7 +26,7 @@ export function describeError(error: unknown): string {
   if (error instanceof BlockError || error instanceof ExitError) return error.message;
   const code = (error as NodeJS.ErrnoException | undefined)?.code;
   if (error instanceof Error && code !== undefined) return error.message;
-  log('unexpected error: %O', error);
+  debugLog()('unexpected error: %O', error);
   const message = error instanceof Error ? error.message : String(error);
   return `unexpected error: ${message} (run with DEBUG=imgmount:* for details)`;
 }

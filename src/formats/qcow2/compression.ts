@@ -7,11 +7,13 @@
  *
  * zstd uses `zstddec` (zstd compiled to WebAssembly; Node 20's zlib has no
  * zstd): it installs on a fresh machine with no native build and no download,
- * and decodes at a few hundred MiB/s. Its WebAssembly instance is made once,
- * on first use; decoding is synchronous on the calling thread.
+ * and decodes at a few hundred MiB/s. The module is imported, and its
+ * WebAssembly instance made, once, on the first zstd decode (so opening a
+ * qcow2 image, or any command, does not pay for it); decoding is synchronous
+ * on the calling thread.
  */
 import { inflateRaw, constants as zlibConstants } from 'node:zlib';
-import { ZSTDDecoder } from 'zstddec';
+import type { ZSTDDecoder } from 'zstddec';
 import type { CompressionType } from './header.js';
 
 /** Decodes `data` into exactly `clusterSize` bytes; throws a message (without the file name) when it cannot. */
@@ -32,6 +34,7 @@ let zstd: Promise<ZSTDDecoder> | undefined;
 
 async function decodeZstd(data: Buffer, clusterSize: number): Promise<Buffer> {
   zstd ??= (async () => {
+    const { ZSTDDecoder } = await import('zstddec');
     const decoder = new ZSTDDecoder();
     await decoder.init();
     return decoder;

@@ -1,0 +1,210 @@
+/**
+ * imgmount's commands as the parser (args.ts) reads them: each command's
+ * positionals and options with their help texts, and how a parsed command
+ * line becomes the arguments of the command's handler.
+ */
+import type { CommandSpec, Parsed, Program, Value } from './args.js';
+import type { CheckArguments } from './check.js';
+import type { CreateArguments } from './create.js';
+import type { InfoArguments } from './info.js';
+import type { MapArguments } from './map.js';
+import type { MountArguments } from './mount.js';
+
+/** A repeatable string option: the parser gives a string, an array or nothing. */
+export function asList(value: Value | undefined): string[] {
+  return value === undefined ? [] : ((Array.isArray(value) ? value : [value]) as string[]);
+}
+
+const outputChoices = ['human', 'json'] as const;
+
+const ALLOW_FILES_HELP =
+  'backing files and external data files an image names must lie in DIR (repeatable); by default any regular file you can read';
+
+/** The formats the help texts name: every readable one, and those that can be created. */
+export interface FormatNames {
+  readable: string;
+  creatable: string;
+}
+
+/** Every command with its options; the help texts name the formats (only help needs them). */
+export function program(formats: FormatNames = { readable: '', creatable: '' }): Program {
+  const { readable, creatable } = formats;
+  return {
+    scriptName: 'imgmount',
+    usage: '$0 [options] IMAGE... MOUNTPOINT\n$0 <command> [options]\n$0 --version',
+    commands: [
+      {
+        name: 'create',
+        usage: 'create <file> [size]',
+        describe: 'create a disk image (like qemu-img create)',
+        positionals: [
+          { name: 'file', describe: 'image file to create' },
+          { name: 'size', describe: 'virtual size, with an optional K, M, G or T suffix' },
+        ],
+        options: [
+          { name: 'format', alias: 'f', type: 'string', default: 'raw', describe: `image format (${creatable})` },
+          { name: 'backing', alias: 'b', type: 'string', describe: 'backing file' },
+          { name: 'backing-format', alias: 'F', type: 'string', describe: `backing file format (${readable})` },
+          { name: 'options', alias: 'o', type: 'string', describe: 'format options: cluster_size=N,table_size=N (repeatable)' },
+          { name: 'force', type: 'boolean', default: false, describe: 'overwrite an existing file' },
+        ],
+      },
+      {
+        name: 'info',
+        usage: 'info <file>',
+        describe: 'show what an image is (like qemu-img info)',
+        positionals: [{ name: 'file' }],
+        options: [
+          { name: 'format', alias: 'f', type: 'string', describe: `image format (${readable}); no probing` },
+          { name: 'snapshot', alias: 's', type: 'string', describe: 'describe this internal snapshot (id or name) instead of the current state' },
+          { name: 'output', choices: outputChoices, default: 'human' },
+          { name: 'backing-chain', type: 'boolean', default: false, describe: 'describe every image of the backing chain' },
+          { name: 'allow-files', type: 'string', describe: ALLOW_FILES_HELP },
+        ],
+      },
+      {
+        name: 'check',
+        usage: 'check <file>',
+        describe: 'check image metadata (like qemu-img check); exit 0 clean, 2 corrupt, 3 leaks, 1 failed, 63 no check for the format',
+        positionals: [{ name: 'file' }],
+        options: [
+          { name: 'format', alias: 'f', type: 'string', describe: `image format (${readable}); no probing` },
+          { name: 'repair', alias: 'r', type: 'boolean', default: false, describe: 'repair what can be repaired' },
+          { name: 'output', choices: outputChoices, default: 'human' },
+        ],
+      },
+      {
+        name: 'map',
+        usage: 'map <file>',
+        describe: 'show where the guest bytes live, data, zero or unallocated, down the backing chain (like qemu-img map)',
+        positionals: [{ name: 'file' }],
+        options: [
+          { name: 'format', alias: 'f', type: 'string', describe: `image format (${readable}); no probing` },
+          { name: 'snapshot', alias: 's', type: 'string', describe: 'map this internal snapshot (id or name) instead of the current state' },
+          { name: 'allow-files', type: 'string', describe: ALLOW_FILES_HELP },
+          {
+            name: 'output',
+            choices: outputChoices,
+            default: 'human',
+            describe: "human: qemu-img's table of data runs; json: every run, as qemu-img map --output=json",
+          },
+        ],
+      },
+      {
+        usage: '[paths..]',
+        describe: 'mount IMAGE... at MOUNTPOINT: one raw file per image (disk.qed -> disk.raw)',
+        positionals: [{ name: 'paths', describe: 'IMAGE... MOUNTPOINT' }],
+        options: [
+          { name: 'read-only', alias: 'r', type: 'boolean', describe: 'open the images read-only; writes fail with EROFS' },
+          { name: 'format', alias: 'f', type: 'string', describe: `image format (${readable}); no probing` },
+          { name: 'snapshot', alias: 's', type: 'string', describe: 'mount this internal snapshot (id or name) read-only; the file keeps its usual name' },
+          { name: 'name', type: 'string', describe: 'file name in the mount (one image only)' },
+          { name: 'allow-files', type: 'string', describe: ALLOW_FILES_HELP },
+          { name: 'allow-other', type: 'boolean', describe: 'let other users open the files' },
+          { name: 'foreground', type: 'boolean', describe: 'stay attached instead of returning once the mount is ready' },
+          { name: 'debug', alias: 'd', type: 'boolean', describe: 'log every FUSE operation (implies --foreground without --log)' },
+          { name: 'log', type: 'string', describe: "append the daemon's log to this file" },
+          {
+            name: 'cache-size',
+            type: 'string',
+            describe:
+              'L2-table cache per image (default 16M: every table of a 128 GiB default-geometry QED image); a size below 4 tables, 0 included, is raised to 4 tables, with a notice',
+          },
+          {
+            name: 'options',
+            alias: 'o',
+            type: 'string',
+            describe: 'mount(8)-style options: ro, allow_other, format=FMT, snapshot=ID, name=NAME, log=FILE, debug, foreground, nonempty, cache_size=SIZE',
+          },
+          { name: 'unmount', alias: 'u', type: 'boolean', describe: 'unmount MOUNTPOINT (same as imgmount unmount)' },
+        ],
+      },
+      {
+        name: 'unmount',
+        usage: 'unmount <mountpoint>',
+        describe: 'unmount and wait until every image is closed cleanly',
+        positionals: [{ name: 'mountpoint' }],
+        options: [],
+      },
+    ] satisfies CommandSpec[],
+  };
+}
+
+/** What a command's handler receives, by command ('mount' for the default one). */
+export type Invocation =
+  | { command: 'create'; args: CreateArguments }
+  | { command: 'info'; args: InfoArguments }
+  | { command: 'check'; args: CheckArguments }
+  | { command: 'map'; args: MapArguments }
+  | { command: 'mount'; args: MountArguments }
+  | { command: 'unmount'; args: { mountpoint: string } };
+
+// The values below are typed as the commands declare them; a repeated single-valued
+// option arrives as an array, as it did through yargs.
+const text = (value: Value | undefined) => value as string | undefined;
+const flag = (value: Value | undefined) => value as boolean | undefined;
+
+/** The handler arguments of a parsed command line, as the yargs handlers built them. */
+export function invocation({ command, options: o, positionals: p }: Parsed): Invocation {
+  switch (command.name) {
+    case 'create':
+      return {
+        command: 'create',
+        args: {
+          format: text(o.format)!,
+          file: p.file as string,
+          size: p.size as string | undefined,
+          backing: text(o.backing),
+          backingFormat: text(o['backing-format']),
+          options: asList(o.options),
+          force: flag(o.force)!,
+        },
+      };
+    case 'info':
+      return {
+        command: 'info',
+        args: {
+          file: p.file as string,
+          format: text(o.format),
+          snapshot: text(o.snapshot),
+          output: o.output as InfoArguments['output'],
+          backingChain: flag(o['backing-chain'])!,
+          allowFiles: asList(o['allow-files']),
+        },
+      };
+    case 'check':
+      return { command: 'check', args: { file: p.file as string, format: text(o.format), repair: flag(o.repair)!, output: o.output as CheckArguments['output'] } };
+    case 'map':
+      return {
+        command: 'map',
+        args: {
+          file: p.file as string,
+          format: text(o.format),
+          snapshot: text(o.snapshot),
+          allowFiles: asList(o['allow-files']),
+          output: o.output as MapArguments['output'],
+        },
+      };
+    case 'unmount':
+      return { command: 'unmount', args: { mountpoint: p.mountpoint as string } };
+    default:
+      return {
+        command: 'mount',
+        args: {
+          paths: (p.paths as string[] | undefined) ?? [],
+          format: text(o.format),
+          snapshot: text(o.snapshot),
+          allowFiles: asList(o['allow-files']),
+          readOnly: flag(o['read-only']),
+          allowOther: flag(o['allow-other']),
+          name: text(o.name),
+          foreground: flag(o.foreground),
+          debug: flag(o.debug),
+          log: text(o.log),
+          cacheSize: text(o['cache-size']),
+          options: asList(o.options),
+          unmount: flag(o.unmount),
+        },
+      };
+  }
+}
