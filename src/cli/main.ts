@@ -19,7 +19,10 @@ const runCheck = async (args: CheckArguments) => (await import('./check.js')).ru
 const runCreate = async (args: CreateArguments) => (await import('./create.js')).runCreate(args);
 const runInfo = async (args: InfoArguments) => (await import('./info.js')).runInfo(args);
 const runMap = async (args: MapArguments) => (await import('./map.js')).runMap(args);
-const runMount = async (args: MountArguments) => (await import('./mount.js')).runMount(args);
+// A background mount without -o starts its daemon from background.ts, without the block layer or FUSE.
+const runMount = async (args: MountArguments) => {
+  if (!(await (await import('./background.js')).runBackgroundMount(args))) await (await import('./mount.js')).runMount(args);
+};
 const runUnmount = async (args: { mountpoint: string }) => (await import('./mount.js')).runUnmount(args);
 
 /** "imgmount 0.1.0": the version from package.json, read with fs (no other module needed). */

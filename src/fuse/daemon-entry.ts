@@ -1,9 +1,12 @@
 /**
- * The process of a background daemon (spawned by startDaemon in daemon.ts): waits
- * for its configuration on the IPC channel, reports notices, readiness or the
- * one-line reason it could not mount, hangs up once ready, and exits with the
- * daemon's status when the mount is gone.
+ * The process of a background daemon (spawned by startDaemon in
+ * src/cli/background.ts as `node daemon-entry.js MOUNTPOINT TITLE`): waits for
+ * its configuration on the IPC channel, takes its process title (`imgmount
+ * disk.qed on /mnt/x`, which the command line was made long enough to hold),
+ * reports notices, readiness or the one-line reason it could not mount, hangs up
+ * once ready, and exits with the daemon's status when the mount is gone.
  */
+import { daemonTitle } from '../cli/background.js';
 import { oneLine, runDaemon, type FromDaemon, type ToDaemon } from './daemon.js';
 import { log } from './log.js';
 
@@ -18,6 +21,7 @@ function send(message: FromDaemon): Promise<void> {
 }
 
 process.once('message', (message: ToDaemon) => {
+  process.title = daemonTitle(message.config);
   let ready = false;
   runDaemon(message.config, {
     notice: (line) => void send({ type: 'notice', line }),
@@ -26,7 +30,13 @@ process.once('message', (message: ToDaemon) => {
       void send({ type: 'ready' }).then(() => process.connected && process.disconnect());
     },
   }).then(
-    (status) => process.exit(status),
+    async (status) => {
+      // For the tests only: a daemon slow to exit after closing its images, to show
+      // that `imgmount unmount` waits for the process to end, not only for the images.
+      const delayMs = Number(process.env.IMGMOUNT_TEST_EXIT_DELAY_MS ?? 0);
+      if (delayMs > 0) await new Promise((resolve) => setTimeout(resolve, delayMs));
+      process.exit(status);
+    },
     async (error: unknown) => {
       log('cannot mount: %s', oneLine(error));
       if (!ready) await send({ type: 'error', message: oneLine(error) });

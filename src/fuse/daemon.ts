@@ -13,24 +13,21 @@
  *   open repairs the image and says so.
  * A signal before the mount is ready abandons the start and closes what was opened.
  *
- * Background mode (the default): startDaemon() spawns a detached copy of this
- * module's entry (daemon-entry.ts) with an IPC channel, sends it the resolved
+ * Background mode (the default): startDaemon() in src/cli/background.ts spawns a
+ * detached daemon-entry.ts with an IPC channel, sends it the resolved
  * configuration, relays its notices, and returns only when it reports the mount
  * ready, or fails with the daemon's one-line error (the daemon has then removed
- * whatever it had mounted). Its stdout and stderr are the --log file or /dev/null.
+ * whatever it had mounted). Its stdout and stderr are the --log file or /dev/null;
+ * its process title is `imgmount IMAGE... on MOUNTPOINT`.
  */
-import { spawn } from 'node:child_process';
-import { closeSync, openSync } from 'node:fs';
-import { fileURLToPath } from 'node:url';
-import { BlockError, InvalidArgumentError, openImage } from '../index.js';
+import { BlockError, openImage } from '../index.js';
 import type { BlockImage } from '../block/index.js';
 import { ControlServer } from './control.js';
 import { Errno } from './errno.js';
 import { ImageFilesystem, type MountedImage } from './filesystem.js';
 import { enableDaemonLog, log } from './log.js';
-import { findMount } from './mountinfo.js';
-import { kernelMountOptions, MOUNT_TYPE, mountFileNames, type MountConfig } from './options.js';
-import { checkMountpoint, FuseSession, fusermount, isDisconnected } from './session.js';
+import { kernelMountOptions, mountFileNames, type MountConfig } from './options.js';
+import { checkMountpoint, FuseSession } from './session.js';
 
 /** What the daemon tells whoever started it. */
 export interface DaemonEvents {
@@ -192,68 +189,4 @@ class StopRequests {
   dispose(): void {
     for (const signal of STOP_SIGNALS) process.off(signal, this.handler);
   }
-}
-
-/**
- * Starts a background daemon for `config` and resolves with its pid once the mount
- * is ready; rejects with the daemon's one-line error otherwise.
- */
-export async function startDaemon(config: MountConfig, notice: (line: string) => void): Promise<number> {
-  let output: number | 'ignore' = 'ignore';
-  if (config.logFile !== undefined) {
-    try {
-      output = openSync(config.logFile, 'a', 0o600);
-    } catch (error) {
-      throw new InvalidArgumentError(`cannot open log file ${config.logFile}: ${(error as Error).message}`);
-    }
-  }
-  const entry = fileURLToPath(new URL('./daemon-entry.js', import.meta.url));
-  const child = spawn(process.execPath, [entry, config.mountpoint], {
-    detached: true,
-    cwd: '/',
-    stdio: ['ignore', output, output, 'ipc'],
-    // File I/O runs on libuv's pool; 4 threads (the default) would cap concurrent requests.
-    env: { ...process.env, UV_THREADPOOL_SIZE: process.env.UV_THREADPOOL_SIZE ?? '16' },
-  });
-  if (typeof output === 'number') closeSync(output);
-
-  // Interrupted while starting: the daemon gets SIGTERM, abandons the start or
-  // unmounts again at once, and this command fails instead of reporting a mount.
-  let interrupted: string | undefined;
-  const forward = (signal: NodeJS.Signals): void => {
-    interrupted = signal;
-    child.kill('SIGTERM');
-  };
-  for (const signal of STOP_SIGNALS) process.on(signal, forward);
-  try {
-    await new Promise<void>((resolve, reject) => {
-      child.on('message', (message: FromDaemon) => {
-        if (message.type === 'notice') notice(message.line);
-        else if (message.type === 'ready' && interrupted === undefined) resolve();
-        else if (message.type === 'error') reject(new InvalidArgumentError(message.message));
-      });
-      child.on('error', (error) => reject(new BlockError(`cannot start the daemon: ${error.message}`, Errno.EIO)));
-      child.on('exit', (code, signal) => {
-        if (interrupted !== undefined) reject(new BlockError(`interrupted by ${interrupted}; nothing is mounted`, Errno.EINTR));
-        const log = config.logFile ? `; see ${config.logFile}` : '';
-        reject(new BlockError(`the daemon ended (${signal ?? `status ${code}`}) before the mount was ready${log}`, Errno.EIO));
-      });
-      child.send({ type: 'start', config } satisfies ToDaemon);
-    });
-  } catch (error) {
-    await removeLeftoverMount(config.mountpoint);
-    throw error;
-  } finally {
-    for (const signal of STOP_SIGNALS) process.off(signal, forward);
-  }
-  child.disconnect();
-  child.unref();
-  return child.pid ?? 0;
-}
-
-/** A daemon that died while mounting can leave a dead mount behind (ENOTCONN); take it away. */
-async function removeLeftoverMount(mountpoint: string): Promise<void> {
-  const entry = await findMount(mountpoint).catch(() => undefined);
-  if (entry?.type !== MOUNT_TYPE || !(await isDisconnected(mountpoint))) return;
-  await fusermount(['-u', '-z', mountpoint]).catch(() => undefined);
 }

@@ -222,14 +222,20 @@ export async function backgroundExitStatus(pid: number, logFile: string): Promis
   return Number(last[1]);
 }
 
-/** Pids of imgmount daemons (background or foreground) whose command line names `mountpoint`. */
+/**
+ * Pids of background imgmount daemons whose command line names `mountpoint`: as
+ * spawned (`node .../daemon-entry.js MOUNTPOINT ...`) or once they have set their
+ * title (`imgmount IMAGE... on MOUNTPOINT`).
+ */
 export async function daemonsFor(mountpoint: string): Promise<number[]> {
   const pids: number[] = [];
   for (const entry of await readdir('/proc')) {
     if (!/^\d+$/.test(entry)) continue;
     const commandLine = await readFile(`/proc/${entry}/cmdline`, 'utf8').catch(() => '');
     const args = commandLine.split('\0');
-    if (args.some((arg) => arg.endsWith('daemon-entry.js')) && args.includes(mountpoint) && isAlive(Number(entry))) pids.push(Number(entry));
+    const spawned = args.some((arg) => arg.endsWith('daemon-entry.js')) && args.includes(mountpoint);
+    const titled = args[0]!.startsWith('imgmount ') && args[0]!.endsWith(` on ${mountpoint}`);
+    if ((spawned || titled) && isAlive(Number(entry))) pids.push(Number(entry));
   }
   return pids;
 }

@@ -2,8 +2,8 @@
  * Every way a mount ends: `imgmount unmount`, `imgmount -u`, plain `umount`,
  * `fusermount -u`, SIGTERM and SIGINT each close the image cleanly (need-check
  * clear, qemu-img check clean, data intact) and the daemon exits 0, both for a
- * background daemon and a --foreground one. SIGKILL leaves need-check set and the
- * next mount repairs it. A busy mount is never pulled away; a lazy unmount closes
+ * background daemon and a --foreground one; `imgmount unmount` returns only once the
+ * daemon has exited. SIGKILL leaves need-check set and the next mount repairs it. A busy mount is never pulled away; a lazy unmount closes
  * the images only once the last user has let go.
  */
 import { open, readFile } from 'node:fs/promises';
@@ -197,6 +197,30 @@ describe.skipIf(skipWithoutFuse('unmounting by every route'))('unmounting by eve
     }
     expect(await backgroundExitStatus(pid, log)).toBe(0);
     await expectClean(lab, image, 3 * MiB, data);
+  });
+
+  test('imgmount unmount and -u return only once the daemon has exited', async () => {
+    const image = await sampleImage(lab);
+    // The daemons of this test linger 400 ms between closing their images and exiting.
+    process.env.IMGMOUNT_TEST_EXIT_DELAY_MS = '400';
+    try {
+      for (const [index, args] of [['unmount'], ['-u']].entries()) {
+        const mnt = await lab.mountpoint(`mnt${index}`);
+        const { pid } = await lab.mount([image], mnt);
+        await writeThrough(mnt, index * MiB, seededBytes(10 + index, 4096));
+        const started = Date.now();
+        const result = await imgmount([...args, mnt]);
+        expect(result).toMatchObject({ code: 0, stderr: '' });
+        expect(isAlive(pid), `daemon ${pid} after imgmount ${args[0]}`).toBe(false);
+        expect(Date.now() - started).toBeGreaterThanOrEqual(400);
+      }
+    } finally {
+      delete process.env.IMGMOUNT_TEST_EXIT_DELAY_MS;
+    }
+    const daemon = await lab.foreground([image], await lab.mountpoint('fg'));
+    expect((await imgmount(['unmount', lab.path('fg')])).code).toBe(0);
+    expect(isAlive(daemon.pid)).toBe(false);
+    expect(await needCheck(image)).toBe(false);
   });
 
   test('imgmount unmount refuses what is not an imgmount mount', async () => {
