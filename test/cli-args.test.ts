@@ -9,9 +9,10 @@ import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
 import yargs from 'yargs';
 import { parseCommandLine } from '../src/cli/args.js';
-import { invocation, program } from '../src/cli/commands.js';
+import { formatNames, HELP_FORMAT_NAMES, invocation, program } from '../src/cli/commands.js';
+import { formatDrivers } from '../src/formats/index.js';
 
-const formats = { readable: 'qcow2, qed, raw', creatable: 'qed, raw' };
+const formats = formatNames(formatDrivers);
 
 type Outcome = { ok: { command: string; args: unknown } } | { help: string } | { error: string } | { none: true };
 
@@ -223,6 +224,13 @@ const helps: string[][] = [
   ['-f', '--help'],
   ['info', 'a', 'b', '-h'],
 ];
+
+describe('help texts', () => {
+  it('name the formats of the list of formats', () => {
+    // Written out in commands.ts so that --help loads no format driver: update it with the list.
+    expect(HELP_FORMAT_NAMES).toEqual(formatNames(formatDrivers));
+  });
+});
 
 describe('the command-line parser gives what yargs gave', () => {
   it('for the corpus of command lines', async () => {

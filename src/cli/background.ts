@@ -152,14 +152,21 @@ export async function startDaemon(config: MountConfig, notice: (line: string) =>
   for (const signal of STOP_SIGNALS) process.on(signal, forward);
   try {
     await new Promise<void>((resolve, reject) => {
+      // A daemon that could not mount says why, then exits: this command fails
+      // only once it has, so that nothing of the attempt is left running.
+      let failure: string | undefined;
       child.on('message', (message: FromDaemon) => {
         if (message.type === 'notice') notice(message.line);
         else if (message.type === 'ready' && interrupted === undefined) resolve();
-        else if (message.type === 'error') reject(new InvalidArgumentError(message.message));
+        else if (message.type === 'error') {
+          failure = message.message;
+          setTimeout(() => reject(new InvalidArgumentError(message.message)), 5000).unref();
+        }
       });
       child.on('error', (error) => reject(new BlockError(`cannot start the daemon: ${error.message}`, EIO)));
       child.on('exit', (code, signal) => {
         if (interrupted !== undefined) reject(new BlockError(`interrupted by ${interrupted}; nothing is mounted`, EINTR));
+        if (failure !== undefined) reject(new InvalidArgumentError(failure));
         const log = config.logFile ? `; see ${config.logFile}` : '';
         reject(new BlockError(`the daemon ended (${signal ?? `status ${code}`}) before the mount was ready${log}`, EIO));
       });

@@ -6,7 +6,7 @@
 import { readFileSync } from 'node:fs';
 import { parseCommandLine } from './args.js';
 import type { CheckArguments } from './check.js';
-import { invocation, program, type FormatNames } from './commands.js';
+import { HELP_FORMAT_NAMES, invocation, program } from './commands.js';
 import type { CreateArguments } from './create.js';
 import { ExitError, reportError } from './errors.js';
 import type { InfoArguments } from './info.js';
@@ -31,15 +31,6 @@ export function versionLine(): string {
   return `imgmount ${pkg.version}`;
 }
 
-/** The names of the formats, for help texts, from the list of formats. */
-async function formatNames(): Promise<FormatNames> {
-  const { formatDrivers } = await import('../formats/index.js');
-  return {
-    readable: formatDrivers.filter((driver) => !driver.recognizedOnly).map((driver) => driver.name).join(', '),
-    creatable: formatDrivers.filter((driver) => driver.create !== undefined).map((driver) => driver.name).join(', '),
-  };
-}
-
 /** The width help is wrapped to: the terminal's, at most 100 columns. */
 export function helpWidth(): number {
   return Math.min(100, process.stdout.columns ?? 100);
@@ -50,12 +41,10 @@ export async function main(argv: string[]): Promise<void> {
     process.stdout.write(`${versionLine()}\n`);
     return;
   }
-  const outcome = parseCommandLine(program(), argv, helpWidth());
+  const outcome = parseCommandLine(program(HELP_FORMAT_NAMES), argv, helpWidth());
   if (outcome.kind === 'error') throw new ExitError(outcome.message, 1);
   if (outcome.kind === 'help') {
-    // Help names the formats: parse again with their names in the texts.
-    const withNames = parseCommandLine(program(await formatNames()), argv, helpWidth());
-    if (withNames.kind === 'help') process.stdout.write(`${withNames.text}\n`);
+    process.stdout.write(`${outcome.text}\n`);
     return;
   }
   const call = invocation(outcome.parsed);
@@ -75,4 +64,9 @@ export async function main(argv: string[]): Promise<void> {
   }
 }
 
-main(process.argv.slice(2)).catch(reportError);
+// Every command has finished its work (and written its output: stdout and stderr are
+// synchronous on Linux) when main settles: exit at once rather than tear the
+// runtime down politely, a few milliseconds more.
+main(process.argv.slice(2))
+  .catch(reportError)
+  .finally(() => process.exit());
