@@ -5,7 +5,8 @@
  * (raw). A progress bar appears on a terminal when the check takes longer
  * than a moment.
  */
-import cliProgress from 'cli-progress';
+import { createRequire } from 'node:module';
+import type CliProgress from 'cli-progress';
 import { checkImage, NO_CHECK_EXIT_STATUS, NoCheckError, type CheckReport } from '../index.js';
 import { ExitError } from './errors.js';
 
@@ -40,10 +41,12 @@ export async function runCheck(args: CheckArguments): Promise<void> {
 function terminalProgress(): { update: (done: number, total: number) => void; stop: () => void } {
   if (!process.stderr.isTTY) return { update: () => undefined, stop: () => undefined };
   const started = Date.now();
-  let bar: cliProgress.SingleBar | undefined;
+  let bar: CliProgress.SingleBar | undefined;
   return {
     update(done, total) {
       if (!bar && Date.now() - started > PROGRESS_DELAY_MS) {
+        // cli-progress (CommonJS, loaded synchronously) only when a bar is shown.
+        const cliProgress = createRequire(import.meta.url)('cli-progress') as typeof CliProgress;
         bar = new cliProgress.SingleBar({ stream: process.stderr, format: 'checking [{bar}] {percentage}% | {value}/{total} L2 tables' }, cliProgress.Presets.shades_classic);
         bar.start(total, done);
       }
