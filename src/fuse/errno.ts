@@ -9,7 +9,7 @@
  * so a daemon's log explains each error an application saw.
  */
 import { constants } from 'node:os';
-import { BlockError } from '../block/index.js';
+import { BlockError } from '../block/errors.js';
 import { log } from './log.js';
 
 /** errno values by name (os.constants.errno). */

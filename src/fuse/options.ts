@@ -6,7 +6,7 @@
  * Pure functions only; every check happens here, before anything is opened.
  */
 import { basename, extname } from 'node:path';
-import { InvalidArgumentError } from '../block/index.js';
+import { InvalidArgumentError } from '../block/errors.js';
 import type { KernelMountOptions } from './kernel/mount.js';
 
 /** One mount, fully resolved: every path is absolute. */

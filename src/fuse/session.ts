@@ -12,7 +12,7 @@
 import { execFile } from 'node:child_process';
 import { constants as fsConstants } from 'node:fs';
 import { open, readdir, readFile, stat, statfs } from 'node:fs/promises';
-import { BlockError, InvalidArgumentError } from '../block/index.js';
+import { BlockError, InvalidArgumentError } from '../block/errors.js';
 import { KernelConnection, type KernelFilesystem } from './kernel/connection.js';
 import { mountKernel, type KernelMountOptions } from './kernel/mount.js';
 import { Errno } from './errno.js';
