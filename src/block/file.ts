@@ -23,7 +23,7 @@ import { open, realpath, stat, type FileHandle } from 'node:fs/promises';
 import { constants as fsConstants, read as readCallback, write as writeCallback } from 'node:fs';
 import createDebug from 'debug';
 import { constants as osConstants } from 'node:os';
-import { constants as nativeConstants, fallocate, lseek, preadNowait } from '../native/index.js';
+import { constants as nativeConstants, fallocate, preadNowait, seekExtent } from '../native/index.js';
 import { HostIoError, hostIoError, InvalidArgumentError } from './errors.js';
 import { lockForWriting, type ImageLock } from './lock.js';
 import { takeQemuLocks } from './qemu-locks.js';
@@ -133,18 +133,18 @@ export class FileProtocol implements Protocol {
 
   async nextData(offset: HostOffset): Promise<HostOffset | undefined> {
     try {
-      return lseek(this.handle.fd, offset, nativeConstants.SEEK_DATA);
+      const data = seekExtent(this.handle.fd, offset, nativeConstants.SEEK_DATA);
+      return data < 0 ? undefined : data;
     } catch (error) {
-      if ((error as NodeJS.ErrnoException).code === 'ENXIO') return undefined;
       throw hostIoError(`SEEK_DATA at ${offset} in`, this.path, error);
     }
   }
 
   async nextHole(offset: HostOffset): Promise<HostOffset> {
     try {
-      return lseek(this.handle.fd, offset, nativeConstants.SEEK_HOLE);
+      const hole = seekExtent(this.handle.fd, offset, nativeConstants.SEEK_HOLE);
+      return hole < 0 ? offset : hole;
     } catch (error) {
-      if ((error as NodeJS.ErrnoException).code === 'ENXIO') return offset;
       throw hostIoError(`SEEK_HOLE at ${offset} in`, this.path, error);
     }
   }

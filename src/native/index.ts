@@ -103,14 +103,16 @@ const addon = load();
 
 export const constants: NativeConstants = Object.freeze({ ...addon.constants });
 
-const { EACCES, EAGAIN, EOPNOTSUPP } = osConstants.errno;
+const { EACCES, EAGAIN, ENXIO, EOPNOTSUPP } = osConstants.errno;
 
+let systemErrors: Map<number, [string, string]> | undefined;
 const errnoNames = new Map<number, string>();
 for (const [name, value] of Object.entries(osConstants.errno)) if (!errnoNames.has(value)) errnoNames.set(value, name);
 
 /** An Error for a negative errno, like Node's own system errors: "EAGAIN: resource temporarily unavailable, read" with code, errno, syscall. */
 export function errnoError(result: number, syscall: string): NodeJS.ErrnoException {
-  const known = getSystemErrorMap().get(result); // libuv's names, as Node's fs errors have them (ENOTSUP for 95)
+  systemErrors ??= getSystemErrorMap(); // built anew by Node on every call: keep one
+  const known = systemErrors.get(result); // libuv's names, as Node's fs errors have them (ENOTSUP for 95)
   const code = known?.[0] ?? errnoNames.get(-result) ?? `E${-result}`;
   const error: NodeJS.ErrnoException = new Error(`${code}: ${known?.[1] ?? `errno ${-result}`}, ${syscall}`);
   error.code = code;
@@ -185,6 +187,12 @@ export function fallocate(fd: number, mode: number, offset: number, length: numb
 /** lseek(2), 64-bit (offsets below 2^53): constants.SEEK_DATA / SEEK_HOLE; ENXIO (thrown, `code` 'ENXIO') past the last data. */
 export function lseek(fd: number, offset: number, whence: number): number {
   return check(addon.lseek(fd, offset, whence), 'lseek');
+}
+
+/** lseek(2) for SEEK_DATA / SEEK_HOLE on a hot path: -1 instead of a thrown ENXIO (no data past `offset`). */
+export function seekExtent(fd: number, offset: number, whence: number): number {
+  const result = addon.lseek(fd, offset, whence);
+  return result === -ENXIO ? -1 : check(result, 'lseek');
 }
 
 /**
