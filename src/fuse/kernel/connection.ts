@@ -189,8 +189,7 @@ export class KernelConnection {
         break;
     }
     const fs = this.filesystem;
-    const name = describe(request);
-    this.serve(name, unique, heldBuffer, async (): Promise<Buffer[]> => {
+    this.serve(request, unique, heldBuffer, async (): Promise<Buffer[]> => {
       switch (request.kind) {
         case 'lookup': {
           const entry = await fs.lookup(nodeid, request.name);
@@ -252,16 +251,20 @@ export class KernelConnection {
     });
   }
 
-  /** Runs one request; answers with what `work` returns, or the errno of what it throws. */
-  private serve(name: string, unique: bigint, heldBuffer: Buffer | undefined, work: () => Promise<Buffer[]>): void {
+  /**
+   * Runs one request; answers with what `work` returns, or the errno of what it
+   * throws. Its description is made only for the debug log and for failures.
+   */
+  private serve(request: Request, unique: bigint, heldBuffer: Buffer | undefined, work: () => Promise<Buffer[]>): void {
     this.inFlight.add(unique);
     const started = trace.enabled ? performance.now() : 0;
     work().then(
       (reply) => {
-        if (trace.enabled) trace('%s -> ok (%s ms)', name, (performance.now() - started).toFixed(2));
+        if (trace.enabled) trace('%s -> ok (%s ms)', describe(request), (performance.now() - started).toFixed(2));
         this.finish(unique, heldBuffer, reply);
       },
       (error: unknown) => {
+        const name = describe(request);
         const errno = -toFuseError(error, name);
         if (trace.enabled) trace('%s -> %s (%s ms)', name, errnoName(errno), (performance.now() - started).toFixed(2));
         this.finish(unique, heldBuffer, [replyError(unique, errno)]);
