@@ -71,6 +71,15 @@ export class TableCache<Table extends object> {
   readonly maxBytes: number;
   /** The bound asked for, when it was raised to hold MIN_CACHED_TABLES tables; undefined otherwise. */
   readonly raisedFrom: number | undefined;
+
+  /** The line to tell the user when the bound was raised (undefined when it was not), naming the image. */
+  raisedNotice(imagePath: string, tableBytes: number): string | undefined {
+    if (this.raisedFrom === undefined) return undefined;
+    return (
+      `${imagePath}: L2-table cache of ${this.raisedFrom} bytes raised to ${this.maxBytes} bytes` +
+      ` (${MIN_CACHED_TABLES} tables of ${tableBytes} bytes, the smallest cache allowed)`
+    );
+  }
   private readonly lru: LRUCache<number, Table>;
   private readonly pins = new Map<number, Pin<Table>>();
   private readonly loading = new Map<number, Load<Table>>();

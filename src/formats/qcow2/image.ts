@@ -18,7 +18,7 @@
 import createDebug from 'debug';
 import { CorruptImageError } from '../../block/errors.js';
 import type { BackingReference, EncodedCluster, FormatImage, FormatInfo, Mapping, Protocol } from '../../block/types.js';
-import { MIN_CACHED_TABLES, TableCache } from '../../cache/table-cache.js';
+import { TableCache } from '../../cache/table-cache.js';
 import { decompressCluster } from './compression.js';
 import { classify, Geometry, Kind, L2E_COPIED_HIGH, offsetBits, wordAt } from './geometry.js';
 import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, AUTOCLEAR_DATA_FILE_RAW, type Qcow2Header } from './header.js';
@@ -89,13 +89,8 @@ export class Qcow2Image implements FormatImage {
         return table;
       },
     });
-    if (this.l2Cache.raisedFrom !== undefined) {
-      const notice = parts.notice ?? ((line: string) => log(line));
-      notice(
-        `${this.file.path}: L2-table cache of ${this.l2Cache.raisedFrom} bytes raised to ${this.l2Cache.maxBytes} bytes` +
-          ` (${MIN_CACHED_TABLES} tables of ${tableBytes} bytes, the smallest cache allowed)`,
-      );
-    }
+    const raised = this.l2Cache.raisedNotice(this.file.path, tableBytes);
+    if (raised) (parts.notice ?? ((line: string) => log(line)))(raised);
   }
 
   async map(offset: number, length: number): Promise<Mapping[]> {

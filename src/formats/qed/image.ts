@@ -21,7 +21,7 @@ import { BlockError, CorruptImageError } from '../../block/errors.js';
 import { settleAll } from '../../block/settle.js';
 import { constants as osConstants } from 'node:os';
 import type { BackingReader, BackingReference, FormatImage, FormatInfo, Mapping, OpenOptions, Protocol } from '../../block/types.js';
-import { MIN_CACHED_TABLES, TableCache } from '../../cache/table-cache.js';
+import { TableCache } from '../../cache/table-cache.js';
 import { Geometry, getEntry, setEntry, ZERO_CLUSTER, type Table } from './geometry.js';
 import { describeFeatures, QED_F_NEED_CHECK, type QedHeader } from './header.js';
 import { readTable, updateEntries, writeHeader } from './tables.js';
@@ -67,13 +67,8 @@ export class QedImage implements FormatImage {
       sizeOf: (table) => table.length,
       load: (offset) => readTable(file, offset, tableBytes),
     });
-    if (this.l2Cache.raisedFrom !== undefined) {
-      const notice = options.notice ?? ((line: string) => log(line));
-      notice(
-        `${file.path}: L2-table cache of ${this.l2Cache.raisedFrom} bytes raised to ${this.l2Cache.maxBytes} bytes` +
-          ` (${MIN_CACHED_TABLES} tables of ${tableBytes} bytes, the smallest cache allowed)`,
-      );
-    }
+    const raised = this.l2Cache.raisedNotice(file.path, tableBytes);
+    if (raised) (options.notice ?? ((line: string) => log(line)))(raised);
   }
 
   get needCheck(): boolean {
