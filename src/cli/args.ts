@@ -114,6 +114,20 @@ class Tokens {
     return this.byKey.get(key);
   }
 
+  /**
+   * Gives `key` its value: the next argument when it is one (not an option by
+   * `optionLike`, or a negative number) and the key is not boolean, or an
+   * explicit true/false; else the flag's own value. True when `next` was used.
+   */
+  private takeValue(key: string, next: string | undefined, optionLike: RegExp, negative: RegExp): boolean {
+    if (next !== undefined && (((!optionLike.test(next) || negative.test(next)) && !this.isBoolean(key)) || /^(true|false)$/.test(next))) {
+      this.set(key, next);
+      return true;
+    }
+    this.set(key, this.flagValue(key));
+    return false;
+  }
+
   private isBoolean(key: string): boolean {
     return this.byKey.get(key)?.type === 'boolean';
   }
@@ -152,17 +166,7 @@ class Tokens {
       } else if ((match = arg.match(/^--no-(.+)/)) !== null) {
         this.set(match[1]!, false);
       } else if ((match = arg.match(/^--(.+)/)) !== null) {
-        const key = match[1]!;
-        const next = argv[i + 1];
-        if (next !== undefined && (!/^-/.test(next) || negative.test(next)) && !this.isBoolean(key)) {
-          this.set(key, next);
-          i++;
-        } else if (next !== undefined && /^(true|false)$/.test(next)) {
-          this.set(key, next);
-          i++;
-        } else {
-          this.set(key, this.flagValue(key));
-        }
+        if (this.takeValue(match[1]!, argv[i + 1], /^-/, negative)) i++;
       } else if (/^-[^-]+/.test(arg) && !negative.test(arg)) {
         const letters = arg.slice(1, -1).split('');
         let broken = false;
@@ -191,18 +195,7 @@ class Tokens {
           this.set(letter, this.flagValue(letter));
         }
         const key = arg.slice(-1);
-        if (!broken && key !== '-') {
-          const next = argv[i + 1];
-          if (next !== undefined && (!/^(-|--)[^-]/.test(next) || negative.test(next)) && !this.isBoolean(key)) {
-            this.set(key, next);
-            i++;
-          } else if (next !== undefined && /^(true|false)$/.test(next)) {
-            this.set(key, next);
-            i++;
-          } else {
-            this.set(key, this.flagValue(key));
-          }
-        }
+        if (!broken && key !== '-' && this.takeValue(key, argv[i + 1], /^(-|--)[^-]/, negative)) i++;
       } else if (arg === '--') {
         // yargs let what follows `--` fill no positional of imgmount's commands.
         break;

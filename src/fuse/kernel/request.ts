@@ -552,23 +552,20 @@ define(FUSE_WRITE, (buffer, view, header, end) => {
   };
 });
 
-define(FUSE_RELEASE, (buffer, view, header) => ({
-  kind: 'release',
-  header,
-  fh: u64(view, B + fuse_release_in.fh, header, 'fuse_release_in.fh'),
-  flags: view.getUint32(B + fuse_release_in.flags, true),
-  releaseFlags: view.getUint32(B + fuse_release_in.release_flags, true),
-  lockOwner: view.getBigUint64(B + fuse_release_in.lock_owner, true),
-}));
+/** RELEASE and RELEASEDIR share fuse_release_in. */
+function releaseFields(view: DataView, header: InHeader) {
+  return {
+    header,
+    fh: u64(view, B + fuse_release_in.fh, header, 'fuse_release_in.fh'),
+    flags: view.getUint32(B + fuse_release_in.flags, true),
+    releaseFlags: view.getUint32(B + fuse_release_in.release_flags, true),
+    lockOwner: view.getBigUint64(B + fuse_release_in.lock_owner, true),
+  };
+}
 
-define(FUSE_RELEASEDIR, (buffer, view, header) => ({
-  kind: 'releasedir',
-  header,
-  fh: u64(view, B + fuse_release_in.fh, header, 'fuse_release_in.fh'),
-  flags: view.getUint32(B + fuse_release_in.flags, true),
-  releaseFlags: view.getUint32(B + fuse_release_in.release_flags, true),
-  lockOwner: view.getBigUint64(B + fuse_release_in.lock_owner, true),
-}));
+define(FUSE_RELEASE, (_buffer, view, header) => ({ kind: 'release', ...releaseFields(view, header) }));
+
+define(FUSE_RELEASEDIR, (_buffer, view, header) => ({ kind: 'releasedir', ...releaseFields(view, header) }));
 
 define(FUSE_FLUSH, (buffer, view, header) => ({
   kind: 'flush',
