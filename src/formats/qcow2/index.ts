@@ -18,6 +18,7 @@ import { Qcow2Image } from './image.js';
 import { MetadataClusters, readWords } from './metadata.js';
 import { findSnapshot, readSnapshots } from './snapshots.js';
 import { readBitmaps } from './bitmaps.js';
+import { createQcow2 } from './create.js';
 
 const log = createDebug('imgmount:qcow2');
 
@@ -122,4 +123,5 @@ export const qcow2: FormatDriver = {
     return sample.head.readUInt32BE(4) === 1 ? 0 : 100;
   },
   open: openQcow2,
+  create: createQcow2,
 };
