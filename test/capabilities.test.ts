@@ -57,19 +57,39 @@ describe.skipIf(skipWithoutQemu('optional abilities of formats'))('optional abil
     expect(bytes.subarray(0, 10).equals(Buffer.alloc(10, 1))).toBe(true);
   });
 
-  it('qcow2 (no writing yet): zero, discard and write answer EROFS on an image asked for read-write', async () => {
+  it('qcow2: write, zero and discard work; an image with extended L2 entries stays read-only with a notice and EROFS', async () => {
     const dir = await makeTempDir();
     const path = join(dir, 'disk.qcow2');
     await qemuImg(['create', '-q', '-f', 'qcow2', path, '1M']);
     const notices: string[] = [];
     const image = await openImage(path, { readOnly: false, notice: (line) => notices.push(line) });
     try {
-      expect(notices).toEqual([`${path}: opened read-only: writing qcow2 images is not supported yet`]);
-      for (const request of [image.zero(0, 512), image.discard(0, 512), image.write(0, Buffer.alloc(512))]) {
+      expect(notices).toEqual([]);
+      expect(image.readOnly).toBe(false);
+      await image.write(0, Buffer.alloc(4096, 0xaa));
+      await image.zero(512, 512);
+      await image.discard(2048, 1024);
+      const back = Buffer.alloc(4096);
+      await image.read(0, back);
+      const expected = Buffer.alloc(4096, 0xaa);
+      expected.fill(0, 512, 1024);
+      expected.fill(0, 2048, 3072);
+      expect(back.equals(expected)).toBe(true);
+    } finally {
+      await image.close();
+    }
+
+    const extended = join(dir, 'extended.qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'extended_l2=on', extended, '1M']);
+    notices.length = 0;
+    const readOnly = await openImage(extended, { readOnly: false, notice: (line) => notices.push(line) });
+    try {
+      expect(notices).toEqual([`${extended}: opened read-only: writing qcow2 images with extended L2 entries (subclusters) is not supported yet`]);
+      for (const request of [readOnly.zero(0, 512), readOnly.discard(0, 512), readOnly.write(0, Buffer.alloc(512))]) {
         await expect(request).rejects.toMatchObject({ errno: EROFS });
       }
     } finally {
-      await image.close();
+      await readOnly.close();
     }
   });
 

@@ -24,6 +24,7 @@ import { describe, expect, it } from 'vitest';
 import { openImage, type BlockImage } from '../src/index.js';
 import {
   built, describeEachFormat, mapForComparison, oracleRaw, qemuMapHas, type BuiltImage, type FormatEntry, type Shape,
+  readOnlyShapes,
 } from './helpers/formats.js';
 import { firstDifference, qemuCheck, qemuCompare, qemuInfo, qemuMap, readAll } from './helpers/qemu.js';
 import { seededRandom } from './helpers/random.js';
@@ -234,7 +235,8 @@ async function differential(format: FormatEntry, image: BuiltImage, seed: number
         }
       });
     }
-    expect(operations).toBeGreaterThan(500);
+    // 720 attempts; overlapping ones are dropped, more of them with 2 MiB clusters on a 16 MiB image.
+    expect(operations).toBeGreaterThan(300);
     await withImage(copy, { readOnly: true, format: image.format }, async (opened) => {
       expectSameBytes(await readAll(opened), model, `seed ${seed}: the whole image after reopening`);
     });
@@ -255,6 +257,7 @@ describeEachFormat(
   'random writes match an in-memory model; qemu-img check is clean and qemu-img compare matches',
   (format) => {
     for (const [index, shape] of [...format.shapes, ...format.chains].entries()) {
+      if (shape.readOnly) continue;
       it(`${shape.name}: ${shape.description}`, TIMEOUT, async () => {
         await differential(format, await built(format, shape), 0xd1ff + index);
       });
@@ -268,9 +271,9 @@ async function fingerprint(paths: readonly string[]): Promise<string[]> {
 }
 
 describeEachFormat(
-  'read-only formats: a read-write open is read-only, with a notice, and changes nothing',
+  'read-only formats and shapes: a read-write open is read-only, with a notice, and changes nothing',
   (format) => {
-    for (const shape of [...format.shapes, ...format.chains]) {
+    for (const shape of readOnlyShapes(format, [...format.shapes, ...format.chains])) {
       it(`${shape.name}`, TIMEOUT, async () => {
         const image = await built(format, shape);
         const files = [image.path, ...(image.dataFile ? [image.dataFile] : [])];
@@ -278,7 +281,7 @@ describeEachFormat(
         const notices: string[] = [];
         await withImage(image.path, { notice: (line) => notices.push(line) }, async (opened) => {
           expect(opened.readOnly).toBe(true);
-          expect(notices.some((line) => line.includes(image.path) && /read-only/.test(line)), notices.join('\n')).toBe(true);
+          expect(notices.some((line) => line.includes(image.path) && /read-only/.test(line) && (!shape.readOnly || shape.readOnly.test(line))), notices.join('\n')).toBe(true);
           await expect(opened.write(0, Buffer.alloc(512, 1))).rejects.toMatchObject({ name: 'ReadOnlyError' });
           await opened.flush();
         });

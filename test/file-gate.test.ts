@@ -37,7 +37,7 @@ describe.skipIf(skipWithoutQemu('the file gate'))('the file gate', () => {
   it('an external data file named relatively resolves next to the image; info shows where, and its size counts in allocatedBytes', async () => {
     const dir = await makeTempDir();
     const { image } = await withDataFile('disk.data', dir);
-    const opened = await openImage(image);
+    const opened = await openImage(image, { readOnly: true });
     try {
       expect((await readAll(opened)).equals(await qemuConvertToRaw(image, dir, 'qcow2', { cwd: join(dir, 'images') }))).toBe(true);
       const info = await opened.info();

@@ -1,11 +1,12 @@
 /**
- * qcow2 through a real mount: a qcow2 image asked for read-write is mounted
- * read-only with a notice (writing qcow2 is not supported yet), an internal
+ * qcow2 through a real mount: a read-write mount of an image with an internal
+ * snapshot takes dd writes and a whole ext4 file system while the snapshot
+ * keeps its bytes (qemu-img check clean afterwards), an internal
  * snapshot mounts with -s (read-only without -r, same file name), -s on a
  * format without snapshots is refused by name, and damaged metadata fails the
  * reads that meet it with EIO while the daemon keeps serving the rest.
  */
-import { open, readFile, readdir, stat } from 'node:fs/promises';
+import { open, readFile, readdir, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, test } from 'vitest';
 import { qemuConvertToRaw, qemuImg, qemuIo, run } from '../helpers/qemu.js';
@@ -33,20 +34,42 @@ describe.skipIf(skipWithoutFuse('qcow2 through the FUSE mount'))('qcow2 through 
     return { image, current, snapshot };
   }
 
-  test('a read-write mount of qcow2 is read-only with a notice; the bytes are the image\'s', async () => {
-    const { image, current } = await qcow2WithSnapshot();
-    const before = await readFile(image);
+  test('a read-write mount takes dd writes and mkfs.ext4 over an image with a snapshot; the snapshot keeps its bytes and qemu-img check is clean', async () => {
+    const { image, current, snapshot } = await qcow2WithSnapshot();
     const mnt = await lab.mountpoint();
     const { result } = await lab.mount([image], mnt);
-    expect(result.stderr).toMatch(/opened read-only: writing qcow2 images is not supported yet/);
+    expect(result.stderr).not.toMatch(/read-only/);
     const file = join(mnt, 'disk.raw');
-    expect((await stat(file)).mode & 0o777).toBe(0o444);
+    expect((await stat(file)).mode & 0o777).toBe(0o644);
     expect((await readFile(file)).equals(current)).toBe(true);
-    const dd = await run('dd', ['if=/dev/zero', `of=${file}`, 'bs=4k', 'count=1', 'conv=notrunc']);
-    expect(dd.code).not.toBe(0);
-    expect(dd.stderr).toMatch(/Read-only file system|Permission denied/);
+    // Over data shared with the snapshot, over a zero cluster, and over unallocated space.
+    const blob = lab.path('blob');
+    await writeFile(blob, Buffer.alloc(300 * 1024, 0x5a));
+    const expected = Buffer.from(current);
+    for (const offset of [700 * 1024, 5 * MiB - 4096, 7 * MiB + 1000]) {
+      const dd = await run('dd', [`if=${blob}`, `of=${file}`, 'bs=1k', `seek=${offset}`, 'oflag=seek_bytes', 'conv=notrunc,fsync']);
+      expect(dd.code, dd.stderr).toBe(0);
+      expected.fill(0x5a, offset, offset + 300 * 1024);
+    }
+    expect((await readFile(file)).equals(expected)).toBe(true);
     expect((await imgmount(['unmount', mnt])).code).toBe(0);
-    expect((await readFile(image)).equals(before)).toBe(true);
+    expect((await run('qemu-img', ['check', image])).code).toBe(0);
+    expect((await qemuConvertToRaw(image, lab.dir, 'qcow2')).equals(expected)).toBe(true);
+    expect((await qemuConvertToRaw(image, lab.dir, 'qcow2', { snapshot: { name: 'clean' } })).equals(snapshot)).toBe(true);
+
+    await lab.mount([image], mnt);
+    const mkfs = await run('mkfs.ext4', ['-q', '-F', file]);
+    expect(mkfs.code, mkfs.stderr).toBe(0);
+    const fsck = await run('e2fsck', ['-fn', file]);
+    expect(fsck.code, fsck.stdout + fsck.stderr).toBe(0);
+    expect((await imgmount(['unmount', mnt])).code).toBe(0);
+    const check = await run('qemu-img', ['check', image]);
+    expect(check.code, check.stdout + check.stderr).toBe(0);
+    const raw = lab.path('after-mkfs.raw');
+    await writeFile(raw, await qemuConvertToRaw(image, lab.dir, 'qcow2'));
+    const fsckRaw = await run('e2fsck', ['-fn', raw]);
+    expect(fsckRaw.code, fsckRaw.stdout + fsckRaw.stderr).toBe(0);
+    expect((await qemuConvertToRaw(image, lab.dir, 'qcow2', { snapshot: { name: 'clean' } })).equals(snapshot)).toBe(true);
   });
 
   test('-s mounts an internal snapshot read-only under the usual name; -o snapshot= too', async () => {

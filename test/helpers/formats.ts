@@ -112,6 +112,8 @@ export interface Shape {
   description: string;
   /** Internal snapshots the built image has (also in BuiltImage), known before building so tests can be listed. */
   snapshots?: SnapshotCase[];
+  /** For a writable format: what the notice of a read-write open says when this shape still opens read-only. */
+  readOnly?: RegExp;
   build(dir: string): Promise<BuiltImage>;
 }
 
@@ -119,7 +121,7 @@ export interface FormatEntry {
   name: FormatName;
   /** Image file extension ('.qcow2'). */
   extension: string;
-  /** Whether this library writes the format (qcow2 is read-only in this release). */
+  /** Whether this library writes the format (shapes with `readOnly` excepted). */
   writable: boolean;
   /** Whether `qemu-img check` can check the format (not raw: exit 63). */
   checkable: boolean;
@@ -297,6 +299,11 @@ function qcow2Shape(plan: Qcow2Plan, prepare?: (dir: string) => Promise<Qcow2Pla
     name: plan.name,
     description: plan.description,
     snapshots: plan.snapshots,
+    readOnly: (plan.options ?? []).includes('extended_l2=on')
+      ? /extended L2 entries/
+      : plan.dataFile
+        ? /external data file/
+        : undefined,
     async build(dir) {
       const backing = prepare ? await prepare(dir) : plan.backing;
       const path = join(dir, `${plan.name}.qcow2`);
@@ -840,7 +847,7 @@ const rawShapes: Shape[] = [
 export const FORMATS: readonly FormatEntry[] = [
   { name: 'raw', extension: '.raw', writable: true, checkable: false, snapshots: false, shapes: rawShapes, chains: [] },
   { name: 'qed', extension: '.qed', writable: true, checkable: true, snapshots: false, shapes: qedShapes, chains: qedChains },
-  { name: 'qcow2', extension: '.qcow2', writable: false, checkable: true, snapshots: true, shapes: qcow2Shapes, chains: qcow2Chains },
+  { name: 'qcow2', extension: '.qcow2', writable: true, checkable: true, snapshots: true, shapes: qcow2Shapes, chains: qcow2Chains },
 ];
 
 // ---------------------------------------------------------------------------
@@ -917,10 +924,20 @@ function can(format: FormatEntry, needs: EachFormatOptions['needs']): boolean {
     case 'write':
       return format.writable;
     case 'read-only':
-      return !format.writable;
+      return !format.writable || [...format.shapes, ...format.chains].some((shape) => shape.readOnly);
     case 'backing':
       return format.chains.length > 0;
   }
+}
+
+/** The shapes a read-write open writes: every shape of a writable format but those marked read-only. */
+export function writableShapes(format: FormatEntry, shapes: readonly Shape[]): Shape[] {
+  return format.writable ? shapes.filter((shape) => !shape.readOnly) : [];
+}
+
+/** The shapes a read-write open leaves read-only: all of a read-only format, the marked ones of a writable one. */
+export function readOnlyShapes(format: FormatEntry, shapes: readonly Shape[]): Shape[] {
+  return format.writable ? shapes.filter((shape) => shape.readOnly) : [...shapes];
 }
 
 /** Runs `body` in a describe per format entry that can do what it needs. */

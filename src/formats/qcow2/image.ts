@@ -56,18 +56,20 @@ export interface Qcow2Parts {
 export class Qcow2Image implements FormatImage {
   readonly virtualSize: number;
   readonly backing: BackingReference | undefined;
-  private readonly file: Protocol;
-  private readonly header: Qcow2Header;
-  private readonly geometry: Geometry;
-  private readonly l1: Buffer;
-  private readonly l1Entries: number;
-  private readonly fileSize: number;
-  private readonly dataFile: Protocol | undefined;
-  private readonly metadata: MetadataClusters;
-  private readonly l2Cache: TableCache<Buffer>;
-  private closed = false;
+  protected readonly file: Protocol;
+  protected header: Qcow2Header;
+  protected readonly geometry: Geometry;
+  /** The L1 table in use; a writable image changes its entries in place (main thread). */
+  protected readonly l1: Buffer;
+  protected readonly l1Entries: number;
+  /** Host bytes that metadata may reference (the file size; a writable image raises it as it allocates). */
+  protected fileSize: number;
+  protected readonly dataFile: Protocol | undefined;
+  protected readonly metadata: MetadataClusters;
+  protected readonly l2Cache: TableCache<Buffer>;
+  protected closed = false;
 
-  constructor(private readonly parts: Qcow2Parts) {
+  constructor(protected readonly parts: Qcow2Parts) {
     this.file = parts.file;
     this.header = parts.header;
     this.geometry = parts.geometry;
@@ -113,7 +115,7 @@ export class Qcow2Image implements FormatImage {
   }
 
   /** The L2 table offset of L1 entry `l1Index`; 0 when unallocated; CorruptImageError when impossible. */
-  private l2TableOffset(l1Index: number): number {
+  protected l2TableOffset(l1Index: number): number {
     if (l1Index >= this.l1Entries) return 0;
     const [high, low] = wordAt(this.l1, l1Index * 8);
     const offset = offsetBits(high, low);
@@ -184,7 +186,7 @@ export class Qcow2Image implements FormatImage {
     }
   }
 
-  private validDataCluster(high: number, low: number, clusterStart: number): number {
+  protected validDataCluster(high: number, low: number, clusterStart: number): number {
     const offset = offsetBits(high, low);
     const { clusterSize } = this.geometry;
     if (offset < 0) throw this.corrupt(clusterStart, 'points to an offset above 2^53');
@@ -195,7 +197,7 @@ export class Qcow2Image implements FormatImage {
     return offset;
   }
 
-  private compressedCluster(high: number, low: number, clusterStart: number): EncodedCluster {
+  protected compressedCluster(high: number, low: number, clusterStart: number): EncodedCluster {
     if (this.dataFile) throw this.corrupt(clusterStart, 'is compressed, which images with an external data file cannot be');
     const { hostOffset, length } = this.geometry.compressedExtent(high, low);
     if (hostOffset >= this.fileSize) throw this.corrupt(clusterStart, `is compressed at ${hostOffset}, past the end of the file (${this.fileSize} bytes)`);
@@ -222,7 +224,7 @@ export class Qcow2Image implements FormatImage {
     }
   }
 
-  private corrupt(clusterStart: number, problem: string): CorruptImageError {
+  protected corrupt(clusterStart: number, problem: string): CorruptImageError {
     return new CorruptImageError(`${this.file.path}: the L2 entry for guest offset ${clusterStart} ${problem}`);
   }
 
@@ -238,7 +240,8 @@ export class Qcow2Image implements FormatImage {
   }
 
   info(): FormatInfo {
-    const { header, extensions } = this.parts;
+    const { extensions } = this.parts;
+    const header = this.header;
     const specific: Record<string, unknown> = { compat: header.version === 3 ? '1.1' : '0.10', 'compression-type': header.compressionType };
     if (header.version === 3) specific['lazy-refcounts'] = (header.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n;
     if (this.parts.bitmaps) specific.bitmaps = this.parts.bitmaps;

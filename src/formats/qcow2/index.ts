@@ -1,10 +1,11 @@
 /**
  * The qcow2 format driver (specification: docs/interop/qcow2.txt in qemu;
- * what is supported here: docs/formats/qcow2.md): probe and open, read-only
- * in this release. Open reads and validates the header, its extensions, the
+ * what is supported here: docs/formats/qcow2.md): probe and open. Open reads and validates the header, its extensions, the
  * L1 table (the active one or a snapshot's), the refcount table (to know
  * where metadata lives) and the snapshot table, and opens an external data
- * file through the gate. The I/O path lives in image.ts.
+ * file through the gate. Reading lives in image.ts; a read-write open of an
+ * image it can write returns writable.ts's image, any other gets a notice and
+ * a read-only one.
  */
 import createDebug from 'debug';
 import { CorruptImageError, UnsupportedFeatureError } from '../../block/errors.js';
@@ -12,9 +13,10 @@ import type { FormatDriver, FormatImage, OpenOptions, ProbeSample, Protocol } fr
 import { describeBits, parseExtensions } from './extensions.js';
 import { Geometry } from './geometry.js';
 import {
-  AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, KNOWN_INCOMPAT, parseHeader, QCOW_MAGIC, type Qcow2Header,
+  AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, KNOWN_INCOMPAT, parseHeader, QCOW_MAGIC, type Qcow2Header,
 } from './header.js';
 import { Qcow2Image } from './image.js';
+import { WritableQcow2Image } from './writable.js';
 import { MetadataClusters, readWords } from './metadata.js';
 import { findSnapshot, readSnapshots } from './snapshots.js';
 import { readBitmaps } from './bitmaps.js';
@@ -93,11 +95,29 @@ async function openQcow2(file: Protocol, options: OpenOptions): Promise<FormatIm
   // The bitmap directory is consistent with the image only while the autoclear bit is set.
   const bitmaps = extensions.bitmaps && header.autoclearFeatures & AUTOCLEAR_BITMAPS ? await readBitmaps(file, extensions.bitmaps, fileSize) : undefined;
 
-  return new Qcow2Image({
+  const parts = {
     file, header, extensions, geometry, l1, l1Entries, virtualSize, fileSize, dataFile, metadata, backing, snapshots, bitmaps,
     metadataCacheBytes: options.metadataCacheBytes,
     notice: options.notice,
-  });
+  };
+  if (options.readOnly || options.snapshot !== undefined) return new Qcow2Image(parts);
+  const refusal = writeRefusal(header, geometry);
+  if (refusal !== undefined) {
+    notice(`${file.path}: opened read-only: ${refusal}`);
+    return new Qcow2Image(parts);
+  }
+  return WritableQcow2Image.open(parts, options);
+}
+
+/** Why this image cannot be written here, when it cannot (the corrupt bit has its own notice above). */
+function writeRefusal(header: Qcow2Header, geometry: Geometry): string | undefined {
+  if (header.incompatibleFeatures & INCOMPAT_CORRUPT) return 'it is marked corrupt';
+  if (header.incompatibleFeatures & INCOMPAT_DIRTY) {
+    return 'it was not closed cleanly (dirty bit set, lazy refcounts); repair it first with imgmount check -r all or qemu-img check -r all';
+  }
+  if (geometry.extendedL2) return 'writing qcow2 images with extended L2 entries (subclusters) is not supported yet';
+  if (geometry.hasDataFile) return 'writing qcow2 images with an external data file is not supported yet';
+  return undefined;
 }
 
 /** Encryption and unknown incompatible features are refused by name. */
@@ -115,7 +135,6 @@ function refuseUnsupported(header: Qcow2Header, names: Parameters<typeof describ
 export const qcow2: FormatDriver = {
   name: 'qcow2',
   extensions: ['.qcow2', '.qcow2c'],
-  readOnlyReason: 'writing qcow2 images is not supported yet',
   snapshots: true,
   probe(sample: ProbeSample): number {
     if (!sample.head.subarray(0, 4).equals(QCOW_MAGIC)) return 0;

@@ -5,7 +5,8 @@
  * compressed cluster that points into any of these is corrupt: reading it
  * would hand the image's own metadata to the guest as data.
  *
- * Built once at open from tables that were validated; read-only afterwards.
+ * Built at open from tables that were validated; a writable image adds the
+ * tables it allocates and removes the ones it frees (main thread only).
  */
 import type { Protocol } from '../../block/types.js';
 import { offsetBits, wordAt } from './geometry.js';
@@ -21,6 +22,14 @@ export class MetadataClusters {
     const first = Math.floor(offset / 2 ** this.clusterBits);
     const last = Math.floor((offset + bytes - 1) / 2 ** this.clusterBits);
     for (let cluster = first; cluster <= last; cluster++) this.clusters.add(cluster);
+  }
+
+  /** Forgets [offset, offset + bytes) (a freed table). */
+  removeRange(offset: number, bytes: number): void {
+    if (bytes <= 0) return;
+    const first = Math.floor(offset / 2 ** this.clusterBits);
+    const last = Math.floor((offset + bytes - 1) / 2 ** this.clusterBits);
+    for (let cluster = first; cluster <= last; cluster++) this.clusters.delete(cluster);
   }
 
   /** Marks every valid, non-zero table offset listed in `table` (L1 -> L2 tables, refcount table -> blocks). */

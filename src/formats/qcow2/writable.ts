@@ -1,0 +1,527 @@
+/**
+ * A qcow2 image opened read-write: guest writes, zeroing and discard on top
+ * of the reader in image.ts, with host clusters from refcounts.ts.
+ *
+ * What a write does to each cluster it touches:
+ * - a standard cluster with the COPIED flag (refcount 1) in an L2 table with
+ *   the COPIED flag: written in place, with no lock and no metadata change;
+ * - a zero cluster that keeps its host cluster (v3 "zero, allocated"): the
+ *   cluster is rewritten in place (zeros around the new data), then the zero
+ *   flag is cleared;
+ * - anything else (unallocated, zero, compressed, or shared with an internal
+ *   snapshot): a new cluster is allocated and written whole, the untouched
+ *   part copied from what the guest saw there before (the backing file, zeros,
+ *   the decompressed or shared cluster), then the L2 entry points to it, then
+ *   the old cluster loses a reference. Neighbouring clusters are allocated
+ *   together and written with one write.
+ * An L2 table that is missing, or shared with a snapshot, is first allocated
+ * (a copy of the shared one), flushed, and linked from the L1 table.
+ *
+ * Ordering on disk: data, then refcounts (flushed with `barrier` unless
+ * refcounts are lazy; also flushed when data was copied from elsewhere), then
+ * the L2 entry, then the L1 entry; references are dropped only after the
+ * entry that held them is gone. With lazy refcounts the dirty bit is set and
+ * flushed before the first change and cleared on a clean close.
+ *
+ * Zeroing and discard punch the host range of clusters written in place
+ * (their entries stay, so nothing is freed that a concurrent in-place write
+ * could still reach); other clusters become zero clusters (v3) or are
+ * overwritten with zeros (v2), so the range always reads as zeros afterwards.
+ *
+ * Damaged metadata met while writing sets the corrupt bit (v3); from then on
+ * writes fail with EIO and reads go on.
+ *
+ * Concurrency: in-place writes run concurrently and without a lock; every
+ * metadata change (allocation, zero flags, the dirty bit) runs under
+ * `allocationLock`, which looks the range up again once held.
+ */
+import { Mutex } from 'async-mutex';
+import { constants as osConstants } from 'node:os';
+import createDebug from 'debug';
+import { BlockError, CorruptImageError } from '../../block/errors.js';
+import { settleAll } from '../../block/settle.js';
+import type { BackingReader, OpenOptions } from '../../block/types.js';
+import type { TableHandle } from '../../cache/table-cache.js';
+import { classify, Kind, L2E_COPIED_HIGH, L2E_ZERO_LOW, offsetBits, wordAt } from './geometry.js';
+import { AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from './header.js';
+import { Qcow2Image, type Qcow2Parts } from './image.js';
+import { Refcounts } from './refcounts.js';
+
+const log = createDebug('imgmount:qcow2');
+
+/** Header field offsets (v3) this module rewrites. */
+const INCOMPATIBLE_AT = 72;
+const AUTOCLEAR_AT = 88;
+
+/** One cluster's share of a request, with its L2 entry as it was looked up. */
+interface Slot {
+  l1Index: number;
+  l2Index: number;
+  clusterStart: number;
+  /** Guest range of the request inside this cluster. */
+  from: number;
+  to: number;
+  high: number;
+  low: number;
+  /** The L2 table is this image's alone (COPIED in the L1 entry). */
+  tableOwned: boolean;
+}
+
+const enum Action {
+  /** Written where it is. */
+  InPlace,
+  /** Rewritten whole where it is (a zero cluster that kept its host cluster), then the zero flag goes. */
+  Rewrite,
+  /** A new cluster. */
+  Allocate,
+}
+
+export class WritableQcow2Image extends Qcow2Image {
+  private readonly allocationLock = new Mutex();
+  private readBacking: BackingReader | undefined;
+  private readonly lazy: boolean;
+  private readonly notify: (line: string) => void;
+  /** Set when this process set the dirty bit (lazy refcounts); cleared on a clean close. */
+  private dirtyMarked = false;
+  /** Set once damaged metadata was met while writing: writes fail from then on. */
+  private brokenBy: string | undefined;
+
+  private constructor(
+    parts: Qcow2Parts,
+    private readonly refcounts: Refcounts,
+  ) {
+    super(parts);
+    this.lazy = this.header.version === 3 && (this.header.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n;
+    this.notify = parts.notice ?? ((line: string) => log(line));
+  }
+
+  /** Opens the image for writing; clears autoclear bits it does not maintain (a header write only when one is set). */
+  static async open(parts: Qcow2Parts, options: OpenOptions): Promise<WritableQcow2Image> {
+    const { header } = parts;
+    const lazy = header.version === 3 && (header.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n;
+    const refcounts = await Refcounts.load(
+      parts.file,
+      { clusterBits: header.clusterBits, refcountOrder: header.refcountOrder, tableOffset: header.refcountTableOffset, tableClusters: header.refcountTableClusters },
+      parts.fileSize,
+      parts.metadata,
+      lazy,
+    );
+    const image = new WritableQcow2Image({ ...parts, notice: options.notice ?? parts.notice }, refcounts);
+    await image.clearAutoclearBits();
+    return image;
+  }
+
+  attachBacking(reader: BackingReader | undefined): void {
+    this.readBacking = reader;
+  }
+
+  /** The specification: a program that changes an image clears the autoclear bits it does not keep up to date. */
+  private async clearAutoclearBits(): Promise<void> {
+    if (this.header.version !== 3) return;
+    const kept = this.header.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW;
+    if (kept === this.header.autoclearFeatures) return;
+    if (this.header.autoclearFeatures & AUTOCLEAR_BITMAPS) {
+      const names = (this.parts.bitmaps ?? []).map((bitmap) => bitmap.name);
+      this.notify(
+        `${this.file.path}: its persistent dirty bitmaps${names.length > 0 ? ` (${names.join(', ')})` : ''} are no longer valid once it is written here; incremental backups based on them need a new full backup`,
+      );
+    }
+    await this.writeHeaderWord(AUTOCLEAR_AT, kept);
+    await this.file.flush();
+    this.header = { ...this.header, autoclearFeatures: kept };
+  }
+
+  async write(offset: number, data: Buffer): Promise<void> {
+    this.assertWritable();
+    const slots = await this.lookup(offset, data.length);
+    const parts: Promise<void>[] = [];
+    let slow: Slot[] = [];
+    const flushSlow = (): void => {
+      if (slow.length === 0) return;
+      const from = slow[0]!.from;
+      const to = slow[slow.length - 1]!.to;
+      parts.push(this.allocatingWrite(from, data.subarray(from - offset, to - offset)));
+      slow = [];
+    };
+    for (const slot of slots) {
+      if (this.actionFor(slot) === Action.InPlace) {
+        flushSlow();
+        const hostOffset = offsetBits(slot.high, slot.low) + (slot.from - slot.clusterStart);
+        parts.push(this.file.write(hostOffset, data.subarray(slot.from - offset, slot.to - offset)));
+      } else {
+        slow.push(slot);
+      }
+    }
+    flushSlow();
+    // Every part finishes before the request answers, also when one fails early.
+    await settleAll(parts);
+  }
+
+  async zero(offset: number, length: number): Promise<void> {
+    this.assertWritable();
+    const slots = await this.lookup(offset, length);
+    const parts: Promise<void>[] = [];
+    const metadata: Slot[] = [];
+    for (const slot of slots) {
+      const kind = this.kindOf(slot);
+      if (kind === Kind.Zero || (kind === Kind.Unallocated && !this.readBacking)) continue;
+      if (this.actionFor(slot) === Action.InPlace) {
+        const hostOffset = offsetBits(slot.high, slot.low) + (slot.from - slot.clusterStart);
+        parts.push(this.clearHostRange(hostOffset, slot.to - slot.from));
+      } else {
+        metadata.push(slot);
+      }
+    }
+    if (metadata.length > 0) parts.push(this.zeroUnderLock(metadata));
+    await settleAll(parts);
+  }
+
+  /** Discard reads as zeros afterwards here, as a punched hole must: the same as zero. */
+  async discard(offset: number, length: number): Promise<void> {
+    await this.zero(offset, length);
+  }
+
+  override async flush(): Promise<void> {
+    if (this.closed) return;
+    await this.file.flush();
+  }
+
+  override async close(): Promise<void> {
+    if (this.closed) return;
+    await this.allocationLock.runExclusive(async () => {
+      try {
+        if (this.dirtyMarked) {
+          await this.file.flush();
+          await this.setIncompatible(this.header.incompatibleFeatures & ~INCOMPAT_DIRTY);
+          this.dirtyMarked = false;
+          log('%s: dirty bit cleared on close', this.file.path);
+        } else {
+          await this.file.flush();
+        }
+      } finally {
+        await super.close();
+      }
+    });
+  }
+
+  // --- lookup ---
+
+  /** The L2 entries of every cluster [offset, offset + length) touches. */
+  private async lookup(offset: number, length: number): Promise<Slot[]> {
+    const g = this.geometry;
+    const slots: Slot[] = [];
+    const end = offset + length;
+    let pos = offset;
+    while (pos < end) {
+      const l1Index = g.l1Index(pos);
+      const spanEnd = Math.min(end, (l1Index + 1) * g.l2Span);
+      const l2Offset = this.l2TableOffset(l1Index);
+      const tableOwned = l2Offset !== 0 && (this.l1.readUInt32BE(l1Index * 8) & L2E_COPIED_HIGH) !== 0;
+      const collect = (table: Buffer | undefined): void => {
+        for (let at = pos; at < spanEnd; ) {
+          const clusterStart = g.clusterStart(at);
+          const to = Math.min(spanEnd, clusterStart + g.clusterSize);
+          const l2Index = g.l2Index(at);
+          const [high, low] = table ? wordAt(table, l2Index * g.l2EntryBytes) : [0, 0];
+          slots.push({ l1Index, l2Index, clusterStart, from: at, to, high, low, tableOwned });
+          at = to;
+        }
+      };
+      if (l2Offset === 0) collect(undefined);
+      else await this.l2Cache.read(l2Offset, collect);
+      pos = spanEnd;
+    }
+    return slots;
+  }
+
+  private kindOf(slot: Slot): Kind {
+    return classify(this.geometry, slot.high, slot.low, 0, 0, 0);
+  }
+
+  private actionFor(slot: Slot): Action {
+    const kind = this.kindOf(slot);
+    const owned = slot.tableOwned && (slot.high & L2E_COPIED_HIGH) !== 0 && offsetBits(slot.high, slot.low) > 0;
+    if (kind === Kind.Normal && owned) {
+      this.validDataCluster(slot.high, slot.low, slot.clusterStart);
+      return Action.InPlace;
+    }
+    if (kind === Kind.Zero && owned && offsetBits(slot.high, slot.low) % this.geometry.clusterSize === 0) return Action.Rewrite;
+    return Action.Allocate;
+  }
+
+  // --- allocating writes ---
+
+  /** Writes a range that needed metadata changes when looked at; serialized with every other change. */
+  private async allocatingWrite(offset: number, data: Buffer): Promise<void> {
+    await this.underLock(async () => {
+      const g = this.geometry;
+      const slots = await this.lookup(offset, data.length);
+      for (let i = 0; i < slots.length; ) {
+        // One L2 table at a time.
+        const l1Index = slots[i]!.l1Index;
+        let j = i;
+        while (j < slots.length && slots[j]!.l1Index === l1Index) j++;
+        const span = slots.slice(i, j);
+        const table = await this.ownedTable(l1Index);
+        try {
+          // The table may have been copied: its entries are the ones to use now.
+          for (const slot of span) {
+            [slot.high, slot.low] = wordAt(table.handle.table, slot.l2Index * g.l2EntryBytes);
+            slot.tableOwned = true;
+          }
+          await this.writeSpan(span, offset, data, table);
+        } finally {
+          table.handle.release();
+        }
+        i = j;
+      }
+    });
+  }
+
+  /** Writes the clusters of one L2 table: in place where possible, else into new clusters allocated together. */
+  private async writeSpan(span: Slot[], offset: number, data: Buffer, table: { offset: number; handle: TableHandle<Buffer> }): Promise<void> {
+    let run: Slot[] = [];
+    const allocateRun = async (): Promise<void> => {
+      if (run.length > 0) await this.allocateClusters(run, offset, data, table);
+      run = [];
+    };
+    for (const slot of span) {
+      const action = this.actionFor(slot);
+      if (action === Action.Allocate) {
+        run.push(slot);
+        continue;
+      }
+      await allocateRun();
+      const hostCluster = offsetBits(slot.high, slot.low);
+      const part = data.subarray(slot.from - offset, slot.to - offset);
+      if (action === Action.InPlace) {
+        await this.file.write(hostCluster + (slot.from - slot.clusterStart), part);
+      } else {
+        const cluster = Buffer.alloc(this.geometry.clusterSize);
+        part.copy(cluster, slot.from - slot.clusterStart);
+        await this.file.write(hostCluster, cluster);
+        await this.setEntries(table, slot.l2Index, [[(slot.high | L2E_COPIED_HIGH) >>> 0, (slot.low & ~L2E_ZERO_LOW) >>> 0]]);
+      }
+    }
+    await allocateRun();
+  }
+
+  /** Allocates neighbouring clusters for `run`, writes them whole, links them, and releases what they replace. */
+  private async allocateClusters(run: Slot[], offset: number, data: Buffer, table: { offset: number; handle: TableHandle<Buffer> }): Promise<void> {
+    const { clusterSize } = this.geometry;
+    await this.markDirty();
+    const buffer = Buffer.alloc(run.length * clusterSize);
+    let copied = false;
+    for (const [i, slot] of run.entries()) {
+      const cluster = buffer.subarray(i * clusterSize, (i + 1) * clusterSize);
+      const head = slot.from - slot.clusterStart;
+      const tail = slot.clusterStart + clusterSize - slot.to;
+      if (head > 0 || tail > 0) copied = (await this.fillFromBefore(slot, cluster, head, tail)) || copied;
+      data.copy(cluster, head, slot.from - offset, slot.to - offset);
+    }
+    const hostOffset = await this.refcounts.allocate(run.length);
+    this.fileSize = Math.max(this.fileSize, this.refcounts.endOffset);
+    await this.file.write(hostOffset, buffer);
+    // Refcounts (and data copied from elsewhere) are durable before the L2 entries point to them.
+    await this.refcounts.barrier();
+    if (copied && this.lazy) await this.file.flush();
+    const entries = run.map((_, i): [number, number] => entryFor(hostOffset + i * clusterSize));
+    await this.setEntries(table, run[0]!.l2Index, entries);
+    for (const slot of run) await this.release(slot);
+  }
+
+  /**
+   * Fills the untouched head and tail of a new cluster with what the guest saw there before.
+   * Returns true when those bytes came from somewhere other than zeros.
+   */
+  private async fillFromBefore(slot: Slot, cluster: Buffer, head: number, tail: number): Promise<boolean> {
+    const { clusterSize } = this.geometry;
+    const start = slot.clusterStart;
+    switch (this.kindOf(slot)) {
+      case Kind.Zero:
+        return false;
+      case Kind.Unallocated:
+        if (!this.readBacking) return false;
+        if (head > 0) await this.readBackingClamped(start, cluster.subarray(0, head));
+        if (tail > 0) await this.readBackingClamped(start + clusterSize - tail, cluster.subarray(clusterSize - tail));
+        return true;
+      case Kind.Normal: {
+        const hostCluster = this.validDataCluster(slot.high, slot.low, start);
+        if (head > 0) await this.file.read(hostCluster, cluster.subarray(0, head));
+        if (tail > 0) await this.file.read(hostCluster + clusterSize - tail, cluster.subarray(clusterSize - tail));
+        return true;
+      }
+      case Kind.Compressed: {
+        const decoded = await this.decode(this.compressedCluster(slot.high, slot.low, start));
+        decoded.copy(cluster, 0, 0, head);
+        decoded.copy(cluster, clusterSize - tail, clusterSize - tail);
+        return true;
+      }
+      case Kind.Invalid:
+        throw this.corrupt(start, 'has an impossible subcluster bitmap');
+    }
+  }
+
+  /** Backing bytes for part of a cluster; the range may run past the image end (the rest stays zero). */
+  private async readBackingClamped(offset: number, buffer: Buffer): Promise<void> {
+    const inside = Math.max(0, Math.min(buffer.length, this.virtualSize - offset));
+    if (inside > 0) await this.readBacking!(offset, buffer.subarray(0, inside));
+  }
+
+  /** Drops the reference the slot's old entry held (after the new entry is on disk). */
+  private async release(slot: Slot): Promise<void> {
+    const kind = this.kindOf(slot);
+    if (kind === Kind.Compressed) {
+      const { hostOffset, length } = this.geometry.compressedExtent(slot.high, slot.low);
+      await this.refcounts.decrement(hostOffset - (hostOffset % 512), length + (hostOffset % 512));
+    } else if ((kind === Kind.Normal || kind === Kind.Zero) && offsetBits(slot.high, slot.low) > 0) {
+      await this.refcounts.decrement(offsetBits(slot.high, slot.low), this.geometry.clusterSize);
+    }
+  }
+
+  // --- L2 and L1 tables ---
+
+  /**
+   * The L2 table of `l1Index`, owned by the active L1 table alone and pinned:
+   * allocated when missing, copied when shared with a snapshot.
+   */
+  private async ownedTable(l1Index: number): Promise<{ offset: number; handle: TableHandle<Buffer> }> {
+    const { clusterSize } = this.geometry;
+    const current = this.l2TableOffset(l1Index);
+    if (current !== 0 && this.l1.readUInt32BE(l1Index * 8) & L2E_COPIED_HIGH) {
+      return { offset: current, handle: await this.l2Cache.acquire(current) };
+    }
+    await this.markDirty();
+    const table = Buffer.alloc(clusterSize);
+    if (current !== 0) await this.l2Cache.read(current, (shared) => shared.copy(table));
+    const offset = await this.refcounts.allocate(1);
+    this.fileSize = Math.max(this.fileSize, this.refcounts.endOffset);
+    await this.file.write(offset, table);
+    // The table and its refcount are durable before the L1 entry points to it.
+    await this.refcounts.barrier();
+    await this.file.flush();
+    this.metadata.addRange(offset, clusterSize);
+    // In the cache before the L1 entry points to it, so no reader loads a second copy.
+    const handle = this.l2Cache.insert(offset, table);
+    try {
+      const entry = Buffer.alloc(8);
+      entry.writeBigUInt64BE(BigInt(offset), 0);
+      entry.writeUInt32BE((entry.readUInt32BE(0) | L2E_COPIED_HIGH) >>> 0, 0);
+      entry.copy(this.l1, l1Index * 8);
+      await this.file.write(this.header.l1TableOffset + l1Index * 8, entry);
+      if (current !== 0) await this.refcounts.decrement(current, clusterSize);
+    } catch (error) {
+      handle.release();
+      throw error;
+    }
+    log('%s: L2 table %d %s at %d', this.file.path, l1Index, current === 0 ? 'allocated' : 'copied from a snapshot', offset);
+    return { offset, handle };
+  }
+
+  /** Sets consecutive L2 entries from `first` (in memory, then on disk). */
+  private async setEntries(table: { offset: number; handle: TableHandle<Buffer> }, first: number, entries: [number, number][]): Promise<void> {
+    const bytes = this.geometry.l2EntryBytes;
+    const buffer = table.handle.table;
+    entries.forEach(([high, low], i) => {
+      buffer.writeUInt32BE(high, (first + i) * bytes);
+      buffer.writeUInt32BE(low, (first + i) * bytes + 4);
+    });
+    await this.file.write(table.offset + first * bytes, buffer.subarray(first * bytes, (first + entries.length) * bytes));
+  }
+
+  // --- zeroing ---
+
+  /** Zeroes clusters whose entries must change: whole clusters become zero clusters (v3), the rest is written as zeros. */
+  private async zeroUnderLock(slots: Slot[]): Promise<void> {
+    const { clusterSize } = this.geometry;
+    const writes: Slot[] = [];
+    await this.underLock(async () => {
+      for (const first of slots) {
+        const [slot] = await this.lookup(first.from, first.to - first.from);
+        if (!slot) continue;
+        const kind = this.kindOf(slot);
+        if (kind === Kind.Zero || (kind === Kind.Unallocated && !this.readBacking)) continue;
+        const whole = slot.from === slot.clusterStart && slot.to === slot.clusterStart + clusterSize;
+        if (!whole || this.header.version !== 3 || this.actionFor(slot) !== Action.Allocate) {
+          writes.push(slot);
+          continue;
+        }
+        const table = await this.ownedTable(slot.l1Index);
+        try {
+          const [high, low] = wordAt(table.handle.table, slot.l2Index * this.geometry.l2EntryBytes);
+          const now = { ...slot, high, low };
+          await this.markDirty();
+          await this.setEntries(table, slot.l2Index, [[0, L2E_ZERO_LOW]]);
+          await this.release(now);
+        } finally {
+          table.handle.release();
+        }
+      }
+    });
+    // Outside the lock: these are ordinary writes (they take it themselves when they allocate).
+    for (const slot of writes) await this.write(slot.from, Buffer.alloc(slot.to - slot.from));
+  }
+
+  private async clearHostRange(hostOffset: number, length: number): Promise<void> {
+    if (this.file.punchHole) await this.file.punchHole(hostOffset, length);
+    else await this.file.write(hostOffset, Buffer.alloc(length));
+  }
+
+  // --- header bits and failure ---
+
+  /** Runs a metadata change under the allocation lock; damaged metadata found there marks the image corrupt. */
+  private async underLock(change: () => Promise<void>): Promise<void> {
+    await this.allocationLock.runExclusive(async () => {
+      this.assertWritable();
+      try {
+        await change();
+      } catch (error) {
+        if (error instanceof CorruptImageError) await this.markCorrupt(error.message);
+        throw error;
+      }
+    });
+  }
+
+  /** With lazy refcounts, sets the dirty bit (durably) before the first metadata change. */
+  private async markDirty(): Promise<void> {
+    if (!this.lazy || this.dirtyMarked) return;
+    await this.setIncompatible(this.header.incompatibleFeatures | INCOMPAT_DIRTY);
+    this.dirtyMarked = true;
+    log('%s: dirty bit set (lazy refcounts)', this.file.path);
+  }
+
+  private async markCorrupt(reason: string): Promise<void> {
+    this.brokenBy = reason;
+    if (this.header.version !== 3 || this.header.incompatibleFeatures & INCOMPAT_CORRUPT) return;
+    try {
+      await this.setIncompatible(this.header.incompatibleFeatures | INCOMPAT_CORRUPT);
+      this.notify(`${this.file.path}: damaged metadata found while writing; the image is now marked corrupt and takes no more writes (run imgmount check -r all)`);
+    } catch (error) {
+      log('%s: could not set the corrupt bit: %s', this.file.path, (error as Error).message);
+    }
+  }
+
+  /** Writes the incompatible feature bits and flushes; the header in memory changes only once that succeeded. */
+  private async setIncompatible(bits: bigint): Promise<void> {
+    await this.writeHeaderWord(INCOMPATIBLE_AT, bits);
+    await this.file.flush();
+    this.header = { ...this.header, incompatibleFeatures: bits };
+  }
+
+  private async writeHeaderWord(at: number, value: bigint): Promise<void> {
+    const word = Buffer.alloc(8);
+    word.writeBigUInt64BE(value, 0);
+    await this.file.write(at, word);
+  }
+
+  private assertWritable(): void {
+    if (this.closed) throw new BlockError(`${this.file.path} is closed`, osConstants.errno.EBADF);
+    if (this.brokenBy !== undefined) throw new CorruptImageError(`${this.file.path} takes no more writes: ${this.brokenBy}`);
+  }
+}
+
+/** A standard L2 entry for the cluster at `hostOffset`, with the COPIED flag (refcount 1). */
+function entryFor(hostOffset: number): [number, number] {
+  const high = Math.floor(hostOffset / 0x100000000);
+  return [(high | L2E_COPIED_HIGH) >>> 0, hostOffset % 0x100000000 >>> 0];
+}
