@@ -16,8 +16,50 @@ const formats = formatNames(formatDrivers);
 
 type Outcome = { ok: { command: string; args: unknown } } | { help: string } | { error: string } | { none: true };
 
+const REPAIR_LEVELS = ['leaks', 'all'];
+
+/**
+ * check's `-r [leaks|all]`, which yargs cannot declare (a boolean that takes a
+ * value only when it is one of two words): for a check command line, the
+ * level words are taken out of argv (`-r leaks` -> `-r`, `--repair=all` ->
+ * `--repair`) and the level of the last -r given is kept, to be applied when
+ * yargs says the flag is true.
+ */
+function splitRepairLevels(argv: string[]): { argv: string[]; level: string | undefined } {
+  // (the command is check when its name is the first positional yargs sees)
+  const bare = yargs(argv).boolean('help').alias('help', 'h').help(false).version(false).parseSync();
+  if (bare._[0] !== 'check') return { argv, level: undefined };
+  const out: string[] = [];
+  let level: string | undefined;
+  // Only after the command's name (yargs reads what comes before it for the default command).
+  const commandAt = argv.indexOf('check');
+  out.push(...argv.slice(0, commandAt + 1));
+  for (let i = commandAt + 1; i < argv.length; i++) {
+    const arg = argv[i]!;
+    if (arg === '--') {
+      out.push(...argv.slice(i));
+      break;
+    }
+    const inline = /^(--repair|-[A-Za-z]*r)=(.*)$/.exec(arg);
+    if (inline) {
+      level = REPAIR_LEVELS.includes(inline[2]!) ? inline[2] : undefined;
+      out.push(level !== undefined ? inline[1]! : arg);
+      continue;
+    }
+    if (arg === '--repair' || /^-[A-Za-z]*r$/.test(arg)) {
+      level = REPAIR_LEVELS.includes(argv[i + 1] ?? '') ? argv[++i] : undefined;
+      out.push(arg);
+      continue;
+    }
+    if (arg === '--no-repair') level = undefined;
+    out.push(arg);
+  }
+  return { argv: out, level };
+}
+
 /** The yargs wiring of main.ts before the change, handlers replaced by a recorder. */
-async function reference(argv: string[], columns = 100): Promise<Outcome> {
+async function reference(original: string[], columns = 100): Promise<Outcome> {
+  const { argv, level } = splitRepairLevels(original);
   const asList = (v: unknown): unknown[] => (v === undefined ? [] : Array.isArray(v) ? v : [v]);
   const { readable, creatable } = formats;
   const ALLOW_FILES_HELP =
@@ -58,9 +100,9 @@ async function reference(argv: string[], columns = 100): Promise<Outcome> {
     .command('check <file>', 'check image metadata (like qemu-img check); exit 0 clean, 2 corrupt, 3 leaks, 1 failed, 63 no check for the format', (y: any) => y
           .positional('file', { type: 'string', demandOption: true })
           .option('format', { alias: 'f', type: 'string', describe: `image format (${readable}); no probing` })
-          .option('repair', { alias: 'r', type: 'boolean', default: false, describe: 'repair what can be repaired' })
+          .option('repair', { alias: 'r', type: 'boolean', default: false, describe: 'repair: -r leaks only leaked clusters, -r all (or a bare -r) everything that can be repaired' })
           .option('output', { choices: outputChoices, default: 'human' }),
-      (args: any) => run('check')({ file: args.file, format: args.format, repair: args.repair, output: args.output }))
+      (args: any) => run('check')({ file: args.file, format: args.format, repair: args.repair === true ? level ?? 'all' : undefined, output: args.output }))
     .command('map <file>', 'show where the guest bytes live, data, zero or unallocated, down the backing chain (like qemu-img map)', (y: any) => y
           .positional('file', { type: 'string', demandOption: true })
           .option('format', { alias: 'f', type: 'string', describe: `image format (${readable}); no probing` })
@@ -158,6 +200,22 @@ const corpus: string[][] = [
   ['check', '-r', 'true', 'a.qed'],
   ['check', 'x', '-r', 'yes'],
   ['check', '--repair', '--output', 'json', 'a'],
+  ['check', '-r', 'leaks', 'a.qcow2'],
+  ['check', '-r', 'all', 'a.qcow2'],
+  ['check', '-r', 'a.qcow2', '-f', 'qcow2'],
+  ['check', '--repair=leaks', 'a'],
+  ['check', '--repair', 'all', '--output=json', 'a'],
+  ['check', '-r=all', 'a'],
+  ['check', '-r', 'leaks'],
+  ['check', '-r', 'some', 'a'],
+  ['check', 'a', '-r', 'leaks', '-r'],
+  ['check', '-r', 'false', '-r', 'leaks', 'a'],
+  ['check', '-r', 'leaks', '--no-repair', 'a'],
+  ['check', '-fr', 'leaks', 'a'],
+  ['check', 'a', '--', '-r', 'leaks'],
+  ['-r', 'leaks', 'check', 'a'],
+  ['-r', 'leaks', 'b'],
+  ['check', '-r', 'true', 'a.qed'],
   ['check'],
   ['map', 'a', '--output=json'],
   ['map', '-f'],
@@ -249,7 +307,7 @@ describe('the command-line parser gives what yargs gave', () => {
       '--output', '--output=json', 'json', 'human', 'true', 'false', '--backing-chain', '--no-backing-chain',
       '--repair', '--force', '--allow-files', '--allowFiles', '--allow-other', '--foreground', '--debug',
       '--cache-size', '--options', '--unmount', '--backing', '--backing-format', '--bogus', '--no-bogus', '--a-b',
-      '--help', '-5', '12', 'ro,nonempty',
+      '--help', '-5', '12', 'ro,nonempty', 'leaks', 'all', '-r=all', '--repair=leaks', '--no-repair',
     );
     await fc.assert(
       fc.asyncProperty(fc.array(token, { maxLength: 7 }), async (argv) => {

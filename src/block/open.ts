@@ -195,6 +195,8 @@ export async function createImage(path: string, formatName: string, options: Cre
 export interface CheckImageOptions {
   formats: FormatList;
   repair?: boolean;
+  /** With `repair`: 'leaks' repairs only leaks, 'all' (the default) everything. */
+  fix?: 'leaks' | 'all';
   format?: string;
   progress?: (done: number, total: number) => void;
 }
@@ -221,7 +223,7 @@ export async function checkImage(path: string, options: CheckImageOptions): Prom
   }
   const file = await FileProtocol.open(path, !repair);
   try {
-    const result = await format.check(file, { repair, progress: options.progress });
+    const result = await format.check(file, { repair, fix: options.fix, progress: options.progress });
     if (repair) await file.flush();
     return { ...result, format: format.name, filename: path };
   } finally {

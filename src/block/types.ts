@@ -175,6 +175,11 @@ export interface CheckResult {
 
 export interface CheckOptions {
   repair: boolean;
+  /**
+   * What a repair may change (qemu-img check -r leaks|all): 'leaks' only frees
+   * leaked clusters, 'all' (the default) also repairs corruptions.
+   */
+  fix?: 'leaks' | 'all';
   /** Called with (done, total) while checking; for progress bars. */
   progress?: (done: number, total: number) => void;
 }

@@ -21,6 +21,11 @@ export interface OptionSpec {
   describe?: string;
   default?: string | boolean;
   choices?: readonly string[];
+  /**
+   * A boolean option that also takes one of these words as its value (`-r
+   * leaks`, `--repair=all`): the next argument only when it is one of them.
+   */
+  values?: readonly string[];
 }
 
 export interface PositionalSpec {
@@ -99,9 +104,17 @@ class Tokens {
   /** Keys as written (after dashes), in the order first set, with their values. */
   readonly keys = new Map<string, Value>();
   readonly positionals: string[] = [];
+  /** Where in argv each positional was. */
+  readonly positionalIndexes: number[] = [];
   private readonly byKey = new Map<string, OptionSpec>();
+  /** The argument being read. */
+  private at = 0;
 
-  constructor(argv: readonly string[], options: readonly OptionSpec[]) {
+  /**
+   * `valuesAfter`: the argv index of the command's name; an option's `values`
+   * words count only after it (yargs read what comes before for the default command).
+   */
+  constructor(argv: readonly string[], options: readonly OptionSpec[], private readonly valuesAfter = -1) {
     for (const option of options) {
       this.byKey.set(option.name, option);
       this.byKey.set(camelCase(option.name), option);
@@ -120,12 +133,20 @@ class Tokens {
    * explicit true/false; else the flag's own value. True when `next` was used.
    */
   private takeValue(key: string, next: string | undefined, optionLike: RegExp, negative: RegExp): boolean {
-    if (next !== undefined && (((!optionLike.test(next) || negative.test(next)) && !this.isBoolean(key)) || /^(true|false)$/.test(next))) {
+    if (
+      next !== undefined &&
+      (((!optionLike.test(next) || negative.test(next)) && !this.isBoolean(key)) || /^(true|false)$/.test(next) || this.isValueWord(key, next))
+    ) {
       this.set(key, next);
       return true;
     }
     this.set(key, this.flagValue(key));
     return false;
+  }
+
+  /** True when `word` is one of the words `key` takes as its value (see OptionSpec.values). */
+  private isValueWord(key: string, word: string): boolean {
+    return this.at > this.valuesAfter && this.byKey.get(key)?.values?.includes(word) === true;
   }
 
   private isBoolean(key: string): boolean {
@@ -142,7 +163,7 @@ class Tokens {
   private set(key: string, value: Scalar): void {
     const option = this.byKey.get(key);
     let stored: Scalar = value;
-    if (option?.type === 'boolean' && typeof value === 'string') stored = value === 'true';
+    if (option?.type === 'boolean' && typeof value === 'string') stored = this.isValueWord(key, value) ? value : value === 'true';
     else if (option?.type !== 'string' && typeof value === 'string' && isNumber(value)) stored = Number(value);
     // An option is stored under its name; an unknown key under the key as written
     // (and, with dashes, its camelCase spelling too, which strict mode names as well).
@@ -158,9 +179,11 @@ class Tokens {
     const negative = NEGATIVE;
     for (let i = 0; i < argv.length; i++) {
       const arg = argv[i]!;
+      this.at = i;
       let match: RegExpMatchArray | null;
       if (/^---+(=|$)/.test(arg)) {
         this.positionals.push(arg);
+        this.positionalIndexes.push(i);
       } else if ((match = arg.match(/^--([^=]+)=([\s\S]*)$/)) !== null) {
         this.set(match[1]!, match[2]!);
       } else if ((match = arg.match(/^--no-(.+)/)) !== null) {
@@ -201,6 +224,7 @@ class Tokens {
         break;
       } else {
         this.positionals.push(arg);
+        this.positionalIndexes.push(i);
       }
     }
   }
@@ -213,7 +237,7 @@ export function parseCommandLine(program: Program, argv: readonly string[], widt
   const named = program.commands.find((command) => command.name !== undefined && command.name === first.positionals[0]);
   const command = named ?? program.commands.find((candidate) => candidate.name === undefined)!;
   const options = [HELP, ...command.options];
-  const tokens = new Tokens(argv, options);
+  const tokens = new Tokens(argv, options, named === undefined ? -1 : first.positionalIndexes[0]);
   // Either reading may find --help (yargs took an unknown `-r -- --help` as `-r=--`, then --help).
   if (first.keys.get('help') === true || tokens.keys.get('help') === true) return { kind: 'help', text: help(program, command, width) };
 

@@ -1,9 +1,13 @@
 /**
- * `imgmount check [-r] [--output=human|json] FILE`, after qemu-img check:
- * exit 0 when clean, 2 when corruptions remain, 3 when only leaks remain,
- * 1 when the image could not be checked, 63 when its format has no check
- * (raw). A progress bar appears on a terminal when the check takes longer
- * than a moment.
+ * `imgmount check [-r [leaks|all]] [--output=human|json] FILE`, after qemu-img
+ * check: exit 0 when clean, 2 when corruptions remain, 3 when only leaks
+ * remain, 1 when the image could not be checked, 63 when its format has no
+ * check (raw). `-r leaks` repairs leaks only, `-r all` (or a bare `-r`)
+ * everything. As qemu-img, a repair that fixed anything is followed by a
+ * second check, whose findings are reported with the first one's repairs.
+ * What the check finds goes to stderr line by line, the summary to stdout
+ * (qemu-img's words, and its JSON key order). A progress bar appears on a
+ * terminal when the check takes longer than a moment.
  */
 import { createRequire } from 'node:module';
 import type CliProgress from 'cli-progress';
@@ -13,18 +17,48 @@ import { ExitError } from './errors.js';
 export interface CheckArguments {
   file: string;
   format?: string;
-  repair?: boolean;
+  /** The repair level; undefined: check only. */
+  repair?: 'leaks' | 'all';
   output: 'human' | 'json';
 }
 
 /** Milliseconds a check runs before a progress bar is shown. */
 const PROGRESS_DELAY_MS = 500;
 
+/** A report with the allocation figures a format may add (qcow2's fragmented and compressed clusters). */
+type Report = CheckReport & { fragmentedClusters?: number; compressedClusters?: number };
+
 export async function runCheck(args: CheckArguments): Promise<void> {
+  const first = await check(args, args.repair);
+  let report = first;
+  let preamble = '';
+  if (first.corruptionsFixed > 0 || first.leaksFixed > 0) {
+    if (args.output === 'human') {
+      preamble = 'The following inconsistencies were found and repaired:\n\n' +
+        `    ${first.leaksFixed} leaked clusters\n    ${first.corruptionsFixed} corruptions\n\nDouble checking the fixed image now...\n`;
+    }
+    // What is left is what a plain check finds now; the repairs are the first pass's.
+    const second = await check(args, undefined);
+    report = {
+      ...second,
+      corruptions: second.corruptions + first.corruptionsFixed,
+      leaks: second.leaks + first.leaksFixed,
+      corruptionsFixed: first.corruptionsFixed,
+      leaksFixed: first.leaksFixed,
+    };
+  }
+  const corruptionsLeft = report.corruptions - report.corruptionsFixed;
+  const leaksLeft = report.leaks - report.leaksFixed;
+  process.stdout.write(args.output === 'json' ? toJson(report) : preamble + toHuman(report));
+  process.exitCode = corruptionsLeft > 0 ? 2 : leaksLeft > 0 ? 3 : 0;
+}
+
+/** One pass; its findings go to stderr as they are reported. */
+async function check(args: CheckArguments, repair: CheckArguments['repair']): Promise<Report> {
   const progress = terminalProgress();
-  let report: CheckReport;
+  let report: Report;
   try {
-    report = await checkImage(args.file, { repair: args.repair, format: args.format, progress: progress.update });
+    report = await checkImage(args.file, { repair: repair !== undefined, fix: repair, format: args.format, progress: progress.update });
   } catch (error) {
     // qemu-img's words and exit status for a format without a check, with the file named.
     if (error instanceof NoCheckError) throw new ExitError(`${args.file}: This image format does not support checks`, NO_CHECK_EXIT_STATUS);
@@ -32,10 +66,8 @@ export async function runCheck(args: CheckArguments): Promise<void> {
   } finally {
     progress.stop();
   }
-  const corruptionsLeft = report.corruptions - report.corruptionsFixed;
-  const leaksLeft = report.leaks - report.leaksFixed;
-  process.stdout.write(args.output === 'json' ? toJson(report) : toHuman(report, args.repair ?? false));
-  process.exitCode = corruptionsLeft > 0 ? 2 : leaksLeft > 0 ? 3 : 0;
+  if (report.messages.length > 0) process.stderr.write(`${report.messages.join('\n')}\n`);
+  return report;
 }
 
 function terminalProgress(): { update: (done: number, total: number) => void; stop: () => void } {
@@ -58,42 +90,46 @@ function terminalProgress(): { update: (done: number, total: number) => void; st
   };
 }
 
-function toJson(report: CheckReport): string {
+/**
+ * qemu-img's JSON: its keys in the order its QDict's hash buckets give them;
+ * filename, format and check-errors always, every other only when not zero.
+ */
+function toJson(report: Report): string {
+  const optional = (value: number | undefined): number | undefined => (value === undefined || value === 0 ? undefined : value);
   const json: Record<string, unknown> = {
-    'image-end-offset': report.imageEndOffset,
-    'total-clusters': report.totalClusters,
+    'image-end-offset': optional(report.imageEndOffset),
+    'compressed-clusters': optional(report.compressedClusters),
+    'total-clusters': optional(report.totalClusters),
+    corruptions: optional(report.corruptions - report.corruptionsFixed),
+    'corruptions-fixed': optional(report.corruptionsFixed),
     'check-errors': 0,
-    'allocated-clusters': report.allocatedClusters,
+    leaks: optional(report.leaks - report.leaksFixed),
+    'leaks-fixed': optional(report.leaksFixed),
+    'allocated-clusters': optional(report.allocatedClusters),
     filename: report.filename,
     format: report.format,
-    corruptions: report.corruptions - report.corruptionsFixed,
-    leaks: report.leaks - report.leaksFixed,
-    'corruptions-fixed': report.corruptionsFixed,
-    'leaks-fixed': report.leaksFixed,
+    'fragmented-clusters': optional(report.fragmentedClusters),
   };
   return `${JSON.stringify(json, null, 4)}\n`;
 }
 
-function toHuman(report: CheckReport, repaired: boolean): string {
-  const lines: string[] = [];
-  for (const message of report.messages) lines.push(`${repaired ? 'Repairing' : 'ERROR'} ${message}`);
-  if (repaired && (report.corruptionsFixed > 0 || report.leaksFixed > 0)) {
-    lines.push(`The following inconsistencies were found and repaired:`);
-    lines.push(`    ${report.leaksFixed} leaked clusters`, `    ${report.corruptionsFixed} corruptions`, '');
-  }
+/** qemu-img's human summary. */
+function toHuman(report: Report): string {
+  let out = '';
   const corruptionsLeft = report.corruptions - report.corruptionsFixed;
   const leaksLeft = report.leaks - report.leaksFixed;
+  if (corruptionsLeft === 0 && leaksLeft === 0) out += 'No errors were found on the image.\n';
   if (corruptionsLeft > 0) {
-    lines.push(`${corruptionsLeft} errors were found on the image.`, 'Data may be corrupted, or further writes to the image may corrupt it.');
+    out += `\n${corruptionsLeft} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.\n`;
   }
-  if (leaksLeft > 0) {
-    lines.push(`${leaksLeft} leaked clusters were found on the image.`, 'This means waste of disk space, but no harm to data.');
+  if (leaksLeft > 0) out += `\n${leaksLeft} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n`;
+  const total = report.totalClusters ?? 0;
+  const allocated = report.allocatedClusters ?? 0;
+  if (total !== 0 && allocated !== 0) {
+    const percent = (part: number, whole: number): string => ((part * 100) / whole).toFixed(2);
+    out += `${allocated}/${total} = ${percent(allocated, total)}% allocated, ${percent(report.fragmentedClusters ?? 0, allocated)}% fragmented, ` +
+      `${percent(report.compressedClusters ?? 0, allocated)}% compressed clusters\n`;
   }
-  if (corruptionsLeft === 0 && leaksLeft === 0) lines.push('No errors were found on the image.');
-  if (report.totalClusters !== undefined && report.allocatedClusters !== undefined && report.totalClusters > 0) {
-    const percent = ((100 * report.allocatedClusters) / report.totalClusters).toFixed(2);
-    lines.push(`${report.allocatedClusters}/${report.totalClusters} = ${percent}% allocated`);
-  }
-  if (report.imageEndOffset !== undefined) lines.push(`Image end offset: ${report.imageEndOffset}`);
-  return `${lines.join('\n')}\n`;
+  if (report.imageEndOffset) out += `Image end offset: ${report.imageEndOffset}\n`;
+  return out;
 }

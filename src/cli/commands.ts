@@ -84,7 +84,14 @@ export function program(formats: FormatNames = { readable: '', creatable: '' }):
         positionals: [{ name: 'file' }],
         options: [
           { name: 'format', alias: 'f', type: 'string', describe: `image format (${readable}); no probing` },
-          { name: 'repair', alias: 'r', type: 'boolean', default: false, describe: 'repair what can be repaired' },
+          {
+            name: 'repair',
+            alias: 'r',
+            type: 'boolean',
+            values: ['leaks', 'all'],
+            default: false,
+            describe: 'repair: -r leaks only leaked clusters, -r all (or a bare -r) everything that can be repaired',
+          },
           { name: 'output', choices: outputChoices, default: 'human' },
         ],
       },
@@ -158,6 +165,8 @@ export type Invocation =
 // option arrives as an array, as it did through yargs.
 const text = (value: Value | undefined) => value as string | undefined;
 const flag = (value: Value | undefined) => value as boolean | undefined;
+/** check's -r: a bare flag (or true) repairs everything, -r leaks / -r all say what to repair. */
+const repairLevel = (value: Value | undefined): CheckArguments['repair'] => (value === true ? 'all' : value === 'leaks' || value === 'all' ? value : undefined);
 
 /** The handler arguments of a parsed command line, as the yargs handlers built them. */
 export function invocation({ command, options: o, positionals: p }: Parsed): Invocation {
@@ -188,7 +197,7 @@ export function invocation({ command, options: o, positionals: p }: Parsed): Inv
         },
       };
     case 'check':
-      return { command: 'check', args: { file: p.file as string, format: text(o.format), repair: flag(o.repair)!, output: o.output as CheckArguments['output'] } };
+      return { command: 'check', args: { file: p.file as string, format: text(o.format), repair: repairLevel(o.repair), output: o.output as CheckArguments['output'] } };
     case 'map':
       return {
         command: 'map',

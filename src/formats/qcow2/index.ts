@@ -20,6 +20,7 @@ import { WritableQcow2Image } from './writable.js';
 import { MetadataClusters, readWords } from './metadata.js';
 import { findSnapshot, readSnapshots } from './snapshots.js';
 import { readBitmaps } from './bitmaps.js';
+import { checkQcow2 } from './check.js';
 import { createQcow2 } from './create.js';
 
 const log = createDebug('imgmount:qcow2');
@@ -142,5 +143,6 @@ export const qcow2: FormatDriver = {
     return sample.head.readUInt32BE(4) === 1 ? 0 : 100;
   },
   open: openQcow2,
+  check: checkQcow2,
   create: createQcow2,
 };

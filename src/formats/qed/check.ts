@@ -12,6 +12,11 @@
  * - leaked clusters at the end of the file are truncated away (leaks in the
  *   middle cannot be reused by QED and are only reported);
  * - when no corruption is left, QED_F_NEED_CHECK is cleared.
+ * A repair of leaks only (`fix: 'leaks'`, qemu-img check -r leaks) does the
+ * truncation and nothing else.
+ *
+ * Messages are whole lines as qemu-img prints them ("ERROR ...", or
+ * "Repairing ..." for what is repaired).
  */
 import type { CheckOptions, CheckResult, Protocol } from '../../block/types.js';
 import { Geometry, getEntry, setEntry, ZERO_CLUSTER, type Table } from './geometry.js';
@@ -55,6 +60,7 @@ export async function checkQed(file: Protocol, header: QedHeader, options: Check
   const fileEnd = Math.floor(fileSize / clusterSize) * clusterSize;
   const fileClusters = fileEnd / clusterSize;
   const result: CheckResult = { corruptions: 0, leaks: 0, corruptionsFixed: 0, leaksFixed: 0, messages: [] };
+  const fixErrors = options.repair && (options.fix ?? 'all') === 'all';
   const clustersPerTable = header.tableSize;
   const map = new ClusterMap(fileClusters);
   map.claim(0, header.headerSize);
@@ -84,7 +90,7 @@ export async function checkQed(file: Protocol, header: QedHeader, options: Check
   };
   const corruption = (message: string): void => {
     result.corruptions += 1;
-    result.messages.push(message);
+    result.messages.push(`${fixErrors ? 'Repairing' : 'ERROR'} ${message}`);
   };
 
   const l1 = await readTable(file, header.l1TableOffset, tableBytes);
@@ -95,7 +101,7 @@ export async function checkQed(file: Protocol, header: QedHeader, options: Check
     if (l2Offset === 0) continue;
     if (!geometry.isValidTableOffset(l2Offset, fileEnd)) {
       corruption(`L1 entry ${l1Index}: L2 table offset ${describe(l2Offset)} is misaligned or outside the file`);
-      if (options.repair) {
+      if (fixErrors) {
         setEntry(l1, l1Index, 0);
         l1Changed = true;
         result.corruptionsFixed += 1;
@@ -104,7 +110,7 @@ export async function checkQed(file: Protocol, header: QedHeader, options: Check
     }
     if (!map.claim(l2Offset / clusterSize, clustersPerTable)) {
       corruption(`L1 entry ${l1Index}: L2 table at ${l2Offset} overlaps a cluster that is already in use`);
-      if (options.repair) {
+      if (fixErrors) {
         l2Offset = await copyToEnd(l2Offset, tableBytes);
         setEntry(l1, l1Index, l2Offset);
         l1Changed = true;
@@ -119,7 +125,7 @@ export async function checkQed(file: Protocol, header: QedHeader, options: Check
       const guest = l1Index * geometry.l2Span + l2Index * clusterSize;
       if (!geometry.isValidClusterOffset(dataOffset, fileEnd)) {
         corruption(`guest offset ${guest}: data cluster offset ${describe(dataOffset)} is misaligned or outside the file`);
-        if (options.repair) {
+        if (fixErrors) {
           setEntry(l2, l2Index, 0);
           l2Changed = true;
           result.corruptionsFixed += 1;
@@ -129,7 +135,7 @@ export async function checkQed(file: Protocol, header: QedHeader, options: Check
       allocatedDataClusters += 1;
       if (!map.claim(dataOffset / clusterSize, 1)) {
         corruption(`guest offset ${guest}: data cluster at ${dataOffset} is referenced more than once`);
-        if (options.repair) {
+        if (fixErrors) {
           setEntry(l2, l2Index, await copyToEnd(dataOffset, clusterSize));
           l2Changed = true;
           result.corruptionsFixed += 1;
@@ -153,10 +159,10 @@ export async function checkQed(file: Protocol, header: QedHeader, options: Check
   for (let i = 0; i < fileClusters; i++) {
     if (!map.isUsed(i)) {
       result.leaks += 1;
-      if (result.leaks <= 20) result.messages.push(`cluster at ${i * clusterSize} is leaked (referenced by no table)`);
+      if (result.leaks <= 20) result.messages.push(`${options.repair ? 'Repairing' : 'ERROR'} cluster at ${i * clusterSize} is leaked (referenced by no table)`);
     }
   }
-  if (result.leaks > 20) result.messages.push(`... ${result.leaks - 20} more leaked clusters`);
+  if (result.leaks > 20) result.messages.push(`${options.repair ? 'Repairing' : 'ERROR'} ... ${result.leaks - 20} more leaked clusters`);
   const imageEndOffset = (lastUsed + 1) * clusterSize;
   const copied = allocationEnd !== firstCopyOffset;
   if (options.repair && result.leaks > 0 && imageEndOffset < fileEnd && !copied) {
@@ -167,7 +173,7 @@ export async function checkQed(file: Protocol, header: QedHeader, options: Check
     await file.flush();
     await writeHeader(file, { ...header, features: header.features & ~QED_F_NEED_CHECK });
   }
-  result.imageEndOffset = copied ? allocationEnd : imageEndOffset;
+  // qemu-img reports no image end offset for QED; neither do we.
   result.totalClusters = Math.ceil(header.imageSize / clusterSize);
   result.allocatedClusters = allocatedDataClusters;
   return result;

@@ -1,0 +1,459 @@
+/**
+ * qcow2 check, part 1: counting the references every host cluster has, from
+ * the header cluster down (the header, the active L1 table and every
+ * snapshot's, their L2 tables, standard and compressed data clusters, the
+ * snapshot table, the refcount table and its blocks, a LUKS header, the
+ * bitmap directory, bitmap tables and their data clusters). The counts live in
+ * a typed array of the image's refcount width (a count that reaches the
+ * width's maximum is an overflow, as in the image itself).
+ *
+ * What qemu-img check reports while counting is reported the same way here,
+ * with the same words and the same corruption counts (test/qcow2-check.test.ts
+ * compares both on damaged images). With `fixErrors`, entries that cannot be
+ * valid are dropped: unaligned preallocated (zero) clusters become plain zero
+ * entries, as qemu does, and (beyond qemu 7.2, which leaves them) L1 and L2
+ * entries pointing past the end of the file are dropped, a standard cluster
+ * becoming a zero cluster (what qemu reads there) where the version allows.
+ * Each fixed entry is written and flushed before the scan goes on.
+ *
+ * Concurrency: one scan at a time on an image nobody else writes; reads of
+ * L2 tables are issued in parallel batches, processed in L1 order.
+ */
+import type { CheckResult, Protocol } from '../../block/types.js';
+import type { Geometry } from './geometry.js';
+import type { Qcow2Header } from './header.js';
+import { maxRefcount } from './refcount-entries.js';
+
+/** qemu's limits on an L1 table (32 MiB) and on the snapshot table. */
+const MAX_L1_ENTRIES = (32 * 1024 * 1024) / 8;
+/** L2 tables read per batch, and bytes per coalesced read. */
+const L2_BATCH = 256;
+const MAX_READ_BYTES = 4 * 1024 * 1024;
+
+export const hex = (value: number): string => value.toString(16);
+/** A 64-bit entry as qemu prints it with PRIx64. */
+export const hex64 = (high: number, low: number): string =>
+  high === 0 ? (low >>> 0).toString(16) : (high >>> 0).toString(16) + (low >>> 0).toString(16).padStart(8, '0');
+
+/** Counts per host cluster, in the image's refcount width; grows on demand. */
+export class RefcountArray {
+  readonly max: number;
+  private counts: Uint8Array | Uint16Array | Uint32Array | Float64Array;
+  /** Clusters covered (qemu's nb_clusters): the file's, plus any referenced just past it. */
+  length: number;
+
+  constructor(readonly refcountOrder: number, clusters: number) {
+    this.max = maxRefcount(refcountOrder);
+    this.counts = RefcountArray.allocate(refcountOrder, clusters);
+    this.length = clusters;
+  }
+
+  private static allocate(order: number, size: number): Uint8Array | Uint16Array | Uint32Array | Float64Array {
+    if (order <= 3) return new Uint8Array(size);
+    if (order === 4) return new Uint16Array(size);
+    if (order === 5) return new Uint32Array(size);
+    return new Float64Array(size);
+  }
+
+  get(cluster: number): number {
+    return cluster < this.length ? this.counts[cluster]! : 0;
+  }
+
+  set(cluster: number, value: number): void {
+    this.grow(cluster + 1);
+    this.counts[cluster] = value;
+  }
+
+  grow(length: number): void {
+    if (length <= this.length) return;
+    if (length > this.counts.length) {
+      const bigger = RefcountArray.allocate(this.refcountOrder, Math.max(length, Math.ceil(this.counts.length * 1.5)));
+      bigger.set(this.counts as never);
+      this.counts = bigger;
+    }
+    this.length = length;
+  }
+
+  clear(): void {
+    this.counts.fill(0);
+  }
+}
+
+/** A snapshot as the check needs it (read tolerantly: a broken entry is reported, not refused). */
+export interface CheckSnapshot {
+  id: string;
+  name: string;
+  l1TableOffset: number;
+  l1Size: number;
+}
+
+/** Everything the counting walks, and where its findings go. */
+export interface CheckContext {
+  file: Protocol;
+  header: Qcow2Header;
+  geometry: Geometry;
+  /** Current size of the file (grows when a refcount block outside it is repaired). */
+  fileSize: number;
+  snapshots: CheckSnapshot[];
+  /** Bytes of the snapshot table (entries padded to 8). */
+  snapshotsSize: number;
+  /** The refcount table, as read (and rewritten by a rebuild). */
+  refcountTable: Buffer;
+  /** Extra ranges to count once: the LUKS header, the bitmap directory. */
+  luks?: { offset: number; length: number };
+  bitmaps?: { directoryOffset: number; directorySize: number; tables: { offset: number; entries: number }[] };
+  messages: string[];
+  checkErrors: number;
+  progress?: (done: number, total: number) => void;
+}
+
+export interface Counting {
+  refs: RefcountArray;
+  /** The refcount structure must be rebuilt to repair what was found. */
+  rebuild: boolean;
+  /** Allocated / fragmented / compressed clusters of the active L1 table (qemu's bfi). */
+  allocated: number;
+  fragmented: number;
+  compressed: number;
+}
+
+interface Fix {
+  errors: boolean;
+}
+
+/** Counts one reference to every cluster of [offset, offset + size), as qemu-img check does. */
+function countRange(ctx: CheckContext, res: CheckResult, refs: RefcountArray, offset: number, size: number): void {
+  if (size <= 0) return;
+  const { clusterSize, clusterBits } = ctx.header;
+  // The last cluster may be partly written, so a range may end up to a cluster past the file.
+  if (offset < 0 || offset + size - ctx.fileSize >= clusterSize) {
+    ctx.messages.push(
+      `ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${hex(Math.max(offset, 0))} size 0x${hex(size)}`,
+    );
+    res.corruptions += 1;
+    return;
+  }
+  const first = Math.floor(offset / clusterSize);
+  const last = Math.floor((offset + size - 1) / 2 ** clusterBits);
+  refs.grow(last + 1);
+  for (let cluster = first; cluster <= last; cluster++) {
+    const count = refs.get(cluster);
+    if (count === refs.max) {
+      ctx.messages.push(`ERROR: overflow cluster offset=0x${hex(cluster * clusterSize)}`);
+      ctx.messages.push(
+        'Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing',
+      );
+      res.corruptions += 1;
+      continue;
+    }
+    refs.set(cluster, count + 1);
+  }
+}
+
+/** Reads the tables at `offsets` (each `bytes` long), coalescing adjacent ones into one read. */
+export async function readTables(file: Protocol, offsets: readonly number[], bytes: number): Promise<Map<number, Buffer>> {
+  const sorted = [...new Set(offsets)].sort((a, b) => a - b);
+  const tables = new Map<number, Buffer>();
+  const runs: { start: number; count: number }[] = [];
+  for (const offset of sorted) {
+    const run = runs[runs.length - 1];
+    if (run && run.start + run.count * bytes === offset && (run.count + 1) * bytes <= MAX_READ_BYTES) run.count += 1;
+    else runs.push({ start: offset, count: 1 });
+  }
+  await Promise.all(
+    runs.map(async ({ start, count }) => {
+      const buffer = Buffer.alloc(count * bytes);
+      await file.read(start, buffer);
+      for (let index = 0; index < count; index++) tables.set(start + index * bytes, buffer.subarray(index * bytes, (index + 1) * bytes));
+    }),
+  );
+  return tables;
+}
+
+/** Writes `length` bytes of `table` at `at` (inside the table at `tableOffset`) durably. */
+async function writeEntry(ctx: CheckContext, tableOffset: number, table: Buffer, at: number, length: number): Promise<void> {
+  await ctx.file.write(tableOffset + at, table.subarray(at, at + length));
+  await ctx.file.flush();
+}
+
+/**
+ * Walks one L1 table and its L2 tables. `active`: the L1 table in use, whose
+ * clusters give the allocation figures.
+ */
+async function countL1(
+  ctx: CheckContext, res: CheckResult, refs: RefcountArray, counting: Counting,
+  l1Offset: number, l1Size: number, active: boolean, fix: Fix,
+): Promise<void> {
+  if (l1Size === 0) return;
+  const { clusterSize } = ctx.header;
+  const { geometry } = ctx;
+  countRange(ctx, res, refs, l1Offset, l1Size * 8);
+  const l1 = Buffer.alloc(l1Size * 8);
+  await ctx.file.read(l1Offset, l1);
+  const used: number[] = [];
+  for (let index = 0; index < l1Size; index++) if (l1.readUInt32BE(index * 8) !== 0 || l1.readUInt32BE(index * 8 + 4) !== 0) used.push(index);
+  const l2Bytes = clusterSize;
+  for (let batch = 0; batch < used.length; batch += L2_BATCH) {
+    const indexes = used.slice(batch, batch + L2_BATCH);
+    const offsets: number[] = [];
+    for (const index of indexes) {
+      const high = l1.readUInt32BE(index * 8);
+      const low = l1.readUInt32BE(index * 8 + 4);
+      const offset = (high & 0x00ffffff) * 0x100000000 + ((low & 0xfffffe00) >>> 0);
+      if (offset < ctx.fileSize) offsets.push(offset);
+    }
+    const tables = await readTables(ctx.file, offsets, l2Bytes);
+    for (const [position, index] of indexes.entries()) {
+      if (active) ctx.progress?.(batch + position, used.length);
+      const high = l1.readUInt32BE(index * 8);
+      const low = l1.readUInt32BE(index * 8 + 4);
+      if (high & 0x7f000000 || low & 0x1ff) {
+        ctx.messages.push(`ERROR found L1 entry with reserved bits set: ${hex64(high, low)}`);
+        res.corruptions += 1;
+      }
+      const l2Offset = (high & 0x00ffffff) * 0x100000000 + ((low & 0xfffffe00) >>> 0);
+      if (fix.errors && l2Offset >= ctx.fileSize) {
+        // Reads of such a table give zeros in qemu: the entry is dropped (the range becomes unallocated).
+        ctx.messages.push(`Repairing l2_offset=${hex(l2Offset)}: L2 table lies outside the file; L1 entry ${index} dropped`);
+        l1.fill(0, index * 8, index * 8 + 8);
+        await writeEntry(ctx, l1Offset, l1, index * 8, 8);
+        res.corruptionsFixed += 1;
+        continue;
+      }
+      countRange(ctx, res, refs, l2Offset, clusterSize);
+      if (l2Offset % clusterSize !== 0) {
+        ctx.messages.push(`ERROR l2_offset=${hex(l2Offset)}: Table is not cluster aligned; L1 entry corrupted`);
+        res.corruptions += 1;
+      }
+      const l2 = tables.get(l2Offset) ?? Buffer.alloc(l2Bytes);
+      if (!tables.has(l2Offset) && l2Offset < ctx.fileSize) await ctx.file.read(l2Offset, l2);
+      await countL2(ctx, res, refs, counting, l2Offset, l2, active, fix);
+    }
+  }
+  if (active) ctx.progress?.(used.length, used.length);
+}
+
+async function countL2(
+  ctx: CheckContext, res: CheckResult, refs: RefcountArray, counting: Counting,
+  l2Offset: number, l2: Buffer, active: boolean, fix: Fix,
+): Promise<void> {
+  const { geometry, header } = ctx;
+  const { clusterSize } = header;
+  const extended = geometry.extendedL2;
+  const entryBytes = geometry.l2EntryBytes;
+  const dataFile = geometry.hasDataFile;
+  let nextContiguous = 0;
+  for (let index = 0; index < geometry.l2Entries; index++) {
+    const at = index * entryBytes;
+    let high = l2.readUInt32BE(at);
+    const low = l2.readUInt32BE(at + 4);
+    const zeroBits = extended ? l2.readUInt32BE(at + 8) : 0;
+    const allocBits = extended ? l2.readUInt32BE(at + 12) : 0;
+    if (high === 0 && low === 0 && zeroBits === 0 && allocBits === 0) continue;
+    const compressed = (high & 0x40000000) !== 0;
+    if (!compressed && (high & 0x3f000000 || low & 0x1fe)) {
+      ctx.messages.push(`ERROR found l2 entry with reserved bits set: ${hex64(high, low)}`);
+      res.corruptions += 1;
+    }
+    if (compressed) {
+      if (high & 0x80000000) {
+        const { hostOffset } = geometry.compressedExtent(high & 0x7fffffff, low);
+        ctx.messages.push(`ERROR: coffset=0x${hex(hostOffset)}: copied flag must never be set for compressed clusters`);
+        high &= 0x7fffffff;
+        res.corruptions += 1;
+      }
+      if (dataFile) {
+        ctx.messages.push(`ERROR compressed cluster ${index} with data file, entry=0x${hex64(high, low)}`);
+        res.corruptions += 1;
+        continue;
+      }
+      if (zeroBits !== 0 || allocBits !== 0) {
+        ctx.messages.push(`ERROR compressed cluster ${index} with non-zero subcluster allocation bitmap, entry=0x${hex64(high, low)}`);
+        res.corruptions += 1;
+        continue;
+      }
+      const { hostOffset, length } = geometry.compressedExtent(high, low);
+      if (fix.errors && hostOffset >= ctx.fileSize) {
+        await dropEntry(ctx, res, l2Offset, l2, index, `Repairing coffset=0x${hex(hostOffset)}: compressed cluster lies outside the file; L2 entry dropped`);
+        continue;
+      }
+      countRange(ctx, res, refs, hostOffset, length);
+      if (active) {
+        counting.allocated += 1;
+        counting.compressed += 1;
+        counting.fragmented += 1;
+      }
+      continue;
+    }
+    const offset = (high & 0x00ffffff) * 0x100000000 + ((low & 0xfffffe00) >>> 0);
+    const zeroFlag = !extended && (low & 1) !== 0;
+    const allocated = offset !== 0 || (dataFile && (high & 0x80000000) !== 0);
+    if (!allocated) {
+      // Plain zero, or unallocated.
+      if (!zeroFlag && allocBits !== 0) {
+        ctx.messages.push('ERROR: Unallocated cluster has non-zero subcluster allocation map');
+        res.corruptions += 1;
+      }
+      continue;
+    }
+    if ((zeroBits & allocBits) !== 0) {
+      ctx.messages.push(`ERROR offset=${hex(offset)}: Allocated cluster has corrupted subcluster allocation bitmap`);
+      res.corruptions += 1;
+    }
+    if (offset % clusterSize !== 0) {
+      res.corruptions += 1;
+      const containsData = extended ? allocBits !== 0 : !zeroFlag;
+      if (!containsData) {
+        ctx.messages.push(`${fix.errors ? 'Repairing' : 'ERROR'} offset=${hex(offset)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`);
+        if (fix.errors) {
+          res.corruptions -= 1;
+          await dropEntry(ctx, res, l2Offset, l2, index, undefined);
+          continue;
+        }
+      } else {
+        ctx.messages.push(`ERROR offset=${hex(offset)}: Data cluster is not properly aligned; L2 entry corrupted.`);
+      }
+    }
+    if (fix.errors && !dataFile && offset >= ctx.fileSize) {
+      await dropEntry(ctx, res, l2Offset, l2, index, `Repairing offset=${hex(offset)}: data cluster lies outside the file; L2 entry dropped (the guest reads zeros there, as before)`);
+      continue;
+    }
+    if (active) {
+      counting.allocated += 1;
+      if (nextContiguous !== 0 && offset !== nextContiguous) counting.fragmented += 1;
+      nextContiguous = offset + clusterSize;
+    }
+    if (!dataFile) countRange(ctx, res, refs, offset, clusterSize);
+  }
+}
+
+/**
+ * Makes L2 entry `index` read as zeros with no host cluster (a zero entry on
+ * version 3, with every allocated subcluster made a zero one; unallocated on
+ * version 2) and writes it durably: one more corruption fixed. Counts in
+ * `res` follow qemu's convention here: `corruptions` are those left.
+ */
+async function dropEntry(ctx: CheckContext, res: CheckResult, l2Offset: number, l2: Buffer, index: number, message: string | undefined): Promise<void> {
+  const { geometry, header } = ctx;
+  const at = index * geometry.l2EntryBytes;
+  if (message !== undefined) ctx.messages.push(message);
+  if (geometry.extendedL2) {
+    const zeroBits = l2.readUInt32BE(at + 8);
+    const allocBits = l2.readUInt32BE(at + 12);
+    l2.fill(0, at, at + 8);
+    l2.writeUInt32BE((zeroBits | allocBits) >>> 0, at + 8);
+    l2.writeUInt32BE(0, at + 12);
+  } else {
+    l2.fill(0, at, at + 8);
+    if (header.version === 3) l2.writeUInt32BE(1, at + 4);
+  }
+  await writeEntry(ctx, l2Offset, l2, at, geometry.l2EntryBytes);
+  res.corruptionsFixed += 1;
+}
+
+/** qemu's calculate_refcounts: every reference from the header down, then the refcount blocks' own checks. */
+export async function countReferences(ctx: CheckContext, res: CheckResult, fixErrors: boolean): Promise<Counting> {
+  const { header, geometry } = ctx;
+  const { clusterSize } = header;
+  const refs = new RefcountArray(header.refcountOrder, Math.ceil(ctx.fileSize / clusterSize));
+  const counting: Counting = { refs, rebuild: false, allocated: 0, fragmented: 0, compressed: 0 };
+  const fix: Fix = { errors: fixErrors };
+  countRange(ctx, res, refs, 0, clusterSize);
+  await countL1(ctx, res, refs, counting, header.l1TableOffset, header.l1Size, true, fix);
+  if (geometry.hasDataFile && ctx.snapshots.length > 0) {
+    ctx.messages.push(`ERROR ${ctx.snapshots.length} snapshots in image with data file`);
+    res.corruptions += 1;
+  }
+  for (const snapshot of ctx.snapshots) {
+    if (snapshot.l1TableOffset % clusterSize !== 0) {
+      ctx.messages.push(
+        `ERROR snapshot ${snapshot.id} (${snapshot.name}) l1_offset=0x${hex(snapshot.l1TableOffset)}: L1 table is not cluster aligned; snapshot table entry corrupted`,
+      );
+      res.corruptions += 1;
+      continue;
+    }
+    if (snapshot.l1Size > MAX_L1_ENTRIES) {
+      ctx.messages.push(
+        `ERROR snapshot ${snapshot.id} (${snapshot.name}) l1_size=0x${hex(snapshot.l1Size)}: L1 table is too large; snapshot table entry corrupted`,
+      );
+      res.corruptions += 1;
+      continue;
+    }
+    await countL1(ctx, res, refs, counting, snapshot.l1TableOffset, snapshot.l1Size, false, fix);
+  }
+  countRange(ctx, res, refs, header.snapshotsOffset, ctx.snapshotsSize);
+  countRange(ctx, res, refs, header.refcountTableOffset, header.refcountTableClusters * clusterSize);
+  if (ctx.luks) countRange(ctx, res, refs, ctx.luks.offset, ctx.luks.length);
+  if (ctx.bitmaps) await countBitmaps(ctx, res, refs);
+  await checkRefcountBlocks(ctx, res, counting, fixErrors);
+  return counting;
+}
+
+async function countBitmaps(ctx: CheckContext, res: CheckResult, refs: RefcountArray): Promise<void> {
+  const bitmaps = ctx.bitmaps!;
+  const { clusterSize } = ctx.header;
+  countRange(ctx, res, refs, bitmaps.directoryOffset, bitmaps.directorySize);
+  for (const table of bitmaps.tables) {
+    countRange(ctx, res, refs, table.offset, table.entries * 8);
+    const entries = Buffer.alloc(table.entries * 8);
+    await ctx.file.read(table.offset, entries);
+    for (let index = 0; index < table.entries; index++) {
+      const high = entries.readUInt32BE(index * 8);
+      const low = entries.readUInt32BE(index * 8 + 4);
+      const offset = (high & 0x00ffffff) * 0x100000000 + ((low & 0xfffffe00) >>> 0);
+      if ((high & 0xff000000) !== 0 || (low & 0x1fe) !== 0 || (offset !== 0 && offset % clusterSize !== 0)) {
+        ctx.messages.push(`ERROR bitmap table entry ${index} at 0x${hex(table.offset)} is corrupted: ${hex64(high, low)}`);
+        res.corruptions += 1;
+        continue;
+      }
+      if (offset !== 0) countRange(ctx, res, refs, offset, clusterSize);
+    }
+  }
+}
+
+/** qemu's check_refblocks: each refcount table entry must be clean, aligned, inside the image, and its block used once. */
+async function checkRefcountBlocks(ctx: CheckContext, res: CheckResult, counting: Counting, fixErrors: boolean): Promise<void> {
+  const { clusterSize } = ctx.header;
+  const { refs } = counting;
+  const table = ctx.refcountTable;
+  for (let index = 0; index < table.length / 8; index++) {
+    const high = table.readUInt32BE(index * 8);
+    const low = table.readUInt32BE(index * 8 + 4);
+    const offset = high * 0x100000000 + ((low & 0xfffffe00) >>> 0);
+    const cluster = Math.floor(offset / clusterSize);
+    if (low & 0x1ff) {
+      ctx.messages.push(`ERROR refcount table entry ${index} has reserved bits set`);
+      res.corruptions += 1;
+      counting.rebuild = true;
+      continue;
+    }
+    if (offset % clusterSize !== 0) {
+      ctx.messages.push(`ERROR refcount block ${index} is not cluster aligned; refcount table entry corrupted`);
+      res.corruptions += 1;
+      counting.rebuild = true;
+      continue;
+    }
+    if (cluster >= refs.length) {
+      res.corruptions += 1;
+      ctx.messages.push(`${fixErrors ? 'Repairing' : 'ERROR'} refcount block ${index} is outside image`);
+      if (fixErrors && Number.isSafeInteger(offset + clusterSize)) {
+        // As qemu: the file grows to hold the block (which then reads as zeros).
+        await ctx.file.truncate(offset + clusterSize);
+        ctx.fileSize = await ctx.file.size();
+        refs.grow(Math.ceil(ctx.fileSize / clusterSize));
+        res.corruptions -= 1;
+        res.corruptionsFixed += 1;
+        countRange(ctx, res, refs, offset, clusterSize);
+      }
+      continue;
+    }
+    if (offset !== 0) {
+      countRange(ctx, res, refs, offset, clusterSize);
+      if (refs.get(cluster) !== 1) {
+        ctx.messages.push(`ERROR refcount block ${index} refcount=${refs.get(cluster)}`);
+        res.corruptions += 1;
+        counting.rebuild = true;
+      }
+    }
+  }
+}

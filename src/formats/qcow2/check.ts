@@ -1,0 +1,339 @@
+/**
+ * qcow2 consistency check and repair, as `qemu-img check [-r leaks|all]`
+ * (qemu 7.2) does it and reports it:
+ *
+ * 1. count every reference from the header down (check-refs.ts);
+ * 2. compare each cluster's refcount with its references: a refcount above
+ *    them is a leak ("Leaked cluster N refcount=R reference=C"), below them a
+ *    corruption ("ERROR cluster N ..."); a repair sets the refcount in place;
+ * 3. where the refcount structure cannot hold the repair (a referenced cluster
+ *    with refcount 0, a damaged refcount table or block), `-r all` writes a
+ *    new one past the end of the image (check-rebuild.ts), counts again and
+ *    repairs the old structure's clusters, now leaked;
+ * 4. check the OFLAG_COPIED bit of the active L1 and L2 entries against
+ *    refcount == 1, and fix it;
+ * 5. with nothing left to repair, clear the dirty and corrupt bits.
+ *
+ * Counts: `CheckResult.corruptions` / `leaks` are everything found, the
+ * `...Fixed` counts what was repaired (the CLI prints what is left). The
+ * returned object also has `fragmentedClusters` and `compressedClusters`
+ * (qemu-img's figures) beyond CheckResult.
+ *
+ * `rebuildRefcounts(file)` is the repair a read-write open runs on an image
+ * whose dirty bit is set (lazy refcounts): `checkQcow2` with `-r all`,
+ * returning the header as it is on disk afterwards (a rebuild moves the
+ * refcount table).
+ *
+ * Concurrency: the image must not be open for writing elsewhere while this
+ * runs (the CLI holds the image lock); the check itself is sequential, with
+ * parallel reads of tables. Each repair write that another table depends on
+ * is flushed before that table is written.
+ */
+import createDebug from 'debug';
+import { constants } from 'node:os';
+import { HostIoError } from '../../block/errors.js';
+import type { CheckOptions, CheckResult, Protocol } from '../../block/types.js';
+import { EXT_BITMAPS, EXT_CRYPTO, EXT_END } from './extensions.js';
+import { Geometry } from './geometry.js';
+import { AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, parseHeader, type Qcow2Header } from './header.js';
+import { getRefcount, refcountsPerBlock, setRefcount } from './refcount-entries.js';
+import { countReferences, readTables, RefcountArray, type CheckContext, type CheckSnapshot, type Counting } from './check-refs.js';
+import { writeRefcountStructure } from './check-rebuild.js';
+import { checkCopiedFlags } from './check-copied.js';
+
+const log = createDebug('imgmount:qcow2:check');
+
+/** What a qcow2 check found, with qemu-img's allocation figures. */
+export interface Qcow2CheckResult extends CheckResult {
+  fragmentedClusters: number;
+  compressedClusters: number;
+}
+
+export type Qcow2CheckOptions = CheckOptions & { fix?: 'leaks' | 'all' };
+
+/** Counts in qemu's convention while checking: `corruptions` and `leaks` are those left. */
+interface Tally {
+  corruptions: number;
+  leaks: number;
+  corruptionsFixed: number;
+  leaksFixed: number;
+  messages: string[];
+}
+
+export async function checkQcow2(file: Protocol, options: Qcow2CheckOptions): Promise<Qcow2CheckResult> {
+  const fixErrors = options.repair && (options.fix ?? 'all') === 'all';
+  const fixLeaks = options.repair;
+  const ctx = await readContext(file, options.progress);
+  const res: Tally = { corruptions: 0, leaks: 0, corruptionsFixed: 0, leaksFixed: 0, messages: ctx.messages };
+  const asResult = res as unknown as CheckResult;
+
+  let counting = await countReferences(ctx, asResult, fixErrors);
+  let stored = await StoredRefcounts.load(ctx);
+  const before = { ...res };
+  let highest = compare(ctx, res, stored, counting, false, false);
+  if (counting.rebuild && fixErrors) {
+    const old = { ...res };
+    ctx.messages.push('Rebuilding refcount structure');
+    log('%s: rebuilding the refcount structure', file.path);
+    const written = await writeRefcountStructure(file, ctx.header, counting.refs);
+    ctx.header = { ...ctx.header, refcountTableOffset: written.tableOffset, refcountTableClusters: written.tableClusters };
+    ctx.refcountTable = written.table;
+    ctx.fileSize = await file.size();
+    res.corruptions = 0;
+    res.leaks = 0;
+    const allocation = counting;
+    counting = await countReferences(ctx, asResult, false);
+    Object.assign(counting, { allocated: allocation.allocated, fragmented: allocation.fragmented, compressed: allocation.compressed });
+    stored = await StoredRefcounts.load(ctx);
+    // The old structure's clusters are leaks now; what cannot be repaired here was made by the rebuild.
+    const saved = { ...res };
+    const fresh: Tally = { corruptions: 0, leaks: 0, corruptionsFixed: 0, leaksFixed: 0, messages: ctx.messages };
+    highest = compare(ctx, fresh, stored, counting, true, false);
+    await stored.writeBack(file);
+    if (counting.rebuild) ctx.messages.push('ERROR rebuilt refcount structure is still broken');
+    Object.assign(res, saved);
+    if (res.corruptions < old.corruptions) res.corruptionsFixed += old.corruptions - res.corruptions;
+    if (res.leaks < old.leaks) res.leaksFixed += old.leaks - res.leaks;
+    res.leaks += fresh.leaks;
+  } else if (options.repair) {
+    if (counting.rebuild) {
+      ctx.messages.push('ERROR need to rebuild refcount structures');
+      throw checkFailed(`${file.path}: Check failed: the refcount structure must be rebuilt, which only a repair of everything does (-r all)`);
+    }
+    if (res.leaks > 0 || res.corruptions > 0) {
+      Object.assign(res, before);
+      highest = compare(ctx, res, stored, counting, fixLeaks, fixErrors);
+      await stored.writeBack(file);
+    }
+  }
+  await checkCopiedFlags(ctx, res, stored, fixErrors ? true : fixLeaks ? ctx.checkErrors === 0 && res.corruptions === 0 && res.leaks === 0 : false);
+  if (ctx.checkErrors > 0) throw checkFailed(`${file.path}: Check failed: ${ctx.checkErrors} internal errors occurred during the check`);
+  if (options.repair && res.corruptions === 0) await markClean(file, ctx.header);
+  return {
+    corruptions: res.corruptions + res.corruptionsFixed,
+    leaks: res.leaks + res.leaksFixed,
+    corruptionsFixed: res.corruptionsFixed,
+    leaksFixed: res.leaksFixed,
+    messages: ctx.messages,
+    imageEndOffset: (highest + 1) * ctx.header.clusterSize,
+    totalClusters: Math.ceil(ctx.header.size / ctx.header.clusterSize),
+    allocatedClusters: counting.allocated,
+    fragmentedClusters: counting.fragmented,
+    compressedClusters: counting.compressed,
+  };
+}
+
+/**
+ * Recomputes every refcount of the image from its references and writes them
+ * (a rebuilt structure where the old one cannot hold them), fixes OFLAG_COPIED
+ * flags, and clears the dirty bit: what a read-write open does with an image
+ * left dirty under lazy refcounts. Call it before reading any metadata of the
+ * image for writing; it returns the header as it now is on disk.
+ */
+export async function rebuildRefcounts(file: Protocol): Promise<{ result: Qcow2CheckResult; header: Qcow2Header }> {
+  const result = await checkQcow2(file, { repair: true, fix: 'all' });
+  const head = Buffer.alloc(4096);
+  await file.read(0, head);
+  return { result, header: parseHeader(head, await file.size(), file.path) };
+}
+
+/** Refcounts as the image stores them, block by block, with the changes a repair makes. */
+export class StoredRefcounts {
+  private readonly dirty = new Set<number>();
+  private constructor(
+    private readonly ctx: CheckContext,
+    /** Blocks by file offset. */
+    private readonly blocks: Map<number, Buffer>,
+    readonly perBlock: number,
+  ) {}
+
+  static async load(ctx: CheckContext): Promise<StoredRefcounts> {
+    const { clusterSize, refcountOrder } = ctx.header;
+    const offsets: number[] = [];
+    for (let index = 0; index < ctx.refcountTable.length / 8; index++) {
+      const offset = StoredRefcounts.blockOffset(ctx.refcountTable, index);
+      if (offset > 0 && offset % clusterSize === 0 && offset < ctx.fileSize) offsets.push(offset);
+    }
+    return new StoredRefcounts(ctx, await readTables(ctx.file, offsets, clusterSize), refcountsPerBlock(clusterSize, refcountOrder));
+  }
+
+  private static blockOffset(table: Buffer, index: number): number {
+    return table.readUInt32BE(index * 8) * 0x100000000 + ((table.readUInt32BE(index * 8 + 4) & 0xfffffe00) >>> 0);
+  }
+
+  /** The refcount block holding `cluster`'s count: null for none (count 0), undefined for an unreadable one. */
+  block(cluster: number): Buffer | null | undefined {
+    const index = Math.floor(cluster / this.perBlock);
+    if (index >= this.ctx.refcountTable.length / 8) return null;
+    const offset = StoredRefcounts.blockOffset(this.ctx.refcountTable, index);
+    if (offset === 0) return null;
+    if (offset % this.ctx.header.clusterSize !== 0) return undefined;
+    let block = this.blocks.get(offset);
+    if (!block) {
+      block = Buffer.alloc(this.ctx.header.clusterSize); // past the end of the file: zeros
+      this.blocks.set(offset, block);
+    }
+    return block;
+  }
+
+  /** The stored count of `cluster`, or undefined (an unaligned refcount block) after reporting it. */
+  get(cluster: number): number | undefined {
+    const block = this.block(cluster);
+    if (block === null) return 0;
+    if (block === undefined) return undefined;
+    return getRefcount(block, cluster % this.perBlock, this.ctx.header.refcountOrder);
+  }
+
+  set(cluster: number, value: number): void {
+    const block = this.block(cluster);
+    if (!block) throw checkFailed(`cluster ${cluster} has no refcount block to repair`);
+    setRefcount(block, cluster % this.perBlock, this.ctx.header.refcountOrder, value);
+    const offset = StoredRefcounts.blockOffset(this.ctx.refcountTable, Math.floor(cluster / this.perBlock));
+    this.dirty.add(offset);
+  }
+
+  /** Writes the changed blocks and flushes. */
+  async writeBack(file: Protocol): Promise<void> {
+    if (this.dirty.size === 0) return;
+    for (const offset of [...this.dirty].sort((a, b) => a - b)) await file.write(offset, this.blocks.get(offset)!);
+    this.dirty.clear();
+    await file.flush();
+  }
+}
+
+/** qemu's compare_refcounts; returns the highest cluster in use. */
+function compare(ctx: CheckContext, res: Tally, stored: StoredRefcounts, counting: Counting, fixLeaks: boolean, fixErrors: boolean): number {
+  const { refs } = counting;
+  let highest = 0;
+  for (let cluster = 0; cluster < refs.length; cluster++) {
+    const references = refs.get(cluster);
+    const block = stored.block(cluster);
+    // A whole block of zero counts and zero references, in one step.
+    if (block === null && references === 0) {
+      const next = (Math.floor(cluster / stored.perBlock) + 1) * stored.perBlock;
+      let end = cluster;
+      while (end < next && end < refs.length && refs.get(end) === 0) end++;
+      if (end > cluster) {
+        cluster = end - 1;
+        continue;
+      }
+    }
+    const refcount = stored.get(cluster);
+    if (refcount === undefined) {
+      ctx.messages.push(`Can't get refcount for cluster ${cluster}: Input/output error`);
+      ctx.checkErrors += 1;
+      continue;
+    }
+    if (refcount > 0 || references > 0) highest = cluster;
+    if (refcount === references) continue;
+    let fixing: 'leaks' | 'corruptions' | undefined;
+    if (refcount === 0) counting.rebuild = true;
+    else if (refcount > references && fixLeaks) fixing = 'leaks';
+    else if (refcount < references && fixErrors) fixing = 'corruptions';
+    const word = fixing ? 'Repairing' : refcount < references ? 'ERROR' : 'Leaked';
+    ctx.messages.push(`${word} cluster ${cluster} refcount=${refcount} reference=${references}`);
+    if (fixing) {
+      stored.set(cluster, references);
+      if (fixing === 'leaks') res.leaksFixed += 1;
+      else res.corruptionsFixed += 1;
+      continue;
+    }
+    if (refcount < references) res.corruptions += 1;
+    else res.leaks += 1;
+  }
+  return highest;
+}
+
+/** The header, the refcount table, snapshots, and the extensions the counting needs. */
+async function readContext(file: Protocol, progress: CheckOptions['progress']): Promise<CheckContext> {
+  const fileSize = await file.size();
+  const start = Buffer.alloc(4096);
+  await file.read(0, start);
+  const header = parseHeader(start, fileSize, file.path);
+  const firstCluster = Buffer.alloc(header.clusterSize);
+  await file.read(0, firstCluster);
+  const refcountTable = Buffer.alloc(header.refcountTableClusters * header.clusterSize);
+  await file.read(header.refcountTableOffset, refcountTable);
+  const ctx: CheckContext = {
+    file, header, geometry: new Geometry(header), fileSize, snapshots: [], snapshotsSize: 0, refcountTable,
+    messages: [], checkErrors: 0, progress,
+  };
+  await readSnapshotTable(ctx);
+  await readExtensions(ctx, firstCluster);
+  return ctx;
+}
+
+/** The snapshot table, tolerating what the counting reports (unaligned or oversized L1 tables). */
+async function readSnapshotTable(ctx: CheckContext): Promise<void> {
+  const { header, file } = ctx;
+  let at = header.snapshotsOffset;
+  for (let index = 0; index < header.nbSnapshots; index++) {
+    const fixed = Buffer.alloc(40);
+    if (at + 40 > ctx.fileSize) throw checkFailed(`${file.path}: Check failed: snapshot table entry ${index} lies outside the file`);
+    await file.read(at, fixed);
+    const l1Offset = fixed.readBigUInt64BE(0);
+    const idSize = fixed.readUInt16BE(12);
+    const nameSize = fixed.readUInt16BE(14);
+    const extraSize = fixed.readUInt32BE(36);
+    const strings = Buffer.alloc(idSize + nameSize);
+    await file.read(at + 40 + extraSize, strings);
+    const snapshot: CheckSnapshot = {
+      id: strings.subarray(0, idSize).toString('utf8'),
+      name: strings.subarray(idSize).toString('utf8'),
+      l1TableOffset: l1Offset > BigInt(Number.MAX_SAFE_INTEGER) ? 1 : Number(l1Offset),
+      l1Size: fixed.readUInt32BE(8),
+    };
+    ctx.snapshots.push(snapshot);
+    at += Math.ceil((40 + extraSize + idSize + nameSize) / 8) * 8;
+  }
+  ctx.snapshotsSize = at - header.snapshotsOffset;
+}
+
+/** The LUKS header and bitmap directory ranges, from the header extensions. */
+async function readExtensions(ctx: CheckContext, firstCluster: Buffer): Promise<void> {
+  const { header } = ctx;
+  const end = header.backingFileOffset > header.headerLength ? Math.min(header.backingFileOffset, firstCluster.length) : firstCluster.length;
+  let bitmapExtension: { count: number; size: number; offset: number } | undefined;
+  for (let at = header.headerLength; at + 8 <= end; ) {
+    const type = firstCluster.readUInt32BE(at);
+    const length = firstCluster.readUInt32BE(at + 4);
+    if (type === EXT_END || at + 8 + length > end) break;
+    const data = firstCluster.subarray(at + 8, at + 8 + length);
+    if (type === EXT_CRYPTO && length >= 16) ctx.luks = { offset: Number(data.readBigUInt64BE(0)), length: Number(data.readBigUInt64BE(8)) };
+    if (type === EXT_BITMAPS && length >= 24) {
+      bitmapExtension = { count: data.readUInt32BE(0), size: Number(data.readBigUInt64BE(8)), offset: Number(data.readBigUInt64BE(16)) };
+    }
+    at += 8 + Math.ceil(length / 8) * 8;
+  }
+  // As qemu: the directory counts only while the autoclear bit says it belongs to this image.
+  if (!bitmapExtension || !(header.autoclearFeatures & AUTOCLEAR_BITMAPS) || bitmapExtension.count === 0) return;
+  const directory = Buffer.alloc(bitmapExtension.size);
+  await ctx.file.read(bitmapExtension.offset, directory);
+  const tables: { offset: number; entries: number }[] = [];
+  for (let at = 0, index = 0; index < bitmapExtension.count && at + 24 <= directory.length; index++) {
+    tables.push({ offset: Number(directory.readBigUInt64BE(at)), entries: directory.readUInt32BE(at + 8) });
+    const nameSize = directory.readUInt16BE(at + 18);
+    const extraSize = directory.readUInt32BE(at + 20);
+    at = Math.ceil((at + 24 + extraSize + nameSize) / 8) * 8;
+  }
+  ctx.bitmaps = { directoryOffset: bitmapExtension.offset, directorySize: bitmapExtension.size, tables };
+}
+
+/** Clears the dirty and corrupt bits (version 3), after flushing every repair. */
+async function markClean(file: Protocol, header: Qcow2Header): Promise<void> {
+  if (header.version !== 3) return;
+  const bytes = Buffer.alloc(8);
+  await file.read(72, bytes);
+  const features = bytes.readBigUInt64BE(0);
+  const cleared = features & ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT);
+  if (cleared === features) return;
+  await file.flush();
+  bytes.writeBigUInt64BE(cleared);
+  await file.write(72, bytes);
+  await file.flush();
+}
+
+/** The check could not be completed (qemu-img: "Check failed", exit status 1). */
+function checkFailed(message: string): HostIoError {
+  return new HostIoError(message, constants.errno.EIO);
+}
