@@ -428,8 +428,13 @@ async function exists(path: string): Promise<boolean> {
   }
 }
 
-/** Creates (or, forced, truncates) the external data file: sized to the virtual size, preallocated as asked. */
-async function createDataFile(path: string, plan: Qcow2CreatePlan, force: boolean): Promise<void> {
+/**
+ * Creates (or, forced, truncates) the external data file: as long as the virtual size,
+ * or as every cluster when its clusters are mapped (preallocation, data_file_raw), as
+ * qemu sizes it; preallocated as asked.
+ */
+async function createDataFile(path: string, plan: Qcow2CreatePlan, layout: Qcow2Layout, force: boolean): Promise<void> {
+  const length = layout.preallocatedClusters > 0 ? layout.preallocatedClusters * plan.clusterSize : plan.size;
   let handle: FileHandle;
   try {
     handle = await open(path, force ? 'w' : 'wx');
@@ -440,9 +445,9 @@ async function createDataFile(path: string, plan: Qcow2CreatePlan, force: boolea
     throw hostIoError('cannot create external data file', path, error);
   }
   try {
-    await handle.truncate(plan.size);
-    if (plan.preallocation === 'falloc') await allocate(handle, 0, plan.size);
-    if (plan.preallocation === 'full') await writeZeros(handle, 0, plan.size);
+    await handle.truncate(length);
+    if (plan.preallocation === 'falloc') await allocate(handle, 0, length);
+    if (plan.preallocation === 'full') await writeZeros(handle, 0, length);
     await handle.datasync();
   } catch (error) {
     throw hostIoError('cannot write external data file', path, error);
@@ -465,7 +470,7 @@ export async function createQcow2(path: string, options: Qcow2CreateOptions): Pr
     }
   }
   log('%s: qcow2 v%d, %d-byte clusters, %d L1 entries, %d clusters, file %d bytes', path, plan.version, plan.clusterSize, layout.l1Size, layout.totalClusters, layout.fileEnd);
-  if (dataPath !== undefined) await createDataFile(dataPath, plan, options.force ?? false);
+  if (dataPath !== undefined) await createDataFile(dataPath, plan, layout, options.force ?? false);
   try {
     const handle = await open(path, 'w');
     try {
