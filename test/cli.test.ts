@@ -155,7 +155,9 @@ describe.skipIf(!haveQemu)('imgmount check', () => {
     await appendCluster('c.qed', 4096);
     const leaky = await imgmount('check', '--output=json', 'c.qed');
     expect(leaky.code).toBe(3);
-    expect(JSON.parse(leaky.stdout)).toMatchObject({ leaks: 1, corruptions: 0 });
+    // As qemu-img: a count of zero is left out.
+    expect(JSON.parse(leaky.stdout)).toMatchObject({ leaks: 1 });
+    expect(JSON.parse(leaky.stdout)).not.toHaveProperty('corruptions');
     const repaired = await imgmount('check', '-r', 'c.qed');
     expect(repaired.code).toBe(0);
     await run('qemu-img', ['check', join(dir, 'c.qed')]);
@@ -177,7 +179,8 @@ describe.skipIf(!haveQemu)('imgmount check', () => {
     await handle.close();
     expect((await imgmount('check', 'x.qed')).code).toBe(2);
     const repaired = await imgmount('check', '-r', '--output=json', 'x.qed');
-    expect(JSON.parse(repaired.stdout)).toMatchObject({ 'corruptions-fixed': 1, corruptions: 0 });
+    expect(JSON.parse(repaired.stdout)).toMatchObject({ 'corruptions-fixed': 1 });
+    expect(JSON.parse(repaired.stdout)).not.toHaveProperty('corruptions');
     expect(repaired.code).toBe(0);
     await run('qemu-img', ['check', join(dir, 'x.qed')]);
   });

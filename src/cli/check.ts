@@ -113,6 +113,18 @@ function toJson(report: Report): string {
   return `${JSON.stringify(json, null, 4)}\n`;
 }
 
+/**
+ * `part * 100 / whole` with two decimals, as printf's %0.2f: like toFixed,
+ * except that an exact tie (3.125) goes to the even digit, not up.
+ */
+function percent(part: number, whole: number): string {
+  const value = (part * 100) / whole;
+  const hundredths = Math.floor((part * 10000) / whole);
+  const tie = (2 * hundredths + 1) * whole === 2 * part * 10000 && (2 * hundredths + 1) % 25 === 0;
+  if (!tie) return value.toFixed(2);
+  return ((hundredths + (hundredths % 2)) / 100).toFixed(2);
+}
+
 /** qemu-img's human summary. */
 function toHuman(report: Report): string {
   let out = '';
@@ -126,7 +138,6 @@ function toHuman(report: Report): string {
   const total = report.totalClusters ?? 0;
   const allocated = report.allocatedClusters ?? 0;
   if (total !== 0 && allocated !== 0) {
-    const percent = (part: number, whole: number): string => ((part * 100) / whole).toFixed(2);
     out += `${allocated}/${total} = ${percent(allocated, total)}% allocated, ${percent(report.fragmentedClusters ?? 0, allocated)}% fragmented, ` +
       `${percent(report.compressedClusters ?? 0, allocated)}% compressed clusters\n`;
   }
