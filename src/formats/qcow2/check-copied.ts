@@ -10,7 +10,7 @@
  * Concurrency: runs inside a check, on an image nobody else writes.
  */
 import type { Protocol } from '../../block/types.js';
-import { hex64, readTables, type CheckContext } from './check-refs.js';
+import { hex64, isZeroRun, readTables, wordsOf, ZERO_RUN, type CheckContext } from './check-refs.js';
 
 interface Tally {
   corruptions: number;
@@ -55,7 +55,15 @@ export async function checkCopiedFlags(ctx: CheckContext, res: Tally, stored: Re
       }
       const l2 = tables.get(l2Offset) ?? Buffer.alloc(clusterSize);
       let changed = 0;
+      const words = wordsOf(l2);
+      const wordsPerEntry = geometry.l2EntryBytes / 4;
+      const entriesPerRun = ZERO_RUN.length / geometry.l2EntryBytes;
       for (let entry = 0; entry < geometry.l2Entries; entry++) {
+        if (entry % entriesPerRun === 0 && isZeroRun(l2, entry * geometry.l2EntryBytes)) {
+          entry += entriesPerRun - 1;
+          continue;
+        }
+        if (words[entry * wordsPerEntry] === 0 && words[entry * wordsPerEntry + 1] === 0) continue;
         const at = entry * geometry.l2EntryBytes;
         const entryHigh = l2.readUInt32BE(at);
         const entryLow = l2.readUInt32BE(at + 4);
