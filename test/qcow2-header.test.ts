@@ -9,7 +9,7 @@ import { stat, truncate } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { BlockError, openImage, UnsupportedFeatureError } from '../src/index.js';
-import { makeTempDir, qemuConvertToRaw, qemuImg, qemuInfo, qemuIo, readAll, skipWithoutQemu } from './helpers/qemu.js';
+import { makeTempDir, qemuConvertToRaw, qemuImg, qemuInfo, qemuIo, readAll, run, skipWithoutQemu } from './helpers/qemu.js';
 import { QCOW2, readAt, readBE64, writeAt, writeBE32, writeBE64 } from './helpers/qcow2-layout.js';
 
 const MiB = 1024 * 1024;
@@ -144,23 +144,34 @@ describe.skipIf(skipWithoutQemu('qcow2 header checks'))('qcow2 header checks', (
     expect((await openError(path)).message).toMatch(/external data file but does not name it/);
   });
 
-  it('opens an image left dirty (lazy refcounts) read-only with a notice, reports the dirty flag as qemu-img does, and changes nothing', async () => {
+  it('an image left dirty (lazy refcounts): a read-only open changes nothing and reports the flag as qemu-img does; a read-write open repairs it and says so', async () => {
     const { dir, path } = await qcow2Image('compat=1.1,lazy_refcounts=on');
+    const reference = await qemuConvertToRaw(path, dir, 'qcow2');
     await writeBE64(path, QCOW2.incompatibleFeatures, 1n);
     const before = await readAt(path, 0, (await stat(path)).size);
-    const reference = await qemuConvertToRaw(path, dir, 'qcow2');
     expect((await qemuInfo(path))['dirty-flag']).toBe(true);
+    const readOnly = await openImage(path, { readOnly: true });
+    try {
+      expect((await readOnly.info()).dirty).toBe(true);
+      expect((await readAll(readOnly)).equals(reference)).toBe(true);
+    } finally {
+      await readOnly.close();
+    }
+    expect((await readAt(path, 0, before.length)).equals(before)).toBe(true);
+
     const notices: string[] = [];
     const image = await openImage(path, { notice: (line) => notices.push(line) });
     try {
-      expect(image.readOnly).toBe(true);
-      expect(notices.join('\n')).toMatch(/opened read-only: it was not closed cleanly \(dirty bit set, lazy refcounts\)/);
-      expect((await image.info()).dirty).toBe(true);
+      expect(image.readOnly).toBe(false);
+      expect(notices.join('\n')).toMatch(/was not closed cleanly \(dirty bit set, lazy refcounts\); refcounts checked and repaired/);
+      expect((await image.info()).dirty).toBe(false);
       expect((await readAll(image)).equals(reference)).toBe(true);
     } finally {
       await image.close();
     }
-    expect((await readAt(path, 0, before.length)).equals(before)).toBe(true);
+    expect((await qemuInfo(path))['dirty-flag']).toBe(false);
+    const check = await run('qemu-img', ['check', path]);
+    expect(check.code, check.stdout + check.stderr).toBe(0);
   });
 
   it('opens an image marked corrupt read-only, with a notice, and says so in info', async () => {

@@ -153,8 +153,6 @@ export interface CreateImageOptions extends Omit<CreateOptions, 'size'> {
   formats: FormatList;
   /** Virtual size; may be omitted when a backing file gives it. */
   size?: number;
-  /** Overwrite an existing file. */
-  force?: boolean;
 }
 
 /** Creates an image file of `formatName`; refuses to overwrite unless `force`. */
@@ -185,7 +183,7 @@ export async function createImage(path: string, formatName: string, options: Cre
   // Overwriting (--force) an image that a mount is writing would pull it from under the mount.
   const lock = overwriting ? await lockForWriting(await canonicalPath(path), path) : undefined;
   try {
-    const { formats: _formats, force: _force, ...createOptions } = options;
+    const { formats: _formats, ...createOptions } = options;
     await format.create(path, { ...createOptions, size, backingFormat });
   } finally {
     await lock?.release();

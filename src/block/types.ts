@@ -157,6 +157,8 @@ export interface CreateOptions {
   backingFormat?: string;
   /** Format options as key=value strings (cluster_size, table_size). */
   options?: Record<string, string>;
+  /** The user asked to overwrite (--force): other files the image creates (a qcow2 data file) may be overwritten too. */
+  force?: boolean;
 }
 
 /** What a consistency check found (and, with repair, fixed). */

@@ -20,7 +20,7 @@ import { WritableQcow2Image } from './writable.js';
 import { MetadataClusters, readWords } from './metadata.js';
 import { findSnapshot, readSnapshots } from './snapshots.js';
 import { readBitmaps } from './bitmaps.js';
-import { checkQcow2 } from './check.js';
+import { checkQcow2, rebuildRefcounts } from './check.js';
 import { createQcow2 } from './create.js';
 
 const log = createDebug('imgmount:qcow2');
@@ -28,7 +28,7 @@ const log = createDebug('imgmount:qcow2');
 /** Bytes read first: enough for every fixed header field. */
 const HEADER_PROBE_BYTES = 4096;
 
-async function openQcow2(file: Protocol, options: OpenOptions): Promise<FormatImage> {
+async function openQcow2(file: Protocol, options: OpenOptions, repaired = false): Promise<FormatImage> {
   const notice = options.notice ?? ((line: string) => log(line));
   const fileSize = await file.size();
   const start = Buffer.alloc(HEADER_PROBE_BYTES);
@@ -40,6 +40,15 @@ async function openQcow2(file: Protocol, options: OpenOptions): Promise<FormatIm
   refuseUnsupported(header, extensions.featureNames, extensions.hasCrypto, file.path);
   if (header.incompatibleFeatures & INCOMPAT_CORRUPT) {
     notice(`${file.path}: the qcow2 image is marked corrupt; it is opened read-only (run qemu-img check -r to repair it)`);
+  }
+  if (!repaired && (header.incompatibleFeatures & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT)) === INCOMPAT_DIRTY && !options.readOnly && options.snapshot === undefined) {
+    // As qemu does at a read-write open: refcounts may lag behind (lazy refcounts), so rebuild them first.
+    const { result } = await rebuildRefcounts(file);
+    notice(
+      `${file.path}: was not closed cleanly (dirty bit set, lazy refcounts); refcounts checked and repaired ` +
+        `(${result.leaksFixed} leaked cluster(s), ${result.corruptionsFixed} corruption(s) fixed${result.corruptions > result.corruptionsFixed ? `, ${result.corruptions - result.corruptionsFixed} left` : ''})`,
+    );
+    return openQcow2(file, options, true);
   }
   const geometry = new Geometry(header);
   const needed = geometry.l1EntriesFor(header.size);
@@ -114,7 +123,7 @@ async function openQcow2(file: Protocol, options: OpenOptions): Promise<FormatIm
 function writeRefusal(header: Qcow2Header, geometry: Geometry): string | undefined {
   if (header.incompatibleFeatures & INCOMPAT_CORRUPT) return 'it is marked corrupt';
   if (header.incompatibleFeatures & INCOMPAT_DIRTY) {
-    return 'it was not closed cleanly (dirty bit set, lazy refcounts); repair it first with imgmount check -r all or qemu-img check -r all';
+    return 'it was not closed cleanly (dirty bit set) and its repair left problems; see imgmount check';
   }
   if (geometry.extendedL2) return 'writing qcow2 images with extended L2 entries (subclusters) is not supported yet';
   if (geometry.hasDataFile) return 'writing qcow2 images with an external data file is not supported yet';
