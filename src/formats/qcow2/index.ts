@@ -125,7 +125,6 @@ function writeRefusal(header: Qcow2Header, geometry: Geometry): string | undefin
   if (header.incompatibleFeatures & INCOMPAT_DIRTY) {
     return 'it was not closed cleanly (dirty bit set) and its repair left problems; see imgmount check';
   }
-  if (geometry.extendedL2) return 'writing qcow2 images with extended L2 entries (subclusters) is not supported yet';
   if (geometry.hasDataFile) return 'writing qcow2 images with an external data file is not supported yet';
   return undefined;
 }

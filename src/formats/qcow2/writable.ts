@@ -42,10 +42,11 @@ import { BlockError, CorruptImageError } from '../../block/errors.js';
 import { settleAll } from '../../block/settle.js';
 import type { BackingReader, OpenOptions } from '../../block/types.js';
 import type { TableHandle } from '../../cache/table-cache.js';
-import { classify, Kind, L2E_COPIED_HIGH, L2E_ZERO_LOW, offsetBits, wordAt } from './geometry.js';
+import { classify, Kind, L2E_COMPRESSED_HIGH, L2E_COPIED_HIGH, L2E_ZERO_LOW, offsetBits, wordAt } from './geometry.js';
 import { AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from './header.js';
 import { Qcow2Image, type Qcow2Parts } from './image.js';
 import { Refcounts } from './refcounts.js';
+import { dropBitmaps } from './bitmap-release.js';
 
 const log = createDebug('imgmount:qcow2');
 
@@ -63,9 +64,18 @@ interface Slot {
   to: number;
   high: number;
   low: number;
+  /** Extended L2 entries: the subcluster bitmap's zero and allocation halves (0 otherwise). */
+  zeroBits: number;
+  allocBits: number;
   /** The L2 table is this image's alone (COPIED in the L1 entry). */
   tableOwned: boolean;
 }
+
+/** An L2 entry to store: the standard descriptor, and with extended L2 the bitmap (zero half, allocation half). */
+type Entry = [high: number, low: number] | [high: number, low: number, zeroBits: number, allocBits: number];
+
+/** Every subcluster of a cluster allocated (extended L2). */
+const ALL_SUBCLUSTERS = 0xffffffff;
 
 const enum Action {
   /** Written where it is. */
@@ -115,7 +125,11 @@ export class WritableQcow2Image extends Qcow2Image {
     this.readBacking = reader;
   }
 
-  /** The specification: a program that changes an image clears the autoclear bits it does not keep up to date. */
+  /**
+   * The specification: a program that changes an image clears the autoclear bits it
+   * does not keep up to date. Persistent dirty bitmaps then become invalid and are
+   * dropped (bitmap-release.ts).
+   */
   private async clearAutoclearBits(): Promise<void> {
     if (this.header.version !== 3) return;
     const kept = this.header.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW;
@@ -128,7 +142,11 @@ export class WritableQcow2Image extends Qcow2Image {
     }
     await this.writeHeaderWord(AUTOCLEAR_AT, kept);
     await this.file.flush();
+    const hadBitmaps = (this.header.autoclearFeatures & AUTOCLEAR_BITMAPS) !== 0n;
     this.header = { ...this.header, autoclearFeatures: kept };
+    // Invalid from now on: their clusters are freed, or qemu-img check would count them as leaks.
+    const { bitmaps } = this.parts.extensions;
+    if (hadBitmaps && bitmaps) await dropBitmaps(this.file, this.header, bitmaps, this.refcounts, this.fileSize);
   }
 
   async write(offset: number, data: Buffer): Promise<void> {
@@ -168,6 +186,8 @@ export class WritableQcow2Image extends Qcow2Image {
       if (this.actionFor(slot) === Action.InPlace) {
         const hostOffset = offsetBits(slot.high, slot.low) + (slot.from - slot.clusterStart);
         parts.push(this.clearHostRange(hostOffset, slot.to - slot.from));
+      } else if (this.geometry.extendedL2) {
+        if (!this.allSubclusters(slot, Kind.Zero)) parts.push(this.write(slot.from, Buffer.alloc(slot.to - slot.from)));
       } else {
         metadata.push(slot);
       }
@@ -223,7 +243,8 @@ export class WritableQcow2Image extends Qcow2Image {
           const to = Math.min(spanEnd, clusterStart + g.clusterSize);
           const l2Index = g.l2Index(at);
           const [high, low] = table ? wordAt(table, l2Index * g.l2EntryBytes) : [0, 0];
-          slots.push({ l1Index, l2Index, clusterStart, from: at, to, high, low, tableOwned });
+          const [zeroBits, allocBits] = table && g.extendedL2 ? wordAt(table, l2Index * g.l2EntryBytes + 8) : [0, 0];
+          slots.push({ l1Index, l2Index, clusterStart, from: at, to, high, low, zeroBits, allocBits, tableOwned });
           at = to;
         }
       };
@@ -234,13 +255,33 @@ export class WritableQcow2Image extends Qcow2Image {
     return slots;
   }
 
+  /** The kind of the slot's cluster; with extended L2, of its first subcluster the request touches. */
   private kindOf(slot: Slot): Kind {
-    return classify(this.geometry, slot.high, slot.low, 0, 0, 0);
+    return classify(this.geometry, slot.high, slot.low, slot.zeroBits, slot.allocBits, this.subclusterOf(slot, slot.from));
+  }
+
+  private subclusterOf(slot: Slot, offset: number): number {
+    return Math.floor((offset - slot.clusterStart) / this.geometry.subclusterSize);
+  }
+
+  /** True when every subcluster [from, to) touches is of `kind`. */
+  private allSubclusters(slot: Slot, kind: Kind): boolean {
+    for (let sub = this.subclusterOf(slot, slot.from); sub <= this.subclusterOf(slot, slot.to - 1); sub++) {
+      if (classify(this.geometry, slot.high, slot.low, slot.zeroBits, slot.allocBits, sub) !== kind) return false;
+    }
+    return true;
   }
 
   private actionFor(slot: Slot): Action {
     const kind = this.kindOf(slot);
     const owned = slot.tableOwned && (slot.high & L2E_COPIED_HIGH) !== 0 && offsetBits(slot.high, slot.low) > 0;
+    if (this.geometry.extendedL2) {
+      if (owned && this.allSubclusters(slot, Kind.Normal)) {
+        this.validDataCluster(slot.high, slot.low, slot.clusterStart);
+        return Action.InPlace;
+      }
+      return Action.Allocate;
+    }
     if (kind === Kind.Normal && owned) {
       this.validDataCluster(slot.high, slot.low, slot.clusterStart);
       return Action.InPlace;
@@ -287,6 +328,11 @@ export class WritableQcow2Image extends Qcow2Image {
     };
     for (const slot of span) {
       const action = this.actionFor(slot);
+      if (action === Action.Allocate && this.geometry.extendedL2 && !(slot.high & L2E_COMPRESSED_HIGH)) {
+        await allocateRun();
+        await this.writeSubclusters(slot, data.subarray(slot.from - offset, slot.to - offset), table);
+        continue;
+      }
       if (action === Action.Allocate) {
         run.push(slot);
         continue;
@@ -325,9 +371,65 @@ export class WritableQcow2Image extends Qcow2Image {
     // Refcounts (and data copied from elsewhere) are durable before the L2 entries point to them.
     await this.refcounts.barrier();
     if (copied && this.lazy) await this.file.flush();
-    const entries = run.map((_, i): [number, number] => entryFor(hostOffset + i * clusterSize));
+    const entries = run.map((_, i): Entry => {
+      const [high, low] = entryFor(hostOffset + i * clusterSize);
+      return this.geometry.extendedL2 ? [high, low, 0, ALL_SUBCLUSTERS] : [high, low];
+    });
     await this.setEntries(table, run[0]!.l2Index, entries);
     for (const slot of run) await this.release(slot);
+  }
+
+  /**
+   * Extended L2: writes the subclusters a request touches. A cluster this image
+   * owns is written in place; any other gets a new cluster holding the touched
+   * subclusters and copies of the old one's allocated ones. Touched subclusters
+   * become allocated (their zero bits clear); the others keep their state, so an
+   * unallocated one still shows the backing file.
+   */
+  private async writeSubclusters(slot: Slot, part: Buffer, table: { offset: number; handle: TableHandle<Buffer> }): Promise<void> {
+    const g = this.geometry;
+    const { clusterSize, subclusterSize } = g;
+    const oldHost = offsetBits(slot.high, slot.low);
+    if (oldHost !== 0) this.validDataCluster(slot.high, slot.low, slot.clusterStart);
+    const owned = slot.tableOwned && (slot.high & L2E_COPIED_HIGH) !== 0 && oldHost > 0;
+    const first = this.subclusterOf(slot, slot.from);
+    const last = this.subclusterOf(slot, slot.to - 1);
+    const cluster = Buffer.alloc(clusterSize);
+    let copied = false;
+    for (let sub = 0; sub < g.subclustersPerCluster; sub++) {
+      const kind = classify(g, slot.high, slot.low, slot.zeroBits, slot.allocBits, sub);
+      if (kind === Kind.Invalid) throw this.corrupt(slot.clusterStart, `has an impossible subcluster bitmap (subcluster ${sub})`);
+      const start = sub * subclusterSize;
+      const piece = cluster.subarray(start, start + subclusterSize);
+      const touched = sub >= first && sub <= last;
+      const whole = touched && slot.from - slot.clusterStart <= start && slot.to - slot.clusterStart >= start + subclusterSize;
+      if (whole || (touched === false && (owned || kind !== Kind.Normal))) continue;
+      // A partly written subcluster keeps the rest of what the guest saw; a copied cluster keeps its allocated ones.
+      if (kind === Kind.Normal) {
+        await this.file.read(oldHost + start, piece);
+        copied = true;
+      } else if (kind === Kind.Unallocated && this.readBacking) {
+        await this.readBackingClamped(slot.clusterStart + start, piece);
+        copied = true;
+      }
+    }
+    part.copy(cluster, slot.from - slot.clusterStart);
+    const touchedMask = last - first + 1 >= 32 ? ALL_SUBCLUSTERS : (((1 << (last - first + 1)) - 1) << first) >>> 0;
+    await this.markDirty();
+    let target = oldHost;
+    if (owned) {
+      await this.file.write(oldHost + first * subclusterSize, cluster.subarray(first * subclusterSize, (last + 1) * subclusterSize));
+    } else {
+      target = await this.refcounts.allocate(1);
+      this.fileSize = Math.max(this.fileSize, this.refcounts.endOffset);
+      await this.file.write(target, cluster);
+      await this.refcounts.barrier();
+    }
+    if (copied && (owned || this.lazy)) await this.file.flush();
+    const keptAlloc = owned ? slot.allocBits : slot.allocBits & (oldHost > 0 ? ALL_SUBCLUSTERS : 0);
+    const [high, low] = entryFor(target);
+    await this.setEntries(table, slot.l2Index, [[high, low, (slot.zeroBits & ~touchedMask) >>> 0, (keptAlloc | touchedMask) >>> 0]]);
+    if (!owned && oldHost > 0) await this.refcounts.decrement(oldHost, clusterSize);
   }
 
   /**
@@ -374,7 +476,7 @@ export class WritableQcow2Image extends Qcow2Image {
     if (kind === Kind.Compressed) {
       const { hostOffset, length } = this.geometry.compressedExtent(slot.high, slot.low);
       await this.refcounts.decrement(hostOffset - (hostOffset % 512), length + (hostOffset % 512));
-    } else if ((kind === Kind.Normal || kind === Kind.Zero) && offsetBits(slot.high, slot.low) > 0) {
+    } else if ((kind === Kind.Normal || kind === Kind.Zero || this.geometry.extendedL2) && offsetBits(slot.high, slot.low) > 0) {
       await this.refcounts.decrement(offsetBits(slot.high, slot.low), this.geometry.clusterSize);
     }
   }
@@ -419,12 +521,16 @@ export class WritableQcow2Image extends Qcow2Image {
   }
 
   /** Sets consecutive L2 entries from `first` (in memory, then on disk). */
-  private async setEntries(table: { offset: number; handle: TableHandle<Buffer> }, first: number, entries: [number, number][]): Promise<void> {
+  private async setEntries(table: { offset: number; handle: TableHandle<Buffer> }, first: number, entries: Entry[]): Promise<void> {
     const bytes = this.geometry.l2EntryBytes;
     const buffer = table.handle.table;
-    entries.forEach(([high, low], i) => {
+    entries.forEach(([high, low, zeroBits, allocBits], i) => {
       buffer.writeUInt32BE(high, (first + i) * bytes);
       buffer.writeUInt32BE(low, (first + i) * bytes + 4);
+      if (bytes === 16 && zeroBits !== undefined && allocBits !== undefined) {
+        buffer.writeUInt32BE(zeroBits >>> 0, (first + i) * bytes + 8);
+        buffer.writeUInt32BE(allocBits >>> 0, (first + i) * bytes + 12);
+      }
     });
     await this.file.write(table.offset + first * bytes, buffer.subarray(first * bytes, (first + entries.length) * bytes));
   }
