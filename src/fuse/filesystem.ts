@@ -40,12 +40,13 @@ import { Errno, refusal } from './errno.js';
 import { log } from './log.js';
 import type { DirectoryEntry, KernelFilesystem, NodeEntry } from './kernel/connection.js';
 import type { FuseAttr, Kstatfs } from './kernel/reply.js';
-import { FOPEN_KEEP_CACHE, FOPEN_PARALLEL_DIRECT_WRITES } from './kernel/abi.js';
+import { FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE, FOPEN_PARALLEL_DIRECT_WRITES } from './kernel/abi.js';
 
 const S_IFDIR = 0o040000;
 const S_IFREG = 0o100000;
 const O_ACCMODE = 3;
 const O_RDONLY = 0;
+const O_DIRECT = 0o40000;
 const BLOCK_SIZE = 4096;
 const ROOT = 1n;
 const SEEK_DATA = 3;
@@ -121,7 +122,13 @@ export class ImageFilesystem implements KernelFilesystem {
       throw refusal(`${entry.name} is read-only (${entry.image.path} is open read-only)`, Errno.EROFS);
     }
     // The bytes change only through this mount, so the kernel's page cache of a file never goes stale.
-    return { fh: this.handle(), openFlags: FOPEN_KEEP_CACHE | FOPEN_PARALLEL_DIRECT_WRITES };
+    // An O_DIRECT open bypasses that cache anyway; FOPEN_DIRECT_IO sends its I/O
+    // straight here, where FOPEN_PARALLEL_DIRECT_WRITES lets its writes run side by
+    // side (the cached path holds the inode lock for each). The kernel invalidates
+    // the cached pages a direct write covers and serializes direct writes again while
+    // the file also has a cached open, so cached readers never see stale bytes.
+    const openFlags = flags & O_DIRECT ? FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES : FOPEN_KEEP_CACHE;
+    return { fh: this.handle(), openFlags };
   }
 
   release(node: bigint): void {
