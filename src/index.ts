@@ -1,10 +1,11 @@
 /**
  * imgmount as a library: the block layer's public API, wired to the default
- * list of formats. `openImage`, `createImage` and `checkImage` here take the
+ * list of formats. `openImage`, `createImage`, `checkImage` and `resizeImage` here take the
  * same options as the block layer's, with `formats` optional.
  */
 import * as block from './block/index.js';
 import { defaultFormats } from './formats/index.js';
+import * as resizing from './block/open.js';
 
 export * from './block/index.js';
 export { defaultFormats, formatDrivers } from './formats/index.js';
@@ -14,6 +15,8 @@ type WithDefaultFormats<T extends { formats: block.FormatList }> = Omit<T, 'form
 export type OpenImageOptions = WithDefaultFormats<block.OpenImageOptions>;
 export type CreateImageOptions = WithDefaultFormats<block.CreateImageOptions>;
 export type CheckImageOptions = WithDefaultFormats<block.CheckImageOptions>;
+export type ResizeImageOptions = WithDefaultFormats<resizing.ResizeImageOptions>;
+export type { ResizeReport, ResizeTarget } from './block/open.js';
 
 /** Opens an image and its backing chain (formats probed unless `format` is given). */
 export function openImage(path: string, options: OpenImageOptions = {}): Promise<block.BlockImage> {
@@ -28,4 +31,9 @@ export function createImage(path: string, format: string, options: CreateImageOp
 /** Checks (and with `repair`, repairs) an image's metadata. */
 export function checkImage(path: string, options: CheckImageOptions = {}): Promise<block.CheckReport> {
   return block.checkImage(path, { ...options, formats: options.formats ?? defaultFormats });
+}
+
+/** Changes an image's virtual size (qemu-img resize); a shrink needs `shrink: true`. */
+export function resizeImage(path: string, size: resizing.ResizeTarget, options: ResizeImageOptions = {}): Promise<resizing.ResizeReport> {
+  return resizing.resizeImage(path, size, { ...options, formats: options.formats ?? defaultFormats });
 }

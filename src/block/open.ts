@@ -1,6 +1,6 @@
 /**
- * Opening images and their backing chains, creating and checking images:
- * the block layer's entry points by file name. The list of formats is always
+ * Opening images and their backing chains, creating, checking and resizing
+ * images: the block layer's entry points by file name. The list of formats is always
  * passed in (src/index.ts wires the default list), so the block layer never
  * imports the formats.
  *
@@ -22,6 +22,7 @@ import { lockForWriting } from './lock.js';
 import { FormatList, sampleFile } from './probe.js';
 import { rawProbeGuard } from './probe-guard.js';
 import type { CheckResult, CreateOptions, FormatDriver } from './types.js';
+import type { BlockImage as OpenedImage } from './image.js';
 import { constants as osConstants } from 'node:os';
 
 const log = createDebug('imgmount:open');
@@ -239,3 +240,83 @@ async function exists(path: string): Promise<boolean> {
   }
 }
 
+
+/** A new size: absolute, or relative to the current one (`{ delta: -1 << 30 }`). */
+export type ResizeTarget = number | { delta: number };
+
+export interface ResizeImageOptions {
+  formats: FormatList;
+  /** Allow making the image smaller (qemu-img resize --shrink); refused without it. */
+  shrink?: boolean;
+  format?: string;
+  /** Receives lines the user should see (a repair done first). */
+  notice?: (line: string) => void;
+}
+
+export interface ResizeReport {
+  format: string;
+  oldSize: number;
+  newSize: number;
+}
+
+/**
+ * Changes an image's virtual size, as qemu-img resize: the driver's `resize`
+ * runs on the image file opened read-write, which takes the image's write
+ * lock (an image a mount or a VM is writing is refused with EBUSY). Growing
+ * leaves the old content and then zeros: what of the new area would not read
+ * as zeros afterwards (a backing file longer than the old size, bytes the
+ * last cluster kept past the old end) is zeroed through the image opened
+ * read-write, up to the end of the backing file's data, as qemu does (qemu
+ * refuses it where the format has no zero clusters; here zeros are written).
+ * That second read-write open follows the first once it is closed.
+ */
+export async function resizeImage(path: string, target: ResizeTarget, options: ResizeImageOptions): Promise<ResizeReport> {
+  const format = await chooseFormat(path, options.format, options.formats);
+  if (!format.resize) throw new UnsupportedFeatureError(`${path}: resizing ${format.name} images is not supported`);
+  if (format.readOnlyReason !== undefined) throw new UnsupportedFeatureError(`${path}: cannot resize: ${format.readOnlyReason}`);
+  const notice = options.notice ?? ((line: string) => log(line));
+  const opened = (readOnly: boolean): Promise<OpenedImage> => openImage(path, { formats: options.formats, format: format.name, readOnly, notice });
+  const current = await opened(true);
+  const oldSize = current.length;
+  await current.close();
+  const newSize = typeof target === 'number' ? target : oldSize + target.delta;
+  if (!Number.isSafeInteger(newSize) || newSize <= 0) {
+    throw new InvalidArgumentError(`${path}: the new size ${newSize} is not a positive number of bytes`);
+  }
+  if (newSize < oldSize && !options.shrink) {
+    throw new InvalidArgumentError(
+      `${path}: shrinking it from ${oldSize} to ${newSize} bytes deletes the data past the new end; use --shrink to shrink it`,
+    );
+  }
+  if (newSize !== oldSize) {
+    const file = await FileProtocol.open(path, false);
+    try {
+      await format.resize(file, newSize, { shrink: options.shrink ?? false, notice });
+      await file.flush();
+    } finally {
+      await file.close();
+    }
+    log('%s: resized from %d to %d bytes', path, oldSize, newSize);
+  }
+  if (newSize > oldSize) await zeroGrownArea(opened, oldSize, newSize);
+  return { format: format.name, oldSize, newSize };
+}
+
+/** Zeroes what of [oldSize, newSize) reads as anything but zeros (backing data, bytes left past the old end). */
+async function zeroGrownArea(opened: (readOnly: boolean) => Promise<OpenedImage>, oldSize: number, newSize: number): Promise<void> {
+  const probe = await opened(true);
+  let runs: { offset: number; length: number }[];
+  try {
+    runs = (await probe.map(oldSize, newSize - oldSize)).filter((run) => run.data || !run.zero);
+  } finally {
+    await probe.close();
+  }
+  if (runs.length === 0) return;
+  const image = await opened(false);
+  try {
+    for (const run of runs) await image.zero(run.offset, run.length);
+    await image.flush();
+  } finally {
+    await image.close();
+  }
+}

@@ -217,4 +217,18 @@ export interface FormatDriver {
   create?(path: string, options: CreateOptions): Promise<void>;
   /** Optional: consistency check with optional repair; missing means not supported. */
   check?(file: Protocol, options: CheckOptions): Promise<CheckResult>;
+  /**
+   * Optional: changes the virtual size to `newSize` (qemu-img resize) on a file opened
+   * read-write (the caller holds the image's write lock); missing means not supported.
+   * The generic layer has already refused a shrink without `shrink` and sizes <= 0, and
+   * afterwards zeroes whatever of the new area would not read as zeros.
+   */
+  resize?(file: Protocol, newSize: number, options: ResizeOptions): Promise<void>;
+}
+
+export interface ResizeOptions {
+  /** The user allowed making the image smaller (--shrink); data past the new end is dropped. */
+  shrink: boolean;
+  /** Lines the user should see (a repair done first). */
+  notice: (message: string) => void;
 }

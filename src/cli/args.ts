@@ -41,6 +41,12 @@ export interface CommandSpec {
   describe: string;
   positionals: readonly PositionalSpec[];
   options: readonly OptionSpec[];
+  /**
+   * The last positional of `usage`, taken from the end of the command line
+   * before the options are read, so that it may start with `-` (qemu-img
+   * resize's `-1G`); not taken when the line ends with -h or --help.
+   */
+  lastArgument?: boolean;
 }
 
 export interface Program {
@@ -237,7 +243,13 @@ export function parseCommandLine(program: Program, argv: readonly string[], widt
   const named = program.commands.find((command) => command.name !== undefined && command.name === first.positionals[0]);
   const command = named ?? program.commands.find((candidate) => candidate.name === undefined)!;
   const options = [HELP, ...command.options];
-  const tokens = new Tokens(argv, options, named === undefined ? -1 : first.positionalIndexes[0]);
+  let rest = argv;
+  let last: string | undefined;
+  if (named?.lastArgument && argv.length - 1 > first.positionalIndexes[0]! && !['-h', '--help'].includes(argv[argv.length - 1]!)) {
+    last = argv[argv.length - 1]!;
+    rest = argv.slice(0, -1);
+  }
+  const tokens = new Tokens(rest, options, named === undefined ? -1 : first.positionalIndexes[0]);
   // Either reading may find --help (yargs took an unknown `-r -- --help` as `-r=--`, then --help).
   if (first.keys.get('help') === true || tokens.keys.get('help') === true) return { kind: 'help', text: help(program, command, width) };
 
@@ -245,8 +257,9 @@ export function parseCommandLine(program: Program, argv: readonly string[], widt
   const positionals = positionalsOf(command);
   const required = positionals.filter((positional) => positional.required).length;
   const fail = (message: string): Outcome => ({ kind: 'error', message: `${message} (see ${program.scriptName} --help)` });
-  if (named !== undefined && given.length < required) {
-    return fail(`Not enough non-option arguments: got ${given.length}, need at least ${required}`);
+  const supplied = given.length + (last === undefined ? 0 : 1);
+  if (named !== undefined && supplied < required) {
+    return fail(`Not enough non-option arguments: got ${supplied}, need at least ${required}`);
   }
 
   // yargs read each positional value again as `--NAME VALUE`: a value that looks like
@@ -254,8 +267,10 @@ export function parseCommandLine(program: Program, argv: readonly string[], widt
   const kept = (value: string): boolean => !/^-/.test(value) || NEGATIVE.test(value);
   const values: Record<string, string | string[] | undefined> = {};
   let at = 0;
-  for (const positional of positionals) {
-    if (positional.variadic) {
+  for (const [index, positional] of positionals.entries()) {
+    if (last !== undefined && index === positionals.length - 1) {
+      values[positional.name] = last;
+    } else if (positional.variadic) {
       values[positional.name] = given.slice(at).filter(kept);
       at = given.length;
     } else {

@@ -9,6 +9,7 @@ import type { CreateArguments } from './create.js';
 import type { InfoArguments } from './info.js';
 import type { MapArguments } from './map.js';
 import type { MountArguments } from './mount.js';
+import type { ResizeArguments } from './resize.js';
 
 /** A repeatable string option: the parser gives a string, an array or nothing. */
 export function asList(value: Value | undefined): string[] {
@@ -96,6 +97,20 @@ export function program(formats: FormatNames = { readable: '', creatable: '' }):
         ],
       },
       {
+        name: 'resize',
+        usage: 'resize <file> <size>',
+        describe: 'change the virtual size of an image (like qemu-img resize); the size is always the last argument',
+        positionals: [
+          { name: 'file' },
+          { name: 'size', describe: 'the new size, or +SIZE / -SIZE to grow or shrink by SIZE (K, M, G, T suffixes)' },
+        ],
+        lastArgument: true,
+        options: [
+          { name: 'format', alias: 'f', type: 'string', describe: `image format (${readable}); no probing` },
+          { name: 'shrink', type: 'boolean', default: false, describe: 'allow making the image smaller: the data past the new end is deleted' },
+        ],
+      },
+      {
         name: 'map',
         usage: 'map <file>',
         describe: 'show where the guest bytes live, data, zero or unallocated, down the backing chain (like qemu-img map)',
@@ -158,6 +173,7 @@ export type Invocation =
   | { command: 'info'; args: InfoArguments }
   | { command: 'check'; args: CheckArguments }
   | { command: 'map'; args: MapArguments }
+  | { command: 'resize'; args: ResizeArguments }
   | { command: 'mount'; args: MountArguments }
   | { command: 'unmount'; args: { mountpoint: string } };
 
@@ -209,6 +225,8 @@ export function invocation({ command, options: o, positionals: p }: Parsed): Inv
           output: o.output as MapArguments['output'],
         },
       };
+    case 'resize':
+      return { command: 'resize', args: { file: p.file as string, size: p.size as string, format: text(o.format), shrink: flag(o.shrink)! } };
     case 'unmount':
       return { command: 'unmount', args: { mountpoint: p.mountpoint as string } };
     default:

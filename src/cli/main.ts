@@ -12,6 +12,7 @@ import { ExitError, reportError } from './errors.js';
 import type { InfoArguments } from './info.js';
 import type { MapArguments } from './map.js';
 import type { MountArguments } from './mount.js';
+import type { ResizeArguments } from './resize.js';
 
 // Each command's module (the block layer, FUSE, cli-progress) loads only when used, so
 // `imgmount --version` and `--help` start about as fast as node itself.
@@ -19,6 +20,7 @@ const runCheck = async (args: CheckArguments) => (await import('./check.js')).ru
 const runCreate = async (args: CreateArguments) => (await import('./create.js')).runCreate(args);
 const runInfo = async (args: InfoArguments) => (await import('./info.js')).runInfo(args);
 const runMap = async (args: MapArguments) => (await import('./map.js')).runMap(args);
+const runResize = async (args: ResizeArguments) => (await import('./resize.js')).runResize(args);
 // A background mount without -o starts its daemon from background.ts, without the block layer or FUSE.
 const runMount = async (args: MountArguments) => {
   if (!(await (await import('./background.js')).runBackgroundMount(args))) await (await import('./mount.js')).runMount(args);
@@ -57,6 +59,8 @@ export async function main(argv: string[]): Promise<void> {
       return runCheck(call.args);
     case 'map':
       return runMap(call.args);
+    case 'resize':
+      return runResize(call.args);
     case 'mount':
       return runMount(call.args);
     case 'unmount':

@@ -22,6 +22,7 @@ import { findSnapshot, readSnapshots } from './snapshots.js';
 import { readBitmaps } from './bitmaps.js';
 import { checkQcow2, rebuildRefcounts } from './check.js';
 import { createQcow2 } from './create.js';
+import { resizeQcow2 } from './resize.js';
 
 const log = createDebug('imgmount:qcow2');
 
@@ -153,4 +154,5 @@ export const qcow2: FormatDriver = {
   open: openQcow2,
   check: checkQcow2,
   create: createQcow2,
+  resize: resizeQcow2,
 };

@@ -9,6 +9,7 @@ import { checkQed } from './check.js';
 import { createQed } from './create.js';
 import { HEADER_BYTES, KNOWN_AUTOCLEAR_FEATURES, parseHeader, QED_F_BACKING_FILE, QED_F_BACKING_FORMAT_NO_PROBE, QED_F_NEED_CHECK, QED_MAGIC, type QedHeader } from './header.js';
 import { QedImage } from './image.js';
+import { resizeQed } from './resize.js';
 import { readTable, writeHeader } from './tables.js';
 
 const log = createDebug('imgmount:qed');
@@ -64,4 +65,5 @@ export const qed: FormatDriver = {
   open: openQed,
   create: (path: string, options: CreateOptions) => createQed(path, options),
   check,
+  resize: resizeQed,
 };

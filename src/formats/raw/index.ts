@@ -6,7 +6,7 @@
  */
 import { open } from 'node:fs/promises';
 import { hostIoError, InvalidArgumentError } from '../../block/errors.js';
-import type { CreateOptions, FormatDriver, FormatImage, Mapping, OpenOptions, Protocol } from '../../block/types.js';
+import type { CreateOptions, FormatDriver, FormatImage, Mapping, OpenOptions, Protocol, ResizeOptions } from '../../block/types.js';
 import { rejectUnknownOptions } from '../options.js';
 
 class RawImage implements FormatImage {
@@ -75,6 +75,11 @@ export const raw: FormatDriver = {
 
   async open(file: Protocol, _options: OpenOptions): Promise<FormatImage> {
     return new RawImage(file, await file.size());
+  },
+
+  /** As qemu-img resize: the file is extended (sparse, reads as zeros) or cut. */
+  async resize(file: Protocol, newSize: number, _options: ResizeOptions): Promise<void> {
+    await file.truncate(newSize);
   },
 
   async create(path: string, options: CreateOptions): Promise<void> {
