@@ -57,9 +57,31 @@ function splitRepairLevels(argv: string[]): { argv: string[]; level: string | un
   return { argv: out, level };
 }
 
+/** Stands for resize's size in what yargs reads (see takeResizeSize). */
+const SIZE_PLACEHOLDER = 'resize-size-placeholder';
+
+/**
+ * resize's size, which yargs cannot declare (qemu-img resize takes its last
+ * argument as the size before reading options, so `-1G` is a size): for a
+ * resize command line not ending in -h/--help, the last argument is taken out
+ * and a placeholder put right after the command's name, where yargs reads it
+ * as the first positional (so `file` and `size` arrive swapped).
+ */
+function takeResizeSize(argv: string[]): { argv: string[]; size: string | undefined } {
+  const positionalsOf = (part: string[]) => yargs(part).boolean('help').alias('help', 'h').help(false).version(false).parseSync()._;
+  if (positionalsOf(argv)[0] !== 'resize') return { argv, size: undefined };
+  // The command's name: the first 'resize' that yargs reads as a positional (not as an option's value).
+  const commandAt = argv.findIndex((arg, i) => arg === 'resize' && positionalsOf(argv.slice(0, i)).length === 0 && positionalsOf(argv.slice(0, i + 1))[0] === 'resize');
+  const last = argv[argv.length - 1]!;
+  if (argv.length - 1 <= commandAt || last === '-h' || last === '--help') return { argv, size: undefined };
+  return { argv: [...argv.slice(0, commandAt + 1), SIZE_PLACEHOLDER, ...argv.slice(commandAt + 1, -1)], size: last };
+}
+
 /** The yargs wiring of main.ts before the change, handlers replaced by a recorder. */
 async function reference(original: string[], columns = 100): Promise<Outcome> {
-  const { argv, level } = splitRepairLevels(original);
+  const split = splitRepairLevels(original);
+  const level = split.level;
+  const { argv, size } = takeResizeSize(split.argv);
   const asList = (v: unknown): unknown[] => (v === undefined ? [] : Array.isArray(v) ? v : [v]);
   const { readable, creatable } = formats;
   const ALLOW_FILES_HELP =
@@ -103,6 +125,17 @@ async function reference(original: string[], columns = 100): Promise<Outcome> {
           .option('repair', { alias: 'r', type: 'boolean', default: false, describe: 'repair: -r leaks only leaked clusters, -r all (or a bare -r) everything that can be repaired' })
           .option('output', { choices: outputChoices, default: 'human' }),
       (args: any) => run('check')({ file: args.file, format: args.format, repair: args.repair === true ? level ?? 'all' : undefined, output: args.output }))
+    .command('resize <file> <size>', 'change the virtual size of an image (like qemu-img resize); the size is always the last argument', (y: any) => y
+          .positional('file', { type: 'string', demandOption: true })
+          .positional('size', { type: 'string', demandOption: true, describe: 'the new size, or +SIZE / -SIZE to grow or shrink by SIZE (K, M, G, T suffixes)' })
+          .option('format', { alias: 'f', type: 'string', describe: `image format (${readable}); no probing` })
+          .option('shrink', { type: 'boolean', default: false, describe: 'allow making the image smaller: the data past the new end is deleted' }),
+      (args: any) => run('resize')({
+        file: size === undefined ? args.file : args.size,
+        size: size === undefined ? args.size : size,
+        format: args.format,
+        shrink: args.shrink,
+      }))
     .command('map <file>', 'show where the guest bytes live, data, zero or unallocated, down the backing chain (like qemu-img map)', (y: any) => y
           .positional('file', { type: 'string', demandOption: true })
           .option('format', { alias: 'f', type: 'string', describe: `image format (${readable}); no probing` })
@@ -217,6 +250,28 @@ const corpus: string[][] = [
   ['-r', 'leaks', 'b'],
   ['check', '-r', 'true', 'a.qed'],
   ['check'],
+  ['resize', 'a.qcow2', '1G'],
+  ['resize', 'a.qcow2', '-1G'],
+  ['resize', 'a.qcow2', '+512M'],
+  ['resize', '--shrink', 'a.qcow2', '-1G'],
+  ['resize', 'a.qcow2', '--shrink', '-1G'],
+  ['resize', '-f', 'qcow2', '--shrink', 'a', '-5'],
+  ['resize', '-f', 'raw', 'a', '-.5G'],
+  ['resize', 'a', '--', '-1G'],
+  ['resize', 'a', '-'],
+  ['resize', 'a', '--shrink'],
+  ['resize', 'a', '-f'],
+  ['resize', '-f', 'qed', '1G'],
+  ['resize', '-f', '1G'],
+  ['resize', 'a'],
+  ['resize'],
+  ['resize', 'a', 'b', '1G'],
+  ['resize', 'a', '--bogus', '1G'],
+  ['resize', '--no-shrink', 'a', '1G'],
+  ['resize', '--shrink=false', 'a', '1G'],
+  ['resize', 'a', '1G', '-h'],
+  ['resize', '-h', 'a', '1G'],
+  ['-f', 'qcow2', 'resize', 'a', '-1G'],
   ['map', 'a', '--output=json'],
   ['map', '-f'],
   ['map', '-s', 'snap', 'a'],
@@ -275,6 +330,8 @@ const helps: string[][] = [
   ['create', '--help'],
   ['create', '-h', 'x'],
   ['check', '--help'],
+  ['resize', '--help'],
+  ['resize', 'a', '-h', '-1G'],
   ['map', '--help'],
   ['unmount', '--help'],
   ['a', 'b', '--help'],
@@ -308,6 +365,7 @@ describe('the command-line parser gives what yargs gave', () => {
       '--repair', '--force', '--allow-files', '--allowFiles', '--allow-other', '--foreground', '--debug',
       '--cache-size', '--options', '--unmount', '--backing', '--backing-format', '--bogus', '--no-bogus', '--a-b',
       '--help', '-5', '12', 'ro,nonempty', 'leaks', 'all', '-r=all', '--repair=leaks', '--no-repair',
+      'resize', '--shrink', '+1G',
     );
     await fc.assert(
       fc.asyncProperty(fc.array(token, { maxLength: 7 }), async (argv) => {

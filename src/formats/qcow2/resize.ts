@@ -268,11 +268,12 @@ async function shrink(file: Protocol, header: Qcow2Header, geometry: Geometry, r
   await file.flush();
 
   // 5. Freed clusters are punched; the file ends after its last cluster in use.
-  const end = await lastUsedEnd(refcounts, fileSize, clusterSize);
+  const end = await lastUsedEnd(refcounts, Math.max(fileSize, refcounts.endOffset), clusterSize);
   await punchFreed(file, freed.filter((cluster) => (cluster + 1) * clusterSize <= end), clusterSize);
-  if (end < fileSize) {
+  const sizeNow = await file.size();
+  if (end < sizeNow) {
     await file.truncate(end);
-    log('%s: file cut from %d to %d bytes', file.path, fileSize, end);
+    log('%s: file cut from %d to %d bytes', file.path, sizeNow, end);
   }
   await file.flush();
 }
