@@ -119,9 +119,12 @@ export class Refcounts {
     if (reused !== undefined) {
       await this.change(reused, count, +1);
       this.freeHint = reused + count;
+      log('%s: reused clusters %d+%d', this.file.path, reused, count);
       return reused * this.clusterSize;
     }
-    return (await this.appendClusters(count)) * this.clusterSize;
+    const appended = await this.appendClusters(count);
+    log('%s: appended clusters %d+%d', this.file.path, appended, count);
+    return appended * this.clusterSize;
   }
 
   /** Adds one reference to each cluster of [offset, offset + bytes). */
@@ -203,7 +206,7 @@ export class Refcounts {
       metaClusters = needed;
     }
     if (metaClusters === 0) {
-      await this.change(start, count, +1);
+      await this.change(start, count, 'in use');
       this.endCluster = start + count;
       return start;
     }
@@ -227,7 +230,7 @@ export class Refcounts {
     }
     this.endCluster = end;
     for (const { cluster, block } of blockAt.values()) await this.file.write(cluster * this.clusterSize, block);
-    for (const [cluster] of existingChanges) await this.change(cluster, 1, +1);
+    for (const [cluster] of existingChanges) await this.change(cluster, 1, 'in use');
     // The blocks are durable before anything points to them.
     this.unflushed = true;
     await this.barrier();
@@ -281,10 +284,12 @@ export class Refcounts {
   }
 
   /**
-   * Adds `delta` to the refcount of clusters [first, first + count), writing each
-   * changed block range through. Returns the clusters whose refcount became 0.
+   * Adds `delta` to the refcount of clusters [first, first + count), or sets it to 1
+   * ('in use': clusters appended past the end of the file, where a refcount left by
+   * an allocation a crash cut short may linger and must not be added to), writing
+   * each changed block range through. Returns the clusters whose refcount became 0.
    */
-  private async change(first: number, count: number, delta: 1 | -1): Promise<number[]> {
+  private async change(first: number, count: number, delta: 1 | -1 | 'in use'): Promise<number[]> {
     const freed: number[] = [];
     const order = this.layout.refcountOrder;
     for (let cluster = first; cluster < first + count; ) {
@@ -292,7 +297,7 @@ export class Refcounts {
       const until = Math.min(first + count, (blockIndex + 1) * this.perBlock);
       const blockOffset = this.blockOffset(blockIndex);
       if (blockOffset === 0) {
-        if (delta < 0) throw new CorruptImageError(`${this.file.path}: freeing cluster ${cluster}, which no refcount block covers`);
+        if (delta === -1) throw new CorruptImageError(`${this.file.path}: freeing cluster ${cluster}, which no refcount block covers`);
         throw new CorruptImageError(`${this.file.path}: cluster ${cluster} has no refcount block`);
       }
       const handle = await this.blocks.acquire(blockOffset);
@@ -301,7 +306,7 @@ export class Refcounts {
         const firstIndex = cluster % this.perBlock;
         for (let c = cluster; c < until; c++) {
           const index = c % this.perBlock;
-          const value = getRefcount(block, index, order) + delta;
+          const value = delta === 'in use' ? 1 : getRefcount(block, index, order) + delta;
           if (value < 0) throw new CorruptImageError(`${this.file.path}: cluster ${c} would get a negative refcount`);
           if (value > this.max) throw new CorruptImageError(`${this.file.path}: cluster ${c} would get a refcount above ${this.max}`);
           setRefcount(block, index, order, value);

@@ -17,11 +17,15 @@
  * An L2 table that is missing, or shared with a snapshot, is first allocated
  * (a copy of the shared one), flushed, and linked from the L1 table.
  *
- * Ordering on disk: data, then refcounts (flushed with `barrier` unless
- * refcounts are lazy; also flushed when data was copied from elsewhere), then
- * the L2 entry, then the L1 entry; references are dropped only after the
- * entry that held them is gone. With lazy refcounts the dirty bit is set and
- * flushed before the first change and cleared on a clean close.
+ * Ordering on disk: data and refcounts, a flush, then the L2 entry, then (for
+ * a new table) the L1 entry; references are dropped only after the entry that
+ * held them is on disk. The flush is shared: new L2 entries are set in memory
+ * at once (reads use them; the table stays pinned) and written together after
+ * the next fdatasync (`persistLinks`: at a guest flush, at close, a second
+ * after the first pending one, or when many are pending), as qemu's L2 cache
+ * waits for its refcount cache. With lazy refcounts the dirty bit is set and
+ * flushed before the first change, entries are written at once, and the bit
+ * is cleared on a clean close.
  *
  * Zeroing and discard punch the host range of clusters written in place
  * (their entries stay, so nothing is freed that a concurrent in-place write
@@ -49,6 +53,12 @@ import { Refcounts } from './refcounts.js';
 import { dropBitmaps } from './bitmap-release.js';
 
 const log = createDebug('imgmount:qcow2');
+
+/** Pending L2 entries are written once this many tables, or references to drop, wait... */
+const MAX_PENDING_TABLES = 64;
+const MAX_PENDING_RELEASES = 4096;
+/** ...or this long after the first of them. */
+const LINK_DELAY_MS = 1000;
 
 /** Header field offsets (v3) this module rewrites. */
 const INCOMPATIBLE_AT = 72;
@@ -95,6 +105,14 @@ export class WritableQcow2Image extends Qcow2Image {
   private dirtyMarked = false;
   /** Set once damaged metadata was met while writing: writes fail from then on. */
   private brokenBy: string | undefined;
+  /**
+   * L2 entries already set in memory whose disk write waits for the next flush of
+   * the file (`persistLinks`), by table offset: each table stays pinned meanwhile.
+   */
+  private readonly pendingLinks = new Map<number, { handle: TableHandle<Buffer>; first: number; end: number }>();
+  /** References to drop once the pending entries that replaced them are on disk. */
+  private pendingReleases: (() => Promise<void>)[] = [];
+  private linkTimer: NodeJS.Timeout | undefined;
 
   private constructor(
     parts: Qcow2Parts,
@@ -203,6 +221,7 @@ export class WritableQcow2Image extends Qcow2Image {
 
   override async flush(): Promise<void> {
     if (this.closed) return;
+    await this.allocationLock.runExclusive(() => this.persistLinks());
     await this.file.flush();
   }
 
@@ -210,6 +229,7 @@ export class WritableQcow2Image extends Qcow2Image {
     if (this.closed) return;
     await this.allocationLock.runExclusive(async () => {
       try {
+        await this.persistLinks();
         if (this.dirtyMarked) {
           await this.file.flush();
           await this.setIncompatible(this.header.incompatibleFeatures & ~INCOMPAT_DIRTY);
@@ -368,15 +388,65 @@ export class WritableQcow2Image extends Qcow2Image {
     const hostOffset = await this.refcounts.allocate(run.length);
     this.fileSize = Math.max(this.fileSize, this.refcounts.endOffset);
     await this.file.write(hostOffset, buffer);
-    // Refcounts (and data copied from elsewhere) are durable before the L2 entries point to them.
-    await this.refcounts.barrier();
-    if (copied && this.lazy) await this.file.flush();
     const entries = run.map((_, i): Entry => {
       const [high, low] = entryFor(hostOffset + i * clusterSize);
       return this.geometry.extendedL2 ? [high, low, 0, ALL_SUBCLUSTERS] : [high, low];
     });
-    await this.setEntries(table, run[0]!.l2Index, entries);
-    for (const slot of run) await this.release(slot);
+    await this.link(table, run[0]!.l2Index, entries, run.map((slot) => () => this.release(slot)), copied);
+  }
+
+  /**
+   * Points L2 entries at clusters just written, then drops the references they replace.
+   * Refcounts (and data copied from elsewhere) must be durable before the entries are
+   * on disk: without lazy refcounts the entries are set in memory at once (reads use
+   * them) and written after the next flush of the file, which `persistLinks` does for
+   * every pending entry together (at a guest flush, at close, after a second, or when
+   * many are pending), so allocating writes do not each wait for an fdatasync.
+   */
+  private async link(table: { offset: number; handle: TableHandle<Buffer> }, first: number, entries: Entry[], releases: (() => Promise<void>)[], copied: boolean): Promise<void> {
+    if (this.lazy) {
+      if (copied) await this.file.flush();
+      await this.setEntries(table, first, entries);
+      for (const release of releases) await release();
+      return;
+    }
+    this.storeEntries(table.handle.table, first, entries);
+    const pending = this.pendingLinks.get(table.offset);
+    if (pending) {
+      pending.first = Math.min(pending.first, first);
+      pending.end = Math.max(pending.end, first + entries.length);
+    } else {
+      this.pendingLinks.set(table.offset, { handle: await this.l2Cache.acquire(table.offset), first, end: first + entries.length });
+    }
+    this.pendingReleases.push(...releases);
+    if (this.pendingLinks.size >= MAX_PENDING_TABLES || this.pendingReleases.length >= MAX_PENDING_RELEASES) await this.persistLinks();
+    else this.linkTimer ??= setTimeout(() => this.persistLater(), LINK_DELAY_MS).unref();
+  }
+
+  private persistLater(): void {
+    this.linkTimer = undefined;
+    if (this.closed) return;
+    this.allocationLock.runExclusive(() => this.persistLinks()).catch((error: unknown) => {
+      log('%s: writing pending L2 entries failed (retried at the next flush): %s', this.file.path, (error as Error).message);
+    });
+  }
+
+  /** Flushes the file, then writes every pending L2 entry and drops what they replaced. Under the allocation lock. */
+  private async persistLinks(): Promise<void> {
+    if (this.linkTimer) clearTimeout(this.linkTimer);
+    this.linkTimer = undefined;
+    if (this.pendingLinks.size === 0 && this.pendingReleases.length === 0) return;
+    await this.file.flush();
+    const bytes = this.geometry.l2EntryBytes;
+    for (const [offset, pending] of [...this.pendingLinks]) {
+      // On failure the rest stays pending, for the next flush to try again.
+      await this.file.write(offset + pending.first * bytes, pending.handle.table.subarray(pending.first * bytes, pending.end * bytes));
+      this.pendingLinks.delete(offset);
+      pending.handle.release();
+    }
+    const releases = this.pendingReleases;
+    this.pendingReleases = [];
+    for (const release of releases) await release();
   }
 
   /**
@@ -423,13 +493,13 @@ export class WritableQcow2Image extends Qcow2Image {
       target = await this.refcounts.allocate(1);
       this.fileSize = Math.max(this.fileSize, this.refcounts.endOffset);
       await this.file.write(target, cluster);
-      await this.refcounts.barrier();
     }
-    if (copied && (owned || this.lazy)) await this.file.flush();
     const keptAlloc = owned ? slot.allocBits : slot.allocBits & (oldHost > 0 ? ALL_SUBCLUSTERS : 0);
     const [high, low] = entryFor(target);
-    await this.setEntries(table, slot.l2Index, [[high, low, (slot.zeroBits & ~touchedMask) >>> 0, (keptAlloc | touchedMask) >>> 0]]);
-    if (!owned && oldHost > 0) await this.refcounts.decrement(oldHost, clusterSize);
+    const entry: Entry = [high, low, (slot.zeroBits & ~touchedMask) >>> 0, (keptAlloc | touchedMask) >>> 0];
+    const releases = !owned && oldHost > 0 ? [() => this.refcounts.decrement(oldHost, clusterSize).then(() => undefined)] : [];
+    if (owned && !copied) await this.setEntries(table, slot.l2Index, [entry]);
+    else await this.link(table, slot.l2Index, [entry], releases, copied);
   }
 
   /**
@@ -524,6 +594,13 @@ export class WritableQcow2Image extends Qcow2Image {
   private async setEntries(table: { offset: number; handle: TableHandle<Buffer> }, first: number, entries: Entry[]): Promise<void> {
     const bytes = this.geometry.l2EntryBytes;
     const buffer = table.handle.table;
+    this.storeEntries(buffer, first, entries);
+    await this.file.write(table.offset + first * bytes, buffer.subarray(first * bytes, (first + entries.length) * bytes));
+  }
+
+  /** Sets consecutive L2 entries from `first` in a table in memory. */
+  private storeEntries(buffer: Buffer, first: number, entries: Entry[]): void {
+    const bytes = this.geometry.l2EntryBytes;
     entries.forEach(([high, low, zeroBits, allocBits], i) => {
       buffer.writeUInt32BE(high, (first + i) * bytes);
       buffer.writeUInt32BE(low, (first + i) * bytes + 4);
@@ -532,7 +609,6 @@ export class WritableQcow2Image extends Qcow2Image {
         buffer.writeUInt32BE(allocBits >>> 0, (first + i) * bytes + 12);
       }
     });
-    await this.file.write(table.offset + first * bytes, buffer.subarray(first * bytes, (first + entries.length) * bytes));
   }
 
   // --- zeroing ---
