@@ -7,13 +7,17 @@
 # Usage: [BENCH=qed,qcow2,compressed,ceiling,rss] scripts/bench.sh [SIZE_MB] [WORKDIR]
 #   SIZE_MB   virtual size of every image except rss's (default 1024, or $SIZE_MB)
 #   WORKDIR   scratch directory, emptied first (default /var/tmp/imgmount-bench)
-#   BENCH     groups to run, comma-separated (default all five):
+#   BENCH     groups to run, comma-separated (default all six):
 #     qed        read-write QED images whose first half was written by qemu-io (fio span: that
 #                half): sequential read 1M, 4k random read with 1 and 4 jobs, 4k random write
 #                with 4 jobs, 4k random write + fdatasync (1 job), allocating write 1M (a fresh
 #                image for every run of both peers), buffered re-read (dd, the second of two reads)
 #     qcow2      a read-only qcow2 image converted from random data: sequential read 1M,
 #                4k random read with 1 and 4 jobs
+#     qcow2w     read-write qcow2 images whose first half qemu-io wrote (fio span: that half):
+#                4k random write with 4 jobs, 4k random write + fdatasync (1 job); and fresh
+#                images (one per run of each peer): allocating write 1M, allocating 4k random
+#                writes (each allocates a 64 KiB cluster), 1 job; then qemu-img check of all
 #     compressed read-only compressed qcow2 (half text, half random data; deflate, and zstd when
 #                qemu-img supports it): sequential read 128k and 1M, 4k random read, 1 job
 #     ceiling    the transport alone, no I/O behind it: imgmount serves a never-written sparse raw
@@ -48,7 +52,7 @@ rand_runtime=${RAND_RUNTIME:-5}
 seq_runtime=${SEQ_RUNTIME:-3}
 rss_runtime=${RSS_RUNTIME:-10}
 seq_max_runtime=30 # a whole-file sequential run stops after this many seconds even if the file is not done
-all_groups=qed,qcow2,compressed,ceiling,rss
+all_groups=qed,qcow2,qcow2w,compressed,ceiling,rss
 groups=${BENCH:-$all_groups}
 for g in ${groups//,/ }; do
   case ",$all_groups," in *",$g,"*) ;; *) echo "BENCH: unknown group '$g' (${all_groups//,/, })" >&2; exit 2 ;; esac
@@ -298,6 +302,36 @@ if want qcow2; then
   verify "qcow2 imgmount" "$mo" "$work/random.src"
   verify "qcow2 qemu-storage-daemon" "$q" "$work/random.src"
   stop_group qcow2
+fi
+
+# --- qcow2 (read-write): like the QED group, each peer its own copy of a half-written image,
+# and fresh images for the allocating runs
+if want qcow2w; then
+  qemu-img create -q -f qcow2 "$work/wa.qcow2" "${size_mb}M"
+  qemu-io -f qcow2 -c "write -q -P 0xa5 0 $half" "$work/wa.qcow2" >/dev/null
+  cp --sparse=always "$work/wa.qcow2" "$work/wb.qcow2"
+  fresh=()
+  for i in 1 2 3; do
+    for side in a b; do
+      for kind in seq rand; do
+        qemu-img create -q -f qcow2 "$work/w$side$kind$i.qcow2" "${size_mb}M"
+        fresh+=("$work/w$side$kind$i.qcow2")
+      done
+    done
+  done
+  mount_ours qcow2w "$work/wa.qcow2" "$work"/waseq[123].qcow2 "$work"/warand[123].qcow2
+  start_qsd qcow2w qcow2 rw "$work/wb.qcow2" "$work"/wbseq[123].qcow2 "$work"/wbrand[123].qcow2
+  mo=$work/mnt-qcow2w q=$work/qsd-qcow2w
+  span=$((half / 1048576))M
+  row "qcow2: random write 4k, 4 jobs (IOPS)" 'fio_job $mo/wa.raw randwrite 4k 4 iops' 'fio_job $q/wb.raw randwrite 4k 4 iops'
+  row "qcow2: random write 4k + fdatasync, 1 job (IOPS)" 'fio_job $mo/wa.raw randwrite 4k 1 iops --fdatasync=1' \
+    'fio_job $q/wb.raw randwrite 4k 1 iops --fdatasync=1'
+  span=${size_mb}M
+  row "qcow2: allocating write 1M, fresh image (MB/s)" 'fio_job $mo/waseq$i.raw write 1M 1 mb' 'fio_job $q/wbseq$i.raw write 1M 1 mb'
+  row "qcow2: allocating random write 4k, fresh image (IOPS)" 'fio_job $mo/warand$i.raw randwrite 4k 1 iops' \
+    'fio_job $q/wbrand$i.raw randwrite 4k 1 iops'
+  stop_group qcow2w
+  for img in "$work"/wa.qcow2 "$work"/wb.qcow2 "${fresh[@]}"; do check_image "$img"; done
 fi
 
 # --- compressed qcow2 (read-only): first half text (compressible), second half random
