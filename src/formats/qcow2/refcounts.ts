@@ -13,9 +13,10 @@
  *
  * On-disk ordering (a kill -9 at any point leaves at most leaked clusters;
  * after the flushes named here, so does a power loss):
- * - increments are written before `allocate` / `increment` return, and the
- *   caller calls `barrier()` (an fdatasync unless refcounts are lazy) before
- *   it writes an L2 or L1 entry that links the clusters;
+ * - increments are written before `allocate` / `increment` return (in
+ *   deferred mode they stay in memory, blocks pinned, until `writeBack`), and
+ *   the caller calls `barrier()` (write-back, then an fdatasync unless
+ *   refcounts are lazy) before it writes an L2 or L1 entry that links them;
  * - a new refcount block is written whole, flushed, and only then does the
  *   refcount table point to it; a larger refcount table is written whole and
  *   flushed, then the header points to it and is flushed, then the old
@@ -28,7 +29,7 @@
 import createDebug from 'debug';
 import { CorruptImageError } from '../../block/errors.js';
 import type { Protocol } from '../../block/types.js';
-import { TableCache } from '../../cache/table-cache.js';
+import { TableCache, type TableHandle } from '../../cache/table-cache.js';
 import { offsetBits, wordAt } from './geometry.js';
 import type { MetadataClusters } from './metadata.js';
 import { getRefcount, maxRefcount, refcountByteRange, refcountsPerBlock, setRefcount } from './refcount-entries.js';
@@ -60,6 +61,21 @@ export class Refcounts {
   private runHint = 0;
   /** Set when refcounts were written since the last barrier. */
   private unflushed = false;
+  /**
+   * Changed byte ranges of refcount blocks not written yet (deferred mode), by block
+   * offset; each block stays pinned in the cache until `writeBack` writes it.
+   */
+  private readonly dirtyBlocks = new Map<number, { handle: TableHandle<Buffer>; start: number; end: number }>();
+  /**
+   * Deferred mode (the writable image's): refcount changes stay in memory until
+   * `writeBack` or `barrier`, which the image calls before any L2 or L1 entry that
+   * depends on them reaches the disk. Off: every change is written at once.
+   */
+  deferWrites = false;
+  /** Clusters freed since the open: never handed out again before the next open. */
+  private readonly freedSinceOpen = new Set<number>();
+  /** Clusters from here on lay past the end of the file at open: never written before this open allocated them. */
+  private readonly freshFrom: number;
 
   private constructor(
     private readonly file: Protocol,
@@ -74,6 +90,7 @@ export class Refcounts {
     this.perBlock = refcountsPerBlock(this.clusterSize, layout.refcountOrder);
     this.max = maxRefcount(layout.refcountOrder);
     this.endCluster = Math.ceil(fileSize / this.clusterSize);
+    this.freshFrom = this.endCluster;
     const clusterSize = this.clusterSize;
     this.blocks = new TableCache<Buffer>({
       maxBytes: REFCOUNT_CACHE_BYTES,
@@ -98,11 +115,31 @@ export class Refcounts {
     return this.endCluster * this.clusterSize;
   }
 
+  /**
+   * True when the cluster at `offset` lies past the end the file had at open: it reads
+   * as zeros until written (clusters freed since the open are never handed out again).
+   */
+  isFresh(offset: number): boolean {
+    return offset >= this.freshFrom * this.clusterSize;
+  }
+
   /** Makes the refcounts written so far durable before something links to them (a no-op with lazy refcounts). */
   async barrier(): Promise<void> {
+    await this.writeBack();
     if (!this.unflushed) return;
     this.unflushed = false;
     if (!this.lazy) await this.file.flush();
+  }
+
+  /** Writes every deferred refcount change (not flushed: the caller flushes). */
+  async writeBack(): Promise<void> {
+    for (const [offset, dirty] of [...this.dirtyBlocks]) {
+      // On failure the rest stays dirty, for the next call to try again.
+      await this.file.write(offset + dirty.start, dirty.handle.table.subarray(dirty.start, dirty.end));
+      this.dirtyBlocks.delete(offset);
+      dirty.handle.release();
+      this.unflushed = true;
+    }
   }
 
   /** The refcount of the cluster holding host byte `offset` (0 where no refcount block covers it). */
@@ -173,7 +210,7 @@ export class Refcounts {
       }
       const found = await this.blocks.read(blockOffset, (block) => {
         for (; cluster < blockEnd; cluster++) {
-          if (getRefcount(block, cluster % this.perBlock, this.layout.refcountOrder) !== 0) {
+          if (getRefcount(block, cluster % this.perBlock, this.layout.refcountOrder) !== 0 || this.freedSinceOpen.has(cluster)) {
             runStart = cluster + 1;
           } else if (cluster + 1 - runStart >= count) {
             return runStart;
@@ -310,11 +347,24 @@ export class Refcounts {
           if (value < 0) throw new CorruptImageError(`${this.file.path}: cluster ${c} would get a negative refcount`);
           if (value > this.max) throw new CorruptImageError(`${this.file.path}: cluster ${c} would get a refcount above ${this.max}`);
           setRefcount(block, index, order, value);
-          if (value === 0) freed.push(c);
+          if (value === 0) {
+            freed.push(c);
+            if (delta === -1) this.freedSinceOpen.add(c);
+          }
         }
         const { start, end } = refcountByteRange(firstIndex, until - cluster, order);
-        await this.file.write(blockOffset + start, block.subarray(start, end));
-        this.unflushed = true;
+        if (this.deferWrites) {
+          const dirty = this.dirtyBlocks.get(blockOffset);
+          if (dirty) {
+            dirty.start = Math.min(dirty.start, start);
+            dirty.end = Math.max(dirty.end, end);
+          } else {
+            this.dirtyBlocks.set(blockOffset, { handle: await this.blocks.acquire(blockOffset), start, end });
+          }
+        } else {
+          await this.file.write(blockOffset + start, block.subarray(start, end));
+          this.unflushed = true;
+        }
       } finally {
         handle.release();
       }

@@ -119,6 +119,7 @@ export class WritableQcow2Image extends Qcow2Image {
     private readonly refcounts: Refcounts,
   ) {
     super(parts);
+    refcounts.deferWrites = true;
     this.lazy = this.header.version === 3 && (this.header.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n;
     this.notify = parts.notice ?? ((line: string) => log(line));
   }
@@ -387,7 +388,16 @@ export class WritableQcow2Image extends Qcow2Image {
     }
     const hostOffset = await this.refcounts.allocate(run.length);
     this.fileSize = Math.max(this.fileSize, this.refcounts.endOffset);
-    await this.file.write(hostOffset, buffer);
+    if (!copied && this.refcounts.isFresh(hostOffset)) {
+      // The untouched head and tail are zeros, and so are fresh clusters until written: write the data only.
+      const first = run[0]!;
+      const last = run[run.length - 1]!;
+      const from = first.from - first.clusterStart;
+      const to = (run.length - 1) * clusterSize + (last.to - last.clusterStart);
+      await this.file.write(hostOffset + from, buffer.subarray(from, to));
+    } else {
+      await this.file.write(hostOffset, buffer);
+    }
     const entries = run.map((_, i): Entry => {
       const [high, low] = entryFor(hostOffset + i * clusterSize);
       return this.geometry.extendedL2 ? [high, low, 0, ALL_SUBCLUSTERS] : [high, low];
@@ -435,7 +445,11 @@ export class WritableQcow2Image extends Qcow2Image {
   private async persistLinks(): Promise<void> {
     if (this.linkTimer) clearTimeout(this.linkTimer);
     this.linkTimer = undefined;
-    if (this.pendingLinks.size === 0 && this.pendingReleases.length === 0) return;
+    if (this.pendingLinks.size === 0 && this.pendingReleases.length === 0) {
+      await this.refcounts.writeBack();
+      return;
+    }
+    await this.refcounts.writeBack();
     await this.file.flush();
     const bytes = this.geometry.l2EntryBytes;
     for (const [offset, pending] of [...this.pendingLinks]) {
@@ -447,6 +461,8 @@ export class WritableQcow2Image extends Qcow2Image {
     const releases = this.pendingReleases;
     this.pendingReleases = [];
     for (const release of releases) await release();
+    // The decrements go to disk now too (after their entries; a crash before leaves leaks only).
+    await this.refcounts.writeBack();
   }
 
   /**
