@@ -4,8 +4,9 @@
  * refcounts): afterwards `qemu-img check` finds no corruption (leaks are
  * allowed: qcow2 without lazy refcounts has no mark of an unclean close), and
  * every write whose fdatasync returned is in the image. With lazy refcounts
- * the dirty bit stays set, and the next read-write mount rebuilds the
- * refcounts, says so, and leaves the image clean for `qemu-img check`.
+ * the dirty bit stays set (refcounts may lag behind, which qemu-img check
+ * reports as errors only while that bit is set), and the next read-write
+ * mount rebuilds the refcounts, says so, and leaves the image clean.
  */
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -99,8 +100,14 @@ describe.skipIf(skipWithoutFuse('qcow2 and kill -9'))('qcow2 and kill -9 of the 
         const acknowledged = (await readFile(ack, 'utf8')).split('\n').filter(Boolean).map(Number);
         expect(acknowledged.length).toBeGreaterThan(0);
         const check = await run('qemu-img', ['check', image]);
-        // 0: clean, 3: leaks only. 2 (corruption) or 1 (cannot check) fail.
-        expect([0, 3], `cycle ${cycle}: ${check.stdout}${check.stderr}`).toContain(check.code);
+        if (shape.lazy && check.code === 2) {
+          // Lazy refcounts may lag behind the L2 entries: allowed only while the dirty bit says so.
+          const info = await run('qemu-img', ['info', '--output=json', image]);
+          expect((JSON.parse(info.stdout) as { 'dirty-flag'?: boolean })['dirty-flag'], `cycle ${cycle}: corruption without the dirty bit: ${check.stdout}`).toBe(true);
+        } else {
+          // 0: clean, 3: leaks only. 2 (corruption) or 1 (cannot check) fail.
+          expect([0, 3], `cycle ${cycle}: ${check.stdout}${check.stderr}`).toContain(check.code);
+        }
         if (shape.lazy) {
           // The dirty bit is still set: a read-write mount rebuilds the refcounts first and says so.
           const { result } = await lab.mount([image], mnt);
