@@ -7,7 +7,7 @@
 # Usage: [BENCH=qed,qcow2,compressed,ceiling,rss] scripts/bench.sh [SIZE_MB] [WORKDIR]
 #   SIZE_MB   virtual size of every image except rss's (default 1024, or $SIZE_MB)
 #   WORKDIR   scratch directory, emptied first (default /var/tmp/imgmount-bench)
-#   BENCH     groups to run, comma-separated (default all six):
+#   BENCH     groups to run, comma-separated (default all seven):
 #     qed        read-write QED images whose first half was written by qemu-io (fio span: that
 #                half): sequential read 1M, 4k random read with 1 and 4 jobs, 4k random write
 #                with 4 jobs, 4k random write + fdatasync (1 job), allocating write 1M (a fresh
@@ -26,6 +26,9 @@
 #                and 4 jobs, sequential read 1M
 #     rss        peak RSS (VmHWM) of each daemon serving a 1 TiB qcow2 image with 64 KiB of data
 #                every 4 GiB (256 L2 tables), read by fio 4k random reads over the whole 1 TiB
+#     check      `imgmount check` against `qemu-img check` (whole command, milliseconds, median of
+#                3 alternating runs, page cache warm): the 1 TiB qcow2 of the rss group, and
+#                SIZE_MB images written whole by qemu-io (qcow2 and QED)
 #   RAND_RUNTIME  seconds per random-I/O fio run (default 5)
 #   SEQ_RUNTIME   seconds per sequential-read run of the qed and ceiling groups (default 3; the
 #                 qcow2 and compressed groups read their whole file once)
@@ -52,7 +55,7 @@ rand_runtime=${RAND_RUNTIME:-5}
 seq_runtime=${SEQ_RUNTIME:-3}
 rss_runtime=${RSS_RUNTIME:-10}
 seq_max_runtime=30 # a whole-file sequential run stops after this many seconds even if the file is not done
-all_groups=qed,qcow2,qcow2w,compressed,ceiling,rss
+all_groups=qed,qcow2,qcow2w,compressed,ceiling,rss,check
 groups=${BENCH:-$all_groups}
 for g in ${groups//,/ }; do
   case ",$all_groups," in *",$g,"*) ;; *) echo "BENCH: unknown group '$g' (${all_groups//,/, })" >&2; exit 2 ;; esac
@@ -424,6 +427,28 @@ if want rss; then
   stop_group rss
 fi
 
+# --- check: the whole command of each tool, page cache warm
+check_lines=()
+if want check; then
+  qemu-img create -q -f qcow2 "$work/ck-1t.qcow2" 1T
+  cmds=()
+  for k in $(seq 0 255); do cmds+=(-c "write -q -P 0x5a $((k * (4 << 30))) 64k"); done
+  qemu-io -f qcow2 "${cmds[@]}" "$work/ck-1t.qcow2" >/dev/null
+  for fmt in qcow2 qed; do
+    qemu-img create -q -f $fmt "$work/ck-full.$fmt" "${size_mb}M"
+    qemu-io -f $fmt -c "write -q -P 0x33 0 ${size_mb}M" "$work/ck-full.$fmt" >/dev/null
+  done
+  ms() { local t0 rc=0; t0=$(date +%s%N); "$@" >/dev/null 2>&1 || rc=$?; [ $rc = 0 ] && echo $(( ($(date +%s%N) - t0) / 1000000 )) || echo ERR; }
+  for img in "$work/ck-1t.qcow2" "$work/ck-full.qcow2" "$work/ck-full.qed"; do
+    cat "$img" >/dev/null
+    o=() t=()
+    for _ in 1 2 3; do o+=("$(ms bin/imgmount check "$img")"); t+=("$(ms qemu-img check "$img")"); done
+    mo=$(printf '%s\n' "${o[@]}" | sort -n | sed -n 2p) mt=$(printf '%s\n' "${t[@]}" | sort -n | sed -n 2p)
+    echo "check $(basename "$img"): imgmount ${o[*]} ms | qemu-img ${t[*]} ms" >>"$work/runs.log"
+    check_lines+=("$(awk -v n="$(basename "$img")" -v a="$mo" -v b="$mt" 'BEGIN { r = (a ~ /^[0-9]+$/ && b ~ /^[0-9]+$/ && a > 0) ? sprintf("%.2f", b / a) : "n/a"; printf "%-30s %9s %9s %6s", n, a, b, r }')")
+  done
+fi
+
 printf '\n%s; %s cores, Linux %s, Node %s, %s\n' "$(date -u '+%Y-%m-%d %H:%M UTC')" "$(nproc)" "$(uname -r)" \
   "$(node --version)" "$(qemu-storage-daemon --version | head -n 1 | sed 's/ (.*//')"
 printf 'fio, psync, O_DIRECT, %s MiB images (qed: 4k random I/O and sequential read over the written half),\n' "$size_mb"
@@ -441,6 +466,11 @@ if [ ${#rss_lines[@]} -gt 0 ]; then
   printf '1 job, %s s over the whole 1 TiB (imgmount first, then qsd)\n' "$rss_runtime"
   printf '%-20s %11s %11s %11s %9s %9s\n' "daemon" "RSS before" "RSS after" "peak (HWM)" "IOPS" "CPU"
   for l in "${rss_lines[@]}"; do echo "$l"; done
+fi
+if [ ${#check_lines[@]} -gt 0 ]; then
+  printf '\ncheck, whole command in ms (median of 3 alternating runs); ratio qemu-img/imgmount, higher is better\n'
+  printf '%-30s %9s %9s %6s\n' "image" "imgmount" "qemu-img" "ratio"
+  for l in "${check_lines[@]}"; do echo "$l"; done
 fi
 echo
 [ -s "$work/verify.log" ] && cat "$work/verify.log"
