@@ -49,15 +49,13 @@ import type { TableHandle } from '../../cache/table-cache.js';
 import { classify, Kind, L2E_COMPRESSED_HIGH, L2E_COPIED_HIGH, L2E_ZERO_LOW, offsetBits, wordAt } from './geometry.js';
 import { AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from './header.js';
 import { Qcow2Image, type Qcow2Parts } from './image.js';
+import { PendingLinks } from './pending-links.js';
 import { Refcounts } from './refcounts.js';
 import { dropBitmaps } from './bitmap-release.js';
 
 const log = createDebug('imgmount:qcow2');
 
-/** Pending L2 entries are written once this many tables, or references to drop, wait... */
-const MAX_PENDING_TABLES = 64;
-const MAX_PENDING_RELEASES = 4096;
-/** ...or this long after the first of them. */
+/** Pending L2 entries are written this long after the first of them at the latest (pending-links.ts: or when many wait). */
 const LINK_DELAY_MS = 1000;
 
 /** Header field offsets (v3) this module rewrites. */
@@ -105,13 +103,8 @@ export class WritableQcow2Image extends Qcow2Image {
   private dirtyMarked = false;
   /** Set once damaged metadata was met while writing: writes fail from then on. */
   private brokenBy: string | undefined;
-  /**
-   * L2 entries already set in memory whose disk write waits for the next flush of
-   * the file (`persistLinks`), by table offset: each table stays pinned meanwhile.
-   */
-  private readonly pendingLinks = new Map<number, { handle: TableHandle<Buffer>; first: number; end: number }>();
-  /** References to drop once the pending entries that replaced them are on disk. */
-  private pendingReleases: (() => Promise<void>)[] = [];
+  /** L2 entries set in memory whose disk write waits for the next flush of the file (`persistLinks`). */
+  private readonly pending: PendingLinks;
   private linkTimer: NodeJS.Timeout | undefined;
 
   private constructor(
@@ -120,6 +113,7 @@ export class WritableQcow2Image extends Qcow2Image {
   ) {
     super(parts);
     refcounts.deferWrites = true;
+    this.pending = new PendingLinks(this.geometry.l2EntryBytes);
     this.lazy = this.header.version === 3 && (this.header.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n;
     this.notify = parts.notice ?? ((line: string) => log(line));
   }
@@ -421,15 +415,8 @@ export class WritableQcow2Image extends Qcow2Image {
       return;
     }
     this.storeEntries(table.handle.table, first, entries);
-    const pending = this.pendingLinks.get(table.offset);
-    if (pending) {
-      pending.first = Math.min(pending.first, first);
-      pending.end = Math.max(pending.end, first + entries.length);
-    } else {
-      this.pendingLinks.set(table.offset, { handle: await this.l2Cache.acquire(table.offset), first, end: first + entries.length });
-    }
-    this.pendingReleases.push(...releases);
-    if (this.pendingLinks.size >= MAX_PENDING_TABLES || this.pendingReleases.length >= MAX_PENDING_RELEASES) await this.persistLinks();
+    await this.pending.add(table.offset, first, first + entries.length, () => this.l2Cache.acquire(table.offset), releases);
+    if (this.pending.due) await this.persistLinks();
     else this.linkTimer ??= setTimeout(() => this.persistLater(), LINK_DELAY_MS).unref();
   }
 
@@ -445,22 +432,10 @@ export class WritableQcow2Image extends Qcow2Image {
   private async persistLinks(): Promise<void> {
     if (this.linkTimer) clearTimeout(this.linkTimer);
     this.linkTimer = undefined;
-    if (this.pendingLinks.size === 0 && this.pendingReleases.length === 0) {
-      await this.refcounts.writeBack();
-      return;
-    }
     await this.refcounts.writeBack();
+    if (this.pending.empty) return;
     await this.file.flush();
-    const bytes = this.geometry.l2EntryBytes;
-    for (const [offset, pending] of [...this.pendingLinks]) {
-      // On failure the rest stays pending, for the next flush to try again.
-      await this.file.write(offset + pending.first * bytes, pending.handle.table.subarray(pending.first * bytes, pending.end * bytes));
-      this.pendingLinks.delete(offset);
-      pending.handle.release();
-    }
-    const releases = this.pendingReleases;
-    this.pendingReleases = [];
-    for (const release of releases) await release();
+    await this.pending.drain((offset, bytes) => this.file.write(offset, bytes));
     // The decrements go to disk now too (after their entries; a crash before leaves leaks only).
     await this.refcounts.writeBack();
   }
