@@ -70,4 +70,22 @@ describe.skipIf(skipWithoutQemu("QEMU's image locks"))("QEMU's image locks", () 
       await image.close();
     }
   });
+
+  it('an image its format will not write (qcow2 with an external data file) asked for read-write keeps only read locks: qemu-img and a second writer open it', async () => {
+    const dir = await makeTempDir();
+    const path = join(dir, 'disk.qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'data_file=disk.data', path, '4M'], { cwd: dir });
+    const notices: string[] = [];
+    const image = await openImage(path, { notice: (line) => notices.push(line) });
+    try {
+      expect(image.readOnly).toBe(true);
+      expect(notices.join('\n')).toMatch(/opened read-only: writing qcow2 images with an external data file is not supported yet/);
+      const info = await run('qemu-img', ['info', path], { cwd: dir });
+      expect(info.code, info.stderr).toBe(0);
+      const second = await openImage(path, { notice: () => undefined });
+      await second.close();
+    } finally {
+      await image.close();
+    }
+  });
 });

@@ -26,7 +26,7 @@ import { constants as osConstants } from 'node:os';
 import { constants as nativeConstants, fallocate, preadNowait, seekExtent } from '../native/index.js';
 import { HostIoError, hostIoError, InvalidArgumentError } from './errors.js';
 import { lockForWriting, type ImageLock } from './lock.js';
-import { takeQemuLocks } from './qemu-locks.js';
+import { releaseWriteLocks, takeQemuLocks } from './qemu-locks.js';
 import type { HostOffset, Protocol } from './types.js';
 
 const log = createDebug('imgmount:file');
@@ -34,10 +34,29 @@ const log = createDebug('imgmount:file');
 export class FileProtocol implements Protocol {
   private constructor(
     readonly path: string,
-    readonly readOnly: boolean,
+    private writable: boolean,
     private readonly handle: FileHandle,
-    private readonly lock: ImageLock | undefined,
+    private lock: ImageLock | undefined,
   ) {}
+
+  get readOnly(): boolean {
+    return !this.writable;
+  }
+
+  /**
+   * Gives up writing: a read-write open whose image turned out to be read-only here
+   * (its format refuses to write it) keeps only a reader's locks, so qemu and other
+   * imgmount processes are not locked out of an image nobody writes.
+   */
+  async keepReadOnly(): Promise<void> {
+    if (!this.writable) return;
+    this.writable = false;
+    releaseWriteLocks(this.handle.fd);
+    const lock = this.lock;
+    this.lock = undefined;
+    await lock?.release();
+    log('%s: read-only from now on; write locks released', this.path);
+  }
 
   /** Whether reads try the page cache first (RWF_NOWAIT); off for a file system that refuses it. */
   private nowait = true;
@@ -57,7 +76,7 @@ export class FileProtocol implements Protocol {
         throw error;
       }
       log('opened %s %s', path, readOnly ? 'read-only' : 'read-write');
-      return new FileProtocol(path, readOnly, handle, lock);
+      return new FileProtocol(path, !readOnly, handle, lock);
     } catch (error) {
       await lock?.release();
       throw hostIoError('cannot open', path, error);

@@ -101,6 +101,8 @@ async function openLayer(
           throw describeBackingFailure(error, image.backing!.filename, path);
         });
       }
+      // A format that declined to write this image (its own notice said why) takes no writer's locks.
+      if (!readOnly && !image.write) await file.keepReadOnly();
       return new BlockImage({
         path,
         format: format.name,

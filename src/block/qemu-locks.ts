@@ -41,3 +41,8 @@ export function takeQemuLocks(fd: number, readOnly: boolean, path: string): void
     );
   }
 }
+
+/** Drops the write permission and the refusal to share it (a read-write open that stays read-only). */
+export function releaseWriteLocks(fd: number): void {
+  for (const byte of [PERM_BASE + PERM_WRITE, SHARED_BASE + PERM_WRITE]) ofdLock(fd, native.F_UNLCK, byte, 1);
+}
