@@ -179,6 +179,17 @@ export class FileProtocol implements Protocol {
   }
 }
 
+/** Whether `path` exists (any kind of file); other failures than ENOENT are errors. */
+export async function pathExists(path: string): Promise<boolean> {
+  try {
+    await stat(path);
+    return true;
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return false;
+    throw hostIoError('cannot look at', path, error);
+  }
+}
+
 /**
  * Only regular files are images here: opening a FIFO would block forever, and a
  * device's size is not what stat says. Checked before open, so nothing hangs.

@@ -11,9 +11,9 @@
  * driver has `readOnlyReason`) is opened read-only before any write lock is
  * taken, with one notice.
  */
-import { realpath, stat } from 'node:fs/promises';
+import { realpath } from 'node:fs/promises';
 import createDebug from 'debug';
-import { FileProtocol } from './file.js';
+import { FileProtocol, pathExists } from './file.js';
 import { BlockImage } from './image.js';
 import { BlockError, HostIoError, InvalidArgumentError, UnsupportedFeatureError, hostIoError } from './errors.js';
 import { resolveBackingName } from './backing-name.js';
@@ -162,7 +162,7 @@ export interface CreateImageOptions extends Omit<CreateOptions, 'size'> {
 export async function createImage(path: string, formatName: string, options: CreateImageOptions): Promise<void> {
   const format = options.formats.named(formatName);
   if (!format.create) throw new UnsupportedFeatureError(`creating ${format.name} images is not supported`);
-  const overwriting = await exists(path);
+  const overwriting = await pathExists(path);
   if (overwriting && !options.force) {
     throw new InvalidArgumentError(`${path} already exists; pass --force to overwrite it`);
   }
@@ -229,16 +229,6 @@ export async function checkImage(path: string, options: CheckImageOptions): Prom
     return { ...result, format: format.name, filename: path };
   } finally {
     await file.close();
-  }
-}
-
-async function exists(path: string): Promise<boolean> {
-  try {
-    await stat(path);
-    return true;
-  } catch (error) {
-    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return false;
-    throw hostIoError('cannot look at', path, error);
   }
 }
 

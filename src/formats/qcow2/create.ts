@@ -26,11 +26,12 @@
  * Concurrency: the caller (createImage) holds the image's write lock when it
  * overwrites; nothing here is shared.
  */
-import { open, rm, stat, type FileHandle } from 'node:fs/promises';
+import { open, rm, type FileHandle } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import createDebug from 'debug';
 import { resolveBackingName } from '../../block/backing-name.js';
 import { hostIoError, InvalidArgumentError, UnsupportedFeatureError } from '../../block/errors.js';
+import { pathExists } from '../../block/file.js';
 import { parseSize } from '../../block/size.js';
 import type { CreateOptions } from '../../block/types.js';
 import { fallocate } from '../../native/index.js';
@@ -418,16 +419,6 @@ async function writeMetadata(handle: FileHandle, plan: Qcow2CreatePlan, layout: 
   }
 }
 
-async function exists(path: string): Promise<boolean> {
-  try {
-    await stat(path);
-    return true;
-  } catch (error) {
-    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return false;
-    throw hostIoError('cannot look at', path, error);
-  }
-}
-
 /**
  * Creates (or, forced, truncates) the external data file: as long as the virtual size,
  * or as every cluster when its clusters are mapped (preallocation, data_file_raw), as
@@ -465,7 +456,7 @@ export async function createQcow2(path: string, options: Qcow2CreateOptions): Pr
   if (plan.dataFile !== undefined) {
     dataPath = resolveBackingName(path, plan.dataFile, 'external data file');
     if (resolve(dataPath) === resolve(path)) throw new InvalidArgumentError(`data_file ${plan.dataFile} is the image file itself`);
-    if (!options.force && (await exists(dataPath))) {
+    if (!options.force && (await pathExists(dataPath))) {
       throw new InvalidArgumentError(`data_file ${dataPath} already exists; pass --force to overwrite it`);
     }
   }
