@@ -84,6 +84,9 @@ async function reference(original: string[], columns = 100): Promise<Outcome> {
   const { argv, size } = takeResizeSize(split.argv);
   const asList = (v: unknown): unknown[] => (v === undefined ? [] : Array.isArray(v) ? v : [v]);
   const { readable, creatable } = formats;
+  const FILTER_HELP =
+  'a filter between the layers, NAME[:key=value,...] (repeatable, applied in order; layer=N picks the image of the backing chain): ' +
+  'blkdebug:event=NAME,errno=N[,once=on][,nth=K] or blkdebug:config=FILE, blkverify:reference=FILE, log-writes:log=FILE; see docs/filters.md';
   const ALLOW_FILES_HELP =
     'backing files and external data files an image names must lie in DIR (repeatable); by default any regular file you can read';
   const outputChoices = ['human', 'json'] as const;
@@ -117,14 +120,16 @@ async function reference(original: string[], columns = 100): Promise<Outcome> {
           .option('snapshot', { alias: 's', type: 'string', describe: 'describe this internal snapshot (id or name) instead of the current state' })
           .option('output', { choices: outputChoices, default: 'human' })
           .option('backing-chain', { type: 'boolean', default: false, describe: 'describe every image of the backing chain' })
-          .option('allow-files', { type: 'string', describe: ALLOW_FILES_HELP }),
-      (args: any) => run('info')({ file: args.file, format: args.format, snapshot: args.snapshot, output: args.output, backingChain: args['backing-chain'], allowFiles: asList(args['allow-files']) }))
+          .option('allow-files', { type: 'string', describe: ALLOW_FILES_HELP })
+          .option('filter', { type: 'string', describe: FILTER_HELP }),
+      (args: any) => run('info')({ file: args.file, format: args.format, snapshot: args.snapshot, output: args.output, backingChain: args['backing-chain'], allowFiles: asList(args['allow-files']), filters: asList(args.filter) }))
     .command('check <file>', 'check image metadata (like qemu-img check); exit 0 clean, 2 corrupt, 3 leaks, 1 failed, 63 no check for the format', (y: any) => y
           .positional('file', { type: 'string', demandOption: true })
           .option('format', { alias: 'f', type: 'string', describe: `image format (${readable}); no probing` })
           .option('repair', { alias: 'r', type: 'boolean', default: false, describe: 'repair: -r leaks only leaked clusters, -r all (or a bare -r) everything that can be repaired' })
-          .option('output', { choices: outputChoices, default: 'human' }),
-      (args: any) => run('check')({ file: args.file, format: args.format, repair: args.repair === true ? level ?? 'all' : undefined, output: args.output }))
+          .option('output', { choices: outputChoices, default: 'human' })
+          .option('filter', { type: 'string', describe: FILTER_HELP }),
+      (args: any) => run('check')({ file: args.file, format: args.format, repair: args.repair === true ? level ?? 'all' : undefined, output: args.output, filters: asList(args.filter) }))
     .command('resize <file> <size>', 'change the virtual size of an image (like qemu-img resize); the size is always the last argument', (y: any) => y
           .positional('file', { type: 'string', demandOption: true })
           .positional('size', { type: 'string', demandOption: true, describe: 'the new size, or +SIZE / -SIZE to grow or shrink by SIZE (K, M, G, T suffixes)' })
@@ -141,8 +146,9 @@ async function reference(original: string[], columns = 100): Promise<Outcome> {
           .option('format', { alias: 'f', type: 'string', describe: `image format (${readable}); no probing` })
           .option('snapshot', { alias: 's', type: 'string', describe: 'map this internal snapshot (id or name) instead of the current state' })
           .option('allow-files', { type: 'string', describe: ALLOW_FILES_HELP })
+          .option('filter', { type: 'string', describe: FILTER_HELP })
           .option('output', { choices: outputChoices, default: 'human', describe: "human: qemu-img's table of data runs; json: every run, as qemu-img map --output=json" }),
-      (args: any) => run('map')({ file: args.file, format: args.format, snapshot: args.snapshot, allowFiles: asList(args['allow-files']), output: args.output }))
+      (args: any) => run('map')({ file: args.file, format: args.format, snapshot: args.snapshot, allowFiles: asList(args['allow-files']), output: args.output, filters: asList(args.filter) }))
     .command('$0 [paths..]', 'mount IMAGE... at MOUNTPOINT: one raw file per image (disk.qed -> disk.raw)', (y: any) => y
           .positional('paths', { type: 'string', array: true, describe: 'IMAGE... MOUNTPOINT' })
           .option('read-only', { alias: 'r', type: 'boolean', describe: 'open the images read-only; writes fail with EROFS' })
@@ -155,9 +161,10 @@ async function reference(original: string[], columns = 100): Promise<Outcome> {
           .option('debug', { alias: 'd', type: 'boolean', describe: 'log every FUSE operation (implies --foreground without --log)' })
           .option('log', { type: 'string', describe: "append the daemon's log to this file" })
           .option('cache-size', { type: 'string', describe: 'L2-table cache per image (default 16M: every table of a 128 GiB default-geometry QED image); a size below 4 tables, 0 included, is raised to 4 tables, with a notice' })
+          .option('filter', { type: 'string', describe: FILTER_HELP })
           .option('options', { alias: 'o', type: 'string', describe: 'mount(8)-style options: ro, allow_other, format=FMT, snapshot=ID, name=NAME, log=FILE, debug, foreground, nonempty, cache_size=SIZE' })
           .option('unmount', { alias: 'u', type: 'boolean', describe: 'unmount MOUNTPOINT (same as imgmount unmount)' }),
-      (args: any) => run('mount')({ paths: args.paths ?? [], format: args.format, snapshot: args.snapshot, allowFiles: asList(args['allow-files']), readOnly: args['read-only'], allowOther: args['allow-other'], name: args.name, foreground: args.foreground, debug: args.debug, log: args.log, cacheSize: args['cache-size'], options: asList(args.options), unmount: args.unmount }))
+      (args: any) => run('mount')({ paths: args.paths ?? [], format: args.format, snapshot: args.snapshot, allowFiles: asList(args['allow-files']), readOnly: args['read-only'], allowOther: args['allow-other'], name: args.name, foreground: args.foreground, debug: args.debug, log: args.log, cacheSize: args['cache-size'], filters: asList(args.filter), options: asList(args.options), unmount: args.unmount }))
     .command('unmount <mountpoint>', 'unmount and wait until every image is closed cleanly', (y: any) => y.positional('mountpoint', { type: 'string', demandOption: true }), (args: any) => run('unmount')({ mountpoint: args.mountpoint }))
     .strict()
     .demandCommand(1, 'give a command (create, info, check, map) or IMAGE... MOUNTPOINT to mount')
@@ -202,6 +209,11 @@ const corpus: string[][] = [
   ['--log', '/tmp/l', '-d', 'a', 'm'],
   ['--cache-size', '64M', '--allow-files', '/d', '--allow-files', '/e', 'a', 'm'],
   ['--foreground', '--allow-other', 'a', 'm'],
+  ['--filter', 'blkdebug:event=l2_update,errno=5,once=on', 'disk.qed', '/mnt/x'],
+  ['--filter', 'blkdebug:event=l2_load,errno=5', '--filter=blkverify:reference=r.raw', 'a', 'm'],
+  ['info', '--filter', 'blkdebug:event=read_aio,errno=5', 'x'],
+  ['check', '-r', '--filter', 'blkdebug:config=c.ini', 'x'],
+  ['map', 'x', '--filter'],
   ['-u', 'm'],
   ['-s', 'snap1', 'a', 'm'],
   ['unmount', '/mnt/x'],
@@ -363,7 +375,7 @@ describe('the command-line parser gives what yargs gave', () => {
       '--read-only', '--no-read-only', '--readOnly', '--format', '--format=raw', '--snapshot', '--name', '--log',
       '--output', '--output=json', 'json', 'human', 'true', 'false', '--backing-chain', '--no-backing-chain',
       '--repair', '--force', '--allow-files', '--allowFiles', '--allow-other', '--foreground', '--debug',
-      '--cache-size', '--options', '--unmount', '--backing', '--backing-format', '--bogus', '--no-bogus', '--a-b',
+      '--cache-size', '--filter', 'blkdebug:event=l2_update,errno=5', '--options', '--unmount', '--backing', '--backing-format', '--bogus', '--no-bogus', '--a-b',
       '--help', '-5', '12', 'ro,nonempty', 'leaks', 'all', '-r=all', '--repair=leaks', '--no-repair',
       'resize', '--shrink', '+1G',
     );

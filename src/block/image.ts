@@ -19,8 +19,10 @@ import { BlockError, CorruptImageError, InvalidArgumentError, ReadOnlyError } fr
 import { resolveBackingName } from './backing-name.js';
 import { DecodedClusterCache } from './decoded-cache.js';
 import type { ImageFileGate } from './gate.js';
+import type { ImageFilter } from './filters/types.js';
 import type { WriteGuard } from './probe-guard.js';
 import { settleAll } from './settle.js';
+import { announce } from './events.js';
 import type { EncodedCluster, FormatImage, GuestOffset, HostOffset, Protocol, SnapshotInfo } from './types.js';
 
 const log = createDebug('imgmount:block');
@@ -76,6 +78,8 @@ export interface BlockImageParts {
   /** Checked before every write (an image probed as raw). */
   writeGuard?: WriteGuard;
   decodedCacheBytes?: number;
+  /** Image filters of this layer (blkverify), in the order given; each sees every request after the format answered it. */
+  filters?: readonly ImageFilter[];
 }
 
 export class BlockImage {
@@ -90,6 +94,7 @@ export class BlockImage {
   private readonly gate: ImageFileGate | undefined;
   private readonly writeGuard: WriteGuard | undefined;
   private readonly decoded: DecodedClusterCache | undefined;
+  private readonly filters: readonly ImageFilter[];
   /** Reads and writes not finished yet; close waits for them. */
   private readonly inFlight = new Set<Promise<void>>();
   private closing: Promise<void> | undefined;
@@ -102,6 +107,7 @@ export class BlockImage {
     this.backing = parts.backing;
     this.gate = parts.gate;
     this.writeGuard = parts.writeGuard;
+    this.filters = parts.filters ?? [];
     this.length = parts.image.virtualSize;
     const decode = parts.image.decode?.bind(parts.image);
     this.decoded = decode ? new DecodedClusterCache((cluster) => this.decodeChecked(decode, cluster), parts.decodedCacheBytes) : undefined;
@@ -115,7 +121,14 @@ export class BlockImage {
 
   /** Fills `buffer` with the guest bytes at `offset`. */
   read(offset: GuestOffset, buffer: Buffer): Promise<void> {
+    if (this.filters.length > 0) return this.track(() => this.filtered(this.readNow(offset, buffer), (filter) => filter.afterRead?.(offset, buffer)));
     return this.track(() => this.readNow(offset, buffer));
+  }
+
+  /** Runs `request`, then each filter's hook for it in order. */
+  private async filtered(request: Promise<void>, hook: (filter: ImageFilter) => Promise<void> | undefined): Promise<void> {
+    await request;
+    for (const filter of this.filters) await hook(filter);
   }
 
   private async readNow(offset: GuestOffset, buffer: Buffer): Promise<void> {
@@ -126,8 +139,11 @@ export class BlockImage {
       runs.map((run) => {
         const part = buffer.subarray(run.guestOffset - offset, run.guestOffset - offset + run.length);
         switch (run.kind) {
-          case 'data':
-            return (run.file ?? this.file).read(run.hostOffset, part);
+          case 'data': {
+            const file = run.file ?? this.file;
+            announce(file, 'read_aio');
+            return file.read(run.hostOffset, part);
+          }
           case 'encoded':
             return this.readEncoded(run.cluster, run.guestOffset - run.cluster.guestStart, part);
           case 'zero':
@@ -157,6 +173,7 @@ export class BlockImage {
 
   /** Writes `buffer` at guest `offset`. */
   write(offset: GuestOffset, buffer: Buffer): Promise<void> {
+    if (this.filters.length > 0) return this.track(() => this.filtered(this.writeNow(offset, buffer), (filter) => filter.afterWrite?.(offset, buffer)));
     return this.track(() => this.writeNow(offset, buffer));
   }
 
@@ -171,12 +188,18 @@ export class BlockImage {
 
   /** Makes [offset, offset + length) read as zeros; EOPNOTSUPP when the format cannot. */
   zero(offset: GuestOffset, length: number): Promise<void> {
-    return this.track(() => this.optionalWrite('zero', offset, length, this.image.zero?.bind(this.image)));
+    return this.track(() => this.changed(this.optionalWrite('zero', offset, length, this.image.zero?.bind(this.image)), offset, length));
   }
 
   /** Frees [offset, offset + length) where the format can; EOPNOTSUPP when it cannot. */
   discard(offset: GuestOffset, length: number): Promise<void> {
-    return this.track(() => this.optionalWrite('discard', offset, length, this.image.discard?.bind(this.image)));
+    return this.track(() => this.changed(this.optionalWrite('discard', offset, length, this.image.discard?.bind(this.image)), offset, length));
+  }
+
+  /** Tells the filters what a zero or discard changed, once it is done. */
+  private changed(request: Promise<void>, offset: GuestOffset, length: number): Promise<void> {
+    if (this.filters.length === 0) return request;
+    return this.filtered(request, (filter) => filter.afterChange?.(offset, length, (at, buffer) => this.readNow(at, buffer)));
   }
 
   private async optionalWrite(
@@ -195,6 +218,7 @@ export class BlockImage {
   async flush(): Promise<void> {
     if (this.readOnly) return;
     await this.image.flush();
+    for (const filter of this.filters) await filter.afterFlush?.();
   }
 
   /** Describes [offset, offset + length) like `qemu-img map`, following the backing chain. */
@@ -272,6 +296,7 @@ export class BlockImage {
     try {
       await this.image.close();
     } finally {
+      await Promise.allSettled(this.filters.map((filter) => filter.close?.()));
       try {
         await this.gate?.closeAll();
       } finally {

@@ -13,3 +13,7 @@ export type { FilePolicy } from './gate.js';
 export * from './errors.js';
 export { parseSize } from './size.js';
 export type * from './types.js';
+export { FILTERS, parseFilterArgument } from './filters/index.js';
+export type { FilterSpec, FilterDefinition, ImageFilter } from './filters/index.js';
+export { BLOCK_EVENTS, announce } from './events.js';
+export type { BlockEvent } from './events.js';

@@ -21,6 +21,7 @@ import { ImageFileGate, resolveAllowed, type FilePolicy } from './gate.js';
 import { lockForWriting } from './lock.js';
 import { FormatList, sampleFile } from './probe.js';
 import { rawProbeGuard } from './probe-guard.js';
+import { checkLayers, openImageFilters, resolveFilters, wrapProtocol, type FilterSpec, type ResolvedFilter } from './filters/index.js';
 import type { CheckResult, CreateOptions, FormatDriver } from './types.js';
 import type { BlockImage as OpenedImage } from './image.js';
 import { constants as osConstants } from 'node:os';
@@ -48,12 +49,28 @@ export interface OpenImageOptions extends FilePolicy {
   notice?: (line: string) => void;
   /** Open the backing chain (default true); `info` turns it off to describe images whose backing file is missing. */
   openBacking?: boolean;
+  /** Filters between the layers (filters/index.ts), applied in the order given. */
+  filters?: readonly FilterSpec[];
 }
 
 /** Opens an image and its whole backing chain. */
 export async function openImage(path: string, options: OpenImageOptions): Promise<BlockImage> {
   const readOnly = (options.readOnly ?? false) || options.snapshot !== undefined;
-  return openLayer(path, options.format, readOnly, options, []);
+  const filters = resolveFilters(options.filters);
+  const image = await openLayer(path, options.format, readOnly, options, filters, []);
+  try {
+    checkLayers(filters, chainLength(image), path);
+  } catch (error) {
+    await image.close();
+    throw error;
+  }
+  return image;
+}
+
+function chainLength(image: BlockImage): number {
+  let length = 0;
+  for (let layer: BlockImage | undefined = image; layer; layer = layer.backing) length += 1;
+  return length;
 }
 
 async function openLayer(
@@ -61,6 +78,7 @@ async function openLayer(
   formatName: string | undefined,
   readOnly: boolean,
   options: OpenImageOptions,
+  filters: readonly ResolvedFilter[],
   chain: string[],
 ): Promise<BlockImage> {
   const canonical = await canonicalPath(path, chain.length > 0 ? 'backing file' : undefined);
@@ -82,7 +100,13 @@ async function openLayer(
     notice(`${path}: opened read-only: ${format.readOnlyReason}`);
     readOnly = true;
   }
-  const file = await FileProtocol.open(path, readOnly);
+  const layer = chain.length;
+  const raw = await FileProtocol.open(path, readOnly);
+  const filterContext = { imagePath: path, layer, readOnly, notice };
+  const file = await wrapProtocol(raw, filters, filterContext).catch(async (error: unknown) => {
+    await raw.close().catch(() => undefined);
+    throw error;
+  });
   const gate = new ImageFileGate(path, options, isTop && !readOnly);
   let backing: BlockImage | undefined;
   try {
@@ -97,12 +121,13 @@ async function openLayer(
     try {
       if (image.backing && options.openBacking !== false) {
         const backingPath = await resolveAllowed(path, image.backing.filename, 'backing file', options);
-        backing = await openLayer(backingPath, image.backing.format, true, options, [...chain, canonical]).catch((error: unknown) => {
+        backing = await openLayer(backingPath, image.backing.format, true, options, filters, [...chain, canonical]).catch((error: unknown) => {
           throw describeBackingFailure(error, image.backing!.filename, path);
         });
       }
       // A format that declined to write this image (its own notice said why) takes no writer's locks.
-      if (!readOnly && !image.write) await file.keepReadOnly();
+      if (!readOnly && !image.write) await raw.keepReadOnly();
+      const imageFilters = await openImageFilters(filters, { ...filterContext, readOnly: readOnly || !image.write, virtualSize: image.virtualSize });
       return new BlockImage({
         path,
         format: format.name,
@@ -111,9 +136,11 @@ async function openLayer(
         backing,
         gate,
         writeGuard: probedAsRaw && !readOnly ? rawProbeGuard(options.formats, file, image.virtualSize) : undefined,
+        filters: imageFilters,
       });
     } catch (error) {
       await image.close().catch(() => undefined);
+      await backing?.close().catch(() => undefined);
       throw error;
     }
   } catch (error) {
@@ -200,6 +227,8 @@ export interface CheckImageOptions {
   fix?: 'leaks' | 'all';
   format?: string;
   progress?: (done: number, total: number) => void;
+  /** Filters on the image file (protocol filters of layer 0 only: check reads one file, not the disk). */
+  filters?: readonly FilterSpec[];
 }
 
 export interface CheckReport extends CheckResult {
@@ -222,7 +251,20 @@ export async function checkImage(path: string, options: CheckImageOptions): Prom
   if (repair && format.readOnlyReason !== undefined) {
     throw new UnsupportedFeatureError(`${path}: cannot repair: ${format.readOnlyReason}`);
   }
-  const file = await FileProtocol.open(path, !repair);
+  const filters = resolveFilters(options.filters);
+  const unusable = filters.find((filter) => !filter.definition.wrapProtocol || filter.layer !== 0);
+  if (unusable) {
+    throw new InvalidArgumentError(
+      unusable.layer !== 0
+        ? `filter ${unusable.definition.name}: check reads only the image file itself, so layer=${unusable.layer} does not apply`
+        : `filter ${unusable.definition.name} watches reads of the disk, which check does not make`,
+    );
+  }
+  const raw = await FileProtocol.open(path, !repair);
+  const file = await wrapProtocol(raw, filters, { imagePath: path, layer: 0, readOnly: !repair, notice: (line) => log(line) }).catch(async (error: unknown) => {
+    await raw.close().catch(() => undefined);
+    throw error;
+  });
   try {
     const result = await format.check(file, { repair, fix: options.fix, progress: options.progress });
     if (repair) await file.flush();

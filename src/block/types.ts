@@ -17,6 +17,8 @@
  * one means "not supported", and the generic layer says so once.
  */
 
+import type { BlockEvent } from './events.js';
+
 /** A byte offset as the guest (the user of the virtual disk) sees it. */
 export type GuestOffset = number;
 /** A byte offset inside a host file that stores the image. */
@@ -41,6 +43,8 @@ export interface Protocol {
   nextData?(offset: HostOffset): Promise<HostOffset | undefined>;
   nextHole?(offset: HostOffset): Promise<HostOffset>;
   close(): Promise<void>;
+  /** A format driver reached a named point (events.ts); only filters implement it. */
+  event?(name: BlockEvent): void;
 }
 
 /** Encoded (compressed) bytes that decode to one whole cluster of guest data. */

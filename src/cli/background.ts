@@ -19,6 +19,8 @@ import { basename, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { BlockError, InvalidArgumentError } from '../block/errors.js';
 import { parseSize } from '../block/size.js';
+import { FILE_OPTION_KEYS, parseFilterArgument } from '../block/filters/spec.js';
+import type { FilterSpec } from '../block/filters/types.js';
 import type { FromDaemon, ToDaemon } from '../fuse/daemon.js';
 import type { MountConfig, MountOptionSettings } from '../fuse/options.js';
 
@@ -38,6 +40,8 @@ export interface MountArguments {
   cacheSize?: string;
   /** `--allow-files DIR` (repeatable): where backing and data files may lie. */
   allowFiles?: string[];
+  /** `--filter NAME[:key=value,...]` (repeatable): filters on every image of the mount. */
+  filters?: string[];
   /** `-o` lists, mount(8) style. */
   options?: string[];
   /** `-u`: unmount the one path given. */
@@ -75,9 +79,21 @@ export function planMount(args: MountArguments, settings: MountOptionSettings, c
     nonempty: settings.nonempty ?? false,
     cacheBytes: cacheSize === undefined ? undefined : parseSize(cacheSize, 'cache size'),
     allowFiles: args.allowFiles && args.allowFiles.length > 0 ? args.allowFiles.map((dir) => resolve(cwd, dir)) : undefined,
+    filters: mountFilters(args.filters ?? [], images.length, cwd),
   };
   const foreground = (args.foreground ?? false) || (settings.foreground ?? false) || (debug && logFile === undefined);
   return { config, foreground };
+}
+
+/** The mount's filters; one that names a file (a reference, a log) applies to one image only. */
+function mountFilters(texts: readonly string[], imageCount: number, cwd: string): FilterSpec[] | undefined {
+  if (texts.length === 0) return undefined;
+  const specs = texts.map((text) => parseFilterArgument(text, cwd));
+  const withFile = specs.find((spec) => FILE_OPTION_KEYS.some((key) => key !== 'config' && spec[key] !== undefined));
+  if (withFile && imageCount > 1) {
+    throw new InvalidArgumentError(`--filter ${withFile.name} names a file and applies to one image; mount the ${imageCount} images separately`);
+  }
+  return specs;
 }
 
 function agree(option: string, long: string | undefined, fromO: string | undefined): string | undefined {

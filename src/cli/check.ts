@@ -13,6 +13,7 @@ import { createRequire } from 'node:module';
 import type CliProgress from 'cli-progress';
 import { checkImage, NO_CHECK_EXIT_STATUS, NoCheckError, type CheckReport } from '../index.js';
 import { ExitError } from './errors.js';
+import { parseFilterArgument } from '../block/filters/spec.js';
 
 export interface CheckArguments {
   file: string;
@@ -20,6 +21,8 @@ export interface CheckArguments {
   /** The repair level; undefined: check only. */
   repair?: 'leaks' | 'all';
   output: 'human' | 'json';
+  /** `--filter NAME[:key=value,...]` (repeatable): protocol filters on the image file. */
+  filters?: string[];
 }
 
 /** Milliseconds a check runs before a progress bar is shown. */
@@ -58,7 +61,13 @@ async function check(args: CheckArguments, repair: CheckArguments['repair']): Pr
   const progress = terminalProgress();
   let report: Report;
   try {
-    report = await checkImage(args.file, { repair: repair !== undefined, fix: repair, format: args.format, progress: progress.update });
+    report = await checkImage(args.file, {
+      repair: repair !== undefined,
+      fix: repair,
+      format: args.format,
+      progress: progress.update,
+      filters: (args.filters ?? []).map((text) => parseFilterArgument(text)),
+    });
   } catch (error) {
     // qemu-img's words and exit status for a format without a check, with the file named.
     if (error instanceof NoCheckError) throw new ExitError(`${args.file}: This image format does not support checks`, NO_CHECK_EXIT_STATUS);

@@ -18,6 +18,10 @@ export function asList(value: Value | undefined): string[] {
 
 const outputChoices = ['human', 'json'] as const;
 
+const FILTER_HELP =
+  'a filter between the layers, NAME[:key=value,...] (repeatable, applied in order; layer=N picks the image of the backing chain): ' +
+  'blkdebug:event=NAME,errno=N[,once=on][,nth=K] or blkdebug:config=FILE, blkverify:reference=FILE, log-writes:log=FILE; see docs/filters.md';
+
 const ALLOW_FILES_HELP =
   'backing files and external data files an image names must lie in DIR (repeatable); by default any regular file you can read';
 
@@ -76,6 +80,7 @@ export function program(formats: FormatNames = { readable: '', creatable: '' }):
           { name: 'output', choices: outputChoices, default: 'human' },
           { name: 'backing-chain', type: 'boolean', default: false, describe: 'describe every image of the backing chain' },
           { name: 'allow-files', type: 'string', describe: ALLOW_FILES_HELP },
+          { name: 'filter', type: 'string', describe: FILTER_HELP },
         ],
       },
       {
@@ -94,6 +99,7 @@ export function program(formats: FormatNames = { readable: '', creatable: '' }):
             describe: 'repair: -r leaks only leaked clusters, -r all (or a bare -r) everything that can be repaired',
           },
           { name: 'output', choices: outputChoices, default: 'human' },
+          { name: 'filter', type: 'string', describe: FILTER_HELP },
         ],
       },
       {
@@ -119,6 +125,7 @@ export function program(formats: FormatNames = { readable: '', creatable: '' }):
           { name: 'format', alias: 'f', type: 'string', describe: `image format (${readable}); no probing` },
           { name: 'snapshot', alias: 's', type: 'string', describe: 'map this internal snapshot (id or name) instead of the current state' },
           { name: 'allow-files', type: 'string', describe: ALLOW_FILES_HELP },
+          { name: 'filter', type: 'string', describe: FILTER_HELP },
           {
             name: 'output',
             choices: outputChoices,
@@ -147,6 +154,7 @@ export function program(formats: FormatNames = { readable: '', creatable: '' }):
             describe:
               'L2-table cache per image (default 16M: every table of a 128 GiB default-geometry QED image); a size below 4 tables, 0 included, is raised to 4 tables, with a notice',
           },
+          { name: 'filter', type: 'string', describe: FILTER_HELP },
           {
             name: 'options',
             alias: 'o',
@@ -210,10 +218,14 @@ export function invocation({ command, options: o, positionals: p }: Parsed): Inv
           output: o.output as InfoArguments['output'],
           backingChain: flag(o['backing-chain'])!,
           allowFiles: asList(o['allow-files']),
+          filters: asList(o.filter),
         },
       };
     case 'check':
-      return { command: 'check', args: { file: p.file as string, format: text(o.format), repair: repairLevel(o.repair), output: o.output as CheckArguments['output'] } };
+      return {
+        command: 'check',
+        args: { file: p.file as string, format: text(o.format), repair: repairLevel(o.repair), output: o.output as CheckArguments['output'], filters: asList(o.filter) },
+      };
     case 'map':
       return {
         command: 'map',
@@ -223,6 +235,7 @@ export function invocation({ command, options: o, positionals: p }: Parsed): Inv
           snapshot: text(o.snapshot),
           allowFiles: asList(o['allow-files']),
           output: o.output as MapArguments['output'],
+          filters: asList(o.filter),
         },
       };
     case 'resize':
@@ -244,6 +257,7 @@ export function invocation({ command, options: o, positionals: p }: Parsed): Inv
           debug: flag(o.debug),
           log: text(o.log),
           cacheSize: text(o['cache-size']),
+          filters: asList(o.filter),
           options: asList(o.options),
           unmount: flag(o.unmount),
         },

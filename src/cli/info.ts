@@ -5,6 +5,7 @@
  * the JSON goes to stdout; notices (a corrupt image...) go to stderr.
  */
 import { openImage } from '../index.js';
+import { parseFilterArgument } from '../block/filters/spec.js';
 import type { ImageInfo } from '../block/image.js';
 import type { SnapshotInfo } from '../block/types.js';
 import { humanSize } from './format-bytes.js';
@@ -16,6 +17,8 @@ export interface InfoArguments {
   output: 'human' | 'json';
   backingChain?: boolean;
   allowFiles?: string[];
+  /** `--filter NAME[:key=value,...]` (repeatable). */
+  filters?: string[];
 }
 
 export async function runInfo(args: InfoArguments): Promise<void> {
@@ -25,6 +28,7 @@ export async function runInfo(args: InfoArguments): Promise<void> {
     snapshot: args.snapshot,
     openBacking: args.backingChain === true,
     allowFiles: args.allowFiles && args.allowFiles.length > 0 ? args.allowFiles : undefined,
+    filters: (args.filters ?? []).map((text) => parseFilterArgument(text)),
     notice: (line) => process.stderr.write(`imgmount: ${line}\n`),
   });
   let info: ImageInfo;

@@ -18,6 +18,7 @@
 import { isAbsolute } from 'node:path';
 import { openImage, type BlockImage, type ImageInfo, type MapRun } from '../index.js';
 import { ExitError } from './errors.js';
+import { parseFilterArgument } from '../block/filters/spec.js';
 
 export interface MapArguments {
   file: string;
@@ -25,6 +26,8 @@ export interface MapArguments {
   snapshot?: string;
   allowFiles?: string[];
   output: 'human' | 'json';
+  /** `--filter NAME[:key=value,...]` (repeatable). */
+  filters?: string[];
 }
 
 export async function runMap(args: MapArguments): Promise<void> {
@@ -33,6 +36,7 @@ export async function runMap(args: MapArguments): Promise<void> {
     format: args.format,
     snapshot: args.snapshot,
     allowFiles: args.allowFiles && args.allowFiles.length > 0 ? args.allowFiles : undefined,
+    filters: (args.filters ?? []).map((text) => parseFilterArgument(text)),
     notice: (line) => process.stderr.write(`imgmount: ${line}\n`),
   });
   let runs: MapRun[];

@@ -114,6 +114,7 @@ async function openForMount(path: string, config: MountConfig, notice: (line: st
     snapshot: config.snapshot,
     metadataCacheBytes: config.cacheBytes,
     allowFiles: config.allowFiles,
+    filters: config.filters,
     notice,
   };
   try {

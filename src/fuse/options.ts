@@ -8,6 +8,7 @@
 import { basename, extname } from 'node:path';
 import { InvalidArgumentError } from '../block/errors.js';
 import type { KernelMountOptions } from './kernel/mount.js';
+import type { FilterSpec } from '../block/filters/types.js';
 
 /** One mount, fully resolved: every path is absolute. */
 export interface MountConfig {
@@ -31,6 +32,8 @@ export interface MountConfig {
   cacheBytes?: number;
   /** Directories the files images name (backing files, data files) must lie in; anywhere when undefined. */
   allowFiles?: string[];
+  /** Filters on every image (src/block/filters), file options resolved. */
+  filters?: FilterSpec[];
 }
 
 /** What `-o` can set; the same settings as the long options. */

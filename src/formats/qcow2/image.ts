@@ -15,6 +15,7 @@
  * apply yet; writing will follow QED's (allocations serialized, data before
  * the L2 entry, L2 before L1).
  */
+import { announce } from '../../block/events.js';
 import createDebug from 'debug';
 import { CorruptImageError } from '../../block/errors.js';
 import type { BackingReference, EncodedCluster, FormatImage, FormatInfo, Mapping, Protocol } from '../../block/types.js';
@@ -87,6 +88,7 @@ export class Qcow2Image implements FormatImage {
       sizeOf: (table) => table.length,
       load: async (offset) => {
         const table = Buffer.alloc(tableBytes);
+        announce(this.file, 'l2_load');
         await this.file.read(offset, table);
         return table;
       },
@@ -214,6 +216,7 @@ export class Qcow2Image implements FormatImage {
 
   async decode(cluster: EncodedCluster): Promise<Buffer> {
     const data = Buffer.alloc(cluster.hostLength);
+    announce(this.file, 'read_aio');
     await this.file.read(cluster.hostOffset, data);
     try {
       return await decompressCluster(this.header.compressionType, data, cluster.decodedLength);

@@ -26,6 +26,7 @@
  * Concurrency: every method that changes state runs under the image's
  * allocation lock, which the caller holds; nothing here locks.
  */
+import { announce, flushToDisk } from '../../block/events.js';
 import createDebug from 'debug';
 import { CorruptImageError } from '../../block/errors.js';
 import type { Protocol } from '../../block/types.js';
@@ -98,6 +99,7 @@ export class Refcounts {
       sizeOf: (block) => block.length,
       load: async (offset) => {
         const block = Buffer.alloc(clusterSize);
+        announce(file, 'refblock_load');
         await file.read(offset, block);
         return block;
       },
@@ -128,13 +130,14 @@ export class Refcounts {
     await this.writeBack();
     if (!this.unflushed) return;
     this.unflushed = false;
-    if (!this.lazy) await this.file.flush();
+    if (!this.lazy) await flushToDisk(this.file);
   }
 
   /** Writes every deferred refcount change (not flushed: the caller flushes). */
   async writeBack(): Promise<void> {
     for (const [offset, dirty] of [...this.dirtyBlocks]) {
       // On failure the rest stays dirty, for the next call to try again.
+      announce(this.file, 'refblock_update');
       await this.file.write(offset + dirty.start, dirty.handle.table.subarray(dirty.start, dirty.end));
       this.dirtyBlocks.delete(offset);
       dirty.handle.release();
@@ -152,6 +155,7 @@ export class Refcounts {
 
   /** Allocates `count` contiguous clusters with refcount 1 and returns the host offset of the first. */
   async allocate(count: number): Promise<number> {
+    announce(this.file, 'cluster_alloc');
     const reused = await this.findFree(count);
     if (reused !== undefined) {
       await this.change(reused, count, +1);
@@ -266,7 +270,10 @@ export class Refcounts {
       }
     }
     this.endCluster = end;
-    for (const { cluster, block } of blockAt.values()) await this.file.write(cluster * this.clusterSize, block);
+    for (const { cluster, block } of blockAt.values()) {
+      announce(this.file, 'refblock_alloc');
+      await this.file.write(cluster * this.clusterSize, block);
+    }
     for (const [cluster] of existingChanges) await this.change(cluster, 1, 'in use');
     // The blocks are durable before anything points to them.
     this.unflushed = true;
@@ -278,12 +285,12 @@ export class Refcounts {
       for (const [blockIndex, { cluster }] of blockAt) writeWord(table, blockIndex * 8, cluster * this.clusterSize);
       const tableOffset = tableCluster * this.clusterSize;
       await this.file.write(tableOffset, table);
-      await this.file.flush();
+      await flushToDisk(this.file);
       const pointer = Buffer.alloc(12);
       pointer.writeBigUInt64BE(BigInt(tableOffset), 0);
       pointer.writeUInt32BE(newTableClusters, 8);
       await this.file.write(HEADER_REFCOUNT_TABLE_AT, pointer);
-      await this.file.flush();
+      await flushToDisk(this.file);
       const old = { offset: this.layout.tableOffset, bytes: this.table.length };
       this.table = table;
       this.layout = { ...this.layout, tableOffset, tableClusters: newTableClusters };
@@ -362,6 +369,7 @@ export class Refcounts {
             this.dirtyBlocks.set(blockOffset, { handle: await this.blocks.acquire(blockOffset), start, end });
           }
         } else {
+          announce(this.file, 'refblock_update');
           await this.file.write(blockOffset + start, block.subarray(start, end));
           this.unflushed = true;
         }

@@ -39,6 +39,7 @@
  * metadata change (allocation, zero flags, the dirty bit) runs under
  * `allocationLock`, which looks the range up again once held.
  */
+import { announce, flushToDisk } from '../../block/events.js';
 import { Mutex } from 'async-mutex';
 import { constants as osConstants } from 'node:os';
 import createDebug from 'debug';
@@ -154,7 +155,7 @@ export class WritableQcow2Image extends Qcow2Image {
       );
     }
     await this.writeHeaderWord(AUTOCLEAR_AT, kept);
-    await this.file.flush();
+    await flushToDisk(this.file);
     const hadBitmaps = (this.header.autoclearFeatures & AUTOCLEAR_BITMAPS) !== 0n;
     this.header = { ...this.header, autoclearFeatures: kept };
     // Invalid from now on: their clusters are freed, or qemu-img check would count them as leaks.
@@ -178,7 +179,7 @@ export class WritableQcow2Image extends Qcow2Image {
       if (this.actionFor(slot) === Action.InPlace) {
         flushSlow();
         const hostOffset = offsetBits(slot.high, slot.low) + (slot.from - slot.clusterStart);
-        parts.push(this.file.write(hostOffset, data.subarray(slot.from - offset, slot.to - offset)));
+        parts.push(this.writeData(hostOffset, data.subarray(slot.from - offset, slot.to - offset)));
       } else {
         slow.push(slot);
       }
@@ -217,7 +218,7 @@ export class WritableQcow2Image extends Qcow2Image {
   override async flush(): Promise<void> {
     if (this.closed) return;
     await this.allocationLock.runExclusive(() => this.persistLinks());
-    await this.file.flush();
+    await flushToDisk(this.file);
   }
 
   override async close(): Promise<void> {
@@ -226,12 +227,12 @@ export class WritableQcow2Image extends Qcow2Image {
       try {
         await this.persistLinks();
         if (this.dirtyMarked) {
-          await this.file.flush();
+          await flushToDisk(this.file);
           await this.setIncompatible(this.header.incompatibleFeatures & ~INCOMPAT_DIRTY);
           this.dirtyMarked = false;
           log('%s: dirty bit cleared on close', this.file.path);
         } else {
-          await this.file.flush();
+          await flushToDisk(this.file);
         }
       } finally {
         await super.close();
@@ -356,11 +357,11 @@ export class WritableQcow2Image extends Qcow2Image {
       const hostCluster = offsetBits(slot.high, slot.low);
       const part = data.subarray(slot.from - offset, slot.to - offset);
       if (action === Action.InPlace) {
-        await this.file.write(hostCluster + (slot.from - slot.clusterStart), part);
+        await this.writeData(hostCluster + (slot.from - slot.clusterStart), part);
       } else {
         const cluster = Buffer.alloc(this.geometry.clusterSize);
         part.copy(cluster, slot.from - slot.clusterStart);
-        await this.file.write(hostCluster, cluster);
+        await this.writeData(hostCluster, cluster);
         await this.setEntries(table, slot.l2Index, [[(slot.high | L2E_COPIED_HIGH) >>> 0, (slot.low & ~L2E_ZERO_LOW) >>> 0]]);
       }
     }
@@ -382,6 +383,7 @@ export class WritableQcow2Image extends Qcow2Image {
     }
     const hostOffset = await this.refcounts.allocate(run.length);
     this.fileSize = Math.max(this.fileSize, this.refcounts.endOffset);
+    announce(this.file, copied ? 'cow_write' : 'write_aio');
     if (!copied && this.refcounts.isFresh(hostOffset)) {
       // The untouched head and tail are zeros, and so are fresh clusters until written: write the data only.
       const first = run[0]!;
@@ -409,7 +411,7 @@ export class WritableQcow2Image extends Qcow2Image {
    */
   private async link(table: { offset: number; handle: TableHandle<Buffer> }, first: number, entries: Entry[], releases: (() => Promise<void>)[], copied: boolean): Promise<void> {
     if (this.lazy) {
-      if (copied) await this.file.flush();
+      if (copied) await flushToDisk(this.file);
       await this.setEntries(table, first, entries);
       for (const release of releases) await release();
       return;
@@ -434,8 +436,11 @@ export class WritableQcow2Image extends Qcow2Image {
     this.linkTimer = undefined;
     await this.refcounts.writeBack();
     if (this.pending.empty) return;
-    await this.file.flush();
-    await this.pending.drain((offset, bytes) => this.file.write(offset, bytes));
+    await flushToDisk(this.file);
+    await this.pending.drain((offset, bytes) => {
+      announce(this.file, 'l2_update');
+      return this.file.write(offset, bytes);
+    });
     // The decrements go to disk now too (after their entries; a crash before leaves leaks only).
     await this.refcounts.writeBack();
   }
@@ -467,6 +472,7 @@ export class WritableQcow2Image extends Qcow2Image {
       if (whole || (touched === false && (owned || kind !== Kind.Normal))) continue;
       // A partly written subcluster keeps the rest of what the guest saw; a copied cluster keeps its allocated ones.
       if (kind === Kind.Normal) {
+        announce(this.file, 'cow_read');
         await this.file.read(oldHost + start, piece);
         copied = true;
       } else if (kind === Kind.Unallocated && this.readBacking) {
@@ -478,6 +484,7 @@ export class WritableQcow2Image extends Qcow2Image {
     const touchedMask = last - first + 1 >= 32 ? ALL_SUBCLUSTERS : (((1 << (last - first + 1)) - 1) << first) >>> 0;
     await this.markDirty();
     let target = oldHost;
+    announce(this.file, copied ? 'cow_write' : 'write_aio');
     if (owned) {
       await this.file.write(oldHost + first * subclusterSize, cluster.subarray(first * subclusterSize, (last + 1) * subclusterSize));
     } else {
@@ -505,11 +512,13 @@ export class WritableQcow2Image extends Qcow2Image {
         return false;
       case Kind.Unallocated:
         if (!this.readBacking) return false;
+        announce(this.file, 'cow_read');
         if (head > 0) await this.readBackingClamped(start, cluster.subarray(0, head));
         if (tail > 0) await this.readBackingClamped(start + clusterSize - tail, cluster.subarray(clusterSize - tail));
         return true;
       case Kind.Normal: {
         const hostCluster = this.validDataCluster(slot.high, slot.low, start);
+        announce(this.file, 'cow_read');
         if (head > 0) await this.file.read(hostCluster, cluster.subarray(0, head));
         if (tail > 0) await this.file.read(hostCluster + clusterSize - tail, cluster.subarray(clusterSize - tail));
         return true;
@@ -559,10 +568,12 @@ export class WritableQcow2Image extends Qcow2Image {
     if (current !== 0) await this.l2Cache.read(current, (shared) => shared.copy(table));
     const offset = await this.refcounts.allocate(1);
     this.fileSize = Math.max(this.fileSize, this.refcounts.endOffset);
+    announce(this.file, 'l2_alloc_write');
+    announce(this.file, 'l2_update');
     await this.file.write(offset, table);
     // The table and its refcount are durable before the L1 entry points to it.
     await this.refcounts.barrier();
-    await this.file.flush();
+    await flushToDisk(this.file);
     this.metadata.addRange(offset, clusterSize);
     // In the cache before the L1 entry points to it, so no reader loads a second copy.
     const handle = this.l2Cache.insert(offset, table);
@@ -571,6 +582,7 @@ export class WritableQcow2Image extends Qcow2Image {
       entry.writeBigUInt64BE(BigInt(offset), 0);
       entry.writeUInt32BE((entry.readUInt32BE(0) | L2E_COPIED_HIGH) >>> 0, 0);
       entry.copy(this.l1, l1Index * 8);
+      announce(this.file, 'l1_update');
       await this.file.write(this.header.l1TableOffset + l1Index * 8, entry);
       if (current !== 0) await this.refcounts.decrement(current, clusterSize);
     } catch (error) {
@@ -586,6 +598,7 @@ export class WritableQcow2Image extends Qcow2Image {
     const bytes = this.geometry.l2EntryBytes;
     const buffer = table.handle.table;
     this.storeEntries(buffer, first, entries);
+    announce(this.file, 'l2_update');
     await this.file.write(table.offset + first * bytes, buffer.subarray(first * bytes, (first + entries.length) * bytes));
   }
 
@@ -677,14 +690,21 @@ export class WritableQcow2Image extends Qcow2Image {
   /** Writes the incompatible feature bits and flushes; the header in memory changes only once that succeeded. */
   private async setIncompatible(bits: bigint): Promise<void> {
     await this.writeHeaderWord(INCOMPATIBLE_AT, bits);
-    await this.file.flush();
+    await flushToDisk(this.file);
     this.header = { ...this.header, incompatibleFeatures: bits };
   }
 
   private async writeHeaderWord(at: number, value: bigint): Promise<void> {
     const word = Buffer.alloc(8);
     word.writeBigUInt64BE(value, 0);
+    announce(this.file, 'header_update');
     await this.file.write(at, word);
+  }
+
+  /** Guest data into clusters this image owns. */
+  private writeData(hostOffset: number, data: Buffer): Promise<void> {
+    announce(this.file, 'write_aio');
+    return this.file.write(hostOffset, data);
   }
 
   private assertWritable(): void {

@@ -19,6 +19,7 @@ import { Mutex } from 'async-mutex';
 import createDebug from 'debug';
 import { BlockError, CorruptImageError } from '../../block/errors.js';
 import { settleAll } from '../../block/settle.js';
+import { announce, flushToDisk } from '../../block/events.js';
 import { constants as osConstants } from 'node:os';
 import type { BackingReader, BackingReference, FormatImage, FormatInfo, Mapping, OpenOptions, Protocol } from '../../block/types.js';
 import { TableCache } from '../../cache/table-cache.js';
@@ -65,7 +66,10 @@ export class QedImage implements FormatImage {
       maxBytes: options.metadataCacheBytes ?? DEFAULT_L2_CACHE_BYTES,
       tableBytes,
       sizeOf: (table) => table.length,
-      load: (offset) => readTable(file, offset, tableBytes),
+      load: (offset) => {
+        announce(file, 'l2_load');
+        return readTable(file, offset, tableBytes);
+      },
     });
     const raised = this.l2Cache.raisedNotice(file.path, tableBytes);
     if (raised) (options.notice ?? ((line: string) => log(line)))(raised);
@@ -132,7 +136,7 @@ export class QedImage implements FormatImage {
     await settleAll(
       runs.map((run) => {
         const part = data.subarray(run.guestOffset - offset, run.guestOffset - offset + run.length);
-        return run.kind === 'data' ? this.file.write(run.hostOffset, part) : this.allocatingWrite(run.guestOffset, part);
+        return run.kind === 'data' ? this.writeData(run.hostOffset, part) : this.allocatingWrite(run.guestOffset, part);
       }),
     );
   }
@@ -144,7 +148,7 @@ export class QedImage implements FormatImage {
       for (const run of await this.map(offset, data.length)) {
         const part = data.subarray(run.guestOffset - offset, run.guestOffset - offset + run.length);
         if (run.kind === 'data') {
-          await this.file.write(run.hostOffset, part);
+          await this.writeData(run.hostOffset, part);
           continue;
         }
         // Runs may span L2 tables; allocate one table's share at a time.
@@ -155,6 +159,12 @@ export class QedImage implements FormatImage {
         }
       }
     });
+  }
+
+  /** Guest data into allocated clusters. */
+  private writeData(hostOffset: number, data: Buffer): Promise<void> {
+    announce(this.file, 'write_aio');
+    return this.file.write(hostOffset, data);
   }
 
   /** Allocates the clusters under one unallocated run (inside one L2 table) and writes `data` there. */
@@ -172,6 +182,7 @@ export class QedImage implements FormatImage {
     if (head > 0 || tail > 0) {
       clusters = Buffer.alloc(last - first);
       if (run.kind === 'backing' && this.readBacking) {
+        announce(this.file, 'cow_read');
         if (head > 0) await this.readBacking(first, clusters.subarray(0, head));
         if (tail > 0) await this.readBackingClamped(runEnd, clusters.subarray(clusters.length - tail));
       }
@@ -188,11 +199,16 @@ export class QedImage implements FormatImage {
     try {
       const hostOffset = this.allocate(clusters.length);
       for (let i = 0; i < count; i++) entries.push(hostOffset + i * clusterSize);
+      announce(this.file, clusters === data ? 'write_aio' : 'cow_write');
       await this.file.write(hostOffset, clusters);
-      if (this.readBacking) await this.file.flush();
+      if (this.readBacking) {
+        await flushToDisk(this.file);
+      }
       if (l2Offset === 0) {
         newTable = { offset: this.allocate(tableBytes), table: Buffer.alloc(tableBytes) };
         entries.forEach((entry, i) => setEntry(newTable!.table, l2Index + i, entry));
+        announce(this.file, 'l2_alloc_write');
+        announce(this.file, 'l2_update');
         await this.file.write(newTable.offset, newTable.table);
       }
     } catch (error) {
@@ -204,6 +220,7 @@ export class QedImage implements FormatImage {
       // Cached before the L1 entry points to it, so no reader ever loads a second copy.
       const handle = this.l2Cache.insert(newTable.offset, newTable.table);
       try {
+        announce(this.file, 'l1_update');
         await updateEntries(this.file, this.header.l1TableOffset, this.l1, l1Index, [newTable.offset]);
       } finally {
         handle.release();
@@ -212,6 +229,7 @@ export class QedImage implements FormatImage {
     } else {
       const handle = await this.l2Cache.acquire(l2Offset);
       try {
+        announce(this.file, 'l2_update');
         await updateEntries(this.file, l2Offset, handle.table, l2Index, entries);
       } finally {
         handle.release();
@@ -263,7 +281,7 @@ export class QedImage implements FormatImage {
     if (this.needCheck) return;
     const header = { ...this.header, features: this.header.features | QED_F_NEED_CHECK };
     await writeHeader(this.file, header);
-    await this.file.flush();
+    await flushToDisk(this.file);
     this.header = header;
     log('%s: need-check set', this.file.path);
   }
@@ -308,7 +326,7 @@ export class QedImage implements FormatImage {
 
   async flush(): Promise<void> {
     this.assertOpen();
-    await this.file.flush();
+    await flushToDisk(this.file);
   }
 
   async close(): Promise<void> {
@@ -317,10 +335,10 @@ export class QedImage implements FormatImage {
       this.closed = true;
       try {
         if (!this.file.readOnly && this.needCheck) {
-          await this.file.flush();
+          await flushToDisk(this.file);
           this.header = { ...this.header, features: this.header.features & ~QED_F_NEED_CHECK };
           await writeHeader(this.file, this.header);
-          await this.file.flush();
+          await flushToDisk(this.file);
           log('%s: need-check cleared on close', this.file.path);
         }
       } finally {

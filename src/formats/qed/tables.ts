@@ -6,6 +6,7 @@
  * on error).
  */
 import type { Protocol } from '../../block/types.js';
+import { announce } from '../../block/events.js';
 import { serializeHeader, type QedHeader } from './header.js';
 import { sectorRangeOfEntries, setEntry, type Table } from './geometry.js';
 
@@ -28,5 +29,6 @@ export async function updateEntries(file: Protocol, tableOffset: number, table: 
 }
 
 export async function writeHeader(file: Protocol, header: QedHeader): Promise<void> {
+  announce(file, 'header_update');
   await file.write(0, serializeHeader(header));
 }
