@@ -496,8 +496,10 @@ export class WritableQcow2Image extends Qcow2Image {
     const [high, low] = entryFor(target);
     const entry: Entry = [high, low, (slot.zeroBits & ~touchedMask) >>> 0, (keptAlloc | touchedMask) >>> 0];
     const releases = !owned && oldHost > 0 ? [() => this.refcounts.decrement(oldHost, clusterSize).then(() => undefined)] : [];
-    if (owned && !copied) await this.setEntries(table, slot.l2Index, [entry]);
-    else await this.link(table, slot.l2Index, [entry], releases, copied);
+    // Through link() even when owned: the cluster may be one allocated since the last flush, whose
+    // entry is still pending (its refcount not on disk yet); writing the entry now would put it
+    // on disk ahead of that refcount.
+    await this.link(table, slot.l2Index, [entry], releases, copied);
   }
 
   /**
