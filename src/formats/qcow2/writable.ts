@@ -583,9 +583,10 @@ export class WritableQcow2Image extends Qcow2Image {
       const entry = Buffer.alloc(8);
       entry.writeBigUInt64BE(BigInt(offset), 0);
       entry.writeUInt32BE((entry.readUInt32BE(0) | L2E_COPIED_HIGH) >>> 0, 0);
-      entry.copy(this.l1, l1Index * 8);
       announce(this.file, 'l1_update');
       await this.file.write(this.header.l1TableOffset + l1Index * 8, entry);
+      // In memory only once on disk: after a failed write the next try allocates again.
+      entry.copy(this.l1, l1Index * 8);
       if (current !== 0) await this.refcounts.decrement(current, clusterSize);
     } catch (error) {
       handle.release();
@@ -595,13 +596,17 @@ export class WritableQcow2Image extends Qcow2Image {
     return { offset, handle };
   }
 
-  /** Sets consecutive L2 entries from `first` (in memory, then on disk). */
+  /**
+   * Sets consecutive L2 entries from `first`: on disk, then in memory, so a failed
+   * write leaves the table as the disk has it (the next try allocates again).
+   */
   private async setEntries(table: { offset: number; handle: TableHandle<Buffer> }, first: number, entries: Entry[]): Promise<void> {
     const bytes = this.geometry.l2EntryBytes;
-    const buffer = table.handle.table;
-    this.storeEntries(buffer, first, entries);
+    const updated = Buffer.from(table.handle.table.subarray(first * bytes, (first + entries.length) * bytes));
+    this.storeEntries(updated, 0, entries);
     announce(this.file, 'l2_update');
-    await this.file.write(table.offset + first * bytes, buffer.subarray(first * bytes, (first + entries.length) * bytes));
+    await this.file.write(table.offset + first * bytes, updated);
+    updated.copy(table.handle.table, first * bytes);
   }
 
   /** Sets consecutive L2 entries from `first` in a table in memory. */
