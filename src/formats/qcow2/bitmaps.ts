@@ -14,7 +14,7 @@ import type { Protocol } from '../../block/types.js';
 import type { BitmapsExtension } from './extensions.js';
 
 /** qemu's bound on the bitmap directory. */
-const MAX_DIRECTORY_BYTES = 64 * 1024 * 1024;
+export const MAX_DIRECTORY_BYTES = 64 * 1024 * 1024;
 
 export interface BitmapInfo {
   flags: string[];

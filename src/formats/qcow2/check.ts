@@ -40,6 +40,7 @@ import { getRefcount, refcountsPerBlock, setRefcount } from './refcount-entries.
 import { countReferences, readTables, RefcountArray, type CheckContext, type CheckSnapshot, type Counting } from './check-refs.js';
 import { writeRefcountStructure } from './check-rebuild.js';
 import { checkCopiedFlags } from './check-copied.js';
+import { MAX_DIRECTORY_BYTES as MAX_BITMAP_DIRECTORY_BYTES } from './bitmaps.js';
 
 const log = createDebug('imgmount:qcow2:check');
 
@@ -307,6 +308,14 @@ async function readExtensions(ctx: CheckContext, firstCluster: Buffer): Promise<
   }
   // As qemu: the directory counts only while the autoclear bit says it belongs to this image.
   if (!bitmapExtension || !(header.autoclearFeatures & AUTOCLEAR_BITMAPS) || bitmapExtension.count === 0) return;
+  if (bitmapExtension.size > MAX_BITMAP_DIRECTORY_BYTES || bitmapExtension.offset + bitmapExtension.size > ctx.fileSize) {
+    // As qemu, whose check fails when the directory cannot be loaded; never an allocation of what the field claims.
+    ctx.messages.push(
+      `ERROR bitmap directory at 0x${bitmapExtension.offset.toString(16)} (size 0x${bitmapExtension.size.toString(16)}) is larger than ${MAX_BITMAP_DIRECTORY_BYTES} bytes or lies outside the file (${ctx.fileSize} bytes)`,
+    );
+    ctx.checkErrors += 1;
+    return;
+  }
   const directory = Buffer.alloc(bitmapExtension.size);
   await ctx.file.read(bitmapExtension.offset, directory);
   const tables: { offset: number; entries: number }[] = [];
