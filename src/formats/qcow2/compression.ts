@@ -24,7 +24,10 @@ import type { CompressionType } from './header.js';
 
 /** Decodes `data` into exactly `clusterSize` bytes; throws a message (without the file name) when it cannot. */
 export async function decompressCluster(type: CompressionType, data: Buffer, clusterSize: number): Promise<Buffer> {
-  return type === 'zstd' ? decodeZstd(data, clusterSize) : decodeDeflate(data, clusterSize);
+  const decoded = type === 'zstd' ? await decodeZstd(data, clusterSize) : await decodeDeflate(data, clusterSize);
+  // A stream that ends early (damaged data or sector count) must not hand a short cluster to a writer that copies from it.
+  if (decoded.length !== clusterSize) throw new Error(`the data decodes to ${decoded.length} bytes, not the cluster size ${clusterSize}`);
+  return decoded;
 }
 
 function decodeDeflate(data: Buffer, clusterSize: number): Promise<Buffer> {
