@@ -8,11 +8,15 @@ import { constants as osConstants } from 'node:os';
 
 const { errno } = osConstants;
 
-/** Base class: a block-layer error with the errno that describes it. */
+/**
+ * Base class: a block-layer error with the errno that describes it. Control
+ * characters in the message (a damaged image's backing file name may hold a
+ * newline) are shown escaped, so the message stays one line.
+ */
 export class BlockError extends Error {
   readonly errno: number;
   constructor(message: string, errnoValue: number) {
-    super(message);
+    super(oneLine(message));
     this.name = new.target.name;
     this.errno = errnoValue;
   }
@@ -69,4 +73,9 @@ export function systemReason(cause: unknown): string {
   const message = cause instanceof Error ? cause.message : String(cause);
   const match = /^E[A-Z0-9]+: ([^,]+)(?:, .*)?$/.exec(message);
   return match ? match[1]! : message;
+}
+
+/** `message` with each control character written as \xNN. */
+function oneLine(message: string): string {
+  return message.replace(/[\u0000-\u001f\u007f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
 }
