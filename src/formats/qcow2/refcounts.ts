@@ -214,7 +214,8 @@ export class Refcounts {
       }
       const found = await this.blocks.read(blockOffset, (block) => {
         for (; cluster < blockEnd; cluster++) {
-          if (getRefcount(block, cluster % this.perBlock, this.layout.refcountOrder) !== 0 || this.freedSinceOpen.has(cluster)) {
+          // A metadata cluster whose refcount a damaged block says 0 is never handed out (qemu's overlap check).
+          if (getRefcount(block, cluster % this.perBlock, this.layout.refcountOrder) !== 0 || this.freedSinceOpen.has(cluster) || this.metadata.contains(cluster * this.clusterSize)) {
             runStart = cluster + 1;
           } else if (cluster + 1 - runStart >= count) {
             return runStart;
