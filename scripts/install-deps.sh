@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what imgmount and its tests need on Debian/Ubuntu: fuse3 (fusermount3,
 # for ordinary users' mounts and for unmounting), qemu-utils (the oracle: qemu-img, qemu-io),
-# e2fsprogs (mkfs.ext4, e2fsck), util-linux (losetup), build-essential and
+# e2fsprogs (mkfs.ext4, e2fsck), util-linux (losetup), fio (the soak test,
+# scripts/soak.sh, and the benchmark), build-essential and
 # python3 (node-gyp builds the native addon, native/imgmount.c: a C compiler,
 # g++ as gyp's linker, make, the libc and kernel headers), then the npm
 # packages, and builds. Idempotent: installs only what is missing.
@@ -13,11 +14,11 @@ command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v losetup >/dev/null || need+=(util-linux)
+command -v fio >/dev/null || need+=(fio)
 { command -v gcc && command -v g++ && command -v make && [ -f /usr/include/linux/fuse.h ]; } >/dev/null || need+=(build-essential)
 command -v python3 >/dev/null || need+=(python3)
 if [ "${IMGMOUNT_BENCH_DEPS:-0}" = 1 ]; then
   command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-common)
-  command -v fio >/dev/null || need+=(fio)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
