@@ -486,15 +486,9 @@ async function checkRefcountBlocks(ctx: CheckContext, res: CheckResult, counting
     if (cluster >= refs.length) {
       res.corruptions += 1;
       ctx.messages.push(`${fixErrors ? 'Repairing' : 'ERROR'} refcount block ${index} is outside image`);
-      if (fixErrors && Number.isSafeInteger(offset + clusterSize)) {
-        // As qemu: the file grows to hold the block (which then reads as zeros).
-        await ctx.file.truncate(offset + clusterSize);
-        ctx.fileSize = await ctx.file.size();
-        refs.grow(Math.ceil(ctx.fileSize / clusterSize));
-        res.corruptions -= 1;
-        res.corruptionsFixed += 1;
-        countRange(ctx, res, refs, offset, clusterSize);
-      }
+      // qemu grows the file to hold the block; a damaged entry can put it petabytes away (a huge
+      // sparse file, and counts for every cluster up to it in memory), so here the structure is rebuilt.
+      if (fixErrors) counting.rebuild = true;
       continue;
     }
     if (offset !== 0) {
