@@ -161,10 +161,11 @@ async function reference(original: string[], columns = 100): Promise<Outcome> {
           .option('debug', { alias: 'd', type: 'boolean', describe: 'log every FUSE operation (implies --foreground without --log)' })
           .option('log', { type: 'string', describe: "append the daemon's log to this file" })
           .option('cache-size', { type: 'string', describe: 'L2-table cache per image (default 16M: every table of a 128 GiB default-geometry QED image); a size below 4 tables, 0 included, is raised to 4 tables, with a notice' })
+          .option('idle-clean', { type: 'string', describe: 'seconds without writes after which each image is flushed and marked clean (QED need-check, qcow2 dirty bit) until its next write, so a crash after that needs no repair (default 5; 0: only at unmount)' })
           .option('filter', { type: 'string', describe: FILTER_HELP })
-          .option('options', { alias: 'o', type: 'string', describe: 'mount(8)-style options: ro, allow_other, format=FMT, snapshot=ID, name=NAME, log=FILE, debug, foreground, nonempty, cache_size=SIZE' })
+          .option('options', { alias: 'o', type: 'string', describe: 'mount(8)-style options: ro, allow_other, format=FMT, snapshot=ID, name=NAME, log=FILE, debug, foreground, nonempty, cache_size=SIZE, idle_clean=SECONDS' })
           .option('unmount', { alias: 'u', type: 'boolean', describe: 'unmount MOUNTPOINT (same as imgmount unmount)' }),
-      (args: any) => run('mount')({ paths: args.paths ?? [], format: args.format, snapshot: args.snapshot, allowFiles: asList(args['allow-files']), readOnly: args['read-only'], allowOther: args['allow-other'], name: args.name, foreground: args.foreground, debug: args.debug, log: args.log, cacheSize: args['cache-size'], filters: asList(args.filter), options: asList(args.options), unmount: args.unmount }))
+      (args: any) => run('mount')({ paths: args.paths ?? [], format: args.format, snapshot: args.snapshot, allowFiles: asList(args['allow-files']), readOnly: args['read-only'], allowOther: args['allow-other'], name: args.name, foreground: args.foreground, debug: args.debug, log: args.log, cacheSize: args['cache-size'], idleClean: args['idle-clean'], filters: asList(args.filter), options: asList(args.options), unmount: args.unmount }))
     .command('unmount <mountpoint>', 'unmount and wait until every image is closed cleanly', (y: any) => y.positional('mountpoint', { type: 'string', demandOption: true }), (args: any) => run('unmount')({ mountpoint: args.mountpoint }))
     .strict()
     .demandCommand(1, 'give a command (create, info, check, map) or IMAGE... MOUNTPOINT to mount')
@@ -208,6 +209,9 @@ const corpus: string[][] = [
   ['-o', 'ro,allow_other', '-o', 'nonempty', 'a', 'm'],
   ['--log', '/tmp/l', '-d', 'a', 'm'],
   ['--cache-size', '64M', '--allow-files', '/d', '--allow-files', '/e', 'a', 'm'],
+  ['--idle-clean', '1.5', 'a', 'm'],
+  ['--idle-clean=0', '-o', 'idle_clean=0', 'a', 'm'],
+  ['a', 'm', '--idle-clean'],
   ['--foreground', '--allow-other', 'a', 'm'],
   ['--filter', 'blkdebug:event=l2_update,errno=5,once=on', 'disk.qed', '/mnt/x'],
   ['--filter', 'blkdebug:event=l2_load,errno=5', '--filter=blkverify:reference=r.raw', 'a', 'm'],
@@ -375,7 +379,7 @@ describe('the command-line parser gives what yargs gave', () => {
       '--read-only', '--no-read-only', '--readOnly', '--format', '--format=raw', '--snapshot', '--name', '--log',
       '--output', '--output=json', 'json', 'human', 'true', 'false', '--backing-chain', '--no-backing-chain',
       '--repair', '--force', '--allow-files', '--allowFiles', '--allow-other', '--foreground', '--debug',
-      '--cache-size', '--filter', 'blkdebug:event=l2_update,errno=5', '--options', '--unmount', '--backing', '--backing-format', '--bogus', '--no-bogus', '--a-b',
+      '--cache-size', '--idle-clean', '--filter', 'blkdebug:event=l2_update,errno=5', '--options', '--unmount', '--backing', '--backing-format', '--bogus', '--no-bogus', '--a-b',
       '--help', '-5', '12', 'ro,nonempty', 'leaks', 'all', '-r=all', '--repair=leaks', '--no-repair',
       'resize', '--shrink', '+1G',
     );

@@ -11,13 +11,16 @@
  * whatever must be serialized (QED: allocating writes). A request split into
  * parts is answered only once every part has finished (settleAll), and
  * close waits for every request in flight, so no I/O ever runs on a buffer
- * that was answered or on a file that was closed.
+ * that was answered or on a file that was closed. Writes, zeroing and
+ * discard go through the idle timer (idle-clean.ts): after a while with
+ * none of them the format marks the image clean, never during one.
  */
 import createDebug from 'debug';
 import { constants as osConstants } from 'node:os';
 import { BlockError, CorruptImageError, InvalidArgumentError, ReadOnlyError } from './errors.js';
 import { resolveBackingName } from './backing-name.js';
 import { DecodedClusterCache } from './decoded-cache.js';
+import { IdleClean } from './idle-clean.js';
 import type { ImageFileGate } from './gate.js';
 import type { ImageFilter } from './filters/types.js';
 import type { WriteGuard } from './probe-guard.js';
@@ -78,6 +81,10 @@ export interface BlockImageParts {
   /** Checked before every write (an image probed as raw). */
   writeGuard?: WriteGuard;
   decodedCacheBytes?: number;
+  /** Idle clean (idle-clean.ts): after this many ms without writes the format marks the image clean; 0 or missing: off. */
+  idleCleanMs?: number;
+  /** Lines the user should see (a failed idle clean); the debug log when missing. */
+  notice?: (line: string) => void;
   /** Image filters of this layer (blkverify), in the order given; each sees every request after the format answered it. */
   filters?: readonly ImageFilter[];
 }
@@ -94,6 +101,8 @@ export class BlockImage {
   private readonly gate: ImageFileGate | undefined;
   private readonly writeGuard: WriteGuard | undefined;
   private readonly decoded: DecodedClusterCache | undefined;
+  /** The idle timer of a writable image whose format can mark itself clean. */
+  private readonly idle: IdleClean | undefined;
   private readonly filters: readonly ImageFilter[];
   /** Reads and writes not finished yet; close waits for them. */
   private readonly inFlight = new Set<Promise<void>>();
@@ -112,6 +121,14 @@ export class BlockImage {
     const decode = parts.image.decode?.bind(parts.image);
     this.decoded = decode ? new DecodedClusterCache((cluster) => this.decodeChecked(decode, cluster), parts.decodedCacheBytes) : undefined;
     parts.image.attachBacking?.(parts.backing ? (offset, buffer) => this.readBacking(offset, buffer) : undefined);
+    const markClean = parts.image.markClean?.bind(parts.image);
+    const idleMs = parts.idleCleanMs ?? 0;
+    if (markClean && idleMs > 0 && !this.readOnly) {
+      const notice = parts.notice ?? ((line: string) => log(line));
+      this.idle = new IdleClean(idleMs, markClean, (error) =>
+        notice(`${this.path}: marking it clean after ${idleMs / 1000} s without writes failed (it stays marked until the next idle time or the close): ${(error as Error).message}`),
+      );
+    }
   }
 
   /** True when writes are refused: the file is open read-only or the format cannot write. */
@@ -182,8 +199,8 @@ export class BlockImage {
     this.checkRange('write', offset, buffer.length);
     if (buffer.length === 0) return;
     const write = this.image.write.bind(this.image);
-    if (this.writeGuard) await this.writeGuard(offset, buffer, () => write(offset, buffer));
-    else await write(offset, buffer);
+    const guard = this.writeGuard;
+    await this.writing(() => (guard ? guard(offset, buffer, () => write(offset, buffer)) : write(offset, buffer)));
   }
 
   /** Makes [offset, offset + length) read as zeros; EOPNOTSUPP when the format cannot. */
@@ -211,7 +228,12 @@ export class BlockImage {
     if (this.readOnly) throw new ReadOnlyError(`${this.path} is open read-only`);
     this.checkRange(operation, offset, length);
     if (!run) throw new BlockError(`${this.path}: ${this.format} images do not support ${operation} requests here`, osConstants.errno.EOPNOTSUPP);
-    if (length > 0) await run(offset, length);
+    if (length > 0) await this.writing(() => run(offset, length));
+  }
+
+  /** Runs a change of the image's content through the idle timer, when there is one. */
+  private writing(change: () => Promise<void>): Promise<void> {
+    return this.idle ? this.idle.around(change) : change();
   }
 
   /** Everything written so far reaches stable storage (driver metadata, then fdatasync). */
@@ -292,7 +314,9 @@ export class BlockImage {
 
   private async closeNow(): Promise<void> {
     log('closing %s (%d requests in flight)', this.path, this.inFlight.size);
+    const cleaning = this.idle?.stop();
     await Promise.allSettled([...this.inFlight]);
+    await cleaning;
     try {
       await this.image.close();
     } finally {

@@ -21,6 +21,7 @@ import { ImageFileGate, resolveAllowed, type FilePolicy } from './gate.js';
 import { lockForWriting } from './lock.js';
 import { FormatList, sampleFile } from './probe.js';
 import { rawProbeGuard } from './probe-guard.js';
+import { idleCleanDelayMs } from './idle-clean.js';
 import { checkLayers, openImageFilters, resolveFilters, wrapProtocol, type FilterSpec, type ResolvedFilter } from './filters/index.js';
 import type { CheckResult, CreateOptions, FormatDriver } from './types.js';
 import type { BlockImage as OpenedImage } from './image.js';
@@ -49,6 +50,12 @@ export interface OpenImageOptions extends FilePolicy {
   notice?: (line: string) => void;
   /** Open the backing chain (default true); `info` turns it off to describe images whose backing file is missing. */
   openBacking?: boolean;
+  /**
+   * Idle clean (idle-clean.ts): after this many seconds without writes a read-write
+   * image is made durable and marked clean (need-check / dirty bit cleared) until the
+   * next write; default 5 (as the mount's --idle-clean), 0 turns it off.
+   */
+  idleCleanSeconds?: number;
   /** Filters between the layers (filters/index.ts), applied in the order given. */
   filters?: readonly FilterSpec[];
 }
@@ -90,6 +97,7 @@ async function openLayer(
   }
   const notice = options.notice ?? ((line: string) => log(line));
   const isTop = chain.length === 0;
+  const idleCleanMs = isTop ? idleCleanDelayMs(options.idleCleanSeconds) : 0;
   const snapshot = isTop ? options.snapshot : undefined;
   const format = await chooseFormat(path, formatName, options.formats);
   const probedAsRaw = formatName === undefined && format.name === 'raw';
@@ -135,6 +143,8 @@ async function openLayer(
         image,
         backing,
         gate,
+        idleCleanMs,
+        notice,
         writeGuard: probedAsRaw && !readOnly ? rawProbeGuard(options.formats, file, image.virtualSize) : undefined,
         filters: imageFilters,
       });

@@ -126,6 +126,14 @@ export interface FormatImage {
   discard?(offset: GuestOffset, length: number): Promise<void>;
   /** Makes everything written so far durable. */
   flush(): Promise<void>;
+  /**
+   * Idle clean (idle-clean.ts): makes everything written so far durable (deferred
+   * metadata too), then marks the image clean on disk (need-check / dirty bit cleared
+   * with a durable header write), so a crash from now on needs no repair. The next
+   * metadata change marks the image again, durably, first. Called after a while
+   * without writes, never during one. Missing: the format has nothing to mark.
+   */
+  markClean?(): Promise<void>;
   /** Flushes, marks the image clean and releases its own file. Files opened through the gate are closed by the generic layer. */
   close(): Promise<void>;
   info(): FormatInfo;

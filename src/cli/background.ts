@@ -19,6 +19,7 @@ import { basename, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { BlockError, InvalidArgumentError } from '../block/errors.js';
 import { parseSize } from '../block/size.js';
+import { parseIdleCleanSeconds } from '../block/idle-clean.js';
 import { FILE_OPTION_KEYS, parseFilterArgument } from '../block/filters/spec.js';
 import type { FilterSpec } from '../block/filters/types.js';
 import type { FromDaemon, ToDaemon } from '../fuse/daemon.js';
@@ -38,6 +39,8 @@ export interface MountArguments {
   log?: string;
   /** L2 cache bound per image, e.g. "64M". */
   cacheSize?: string;
+  /** `--idle-clean SECONDS`: mark images clean after this long without writes (0: off). */
+  idleClean?: string;
   /** `--allow-files DIR` (repeatable): where backing and data files may lie. */
   allowFiles?: string[];
   /** `--filter NAME[:key=value,...]` (repeatable): filters on every image of the mount. */
@@ -64,6 +67,7 @@ export function planMount(args: MountArguments, settings: MountOptionSettings, c
   const snapshot = agree('snapshot', args.snapshot, settings.snapshot);
   const logFile = agree('log', args.log, settings.logFile);
   const cacheSize = agree('cache-size', args.cacheSize, settings.cacheSize);
+  const idleClean = agree('idle-clean', args.idleClean, settings.idleClean);
   const debug = (args.debug ?? false) || (settings.debug ?? false);
   const images = args.paths.slice(0, -1).map((path) => resolve(cwd, path));
   const config: MountConfig = {
@@ -78,6 +82,7 @@ export function planMount(args: MountArguments, settings: MountOptionSettings, c
     logFile: logFile === undefined ? undefined : resolve(cwd, logFile),
     nonempty: settings.nonempty ?? false,
     cacheBytes: cacheSize === undefined ? undefined : parseSize(cacheSize, 'cache size'),
+    idleCleanSeconds: idleClean === undefined ? undefined : parseIdleCleanSeconds(idleClean),
     allowFiles: args.allowFiles && args.allowFiles.length > 0 ? args.allowFiles.map((dir) => resolve(cwd, dir)) : undefined,
     filters: mountFilters(args.filters ?? [], images.length, cwd),
   };

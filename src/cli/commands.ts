@@ -154,12 +154,18 @@ export function program(formats: FormatNames = { readable: '', creatable: '' }):
             describe:
               'L2-table cache per image (default 16M: every table of a 128 GiB default-geometry QED image); a size below 4 tables, 0 included, is raised to 4 tables, with a notice',
           },
+          {
+            name: 'idle-clean',
+            type: 'string',
+            describe:
+              'seconds without writes after which each image is flushed and marked clean (QED need-check, qcow2 dirty bit) until its next write, so a crash after that needs no repair (default 5; 0: only at unmount)',
+          },
           { name: 'filter', type: 'string', describe: FILTER_HELP },
           {
             name: 'options',
             alias: 'o',
             type: 'string',
-            describe: 'mount(8)-style options: ro, allow_other, format=FMT, snapshot=ID, name=NAME, log=FILE, debug, foreground, nonempty, cache_size=SIZE',
+            describe: 'mount(8)-style options: ro, allow_other, format=FMT, snapshot=ID, name=NAME, log=FILE, debug, foreground, nonempty, cache_size=SIZE, idle_clean=SECONDS',
           },
           { name: 'unmount', alias: 'u', type: 'boolean', describe: 'unmount MOUNTPOINT (same as imgmount unmount)' },
         ],
@@ -257,6 +263,7 @@ export function invocation({ command, options: o, positionals: p }: Parsed): Inv
           debug: flag(o.debug),
           log: text(o.log),
           cacheSize: text(o['cache-size']),
+          idleClean: text(o['idle-clean']),
           filters: asList(o.filter),
           options: asList(o.options),
           unmount: flag(o.unmount),

@@ -9,8 +9,9 @@
  * - SIGTERM, SIGINT, SIGHUP: the daemon unmounts itself, never lazily. A busy mount
  *   (open files, a loop device) stays up and keeps being served, with a log line,
  *   rather than pulling the disk from under its users;
- * - SIGKILL: nothing runs; the QED need-check bit stays set and the next mount's
- *   open repairs the image and says so.
+ * - SIGKILL: nothing runs. An image written within the last --idle-clean seconds
+ *   (default 5) keeps its need-check / dirty bit set and the next mount's open
+ *   repairs it and says so; one idle longer was marked clean and needs nothing.
  * A signal before the mount is ready abandons the start and closes what was opened.
  *
  * Background mode (the default): startDaemon() in src/cli/background.ts spawns a
@@ -113,6 +114,7 @@ async function openForMount(path: string, config: MountConfig, notice: (line: st
     format: config.format,
     snapshot: config.snapshot,
     metadataCacheBytes: config.cacheBytes,
+    idleCleanSeconds: config.idleCleanSeconds,
     allowFiles: config.allowFiles,
     filters: config.filters,
     notice,

@@ -30,6 +30,8 @@ export interface MountConfig {
   nonempty: boolean;
   /** L2-table cache bound per image in bytes; the format's default when undefined. A bound below 4 tables (0 too) is raised to 4 tables by the format, with a notice. */
   cacheBytes?: number;
+  /** Idle clean (src/block/idle-clean.ts): seconds without writes before an image is marked clean; the library's default (5) when undefined, 0 off. */
+  idleCleanSeconds?: number;
   /** Directories the files images name (backing files, data files) must lie in; anywhere when undefined. */
   allowFiles?: string[];
   /** Filters on every image (src/block/filters), file options resolved. */
@@ -48,6 +50,7 @@ export interface MountOptionSettings {
   foreground?: boolean;
   nonempty?: boolean;
   cacheSize?: string;
+  idleClean?: string;
 }
 
 const FLAG_OPTIONS: Record<string, (settings: MountOptionSettings) => void> = {
@@ -69,6 +72,7 @@ const VALUE_OPTIONS: Record<string, (settings: MountOptionSettings, value: strin
   name: (s, v) => (s.name = v),
   log: (s, v) => (s.logFile = v),
   cache_size: (s, v) => (s.cacheSize = v),
+  idle_clean: (s, v) => (s.idleClean = v),
 };
 
 /** Parses `-o ro,allow_other,format=qed` (repeatable) into settings; later items win. */

@@ -68,7 +68,7 @@ describe.skipIf(skipWithoutFuse('starting a mount', ['ps']))('starting a mount',
     const mount = await modulesLoaded(['--log', lab.path('daemon.log'), image, mnt]);
     expect(mount.code).toBe(0);
     expect(mount.modules.some((url) => url.endsWith('/dist/cli/background.js'))).toBe(true);
-    expect(mount.modules.filter((url) => /\/dist\/(block\/(?!errors|size)|formats|fuse|native|cache)|node_modules/.test(url))).toEqual([]);
+    expect(mount.modules.filter((url) => /\/dist\/(block\/(?!errors|size|idle-clean)|formats|fuse|native|cache)|node_modules/.test(url))).toEqual([]);
     expect((await run(IMGMOUNT, ['unmount', mnt])).code).toBe(0);
 
     const help = await modulesLoaded(['--help']);

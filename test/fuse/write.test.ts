@@ -88,7 +88,8 @@ describe.skipIf(skipWithoutFuse('writing through the FUSE mount'))('writing thro
     const image = lab.path('disk.qed');
     await qemuImg(['create', '-f', 'qed', image, '8M']);
     const mnt = await lab.mountpoint();
-    await lab.mount([image], mnt);
+    // --idle-clean 0: need-check stays set until the unmount, however slow this machine is.
+    await lab.mount(['--idle-clean', '0', image], mnt);
     const data = seededBytes(8, 300_000);
     await ddWrite(lab.dir, join(mnt, 'disk.raw'), 2 * MiB + 3, data);
     // qemu-img reads the file as it is on disk now, need-check still set (-U: no locking).

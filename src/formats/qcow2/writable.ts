@@ -25,7 +25,8 @@
  * after the first pending one, or when many are pending), as qemu's L2 cache
  * waits for its refcount cache. With lazy refcounts the dirty bit is set and
  * flushed before the first change, entries are written at once, and the bit
- * is cleared on a clean close.
+ * is cleared on a clean close, and after a while without writes (markClean,
+ * idle clean: refcounts written and flushed first), until the next change.
  *
  * Zeroing and discard punch the host range of clusters written in place
  * (their entries stay, so nothing is freed that a concurrent in-place write
@@ -100,7 +101,7 @@ export class WritableQcow2Image extends Qcow2Image {
   private readBacking: BackingReader | undefined;
   private readonly lazy: boolean;
   private readonly notify: (line: string) => void;
-  /** Set when this process set the dirty bit (lazy refcounts); cleared on a clean close. */
+  /** Set when this process set the dirty bit (lazy refcounts); cleared on a clean close and by an idle clean. */
   private dirtyMarked = false;
   /** Set once damaged metadata was met while writing: writes fail from then on. */
   private brokenBy: string | undefined;
@@ -219,6 +220,26 @@ export class WritableQcow2Image extends Qcow2Image {
     if (this.closed) return;
     await this.allocationLock.runExclusive(() => this.persistLinks());
     await flushToDisk(this.file);
+  }
+
+  /**
+   * Idle clean (the generic layer calls it after a while without writes): the pending
+   * L2 entries and deferred refcounts are written and flushed, then with lazy refcounts
+   * the dirty bit is cleared (durably); markDirty sets it again before the next
+   * metadata change. Without lazy refcounts there is no bit, but a crash from then on
+   * leaves no leaked cluster either. An image that met damaged metadata stays dirty.
+   */
+  async markClean(): Promise<void> {
+    await this.allocationLock.runExclusive(async () => {
+      if (this.closed || this.brokenBy !== undefined) return;
+      await this.persistLinks();
+      await flushToDisk(this.file);
+      if (!this.dirtyMarked) return;
+      // Unmarked first: if the header write fails, the next change sets the bit again.
+      this.dirtyMarked = false;
+      await this.setIncompatible(this.header.incompatibleFeatures & ~INCOMPAT_DIRTY);
+      log('%s: dirty bit cleared (idle)', this.file.path);
+    });
   }
 
   override async close(): Promise<void> {

@@ -14,6 +14,9 @@
  *   (with the untouched part of each new cluster copied from the backing file
  *   or zeros), fdatasync when a backing file is used, then the L2 entries
  *   (a new L2 table is written whole), then the L1 entry.
+ * - need-check is cleared at a clean close and, after a while without writes,
+ *   by markClean (idle clean), both under `allocationLock`; the next
+ *   allocation sets it again first.
  */
 import { Mutex } from 'async-mutex';
 import createDebug from 'debug';
@@ -329,16 +332,42 @@ export class QedImage implements FormatImage {
     await flushToDisk(this.file);
   }
 
+  /**
+   * Idle clean (the generic layer calls it after a while without writes): flushes,
+   * then clears need-check durably. The next allocating write sets it again first
+   * (setNeedCheck). Under the allocation lock, so no allocation is halfway.
+   */
+  async markClean(): Promise<void> {
+    await this.allocationLock.runExclusive(async () => {
+      if (this.closed || this.file.readOnly) return;
+      if (!this.needCheck) {
+        await flushToDisk(this.file);
+        return;
+      }
+      await this.clearNeedCheck();
+      log('%s: need-check cleared (idle)', this.file.path);
+    });
+  }
+
+  /**
+   * Flushes, then clears QED_F_NEED_CHECK on disk and flushes again. The bit is
+   * clear in memory before the header write: after a failure the next allocation
+   * writes the header (with the bit) again.
+   */
+  private async clearNeedCheck(): Promise<void> {
+    await flushToDisk(this.file);
+    this.header = { ...this.header, features: this.header.features & ~QED_F_NEED_CHECK };
+    await writeHeader(this.file, this.header);
+    await flushToDisk(this.file);
+  }
+
   async close(): Promise<void> {
     if (this.closed) return;
     await this.allocationLock.runExclusive(async () => {
       this.closed = true;
       try {
         if (!this.file.readOnly && this.needCheck) {
-          await flushToDisk(this.file);
-          this.header = { ...this.header, features: this.header.features & ~QED_F_NEED_CHECK };
-          await writeHeader(this.file, this.header);
-          await flushToDisk(this.file);
+          await this.clearNeedCheck();
           log('%s: need-check cleared on close', this.file.path);
         }
       } finally {
