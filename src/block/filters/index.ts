@@ -14,12 +14,13 @@ import { InvalidArgumentError } from '../errors.js';
 import type { Protocol } from '../types.js';
 import { blkdebug } from './blkdebug.js';
 import { blkverify } from './blkverify.js';
+import { logWrites } from './log-writes.js';
 import type { FilterContext, FilterDefinition, FilterOptions, FilterSpec, ImageFilter } from './types.js';
 
 export type { FilterSpec, ImageFilter, FilterDefinition } from './types.js';
 export { parseFilterArgument } from './spec.js';
 
-export const FILTERS: readonly FilterDefinition[] = [blkdebug, blkverify];
+export const FILTERS: readonly FilterDefinition[] = [blkdebug, blkverify, logWrites];
 
 /** A spec checked and split: the definition, its layer, its options as strings. */
 export interface ResolvedFilter {
