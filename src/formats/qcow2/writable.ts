@@ -383,7 +383,9 @@ export class WritableQcow2Image extends Qcow2Image {
         const cluster = Buffer.alloc(this.geometry.clusterSize);
         part.copy(cluster, slot.from - slot.clusterStart);
         await this.writeData(hostCluster, cluster);
-        await this.setEntries(table, slot.l2Index, [[(slot.high | L2E_COPIED_HIGH) >>> 0, (slot.low & ~L2E_ZERO_LOW) >>> 0]]);
+        // The zero flag may be cleared on disk only once the rewritten cluster is: until then it
+        // holds whatever it held before it was zeroed (found by scripts/power-loss.sh).
+        await this.link(table, slot.l2Index, [[(slot.high | L2E_COPIED_HIGH) >>> 0, (slot.low & ~L2E_ZERO_LOW) >>> 0]], [], true);
       }
     }
     await allocateRun();
@@ -419,7 +421,9 @@ export class WritableQcow2Image extends Qcow2Image {
       const [high, low] = entryFor(hostOffset + i * clusterSize);
       return this.geometry.extendedL2 ? [high, low, 0, ALL_SUBCLUSTERS] : [high, low];
     });
-    await this.link(table, run[0]!.l2Index, entries, run.map((slot) => () => this.release(slot)), copied);
+    // Fresh clusters read as zeros until written: as the guest saw them before only where that was zeros too.
+    const readsAsBefore = !copied && this.refcounts.isFresh(hostOffset) && run.every((slot) => this.zerosBefore(this.kindOf(slot)));
+    await this.link(table, run[0]!.l2Index, entries, run.map((slot) => () => this.release(slot)), !readsAsBefore);
   }
 
   /**
@@ -429,10 +433,15 @@ export class WritableQcow2Image extends Qcow2Image {
    * them) and written after the next flush of the file, which `persistLinks` does for
    * every pending entry together (at a guest flush, at close, after a second, or when
    * many are pending), so allocating writes do not each wait for an fdatasync.
+   * With lazy refcounts the entries are written at once, so the data they point to is
+   * flushed first (`dataFirst`) unless, unwritten, it reads as what the guest saw there
+   * before (fresh clusters over zeros): otherwise a power loss could leave an entry on
+   * disk whose cluster holds neither the old bytes nor the new ones (found by
+   * scripts/power-loss.sh: a whole-cluster write over a backing file read back as zeros).
    */
-  private async link(table: { offset: number; handle: TableHandle<Buffer> }, first: number, entries: Entry[], releases: (() => Promise<void>)[], copied: boolean): Promise<void> {
+  private async link(table: { offset: number; handle: TableHandle<Buffer> }, first: number, entries: Entry[], releases: (() => Promise<void>)[], dataFirst: boolean): Promise<void> {
     if (this.lazy) {
-      if (copied) await flushToDisk(this.file);
+      if (dataFirst) await flushToDisk(this.file);
       await this.setEntries(table, first, entries);
       for (const release of releases) await release();
       return;
@@ -483,12 +492,14 @@ export class WritableQcow2Image extends Qcow2Image {
     const last = this.subclusterOf(slot, slot.to - 1);
     const cluster = Buffer.alloc(clusterSize);
     let copied = false;
+    let touchedWereZeros = true;
     for (let sub = 0; sub < g.subclustersPerCluster; sub++) {
       const kind = classify(g, slot.high, slot.low, slot.zeroBits, slot.allocBits, sub);
       if (kind === Kind.Invalid) throw this.corrupt(slot.clusterStart, `has an impossible subcluster bitmap (subcluster ${sub})`);
       const start = sub * subclusterSize;
       const piece = cluster.subarray(start, start + subclusterSize);
       const touched = sub >= first && sub <= last;
+      if (touched && !this.zerosBefore(kind)) touchedWereZeros = false;
       const whole = touched && slot.from - slot.clusterStart <= start && slot.to - slot.clusterStart >= start + subclusterSize;
       if (whole || (touched === false && (owned || kind !== Kind.Normal))) continue;
       // A partly written subcluster keeps the rest of what the guest saw; a copied cluster keeps its allocated ones.
@@ -519,8 +530,14 @@ export class WritableQcow2Image extends Qcow2Image {
     const releases = !owned && oldHost > 0 ? [() => this.refcounts.decrement(oldHost, clusterSize).then(() => undefined)] : [];
     // Through link() even when owned: the cluster may be one allocated since the last flush, whose
     // entry is still pending (its refcount not on disk yet); writing the entry now would put it
-    // on disk ahead of that refcount.
-    await this.link(table, slot.l2Index, [entry], releases, copied);
+    // on disk ahead of that refcount. An owned cluster's untouched bytes may be anything: data first.
+    const readsAsBefore = !copied && !owned && touchedWereZeros && this.refcounts.isFresh(target);
+    await this.link(table, slot.l2Index, [entry], releases, !readsAsBefore);
+  }
+
+  /** Whether the guest saw zeros where a cluster or subcluster of this kind is. */
+  private zerosBefore(kind: Kind): boolean {
+    return kind === Kind.Zero || (kind === Kind.Unallocated && !this.readBacking);
   }
 
   /**

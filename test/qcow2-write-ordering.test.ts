@@ -1,0 +1,91 @@
+/**
+ * qcow2 write ordering, read from the log-writes filter's record of what
+ * reached the image file: an L2 entry that makes a cluster visible reaches
+ * the file only after a flush that began once the cluster's data had been
+ * written, unless the cluster, unwritten, reads as what the guest saw there
+ * before. Both cases here were found by scripts/power-loss.sh as crash
+ * states where a write not yet acknowledged read back as neither the old
+ * bytes nor the new ones:
+ *  - lazy refcounts over a backing file: a whole-cluster write's entry went
+ *    to disk at once, before its data (the cluster read as zeros, not as the
+ *    backing file);
+ *  - a "zero, allocated" cluster (qemu-io write -z) rewritten in place: its
+ *    zero flag was cleared on disk before the new data (the cluster showed
+ *    the bytes it held before it was zeroed).
+ */
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { openImage } from '../src/index.js';
+import { parseWriteLog, type WriteLog, type WriteLogRecord } from '../src/block/filters/write-log.js';
+import { makeTempDir, qemuImg, qemuIo, seededBytes, skipWithoutQemu } from './helpers/qemu.js';
+
+const CLUSTER = 4096;
+
+/** The first write whose data holds the big-endian L2 entry for `hostOffset` (COPIED set), 8-byte aligned. */
+function entryWrite(log: WriteLog, hostOffset: number): WriteLogRecord | undefined {
+  const entry = Buffer.alloc(8);
+  entry.writeBigUInt64BE(BigInt(hostOffset) | (1n << 63n));
+  return log.records.find((r) => {
+    if (r.kind !== 'write' || r.phase !== 'issued' || !r.data) return false;
+    for (let at = (8 - (r.offset % 8)) % 8; at + 8 <= r.data.length; at += 8) if (r.data.subarray(at, at + 8).equals(entry)) return true;
+    return false;
+  });
+}
+
+/** Whether a flush issued after `dataEnd` ended before record `before`. */
+function flushBetween(log: WriteLog, dataEnd: number, before: number): boolean {
+  const issued = new Map<number, number>();
+  for (const r of log.records.slice(dataEnd + 1, before)) {
+    if (r.kind !== 'flush') continue;
+    if (r.phase === 'issued') issued.set(r.id, r.index);
+    else if (r.phase === 'ended' && issued.has(r.id)) return true;
+  }
+  return false;
+}
+
+/** Writes `data` at guest `offset` through log-writes; returns the log and where the cluster landed. */
+async function writeLogged(path: string, dir: string, offset: number, data: Buffer): Promise<{ log: WriteLog; hostOffset: number }> {
+  const logPath = join(dir, 'writes.log');
+  const image = await openImage(path, { format: 'qcow2', idleCleanSeconds: 0, filters: [{ name: 'log-writes', log: logPath }] });
+  await image.write(offset, data);
+  const [run] = await image.map(offset - (offset % CLUSTER), CLUSTER);
+  await image.close();
+  expect(run!.hostOffset).toBeDefined();
+  return { log: parseWriteLog(await readFile(logPath)), hostOffset: run!.hostOffset! };
+}
+
+/** The data write's end record, and the entry write: the first must precede a flush that ends before the second. */
+function expectDataFlushedFirst(log: WriteLog, hostOffset: number): void {
+  const data = log.records.find((r) => r.kind === 'write' && r.phase === 'issued' && r.offset <= hostOffset && hostOffset < r.offset + r.length && r.length >= 512);
+  expect(data, 'the data write').toBeDefined();
+  const dataEnd = log.records.find((r) => r.kind === 'write' && r.phase === 'ended' && r.id === data!.id)!;
+  const entry = entryWrite(log, hostOffset);
+  expect(entry, 'the L2 entry write').toBeDefined();
+  expect(entry!.index).toBeGreaterThan(dataEnd.index);
+  expect(flushBetween(log, dataEnd.index, entry!.index), `a flush between the data (record ${dataEnd.index}) and its L2 entry (record ${entry!.index})`).toBe(true);
+}
+
+describe.skipIf(skipWithoutQemu('qcow2 write ordering'))('qcow2 write ordering (log-writes)', () => {
+  it('lazy refcounts over a backing file: a whole-cluster allocation is flushed before its L2 entry is written', async () => {
+    const dir = await makeTempDir();
+    const base = join(dir, 'base.qcow2');
+    const path = join(dir, 'top.qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-o', `cluster_size=${CLUSTER}`, base, '4M']);
+    await qemuIo(base, ['write -q -P 0x5a 0 1M'], 'qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-o', `cluster_size=${CLUSTER},lazy_refcounts=on`, '-b', base, '-F', 'qcow2', path]);
+    const { log, hostOffset } = await writeLogged(path, dir, 8 * CLUSTER, seededBytes(1, 2 * CLUSTER));
+    expectDataFlushedFirst(log, hostOffset);
+  });
+
+  it('a zero-allocated cluster rewritten in place: its zero flag is cleared on disk only after the data is flushed', async () => {
+    for (const lazy of ['off', 'on']) {
+      const dir = await makeTempDir();
+      const path = join(dir, 'disk.qcow2');
+      await qemuImg(['create', '-q', '-f', 'qcow2', '-o', `cluster_size=${CLUSTER},lazy_refcounts=${lazy}`, path, '4M']);
+      await qemuIo(path, ['write -q -P 0xa5 0 64k', 'write -q -z 0 64k'], 'qcow2');
+      const { log, hostOffset } = await writeLogged(path, dir, 4 * CLUSTER + 100, seededBytes(2, 1000));
+      expectDataFlushedFirst(log, hostOffset);
+    }
+  });
+});
