@@ -39,7 +39,9 @@ const MiB = 1024 * KiB;
 const RUNS = Number(process.env.FUZZ_RUNS ?? 150);
 const SEED = Number(process.env.FUZZ_SEED ?? 20261010);
 const budget: Budget = {
-  caseMs: Number(process.env.FUZZ_CASE_MS ?? 5000),
+  // A case runs up to three opens, four checks and a repair; most take 0.1-0.3 s, the slowest seen ~3.5 s
+  // (a check of an L1 table stretched over data: 280k findings). 10 s leaves room for a busy machine.
+  caseMs: Number(process.env.FUZZ_CASE_MS ?? 10_000),
   memoryBytes: 256 * MiB,
   watchdogMs: 60_000,
 };
@@ -272,11 +274,12 @@ interface Stats {
   qemuDifferences: string[];
   repairLeftCorruption: string[];
   readBackDifferences: string[];
+  slowest: { ms: number; description: string };
 }
 
 const newStats = (): Stats => ({
   cases: 0, skipped: 0, roOpened: 0, rwOpened: 0, chunksRead: 0, chunksFailed: 0, comparedToSeed: 0, comparedToQemu: 0, qemuRefused: 0,
-  outcomes: new Map(), qemuDifferences: [], repairLeftCorruption: [], readBackDifferences: [],
+  outcomes: new Map(), qemuDifferences: [], repairLeftCorruption: [], readBackDifferences: [], slowest: { ms: 0, description: '' },
 });
 
 let workDir: string;
@@ -458,6 +461,7 @@ async function runCase(seed: Seed, harm: Harm | undefined, choice: Knobs, stats:
       }
     }
     for (const [, outcome] of runner.outcomes) stats.outcomes.set(outcome, (stats.outcomes.get(outcome) ?? 0) + 1);
+    if (runner.elapsedMs > stats.slowest.ms) stats.slowest = { ms: runner.elapsedMs, description };
   } finally {
     watchdog.end();
     runner.finish();
@@ -479,10 +483,12 @@ function report(format: Format, stats: Stats): void {
     `fuzz ${format}: ${stats.cases} cases (${stats.skipped} skipped), ${stats.roOpened} opened read-only, ${stats.rwOpened} read-write; ` +
       `chunks read ${stats.chunksRead}, failed ${stats.chunksFailed}; compared with the seed ${stats.comparedToSeed}, with qemu ${stats.comparedToQemu} sectors ` +
       `(qemu refused ${stats.qemuRefused}, differed ${stats.qemuDifferences.length}); writes not read back over damaged tables ${stats.readBackDifferences.length}; ` +
-      `repairs that left corruption ${stats.repairLeftCorruption.length}; outcomes: ${outcomes}`,
+      `repairs that left corruption ${stats.repairLeftCorruption.length}; outcomes: ${outcomes}; ` +
+      `slowest case ${Math.round(stats.slowest.ms)} ms`,
   );
   for (const line of stats.qemuDifferences.slice(0, 20)) progressLine(`  differs from qemu: ${line}`);
   if (!process.env.FUZZ_VERBOSE) return;
+  progressLine(`  slowest: ${stats.slowest.description}`);
   for (const line of stats.repairLeftCorruption.slice(0, 50)) progressLine(`  repair incomplete: ${line}`);
   for (const line of stats.readBackDifferences.slice(0, 50)) progressLine(`  write not read back (damaged tables): ${line}`);
 }
@@ -552,6 +558,11 @@ const regressions: Array<{ name: string; seed: string; damage: (layout: Layout, 
     name: 'qcow2 check -r: a refcount block entry 4 TiB past the end of the file is rebuilt, not reached by growing the file',
     seed: 'qcow2 with an internal snapshot',
     damage: (layout, file) => [setEntry(layout, file, 'refcount table', 0, 5, 1n << 42n)],
+  },
+  {
+    name: 'qcow2 check: l1_size 65536 over L2 tables and data (every data cluster read as an L2 table) ends in time',
+    seed: 'qcow2 v3, 64 KiB clusters, a zero cluster',
+    damage: (layout) => [setField(layout, 'l1_size', 65536n)],
   },
 ];
 

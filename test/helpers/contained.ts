@@ -170,6 +170,10 @@ export class CaseRunner {
   }
 
   /** Wall-clock milliseconds spent inside calls so far (overlapping calls count once). */
+  get elapsedMs(): number {
+    return this.spent();
+  }
+
   private spent(): number {
     return this.spentMs + (this.active > 0 ? performance.now() - this.activeSince : 0);
   }

@@ -53,7 +53,8 @@ export async function checkCopiedFlags(ctx: CheckContext, res: Tally, stored: Re
           res.corruptionsFixed += 1;
         }
       }
-      const l2 = tables.get(l2Offset) ?? Buffer.alloc(clusterSize);
+      const l2 = tables.get(l2Offset);
+      if (!l2) continue; // past the end of the file: reads as zeros, no entry to check
       let changed = 0;
       const words = wordsOf(l2);
       const wordsPerEntry = geometry.l2EntryBytes / 4;

@@ -261,9 +261,9 @@ async function countL1(
         ctx.messages.push(`ERROR l2_offset=${hex(l2Offset)}: Table is not cluster aligned; L1 entry corrupted`);
         res.corruptions += 1;
       }
-      const l2 = tables.get(l2Offset) ?? Buffer.alloc(l2Bytes);
-      if (!tables.has(l2Offset) && l2Offset < ctx.fileSize) await ctx.file.read(l2Offset, l2);
-      await countL2(ctx, res, refs, counting, l2Offset, l2, active, fix);
+      // A table past the end of the file reads as zeros: it references nothing (no zero-filled copy per entry).
+      const l2 = tables.get(l2Offset);
+      if (l2) await countL2(ctx, res, refs, counting, l2Offset, l2, active, fix);
     }
     await flushFixes(ctx);
   }
