@@ -209,6 +209,34 @@ console.log(`${differing} bytes differ; first runs:\n  ${runs.join('\n  ')}`);
 process.exit(1);
 EOF
 compare() { node "$work/compare.mjs" "$@"; }
+
+# qed_refs IMAGE -> "UNREFERENCED DOUBLE": clusters of a QED file that nothing references, and
+# clusters referenced twice, from its tables. A second opinion on leaks: qemu-img 7.2's check
+# reports leaked clusters in 4 KiB-cluster QED images that have none (also in images only
+# qemu-io wrote: 1 with 2 L2 tables, 2 with 5), so its exit 3 alone is not believed there.
+cat >"$work/qed-refs.mjs" <<'EOF'
+import { readFile } from 'node:fs/promises';
+const f = await readFile(process.argv[2]);
+const clusterSize = f.readUInt32LE(4), tableBytes = f.readUInt32LE(8) * clusterSize, headerClusters = f.readUInt32LE(12);
+const l1 = Number(f.readBigUInt64LE(40));
+const refs = new Uint8Array(Math.ceil(f.length / clusterSize));
+let double = 0;
+const use = (offset, length) => {
+  for (let c = offset / clusterSize; c < (offset + length) / clusterSize; c++) if (c < refs.length && refs[c]++ > 0) double++;
+};
+use(0, headerClusters * clusterSize);
+use(l1, tableBytes);
+for (let i = 0; i < tableBytes / 8; i++) {
+  const l2 = Number(f.readBigUInt64LE(l1 + i * 8));
+  if (l2 === 0 || l2 + tableBytes > f.length) continue;
+  use(l2, tableBytes);
+  for (let j = 0; j < tableBytes / 8; j++) {
+    const data = Number(f.readBigUInt64LE(l2 + j * 8));
+    if (data > 1 && data % clusterSize === 0) use(data, clusterSize); // 1: a zero cluster
+  }
+}
+console.log(refs.filter((n) => n === 0).length, double);
+EOF
 # fio_errors JOBFILE -> JOBFILE.errors: fio's messages (stderr) and the jobs that ended with an error
 fio_errors() {
   { cat "$1.err" 2>/dev/null; grep -E '^[a-z0-9]+: \(groupid=.*err= *[1-9]' "$1.out" 2>/dev/null; } | head -n 30 >"$1.errors" || true
@@ -255,7 +283,7 @@ daemon_log() { echo "$work/$1-mount-${MOUNTS[$1]}.log"; }
 
 # --- one round's plan for an image: fio job files (the run and its verify-only replay), punches
 plan_round() { # plan_round F BUSY -> $work/r-$f.fio, $work/r-$f.verify.fio, $work/r-$f.punches, ACKREG[F]
-  local f=$1 busy=$2 order=() i j t njobs kind rw bs direct engine engine_note share extra verify randseed summary=()
+  local f=$1 busy=$2 order=() i j t njobs kind rw jobsize bs direct engine engine_note share extra verify randseed summary=()
   for ((i = 0; i < regions; i++)); do order+=("$i"); done
   for ((i = regions - 1; i > 0; i--)); do pick $((i + 1)); j=$R; t=${order[i]}; order[i]=${order[j]}; order[j]=$t; done
   pick 3; njobs=$((2 + R))
@@ -269,6 +297,8 @@ plan_round() { # plan_round F BUSY -> $work/r-$f.fio, $work/r-$f.verify.fio, $wo
       [5-7]) kind=write rw=write ;;
       *) pick 3; kind="write, gaps of $((64 << (R * 2)))k"; rw=write:$((64 << (R * 2)))k ;; # (zonemode=strided ignores size)
     esac
+    jobsize=$region
+    [ "$rw" = write ] || [ "$rw" = randwrite ] || jobsize=$((region - (1 << 20))) # write:SKIP's last block may cross size
     pick 2; direct=$R
     pick 5
     case $R in
@@ -277,14 +307,14 @@ plan_round() { # plan_round F BUSY -> $work/r-$f.fio, $work/r-$f.verify.fio, $wo
     esac
     engine=ioengine=psync engine_note=''
     if [ $direct = 1 ]; then pick 2; [ $R = 1 ] && { pick 4; engine="ioengine=libaio iodepth=$((2 << R))" engine_note=" libaio qd$((2 << R))"; }; fi
-    pick 4; case $R in 0) share=$((region / 4)) ;; 1) share=$((region / 2)) ;; *) share=$region ;; esac
+    pick 4; case $R in 0) share=$((jobsize / 4)) ;; 1) share=$((jobsize / 2)) ;; *) share=$jobsize ;; esac
     extra=''
     pick 4; [ $R = 0 ] && { pick 4; extra="fsync=$((8 << R))"; }
     pick 4; verify=crc32c; [ $R = 0 ] && verify=md5
     pick 2147483647; randseed=$((R + 1))
     {
       echo "[w$j]"
-      for opt in rw=$rw "$bs" direct=$direct $engine offset=$((order[j] * region)) size=$region randseed=$randseed $extra; do echo "$opt"; done
+      for opt in rw=$rw "$bs" direct=$direct $engine offset=$((order[j] * region)) size=$jobsize randseed=$randseed $extra; do echo "$opt"; done
       if [ "$busy" = 1 ]; then
         printf 'time_based=1\nruntime=120\n'
       else
@@ -340,10 +370,23 @@ finish() {
   echo "seed $seed, $round rounds in $((SECONDS - start)) s; ways down:${line%,}"
   line=''
   for k in "${!count[@]}"; do [[ $k == check-* ]] && line+=" ${k#check-} ${count[$k]},"; done
-  echo "qemu-img check exit statuses:${line%,}; repairs at mount ${count[repair]:-0}, imgmount check -r leaks ${count[leak-repair]:-0}, lazy_refcounts toggled ${count[amend]:-0}, images renewed ${count[renew]:-0}; kill-busy with fio alone ${count[fio-only-kill]:-0}, acknowledged writes checked ${count[acked]:-0}"
+  echo "qemu-img check exit statuses:${line%,}; repairs at mount ${count[repair]:-0}, imgmount check -r leaks ${count[leak-repair]:-0}, lazy_refcounts toggled ${count[amend]:-0}, images renewed ${count[renew]:-0}, QED leak reports of qemu-img not believed ${count[qemu-leak-miscount]:-0}; kill-busy with fio alone ${count[fio-only-kill]:-0}, acknowledged writes checked ${count[acked]:-0}"
   if [ -n "$first_failure" ]; then echo; echo "first failure: $first_failure"; fi
   echo "$round rounds, $failures failed"
   [ "$failures" = 0 ] && exit 0 || exit 1
+}
+
+# qemu_leak_miscount F IMAGE CHECKLOG: for QED, qemu-img's "leaks only" (rc 3) becomes rc 0 when
+# qed-refs.mjs finds no unreferenced and no doubly referenced cluster (noted in CHECKLOG)
+qemu_leak_miscount() {
+  local unreferenced double
+  [ "$1" = qed ] && [ "$rc" = 3 ] || return 0
+  read -r unreferenced double < <(node "$work/qed-refs.mjs" "$2")
+  if [ "$unreferenced" = 0 ] && [ "$double" = 0 ]; then
+    echo "(qemu-img's leak count not believed: every cluster of the file is referenced once)" >>"$3"
+    bump qemu-leak-miscount
+    rc=0
+  fi
 }
 
 # Every RENEW_EVERY rounds each image is unmounted cleanly (qemu-img check must be clean), and
@@ -358,6 +401,7 @@ renew_image() {
   status=$(sed -n 's/.*exiting with status \([0-9]*\).*/\1/p' "$(daemon_log "$f")" | tail -n 1)
   [ "$status" = 0 ] || fail "$f" "the daemon ended with status '${status:-none logged}'" "$(daemon_log "$f")"
   rc=0; timeout 300 qemu-img check "${IMG[$f]}" >"$work/r-$f.check" 2>&1 || rc=$?
+  qemu_leak_miscount "$f" "${IMG[$f]}" "$work/r-$f.check"
   [ $rc = 0 ] || fail "$f" "qemu-img check exited $rc before renewing" "$work/r-$f.check"
   rm -f "${IMG[$f]}" "${REF[$f]}" "$work/$f-base.raw" "$work/$f-base.qcow2"
   bump renew
@@ -476,6 +520,7 @@ while [ $((SECONDS - start)) -lt "$seconds" ]; do
   for f in "${formats[@]}"; do
     img=${IMG[$f]} new=$work/$f-new.raw rc=0
     timeout 300 qemu-img check "$img" >"$work/r-$f.check" 2>&1 || rc=$?
+    qemu_leak_miscount "$f" "$img" "$work/r-$f.check"
     dirty=$(dirty_flag "$img")
     bump "check-$rc$([ "$dirty" = 1 ] && echo ' (dirty)' || true)"
     if [ "${KILLED[$f]}" = 0 ]; then
