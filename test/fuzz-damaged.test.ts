@@ -564,6 +564,12 @@ const regressions: Array<{ name: string; seed: string; damage: (layout: Layout, 
     seed: 'qcow2 v3, 64 KiB clusters, a zero cluster',
     damage: (layout) => [setField(layout, 'l1_size', 65536n)],
   },
+  {
+    name: 'qcow2 writing: a refcount block 256 GiB past the end of the file is refused, not written there',
+    seed: 'qcow2 with an internal snapshot',
+    damage: (layout, file) => [setEntry(layout, file, 'refcount table', 0, 0, (entry) => entry ^ (1n << 38n))],
+    knobs: { writes: [{ at: 0, length: 118617 }] },
+  },
 ];
 
 describe.skipIf(qemuMissing)('damaged images found by the fuzzing', () => {

@@ -194,6 +194,10 @@ export class Refcounts {
     if (offset < 0 || offset % this.clusterSize !== 0) {
       throw new CorruptImageError(`${this.file.path}: refcount table entry ${blockIndex} points to ${offset}, which is not a cluster`);
     }
+    // Past the end of the image: updating that block would write it there (a damaged entry made a 1 MB file 256 GiB).
+    if (offset >= this.endOffset) {
+      throw new CorruptImageError(`${this.file.path}: refcount table entry ${blockIndex} points to ${offset}, past the end of the image (${this.endOffset} bytes)`);
+    }
     return offset;
   }
 
