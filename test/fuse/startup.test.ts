@@ -9,7 +9,7 @@
 import { mkdir, realpath, symlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, test } from 'vitest';
-import { sourcesOf } from '../helpers/bundle.js';
+import { modulesEvaluated } from '../helpers/bundle.js';
 import { qemuImg, run } from '../helpers/qemu.js';
 import { IMGMOUNT, MountLab, skipWithoutFuse } from './fuse-helpers.js';
 
@@ -17,13 +17,6 @@ async function title(pid: number): Promise<string> {
   const ps = await run('ps', ['-o', 'args=', '-p', String(pid)]);
   expect(ps.code).toBe(0);
   return ps.stdout.trim();
-}
-
-/** The modules (file: URLs) a command process loaded, from NODE_DEBUG=esm on its stderr. */
-async function modulesLoaded(args: readonly string[], cwd?: string): Promise<{ code: number; modules: string[] }> {
-  const result = await run('env', ['NODE_DEBUG=esm', IMGMOUNT, ...args], cwd === undefined ? {} : { cwd });
-  const modules = [...result.stderr.matchAll(/Storing (\S+)/g)].map((match) => match[1]!);
-  return { code: result.code, modules };
 }
 
 describe.skipIf(skipWithoutFuse('starting a mount', ['ps']))('starting a mount', () => {
@@ -66,20 +59,18 @@ describe.skipIf(skipWithoutFuse('starting a mount', ['ps']))('starting a mount',
     const image = lab.path('disk.qed');
     await qemuImg(['create', '-f', 'qed', image, '8M']);
     const mnt = await lab.mountpoint();
-    const mount = await modulesLoaded(['--log', lab.path('daemon.log'), image, mnt]);
+    // What each command process evaluated, as source modules (bin/imgmount runs a bundle, scripts/build-bundle.mjs).
+    const mount = await modulesEvaluated(['--log', lab.path('daemon.log'), image, mnt], lab.dir);
     expect(mount.code).toBe(0);
-    // As source files: dist/cli/main.js is a bundle (scripts/build-bundle.mjs) whose chunks hold several.
-    const mountSources = sourcesOf(mount.modules);
-    expect(mountSources).toContain('src/cli/background.ts');
-    expect(mountSources.filter((source) => /^src\/(block\/(?!errors|size|idle-clean|filters\/spec)|formats|fuse|native|cache)|node_modules/.test(source))).toEqual([]);
+    expect(mount.sources).toContain('src/cli/background.ts');
+    expect(mount.sources.filter((source) => /^src\/(block\/(?!errors|size|idle-clean|filters\/spec)|formats|fuse|native|cache)|node_modules/.test(source))).toEqual([]);
     expect((await run(IMGMOUNT, ['unmount', mnt])).code).toBe(0);
 
-    const help = await modulesLoaded(['--help']);
+    const help = await modulesEvaluated(['--help'], lab.dir);
     expect(help.code).toBe(0);
-    const info = await modulesLoaded(['info', image]);
+    const info = await modulesEvaluated(['info', image], lab.dir);
     expect(info.code).toBe(0);
-    for (const { modules } of [help, info]) {
-      const sources = sourcesOf(modules);
+    for (const { sources } of [help, info]) {
       expect(sources).toContain('src/cli/main.ts');
       expect(sources.filter((source) => /yargs|cliui|cli-progress|zstddec|^src\/fuse\//.test(source))).toEqual([]);
     }
