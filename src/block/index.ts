@@ -15,5 +15,8 @@ export { parseSize } from './size.js';
 export type * from './types.js';
 export { FILTERS, parseFilterArgument } from './filters/index.js';
 export type { FilterSpec, FilterDefinition, ImageFilter } from './filters/index.js';
+export { markWriteLog } from './filters/log-writes.js';
+export { parseWriteLog } from './filters/write-log.js';
+export type { WriteLog, WriteLogRecord } from './filters/write-log.js';
 export { BLOCK_EVENTS, announce } from './events.js';
 export type { BlockEvent } from './events.js';
