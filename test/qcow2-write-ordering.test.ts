@@ -12,8 +12,13 @@
  *  - a "zero, allocated" cluster (qemu-io write -z) rewritten in place: its
  *    zero flag was cleared on disk before the new data (the cluster showed
  *    the bytes it held before it was zeroed).
+ * And the other way round: a refcount decrement reaches the file only after
+ * a flush that began once the L2 change dropping the reference had been
+ * written (else a power loss could keep a cluster referenced but free, and
+ * hand it out twice): overwriting a compressed cluster, and zeroing a
+ * cluster shared with an internal snapshot.
  */
-import { readFile } from 'node:fs/promises';
+import { open, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { openImage } from '../src/index.js';
@@ -88,4 +93,50 @@ describe.skipIf(skipWithoutQemu('qcow2 write ordering'))('qcow2 write ordering (
       expectDataFlushedFirst(log, hostOffset);
     }
   });
+
+  for (const [what, prepare, change] of [
+    [
+      'overwriting a compressed cluster',
+      async (dir: string, path: string) => {
+        const raw = join(dir, 'src.qcow2');
+        await qemuImg(['create', '-q', '-f', 'qcow2', '-o', `cluster_size=${CLUSTER}`, raw, '4M']);
+        await qemuIo(raw, ['write -q -P 0x33 0 64k'], 'qcow2');
+        await qemuImg(['convert', '-q', '-c', '-f', 'qcow2', '-O', 'qcow2', '-o', `cluster_size=${CLUSTER}`, raw, path]);
+      },
+      (image: Awaited<ReturnType<typeof openImage>>) => image.write(2 * CLUSTER, seededBytes(3, CLUSTER)),
+    ],
+    [
+      'zeroing a cluster shared with a snapshot',
+      async (_dir: string, path: string) => {
+        await qemuImg(['create', '-q', '-f', 'qcow2', '-o', `cluster_size=${CLUSTER}`, path, '4M']);
+        await qemuIo(path, ['write -q -P 0x44 0 64k'], 'qcow2');
+        await qemuImg(['snapshot', '-c', 'before', path]);
+      },
+      (image: Awaited<ReturnType<typeof openImage>>) => image.zero(2 * CLUSTER, CLUSTER),
+    ],
+  ] as const) {
+    it(`${what}: the refcount decrement is written only after a flush that follows the L2 change`, async () => {
+      const dir = await makeTempDir();
+      const path = join(dir, 'disk.qcow2');
+      await prepare(dir, path);
+      const header = Buffer.alloc(64);
+      const file = await open(path, 'r');
+      await file.read(header, 0, 64, 0);
+      const table = Buffer.alloc(8);
+      await file.read(table, 0, 8, Number(header.readBigUInt64BE(48)));
+      await file.close();
+      const block = Number(table.readBigUInt64BE(0));
+      const logPath = join(dir, 'writes.log');
+      const image = await openImage(path, { format: 'qcow2', idleCleanSeconds: 0, filters: [{ name: 'log-writes', log: logPath }] });
+      await change(image);
+      await image.close();
+      const log = parseWriteLog(await readFile(logPath));
+      const l2Writes = log.records.filter((r) => r.kind === 'write' && r.phase === 'issued' && r.length === 8 && !(r.offset >= block && r.offset < block + CLUSTER));
+      expect(l2Writes.length, 'the L2 entry writes').toBeGreaterThan(0);
+      const lastEntry = log.records.find((r) => r.kind === 'write' && r.phase === 'ended' && r.id === l2Writes[l2Writes.length - 1]!.id)!;
+      const refblockWrites = log.records.filter((r) => r.kind === 'write' && r.phase === 'issued' && r.index > lastEntry.index && r.offset >= block && r.offset < block + CLUSTER);
+      expect(refblockWrites.length, 'a refcount write after the L2 change (the decrement)').toBeGreaterThan(0);
+      expect(flushBetween(log, lastEntry.index, refblockWrites[0]!.index), `a flush between the L2 change (record ${lastEntry.index}) and the decrement (record ${refblockWrites[0]!.index})`).toBe(true);
+    });
+  }
 });

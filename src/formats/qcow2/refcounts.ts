@@ -63,6 +63,13 @@ export class Refcounts {
   /** Set when refcounts were written since the last barrier. */
   private unflushed = false;
   /**
+   * Set by a decrement: the L1/L2 change that dropped the reference was written but
+   * may not be durable yet, so the next write-back flushes first. Otherwise a power
+   * loss could keep the lower refcount without that change: a cluster still referenced
+   * but free, handed out again. (QEMU orders the same with a cache dependency.)
+   */
+  private decrementsWaiting = false;
+  /**
    * Changed byte ranges of refcount blocks not written yet (deferred mode), by block
    * offset; each block stays pinned in the cache until `writeBack` writes it.
    */
@@ -135,6 +142,10 @@ export class Refcounts {
 
   /** Writes every deferred refcount change (not flushed: the caller flushes). */
   async writeBack(): Promise<void> {
+    if (this.decrementsWaiting && this.dirtyBlocks.size > 0 && !this.lazy) {
+      this.decrementsWaiting = false;
+      await flushToDisk(this.file);
+    }
     for (const [offset, dirty] of [...this.dirtyBlocks]) {
       // On failure the rest stays dirty, for the next call to try again.
       announce(this.file, 'refblock_update');
@@ -339,6 +350,7 @@ export class Refcounts {
    * each changed block range through. Returns the clusters whose refcount became 0.
    */
   private async change(first: number, count: number, delta: 1 | -1 | 'in use'): Promise<number[]> {
+    if (delta === -1) this.decrementsWaiting = true;
     const freed: number[] = [];
     const order = this.layout.refcountOrder;
     for (let cluster = first; cluster < first + count; ) {
