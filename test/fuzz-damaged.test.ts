@@ -570,6 +570,12 @@ const regressions: Array<{ name: string; seed: string; damage: (layout: Layout, 
     damage: (layout, file) => [setEntry(layout, file, 'refcount table', 0, 0, (entry) => entry ^ (1n << 38n))],
     knobs: { writes: [{ at: 0, length: 118617 }] },
   },
+  {
+    name: 'qcow2 writing: a write whose first part fails to allocate while a later part is refused at once leaves no unhandled rejection',
+    seed: 'qcow2 v3, 512-byte clusters, 64-bit refcounts',
+    damage: (layout, file) => [setEntry(layout, file, 'L1', 0, 0, (entry) => entry + 512n), setField(layout, 'snapshots_offset', 512n), truncateTo(layout, 41030)],
+    knobs: { chunk: 12289, writes: [{ at: 0, length: 67470 }, { at: 0, length: 65498 }] },
+  },
 ];
 
 describe.skipIf(qemuMissing)('damaged images found by the fuzzing', () => {

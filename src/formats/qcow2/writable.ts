@@ -176,16 +176,22 @@ export class WritableQcow2Image extends Qcow2Image {
       parts.push(this.allocatingWrite(from, data.subarray(from - offset, to - offset)));
       slow = [];
     };
-    for (const slot of slots) {
-      if (this.actionFor(slot) === Action.InPlace) {
-        flushSlow();
-        const hostOffset = offsetBits(slot.high, slot.low) + (slot.from - slot.clusterStart);
-        parts.push(this.writeData(hostOffset, data.subarray(slot.from - offset, slot.to - offset)));
-      } else {
-        slow.push(slot);
+    try {
+      for (const slot of slots) {
+        if (this.actionFor(slot) === Action.InPlace) {
+          flushSlow();
+          const hostOffset = offsetBits(slot.high, slot.low) + (slot.from - slot.clusterStart);
+          parts.push(this.writeData(hostOffset, data.subarray(slot.from - offset, slot.to - offset)));
+        } else {
+          slow.push(slot);
+        }
       }
+      flushSlow();
+    } catch (error) {
+      // A damaged entry refused here: the parts already started finish (their failures handled) first.
+      await Promise.allSettled(parts);
+      throw error;
     }
-    flushSlow();
     // Every part finishes before the request answers, also when one fails early.
     await settleAll(parts);
   }
@@ -195,17 +201,22 @@ export class WritableQcow2Image extends Qcow2Image {
     const slots = await this.lookup(offset, length);
     const parts: Promise<void>[] = [];
     const metadata: Slot[] = [];
-    for (const slot of slots) {
-      const kind = this.kindOf(slot);
-      if (kind === Kind.Zero || (kind === Kind.Unallocated && !this.readBacking)) continue;
-      if (this.actionFor(slot) === Action.InPlace) {
-        const hostOffset = offsetBits(slot.high, slot.low) + (slot.from - slot.clusterStart);
-        parts.push(this.clearHostRange(hostOffset, slot.to - slot.from));
-      } else if (this.geometry.extendedL2) {
-        if (!this.allSubclusters(slot, Kind.Zero)) parts.push(this.write(slot.from, Buffer.alloc(slot.to - slot.from)));
-      } else {
-        metadata.push(slot);
+    try {
+      for (const slot of slots) {
+        const kind = this.kindOf(slot);
+        if (kind === Kind.Zero || (kind === Kind.Unallocated && !this.readBacking)) continue;
+        if (this.actionFor(slot) === Action.InPlace) {
+          const hostOffset = offsetBits(slot.high, slot.low) + (slot.from - slot.clusterStart);
+          parts.push(this.clearHostRange(hostOffset, slot.to - slot.from));
+        } else if (this.geometry.extendedL2) {
+          if (!this.allSubclusters(slot, Kind.Zero)) parts.push(this.write(slot.from, Buffer.alloc(slot.to - slot.from)));
+        } else {
+          metadata.push(slot);
+        }
       }
+    } catch (error) {
+      await Promise.allSettled(parts); // as in write
+      throw error;
     }
     if (metadata.length > 0) parts.push(this.zeroUnderLock(metadata));
     await settleAll(parts);
