@@ -3,7 +3,7 @@
 // one script from V8's code cache instead of loading ~60 ES modules
 // (docs/performance.md, "Start-up time"):
 //
-//   dist/cli/main.cjs     the command line (src/cli/main.ts), run by bin/imgmount
+//   dist/cli/main.cjs           the command line (src/cli/main.ts), run by bin/imgmount
 //   dist/fuse/daemon-entry.cjs  the background daemon (src/fuse/daemon-entry.ts)
 //
 // Each is a CommonJS script with its V8 code cache beside it
@@ -11,9 +11,10 @@
 // compiles a bundle with that cache. A script, not an ES module: Node 20 takes
 // cached data only for scripts (vm.Script), and an ES module bundle measured
 // slower still. tsc's dist/fuse/daemon-entry.js, which src/cli/background.ts
-// spawns, is replaced by a three-line ES module that runs dist/fuse/daemon-entry.cjs.
-// The library (dist/index.js and the rest of dist/) stays tsc's output; so does
-// dist/cli/main.js, which bin/imgmount runs when there is no bundle.
+// spawns, is replaced by a three-line ES module that runs dist/fuse/daemon-entry.cjs
+// (a later tsc puts the unbundled daemon back). The library (dist/index.js and the
+// rest of dist/) stays tsc's output; so does dist/cli/main.js, which bin/imgmount
+// runs when there is no bundle or tsc ran after it.
 //
 // The first line of a bundle names its ID, a hash of its text, and the cache's
 // file name carries it: V8 checks only a script's length against its cache, so
