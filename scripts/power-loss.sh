@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Power-loss testing through the log-writes filter (docs/reliability-power-loss.md).
+# Power-loss testing through the log-writes filter (docs/reliability.md).
 #
 # Usage: scripts/power-loss.sh FORMAT [STATES]      FORMAT: qed or qcow2; STATES default 1000
 #

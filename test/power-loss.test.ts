@@ -1,6 +1,6 @@
 /**
  * A short run of scripts/power-loss.sh per format (the long runs are in
- * docs/reliability-power-loss.md): the workloads write through the log-writes
+ * docs/reliability.md): the workloads write through the log-writes
  * filter, the replay rebuilds crash states and checks each with imgmount and
  * qemu-img. Uses dist/ (built by npm test / scripts/test.sh before vitest).
  */

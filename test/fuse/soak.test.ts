@@ -1,5 +1,5 @@
 /**
- * The short version of the fio soak (scripts/soak.sh, docs/reliability-soak.md):
+ * The short version of the fio soak (scripts/soak.sh, docs/reliability.md):
  * 40 seconds of rounds on 64 MiB QED and qcow2 images over backing files, fio
  * writing with --verify through the mounts, and between rounds a clean unmount
  * by one of its routes or a kill -9 of the daemon (idle or mid-write); after
