@@ -26,7 +26,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { checkImage, openImage, type BlockImage } from '../src/index.js';
+import { checkImage, CorruptImageError, openImage, type BlockImage } from '../src/index.js';
 import { CaseFailure, CaseRunner, installGuards, progressLine, Watchdog, type Budget } from './helpers/contained.js';
 import {
   applyPatches, joinEffects, qcow2Layout, qedLayout, resolveMutation, setBytes, setEntry, setField, truncateTo, untouched,
@@ -589,6 +589,28 @@ describe.skipIf(qemuMissing)('damaged images found by the fuzzing', () => {
       expect(stats.cases).toBe(1);
     });
   }
+});
+
+describe.skipIf(qemuMissing)('writes over damaged tables', () => {
+  it('QED: an L1 entry pointing at the L1 table itself fails with EIO, and a write there never overwrites the L1 table', async () => {
+    const seed = seeds.find((s) => s.name === 'QED, 4 KiB clusters, table_size 2')!;
+    const dir = join(workDir, 'qed-l1-alias');
+    await mkdir(dir, { recursive: true });
+    const path = join(dir, 'disk.qed');
+    await writeFile(path, seed.bytes);
+    const l1 = seed.layout.tables.find((t) => t.kind === 'L1')!;
+    await applyPatches(path, setEntry(seed.layout, seed.bytes, 'L1', 0, 0, BigInt(l1.offset)).patches);
+    const l1Before = (await readFile(path)).subarray(l1.offset, l1.offset + l1.entries * 8);
+    const image = await openImage(path, { format: 'qed' });
+    try {
+      await expect(image.read(0, Buffer.alloc(4096))).rejects.toThrow(CorruptImageError);
+      await expect(image.write(8192, seededBytes(5, 70_000))).rejects.toThrow(/on the L1 table/);
+      await image.write(5 * MiB, seededBytes(6, 4096)); // the other L2 table still takes writes
+    } finally {
+      await image.close();
+    }
+    expect((await readFile(path)).subarray(l1.offset, l1.offset + l1.entries * 8).equals(l1Before), 'the L1 table is unchanged').toBe(true);
+  });
 });
 
 describe.skipIf(qemuMissing)('writes over damaged refcounts', () => {

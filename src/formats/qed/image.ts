@@ -99,7 +99,7 @@ export class QedImage implements FormatImage {
       } else {
         if (!this.isValidTable(l2Offset)) {
           throw new CorruptImageError(
-            `${this.file.path}: L1 entry ${l1Index} (guest bytes ${l1Index * this.geometry.l2Span}..) points to L2 table at ${l2Offset}, which is misaligned or outside the file; run 'imgmount check -r'`,
+            `${this.file.path}: L1 entry ${l1Index} (guest bytes ${l1Index * this.geometry.l2Span}..) points to L2 table at ${l2Offset}, which is misaligned, outside the file or on the L1 table; run 'imgmount check -r'`,
           );
         }
         const from = pos;
@@ -123,7 +123,7 @@ export class QedImage implements FormatImage {
         pushRun(runs, { kind: 'zero', guestOffset: pos, length });
       } else if (!this.isValidCluster(entry)) {
         throw new CorruptImageError(
-          `${this.file.path}: the L2 entry for guest offset ${this.geometry.clusterStart(pos)} points to ${entry === -1 ? 'an offset above 2^53' : entry}, which is misaligned or outside the file; run 'imgmount check -r'`,
+          `${this.file.path}: the L2 entry for guest offset ${this.geometry.clusterStart(pos)} points to ${entry === -1 ? 'an offset above 2^53' : entry}, which is misaligned, outside the file or on the L1 table; run 'imgmount check -r'`,
         );
       } else {
         pushRun(runs, { kind: 'data', guestOffset: pos, length, hostOffset: entry + (pos % clusterSize) });
@@ -260,13 +260,19 @@ export class QedImage implements FormatImage {
   }
 
   private isValidCluster(offset: number): boolean {
-    return this.geometry.isValidClusterOffset(offset, this.validEnd) && offset !== this.damagedCluster;
+    return this.geometry.isValidClusterOffset(offset, this.validEnd) && offset !== this.damagedCluster && !this.onL1Table(offset, this.geometry.clusterSize);
   }
 
   private isValidTable(offset: number): boolean {
     const damaged = this.damagedCluster;
     const overlapsDamage = damaged !== undefined && offset <= damaged && damaged < offset + this.geometry.tableBytes;
-    return this.geometry.isValidTableOffset(offset, this.validEnd) && !overlapsDamage;
+    return this.geometry.isValidTableOffset(offset, this.validEnd) && !overlapsDamage && !this.onL1Table(offset, this.geometry.tableBytes);
+  }
+
+  /** True when [offset, offset + bytes) overlaps the L1 table: a damaged entry pointing there would show it as data, and a write would overwrite it. */
+  private onL1Table(offset: number, bytes: number): boolean {
+    const l1 = this.header.l1TableOffset;
+    return offset < l1 + this.geometry.tableBytes && l1 < offset + bytes;
   }
 
   /** Backing bytes for a cluster tail; the range may run past the image end (never past the cluster). */
