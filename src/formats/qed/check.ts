@@ -19,7 +19,8 @@
  * "Repairing ..." for what is repaired).
  */
 import type { CheckOptions, CheckResult, Protocol } from '../../block/types.js';
-import { Geometry, getEntry, nextNonZeroEntry, setEntry, ZERO_CLUSTER, type Table } from './geometry.js';
+import { nextNonZeroEntry } from '../../block/table-scan.js';
+import { Geometry, getEntry, setEntry, ZERO_CLUSTER, type Table } from './geometry.js';
 import { QED_F_NEED_CHECK, type QedHeader } from './header.js';
 import { readTable, writeHeader } from './tables.js';
 

@@ -63,23 +63,6 @@ export function getEntry(table: Table, index: number): number {
   return high * 0x100000000 + low;
 }
 
-/**
- * The index of the first entry at or after `from` that is not 0 (unallocated),
- * or `table.length / 8` when there is none. Tables are mostly zeros: scanning
- * whole words is far cheaper than decoding every entry (check of 512 tables of
- * 32768 entries: 0.40 s of CPU with getEntry on each).
- */
-export function nextNonZeroEntry(table: Table, from: number): number {
-  const entries = table.length >>> 3;
-  if (table.byteOffset % 4 === 0) {
-    const words = new Uint32Array(table.buffer, table.byteOffset, entries * 2);
-    for (let i = from; i < entries; i++) if ((words[2 * i]! | words[2 * i + 1]!) !== 0) return i;
-    return entries;
-  }
-  for (let i = from; i < entries; i++) if ((table.readUInt32LE(i * 8) | table.readUInt32LE(i * 8 + 4)) !== 0) return i;
-  return entries;
-}
-
 export function setEntry(table: Table, index: number, value: number): void {
   table.writeUInt32LE(value % 0x100000000, index * 8);
   table.writeUInt32LE(Math.floor(value / 0x100000000), index * 8 + 4);
