@@ -102,7 +102,9 @@ export function parseEntry(log: Buffer, position: number, logGuid: Buffer): LogE
  * The active sequence: of the runs of consecutive valid entries (each
  * following the previous one in the ring with the next sequence number), the
  * one ending with the highest sequence number, replayed from the entry its
- * last entry's tail names. Empty when the log holds no valid entry.
+ * last entry's tail names. Empty when the log holds no valid entry. (qemu
+ * 7.2 compares runs by their FIRST entry's sequence number and so replays
+ * only the last entry of a multi-entry sequence; it never writes one itself.)
  */
 export function activeSequence(log: Buffer, logGuid: Buffer, path: string): LogEntry[] {
   let best: LogEntry[] = [];
@@ -117,8 +119,10 @@ export function activeSequence(log: Buffer, logGuid: Buffer, path: string): LogE
       run.push(next);
       position = (position + next.length) % log.length;
     }
-    const last = run[run.length - 1]!;
-    if (best.length === 0 || last.sequenceNumber > best[best.length - 1]!.sequenceNumber) best = run;
+    const last = run[run.length - 1]!.sequenceNumber;
+    const bestLast = best[best.length - 1]?.sequenceNumber;
+    // A run that starts inside a longer one ends with the same entry: keep the longer one.
+    if (bestLast === undefined || last > bestLast || (last === bestLast && run.length > best.length)) best = run;
   }
   if (best.length === 0) return best;
   const last = best[best.length - 1]!;
