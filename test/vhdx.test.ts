@@ -485,6 +485,22 @@ describe('damaged VHDX structures are refused naming the field', () => {
     await expect(checkImage(path, { format: 'vhdx', repair: true })).rejects.toThrow(/cannot repair: writing VHDX images is not supported yet/);
   });
 
+  it('a hostile log of overlapping entries (one at every 4 KiB, each as long as the log) is refused instead of checksummed 256 times', T, async () => {
+    const dir = await makeTempDir('imgmount-vhdx-');
+    const path = await image(dir);
+    const logGuid = Buffer.alloc(16, 0x42);
+    await both(path, (h) => logGuid.copy(h, 48));
+    const log = Buffer.alloc(MiB);
+    for (let at = 0; at < MiB; at += 4096) {
+      log.write('loge', at, 'latin1');
+      log.writeUInt32LE(MiB, at + 8);
+      log.writeBigUInt64LE(BigInt(at + 1), at + 16);
+      logGuid.copy(log, at + 32);
+    }
+    await patchBytes(path, LAYOUT.log, log);
+    expect((await openError(path)).message).toMatch(/overlapping entries whose checksums would need to be computed over more than 4 times its 1048576 bytes/);
+  });
+
   it('log entries are only valid with the log GUID of the header (an entry of another GUID is not replayed)', T, async () => {
     const dir = await makeTempDir('imgmount-vhdx-');
     const path = await image(dir);

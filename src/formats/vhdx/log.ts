@@ -50,7 +50,7 @@ function safe(value: bigint): number | undefined {
 }
 
 /** The valid entry at `position`, or undefined (any check failing means "no entry here", as the spec reads the ring). */
-export function parseEntry(log: Buffer, position: number, logGuid: Buffer): LogEntry | undefined {
+export function parseEntry(log: Buffer, position: number, logGuid: Buffer, spend: (bytes: number) => void = () => undefined): LogEntry | undefined {
   const head = ringSlice(log, position, 64);
   if (head.readUInt32LE(0) !== ENTRY_SIGNATURE) return undefined;
   const length = head.readUInt32LE(8);
@@ -61,12 +61,15 @@ export function parseEntry(log: Buffer, position: number, logGuid: Buffer): LogE
   const count = head.readUInt32LE(24);
   const descriptorSectors = Math.ceil((count + 2) / 128);
   if (descriptorSectors * LOG_SECTOR > length) return undefined;
+  spend(length);
   const entry = ringSlice(log, position, length);
   if (!checksumMatches(entry, 4)) return undefined;
   const flushed = safe(head.readBigUInt64LE(48));
   const last = safe(head.readBigUInt64LE(56));
   if (flushed === undefined || last === undefined) return undefined;
   const writes: LogWrite[] = [];
+  // Writes stay inside the file as the entry knew it (qemu extends the file to LastFileOffset, rounded up to 1 MiB).
+  const fileEnd = Math.max(flushed, Math.ceil(last / MiB) * MiB);
   let dataSector = descriptorSectors;
   for (let i = 0; i < count; i++) {
     const at = 64 + 32 * i;
@@ -76,9 +79,10 @@ export function parseEntry(log: Buffer, position: number, logGuid: Buffer): LogE
     if (entry.readBigUInt64LE(at + 24) !== sequenceNumber) return undefined;
     if (signature === ZERO_DESCRIPTOR) {
       const zeroLength = safe(entry.readBigUInt64LE(at + 8));
-      if (zeroLength === undefined || zeroLength % LOG_SECTOR !== 0 || offset + zeroLength > Number.MAX_SAFE_INTEGER) return undefined;
+      if (zeroLength === undefined || zeroLength % LOG_SECTOR !== 0 || offset + zeroLength > fileEnd) return undefined;
       writes.push({ offset, zeroLength });
     } else if (signature === DATA_DESCRIPTOR) {
+      if (offset + LOG_SECTOR > fileEnd) return undefined;
       const sectorAt = dataSector * LOG_SECTOR;
       if (sectorAt + LOG_SECTOR > length) return undefined;
       const sector = entry.subarray(sectorAt, sectorAt + LOG_SECTOR);
@@ -107,13 +111,26 @@ export function parseEntry(log: Buffer, position: number, logGuid: Buffer): LogE
  * only the last entry of a multi-entry sequence; it never writes one itself.)
  */
 export function activeSequence(log: Buffer, logGuid: Buffer, path: string): LogEntry[] {
+  // Each position is parsed once. Real entries do not overlap, so the bytes checksummed stay near the
+  // log's size; a hostile log of overlapping long entries would make the search quadratic: refused.
+  const parsed = new Map<number, LogEntry | undefined>();
+  let budget = 4 * log.length;
+  const entryAt = (position: number): LogEntry | undefined => {
+    if (parsed.has(position)) return parsed.get(position);
+    const entry = parseEntry(log, position, logGuid, (bytes) => {
+      budget -= bytes;
+      if (budget < 0) throw new CorruptImageError(`${path}: the log holds overlapping entries whose checksums would need to be computed over more than 4 times its ${log.length} bytes`);
+    });
+    parsed.set(position, entry);
+    return entry;
+  };
   let best: LogEntry[] = [];
   for (let start = 0; start < log.length; start += LOG_SECTOR) {
-    const first = parseEntry(log, start, logGuid);
+    const first = entryAt(start);
     if (!first) continue;
     const run = [first];
     for (let position = (start + first.length) % log.length; run.length * LOG_SECTOR <= log.length; ) {
-      const next = parseEntry(log, position, logGuid);
+      const next = entryAt(position);
       const previous = run[run.length - 1]!;
       if (!next || next.sequenceNumber !== previous.sequenceNumber + 1n || position === start) break;
       run.push(next);
@@ -162,9 +179,9 @@ export class LogOverlay implements Protocol {
 
   constructor(private readonly file: Protocol, entries: readonly LogEntry[], fileSize: number) {
     this.writes = entries.flatMap((entry) => entry.writes);
-    this.start = Math.min(...this.writes.map((w) => w.offset));
-    this.end = Math.max(0, ...this.writes.map((w) => w.offset + ('data' in w ? w.data.length : w.zeroLength)));
-    const last = Math.max(0, ...entries.map((entry) => entry.lastFileOffset));
+    this.start = this.writes.reduce((min, w) => Math.min(min, w.offset), Number.MAX_SAFE_INTEGER);
+    this.end = this.writes.reduce((max, w) => Math.max(max, w.offset + ('data' in w ? w.data.length : w.zeroLength)), 0);
+    const last = entries.reduce((max, entry) => Math.max(max, entry.lastFileOffset), 0);
     this.length = Math.max(fileSize, Math.ceil(last / MiB) * MiB, this.end);
   }
 
