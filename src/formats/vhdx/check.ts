@@ -12,7 +12,7 @@ import {
   UNMAPPED_V095, ZERO,
 } from './bat.js';
 import { MiB } from './header.js';
-import { openParts } from './index.js';
+import { openParts } from './open.js';
 
 const PAGE_ENTRIES = MiB / 8;
 
