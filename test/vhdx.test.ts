@@ -115,7 +115,7 @@ describe.skipIf(skipQemu)('qemu-made VHDX: map and check', () => {
     }
   });
 
-  it('check of a clean image finds nothing, like qemu-img check; a truncated file is a corruption naming the block', T, async () => {
+  it('check of a clean image finds nothing, like qemu-img check; a truncated file is one corruption naming the block, as qemu-img check says (qemu then refuses the whole image; here only that block fails)', T, async () => {
     const dir = await makeTempDir('imgmount-vhdx-');
     const path = await qemuMade(dir, 'c', 'block_size=1M,block_state_zero=off', 6 * MiB, ['write -P 0x51 0 4096', `write -P 0x52 ${5 * MiB} 4096`]);
     expect((await qemuCheck(path, 'vhdx')).code).toBe(0);
@@ -123,6 +123,9 @@ describe.skipIf(skipQemu)('qemu-made VHDX: map and check', () => {
     expect(clean).toMatchObject({ corruptions: 0, leaks: 0, allocatedClusters: 2, totalClusters: 6 });
     const size = (await readFile(path)).length;
     await truncate(path, size - MiB / 2);
+    const theirs = await qemuCheck(path, 'vhdx');
+    expect({ code: theirs.code, says: /1 errors were found/.test(theirs.stdout) }).toEqual({ code: 2, says: true });
+    expect(theirs.stderr).toMatch(/BAT entry 5 .*points after end of file/);
     const damaged = await checkImage(path, { format: 'vhdx' });
     expect(damaged.corruptions).toBe(1);
     expect(damaged.messages.join('\n')).toMatch(/payload block 5\b.*past the end of the file/);
