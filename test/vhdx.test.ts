@@ -136,6 +136,54 @@ describe.skipIf(skipQemu)('qemu-made VHDX: map and check', () => {
   });
 });
 
+describe.skipIf(skipQemu)('VHDX from the test writer that qemu reads too', () => {
+  /** qemu-io verifies that `length` bytes at `offset` are all `value`. */
+  async function qemuSees(path: string, offset: number, length: number, value: number): Promise<void> {
+    const result = await run('qemu-io', ['-r', '-f', 'vhdx', '-c', `read -P ${value} ${offset} ${length}`, path]);
+    expect(result.stdout + result.stderr, `qemu-io read -P ${value} ${offset} ${length}`).not.toMatch(/Pattern verification failed|error|failed/i);
+    expect(result.stdout).toMatch(/^read \d+\/\d+ bytes/m);
+  }
+
+  for (const sector of [512, 4096] as const) {
+    it(`${sector}-byte logical sectors, every fixed/dynamic block state, blocks on both sides of the first sector bitmap entry`, T, async () => {
+      const dir = await makeTempDir('imgmount-vhdx-');
+      const path = join(dir, `s${sector}.vhdx`);
+      // 1 MiB blocks: chunk ratio 4096 (512-byte sectors) or 32768 (4096): BAT entry 4096 is a sector bitmap entry for 512
+      const size = 4100 * MiB;
+      const blocks = new Map<number, BlockSpec>([
+        [0, { state: STATE.FULLY_PRESENT, data: Buffer.alloc(MiB, 0x31) }],
+        [1, { state: STATE.ZERO }],
+        [2, { state: STATE.UNDEFINED }],
+        [3, { state: STATE.UNMAPPED }],
+        [4095, { state: STATE.FULLY_PRESENT, data: Buffer.alloc(MiB, 0x32) }],
+        [4096, { state: STATE.FULLY_PRESENT, data: Buffer.alloc(MiB, 0x33) }],
+        [4099, { state: STATE.FULLY_PRESENT, data: Buffer.alloc(MiB, 0x34) }],
+      ]);
+      await writeVhdx(path, { virtualSize: size, blockSize: MiB, logicalSectorSize: sector, blocks });
+      const expectations: Array<[number, number, number]> = [
+        [0, MiB, 0x31], [MiB, 4 * MiB, 0], [4095 * MiB, MiB, 0x32], [4096 * MiB, MiB, 0x33], [4097 * MiB, 2 * MiB, 0], [4099 * MiB, MiB, 0x34],
+      ];
+      // qemu 7.2 reads only 512-byte logical sectors ("Operation not supported" otherwise): libvhdi is the oracle for both
+      const theirs = await libvhdiRead([path], join(dir, 'libvhdi.raw'), expectations.map(([offset, length]) => [offset, length]));
+      let at = 0;
+      await withImage(path, { readOnly: true }, async (image) => {
+        for (const [offset, length, value] of expectations) {
+          if (sector === 512) await qemuSees(path, offset, length, value);
+          expect(theirs.subarray(at, at + length).equals(Buffer.alloc(length, value)), `libvhdi at ${offset}`).toBe(true);
+          at += length;
+          const ours = Buffer.alloc(length);
+          await image.read(offset, ours);
+          expect(ours.equals(Buffer.alloc(length, value)), `ours at ${offset}`).toBe(true);
+        }
+        if (sector === 512) {
+          const info = JSON.parse((await qemuImg(['info', '-f', 'vhdx', '--output=json', path])).stdout) as Record<string, unknown>;
+          expect(info['virtual-size']).toBe(image.length);
+        }
+      });
+    });
+  }
+});
+
 // ---------------------------------------------------------------------------
 // The log
 // ---------------------------------------------------------------------------
