@@ -224,6 +224,35 @@ describe.skipIf(skipQemu)('a log still to be replayed', () => {
     expect(await sha(path)).toBe(before);
   });
 
+  it('a log qemu left behind (its BAT write during log replay failed, injected by blkdebug) replays in memory like qemu-img check -r all replays it', T, async () => {
+    const dir = await makeTempDir('imgmount-vhdx-');
+    const path = join(dir, 'qemu-log.vhdx');
+    await qemuImg(['create', '-q', '-f', 'vhdx', '-o', 'block_size=1M,block_state_zero=off', path, String(8 * MiB)]);
+    await qemuIo(path, [`write -P 0x65 ${3 * MiB + 100} 5000`], 'vhdx');
+    // the BAT region, from the region table (entry GUID 2DC27766-...)
+    const table = await readBytes(path, LAYOUT.region1, 64 * KiB);
+    const entries = [...Array(table.readUInt32LE(8)).keys()].map((i) => table.subarray(16 + 32 * i, 48 + 32 * i));
+    const batOffset = Number(entries.find((e) => e.readUInt32LE(0) === 0x2dc27766)!.readBigUInt64LE(16));
+    const config = join(dir, 'blkdebug.conf');
+    await writeFile(config, `[inject-error]\nevent = "pwritev"\nsector = "${batOffset / 512}"\nerrno = "5"\nonce = "on"\n`);
+    const spec = { driver: 'vhdx', file: { driver: 'blkdebug', config, image: { driver: 'file', filename: path } } };
+    const failed = await run('qemu-io', ['-c', 'write -P 0x66 1000 70000', `json:${JSON.stringify(spec)}`]);
+    expect(failed.stdout + failed.stderr).toMatch(/write failed: Input\/output error/);
+    expect((await run('qemu-img', ['info', '-f', 'vhdx', path])).stderr).toMatch(/log that needs to be replayed/);
+    const before = await sha(path);
+    const copy = join(dir, 'copy.vhdx');
+    await copyFile(path, copy);
+    await qemuImg(['check', '-r', 'all', '-f', 'vhdx', copy]);
+    const expected = await qemuRaw(copy, dir, 'copy');
+    expect(expected.subarray(1000, 71000).equals(Buffer.alloc(70000, 0x66))).toBe(true);
+    const notices: string[] = [];
+    await withImage(path, { readOnly: true, notice: (line) => notices.push(line) }, async (image) => {
+      expect((await readAll(image)).equals(expected)).toBe(true);
+    });
+    expect(notices.join('\n')).toMatch(/log holds 1 entry .*replayed in memory/);
+    expect(await sha(path)).toBe(before);
+  });
+
   it('a sequence of three entries with a zero descriptor replays whole (the writer\'s replayed image, read by qemu, is the oracle)', T, async () => {
     const dir = await makeTempDir('imgmount-vhdx-');
     const path = join(dir, 'seq.vhdx');
