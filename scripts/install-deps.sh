@@ -5,7 +5,9 @@
 # scripts/soak.sh, and the benchmark), build-essential and
 # python3 (node-gyp builds the native addon, native/imgmount.c: a C compiler,
 # g++ as gyp's linker, make, the libc and kernel headers), then the npm
-# packages, and builds. Idempotent: installs only what is missing.
+# packages, and builds; also the readers the format tests compare with where qemu-img
+# 7.2 cannot read a format (python3-libvhdi for VHDX and differencing VHD). Idempotent:
+# installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +19,8 @@ command -v losetup >/dev/null || need+=(util-linux)
 command -v fio >/dev/null || need+=(fio)
 { command -v gcc && command -v g++ && command -v make && [ -f /usr/include/linux/fuse.h ]; } >/dev/null || need+=(build-essential)
 command -v python3 >/dev/null || need+=(python3)
+# The oracles of formats qemu-img 7.2 cannot read or make (test/vhdx.test.ts, test/vpc*.test.ts).
+/usr/bin/python3 -c 'import pyvhdi' 2>/dev/null || need+=(python3-libvhdi)
 if [ "${IMGMOUNT_BENCH_DEPS:-0}" = 1 ]; then
   command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-common)
 fi
