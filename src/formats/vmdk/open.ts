@@ -1,0 +1,110 @@
+/**
+ * Opening a VMDK image in any of its two forms, as qemu does:
+ *
+ * - a sparse file ("KDMV" at 0: monolithicSparse, streamOptimized) with its
+ *   descriptor embedded in sector 1; its grain directory is read here. A
+ *   header with capacity 0 and a descriptor is opened as a descriptor file
+ *   (qemu's behaviour).
+ * - a descriptor file (text) listing extents in other files (monolithicFlat,
+ *   twoGbMaxExtentFlat / Sparse, vmfs): each extent file is opened through
+ *   the gate, confined to the image's directory unless the user allowed
+ *   other directories (CVE-2022-47951: a descriptor naming arbitrary host
+ *   files). VMDK3 ("COWD", vmfsSparse) and seSparse extents are refused by
+ *   name, as is a sparse extent that is itself a descriptor.
+ *
+ * Everything is read once here; the image is immutable afterwards.
+ */
+import createDebug from 'debug';
+import { CorruptImageError, UnsupportedFeatureError } from '../../block/errors.js';
+import type { FormatImage, OpenOptions, Protocol } from '../../block/types.js';
+import {
+  DESCRIPTOR_FILE_MAX_BYTES, EMBEDDED_DESCRIPTOR_BYTES, descriptorText, parseDescriptorFile, parseEmbeddedDescriptor, type Descriptor, type ExtentLine,
+} from './descriptor.js';
+import { FlatExtent, SparseExtent, type Extent } from './extent.js';
+import { COMPRESSION_DEFLATE, SECTOR, VMDK3_MAGIC, VMDK4_MAGIC, embeddedDescriptorOnly, readSparseHeader, type SparseHeader } from './header.js';
+import { VmdkImage } from './image.js';
+
+const log = createDebug('imgmount:vmdk');
+
+/** A sparse extent's header and grain directory, read and checked. */
+export async function readSparse(file: Protocol, fileSize: number): Promise<{ header: SparseHeader; gd: Uint32Array }> {
+  const sector = Buffer.alloc(SECTOR);
+  await file.read(0, sector);
+  const header = await readSparseHeader(file, sector, fileSize);
+  const bytes = Buffer.alloc(header.gdEntries * 4);
+  await file.read(header.gdOffset * SECTOR, bytes);
+  const gd = new Uint32Array(header.gdEntries);
+  for (let i = 0; i < gd.length; i++) gd[i] = bytes.readUInt32LE(i * 4);
+  return { header, gd };
+}
+
+function refuseVmdk3(path: string): never {
+  throw new UnsupportedFeatureError(`${path}: VMDK3 ("COWD", ESX vmfsSparse) extents are not supported`);
+}
+
+export async function openVmdk(file: Protocol, options: OpenOptions): Promise<FormatImage> {
+  const fileSize = await file.size();
+  if (fileSize < 4) throw new CorruptImageError(`${file.path}: the file is ${fileSize} bytes, too small to be a VMDK image`);
+  const head = Buffer.alloc(SECTOR);
+  await file.read(0, head);
+  const magic = head.subarray(0, 4);
+  if (magic.equals(VMDK3_MAGIC)) refuseVmdk3(file.path);
+  if (magic.equals(VMDK4_MAGIC)) {
+    const disguised = embeddedDescriptorOnly(head);
+    if (disguised === undefined) return openMonolithic(file, fileSize);
+    const descBytes = disguised.descOffset * BigInt(SECTOR);
+    if (descBytes >= BigInt(fileSize)) {
+      throw new CorruptImageError(`${file.path}: VMDK desc_offset ${disguised.descOffset} sectors lies past the end of the file (${fileSize} bytes)`);
+    }
+    return openDescriptorFile(file, fileSize, Number(descBytes), options);
+  }
+  return openDescriptorFile(file, fileSize, 0, options);
+}
+
+async function openMonolithic(file: Protocol, fileSize: number): Promise<FormatImage> {
+  const { header, gd } = await readSparse(file, fileSize);
+  // qemu reads the embedded descriptor's 20 sectors; bytes past the end of a short file read as zeros
+  const bytes = Buffer.alloc(EMBEDDED_DESCRIPTOR_BYTES);
+  await file.read((header.descOffset || 1) * SECTOR, bytes);
+  const descriptor = parseEmbeddedDescriptor(descriptorText(bytes), file.path);
+  const extent = new SparseExtent({ file, own: true, header, gd, fileSize, type: '', index: 0 });
+  const createType = header.compressAlgorithm === COMPRESSION_DEFLATE ? 'streamOptimized' : 'monolithicSparse';
+  log('%s: %s, %d sectors, %d-sector grains%s', file.path, createType, header.capacity, header.granularity, header.fromFooter ? ' (header from the footer)' : '');
+  return new VmdkImage({ file, extents: [extent], descriptor, createType, backing: backingOf(descriptor) });
+}
+
+function backingOf(descriptor: Descriptor): { filename: string } | undefined {
+  return descriptor.parentFileNameHint === undefined ? undefined : { filename: descriptor.parentFileNameHint };
+}
+
+async function openDescriptorFile(file: Protocol, fileSize: number, at: number, options: OpenOptions): Promise<FormatImage> {
+  const bytes = Buffer.alloc(Math.min(fileSize - at, DESCRIPTOR_FILE_MAX_BYTES));
+  await file.read(at, bytes);
+  const descriptor = parseDescriptorFile(descriptorText(bytes), file.path);
+  if (descriptor.extents.length === 0) throw new CorruptImageError(`${file.path}: the VMDK descriptor lists no extent qemu would open (RW, a known type, a positive size)`);
+  const extents: Extent[] = [];
+  for (const line of descriptor.extents) extents.push(await openExtent(file, line, extents.length, options));
+  const total = extents.reduce((sum, extent) => sum + extent.length, 0);
+  if (!Number.isSafeInteger(total)) throw new CorruptImageError(`${file.path}: the VMDK extents add up to more than ${Number.MAX_SAFE_INTEGER} bytes`);
+  // qemu's quirk: a compressed extent makes the image's create type streamOptimized
+  const createType = extents.some((extent) => extent.compressed) ? 'streamOptimized' : descriptor.createType!;
+  log('%s: %s descriptor with %d extent(s)', file.path, createType, extents.length);
+  return new VmdkImage({ file, extents, descriptor, createType, backing: backingOf(descriptor) });
+}
+
+async function openExtent(image: Protocol, line: ExtentLine, index: number, options: OpenOptions): Promise<Extent> {
+  if (line.type === 'SESPARSE') throw new UnsupportedFeatureError(`${image.path}: VMDK seSparse extents are not supported (extent "${line.fileName}")`);
+  const file = await options.files.open(line.fileName, 'VMDK extent', { readOnly: true, confined: true });
+  if (line.type === 'FLAT' || line.type === 'VMFS') return new FlatExtent(file, line.sectors * SECTOR, line.flatOffset * SECTOR, line.type, false);
+  const fileSize = await file.size();
+  if (fileSize < 4) throw new CorruptImageError(`${file.path}: VMDK extent of ${image.path} is ${fileSize} bytes, too small for a sparse extent`);
+  const head = Buffer.alloc(SECTOR);
+  await file.read(0, head);
+  const magic = head.subarray(0, 4);
+  if (magic.equals(VMDK3_MAGIC)) refuseVmdk3(file.path);
+  if (!magic.equals(VMDK4_MAGIC)) throw new CorruptImageError(`${file.path}: VMDK ${line.type} extent of ${image.path} does not start with "KDMV"`);
+  if (embeddedDescriptorOnly(head)) throw new UnsupportedFeatureError(`${file.path}: VMDK extent of ${image.path} is itself a descriptor; nested descriptors are not supported`);
+  // as in qemu, the size of a sparse extent is its header's capacity, not the descriptor line's
+  const { header, gd } = await readSparse(file, fileSize);
+  return new SparseExtent({ file, own: false, header, gd, fileSize, type: line.type, index, cacheBytes: options.metadataCacheBytes });
+}
