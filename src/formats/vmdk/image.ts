@@ -107,6 +107,7 @@ export class VmdkImage implements FormatImage {
     const same = this.extents.every((e) => e.grainSize === first?.grainSize && e.compressed === first?.compressed);
     return {
       clusterSize: same && first?.grainSize !== undefined ? first.grainSize : undefined,
+      dirty: false,
       specific: {
         cid: this.descriptor.cid,
         'parent-cid': this.descriptor.parentCid,

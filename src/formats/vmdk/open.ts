@@ -73,8 +73,9 @@ async function openMonolithic(file: Protocol, fileSize: number): Promise<FormatI
   return new VmdkImage({ file, extents: [extent], descriptor, createType, backing: backingOf(descriptor) });
 }
 
-function backingOf(descriptor: Descriptor): { filename: string } | undefined {
-  return descriptor.parentFileNameHint === undefined ? undefined : { filename: descriptor.parentFileNameHint };
+/** The parent of a differencing image; qemu opens it as vmdk, never probed, and so does this. */
+function backingOf(descriptor: Descriptor): { filename: string; format: string } | undefined {
+  return descriptor.parentFileNameHint === undefined ? undefined : { filename: descriptor.parentFileNameHint, format: 'vmdk' };
 }
 
 async function openDescriptorFile(file: Protocol, fileSize: number, at: number, options: OpenOptions): Promise<FormatImage> {
