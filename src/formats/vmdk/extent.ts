@@ -58,7 +58,7 @@ export class FlatExtent implements Extent {
   constructor(
     readonly file: Protocol,
     readonly length: number,
-    private readonly flatOffset: number,
+    readonly flatOffset: number,
     private readonly type: string,
     private readonly own: boolean,
   ) {}
@@ -94,15 +94,15 @@ export class SparseExtent implements Extent {
   readonly grainSize: number;
   readonly compressed: boolean;
   private readonly own: boolean;
-  private readonly header: SparseHeader;
+  readonly header: SparseHeader;
   private readonly gd: Uint32Array;
-  private readonly fileSize: number;
+  private fileSize: number;
   private readonly type: string;
   private readonly index: number;
   private readonly gtBytes: number;
   /** Guest bytes one grain table covers. */
   private readonly gtCoverage: number;
-  private readonly zeroGrains: boolean;
+  readonly zeroGrains: boolean;
   private readonly markers: boolean;
   private readonly tables: LRUCache<number, Promise<Uint32Array>>;
 
@@ -245,6 +245,17 @@ export class SparseExtent implements Extent {
 
   grainTable(gdIndex: number): Promise<Uint32Array> | undefined {
     return this.table(gdIndex);
+  }
+
+  /** A grain was appended (writable.ts): the file now ends at least at `size`. */
+  grewTo(size: number): void {
+    this.fileSize = Math.max(this.fileSize, size);
+  }
+
+  /** After the entry was written to disk (writable.ts): the cached table, if any, follows. */
+  async entryWritten(gdIndex: number, index: number, value: number): Promise<void> {
+    const table = this.tables.get(gdIndex);
+    if (table) (await table)[index] = value;
   }
 }
 

@@ -25,11 +25,11 @@ export interface VmdkImageParts {
 export class VmdkImage implements FormatImage {
   readonly virtualSize: number;
   readonly backing: BackingReference | undefined;
-  private readonly file: Protocol;
-  private readonly extents: Extent[];
+  protected readonly file: Protocol;
+  protected readonly extents: Extent[];
   /** Guest offset where each extent starts. */
-  private readonly starts: number[];
-  private readonly descriptor: Descriptor;
+  protected readonly starts: number[];
+  protected descriptor: Descriptor;
   private readonly createType: string;
 
   constructor(parts: VmdkImageParts) {
@@ -64,7 +64,7 @@ export class VmdkImage implements FormatImage {
   }
 
   /** The index of the extent holding guest offset `offset` (the caller keeps it inside the image). */
-  private extentAt(offset: number): number {
+  protected extentAt(offset: number): number {
     let low = 0;
     let high = this.extents.length - 1;
     while (low < high) {

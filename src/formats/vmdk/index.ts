@@ -1,8 +1,8 @@
 /**
  * The VMDK format driver (what is supported: docs/formats/vmdk.md): probe,
  * open (open.ts: sparse files, stream-optimized files, descriptor files with
- * flat and sparse extents), check. Read-only: a read-write open becomes
- * read-only with a notice, before any write lock is taken.
+ * flat and sparse extents; writable.ts writes monolithicSparse files), check.
+ * Other forms opened read-write become read-only, with a notice saying why.
  */
 import type { FormatDriver, ProbeSample } from '../../block/types.js';
 import { checkVmdk } from './check.js';
@@ -36,7 +36,6 @@ function isDescriptor(head: Buffer): boolean {
 export const vmdk: FormatDriver = {
   name: 'vmdk',
   extensions: ['.vmdk'],
-  readOnlyReason: 'writing VMDK images is not supported yet',
   probe({ head }: ProbeSample): number {
     const magic = head.subarray(0, 4);
     return magic.equals(VMDK4_MAGIC) || magic.equals(VMDK3_MAGIC) || isDescriptor(head) ? 100 : 0;

@@ -21,8 +21,9 @@ import {
   DESCRIPTOR_FILE_MAX_BYTES, EMBEDDED_DESCRIPTOR_BYTES, descriptorText, parseDescriptorFile, parseEmbeddedDescriptor, type Descriptor, type ExtentLine,
 } from './descriptor.js';
 import { FlatExtent, SparseExtent, type Extent } from './extent.js';
-import { COMPRESSION_DEFLATE, SECTOR, VMDK3_MAGIC, VMDK4_MAGIC, embeddedDescriptorOnly, readSparseHeader, type SparseHeader } from './header.js';
-import { VmdkImage } from './image.js';
+import { COMPRESSION_DEFLATE, FLAG_RGD, SECTOR, VMDK3_MAGIC, VMDK4_MAGIC, embeddedDescriptorOnly, readSparseHeader, type SparseHeader } from './header.js';
+import { VmdkImage, type VmdkImageParts } from './image.js';
+import { WritableVmdkImage, writeRefusal, type DescriptorPlace } from './writable.js';
 
 const log = createDebug('imgmount:vmdk');
 
@@ -51,17 +52,61 @@ export async function openVmdk(file: Protocol, options: OpenOptions): Promise<Fo
   if (magic.equals(VMDK3_MAGIC)) refuseVmdk3(file.path);
   if (magic.equals(VMDK4_MAGIC)) {
     const disguised = embeddedDescriptorOnly(head);
-    if (disguised === undefined) return openMonolithic(file, fileSize);
+    if (disguised === undefined) return openMonolithic(file, fileSize, options);
     const descBytes = disguised.descOffset * BigInt(SECTOR);
     if (descBytes >= BigInt(fileSize)) {
       throw new CorruptImageError(`${file.path}: VMDK desc_offset ${disguised.descOffset} sectors lies past the end of the file (${fileSize} bytes)`);
     }
-    return openDescriptorFile(file, fileSize, Number(descBytes), options);
+    const { image } = await openDescriptorFile(file, fileSize, Number(descBytes), { ...options, readOnly: true });
+    if (!options.readOnly) notice(options, `${file.path}: opened read-only: writing a VMDK descriptor kept inside a sparse header is not supported`);
+    return image;
   }
-  return openDescriptorFile(file, fileSize, 0, options);
+  const { image } = await openDescriptorFile(file, fileSize, 0, { ...options, readOnly: true });
+  if (!options.readOnly) notice(options, `${file.path}: opened read-only: writing VMDK images made of extent files (a descriptor file) is not supported yet`);
+  return image;
 }
 
-async function openMonolithic(file: Protocol, fileSize: number): Promise<FormatImage> {
+function notice(options: OpenOptions, line: string): void {
+  (options.notice ?? ((text: string) => log(text)))(line);
+}
+
+/** A writable image when the extents allow it, otherwise the read-only one with a notice saying why. */
+async function writableOrNotice(file: Protocol, parts: VmdkImageParts, place: DescriptorPlace, options: OpenOptions, placeProblem?: string): Promise<FormatImage> {
+  const refusal = placeProblem ?? writeRefusal(parts.extents, (extent) => extent.header.version);
+  if (refusal === undefined) {
+    const redundant = new Map<SparseExtent, Uint32Array | undefined>();
+    for (const extent of parts.extents) {
+      if (!(extent instanceof SparseExtent)) continue;
+      const rgd = await readRedundant(extent);
+      if (typeof rgd === 'string') {
+        notice(options, `${file.path}: opened read-only: ${rgd}`);
+        return new VmdkImage(parts);
+      }
+      redundant.set(extent, rgd);
+    }
+    return new WritableVmdkImage({ ...parts, descriptorPlace: place, redundant });
+  }
+  notice(options, `${file.path}: opened read-only: ${refusal}`);
+  return new VmdkImage(parts);
+}
+
+/** The redundant grain directory of a sparse extent (undefined without one), or why it cannot be written. */
+async function readRedundant(extent: SparseExtent): Promise<Uint32Array | undefined | string> {
+  const { header } = extent;
+  if (!(header.flags & FLAG_RGD)) return undefined;
+  const bytes = Buffer.alloc(header.gdEntries * 4);
+  await extent.file.read(header.rgdOffset * SECTOR, bytes);
+  const rgd = new Uint32Array(header.gdEntries);
+  for (let i = 0; i < rgd.length; i++) {
+    rgd[i] = bytes.readUInt32LE(i * 4);
+    if (rgd[i] === 0 || rgd[i]! * SECTOR + header.numGtesPerGt * 4 > extent.fileBytes) {
+      return `redundant grain directory entry ${i} of ${extent.file.path} (sector ${rgd[i]}) names no grain table inside the file`;
+    }
+  }
+  return rgd;
+}
+
+async function openMonolithic(file: Protocol, fileSize: number, options: OpenOptions): Promise<FormatImage> {
   const { header, gd } = await readSparse(file, fileSize);
   // qemu reads the embedded descriptor's 20 sectors; bytes past the end of a short file read as zeros
   const bytes = Buffer.alloc(EMBEDDED_DESCRIPTOR_BYTES);
@@ -70,7 +115,11 @@ async function openMonolithic(file: Protocol, fileSize: number): Promise<FormatI
   const extent = new SparseExtent({ file, own: true, header, gd, fileSize, type: '', index: 0 });
   const createType = header.compressAlgorithm === COMPRESSION_DEFLATE ? 'streamOptimized' : 'monolithicSparse';
   log('%s: %s, %d sectors, %d-sector grains%s', file.path, createType, header.capacity, header.granularity, header.fromFooter ? ' (header from the footer)' : '');
-  return new VmdkImage({ file, extents: [extent], descriptor, createType, backing: backingOf(descriptor) });
+  const parts: VmdkImageParts = { file, extents: [extent], descriptor, createType, backing: backingOf(descriptor) };
+  if (options.readOnly) return new VmdkImage(parts);
+  const room = header.descSize * SECTOR;
+  const placeProblem = header.descOffset === 0 || room === 0 ? 'its header names no embedded descriptor area (desc_offset / desc_size 0)' : undefined;
+  return writableOrNotice(file, parts, { offset: header.descOffset * SECTOR, room }, options, placeProblem);
 }
 
 /** The parent of a differencing image; qemu opens it as vmdk, never probed, and so does this. */
@@ -78,7 +127,7 @@ function backingOf(descriptor: Descriptor): { filename: string; format: string }
   return descriptor.parentFileNameHint === undefined ? undefined : { filename: descriptor.parentFileNameHint, format: 'vmdk' };
 }
 
-async function openDescriptorFile(file: Protocol, fileSize: number, at: number, options: OpenOptions): Promise<FormatImage> {
+async function openDescriptorFile(file: Protocol, fileSize: number, at: number, options: OpenOptions): Promise<{ image: FormatImage; parts: VmdkImageParts }> {
   const bytes = Buffer.alloc(Math.min(fileSize - at, DESCRIPTOR_FILE_MAX_BYTES));
   await file.read(at, bytes);
   const descriptor = parseDescriptorFile(descriptorText(bytes), file.path);
@@ -90,7 +139,8 @@ async function openDescriptorFile(file: Protocol, fileSize: number, at: number, 
   // qemu's quirk: a compressed extent makes the image's create type streamOptimized
   const createType = extents.some((extent) => extent.compressed) ? 'streamOptimized' : descriptor.createType!;
   log('%s: %s descriptor with %d extent(s)', file.path, createType, extents.length);
-  return new VmdkImage({ file, extents, descriptor, createType, backing: backingOf(descriptor) });
+  const parts: VmdkImageParts = { file, extents, descriptor, createType, backing: backingOf(descriptor) };
+  return { image: new VmdkImage(parts), parts };
 }
 
 async function openExtent(image: Protocol, line: ExtentLine, index: number, options: OpenOptions): Promise<Extent> {
