@@ -7,10 +7,10 @@
  * comparison with qemu-img check / compare is in the conformance suite.
  */
 import { createHash } from 'node:crypto';
-import { readFile, stat, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { BlockImage as BlockImageClass, openImage } from '../src/index.js';
+import { BlockImage as BlockImageClass, createImage, defaultFormats, openImage } from '../src/index.js';
 import type { BlockImage } from '../src/index.js';
 import { ImageFileGate } from '../src/block/gate.js';
 import { vmdk } from '../src/formats/vmdk/index.js';
@@ -199,5 +199,68 @@ describe.skipIf(skipWithoutQemu('vmdk writes'))('vmdk writes', () => {
     const after = await readFile(path);
     expect(after.subarray(0, 512).equals(bytes.subarray(0, 512))).toBe(true);
     expect(after.subarray(21 * 512, gt + 2048).equals(bytes.subarray(21 * 512, gt + 2048))).toBe(true);
+  });
+
+  describe('create, as qemu-img create -f vmdk', () => {
+    /** The file with its descriptor's CID value blanked (it is random on both sides). */
+    const masked = (bytes: Buffer): Buffer => {
+      const text = bytes.subarray(512, 512 + 10240).toString('latin1').replace(/CID=[0-9a-f]+\n/, 'CID=\n');
+      return Buffer.concat([bytes.subarray(0, 512), Buffer.from(text, 'latin1'), bytes.subarray(512 + 10240)]);
+    };
+    const cases: Array<[string, number]> = [
+      ['', 4 * M],
+      ['zeroed_grain=on', 3147264],
+      ['adapter_type=lsilogic,hwversion=6', 5_000_000_000],
+      ['compat6=on,adapter_type=buslogic', 40 * M + 512],
+      ['toolsversion=10240,subformat=monolithicSparse,zeroed_grain=off', 1000],
+    ];
+    for (const [options, size] of cases) {
+      it(`-o ${options || '(defaults)'}, ${size} bytes: the same bytes as qemu-img's but the random CID; check clean; written here, qemu reads it`, TIMEOUT, async () => {
+        const dir = await makeTempDir();
+        const ours = join(dir, 'same.vmdk');
+        const theirs = join(dir, 'qemu', 'same.vmdk');
+        await mkdir(join(dir, 'qemu'));
+        const parsed = options ? Object.fromEntries(options.split(',').map((pair) => pair.split('=') as [string, string])) : undefined;
+        await createImage(ours, 'vmdk', { formats: defaultFormats, size, options: parsed });
+        await qemuImg(['create', '-q', '-f', 'vmdk', ...(options ? ['-o', options] : []), theirs, String(size)]);
+        expect(masked(await readFile(ours)).equals(masked(await readFile(theirs)))).toBe(true);
+        expect((await run('qemu-img', ['check', '-f', 'vmdk', ours])).code).toBe(0);
+        const data = Buffer.alloc(Math.min(size, 3 * GRAIN + 1000), 0x6d);
+        await withImage(ours, {}, async (image) => {
+          await image.write(0, data);
+          await image.write(Math.ceil(size / 512) * 512 - 100, Buffer.alloc(100, 0x6e));
+        });
+        await qemuIo(ours, ['read -P 0x6d 0 100', `read -P 0x6e ${Math.ceil(size / 512) * 512 - 100} 100`], 'vmdk');
+        expect((await run('qemu-img', ['check', '-f', 'vmdk', ours])).code).toBe(0);
+      });
+    }
+
+    it('-b base.vmdk: parentCID is the parent\'s CID, parentFileNameHint its name; qemu reads the child through the parent', TIMEOUT, async () => {
+      const dir = await makeTempDir();
+      const base = await sparse(dir, 'base.vmdk', 2 * M);
+      await qemuIo(base, ['write -P 0x21 0 1M'], 'vmdk');
+      const child = join(dir, 'child.vmdk');
+      await createImage(child, 'vmdk', { formats: defaultFormats, backingFile: 'base.vmdk' });
+      const info = await qemuInfo(child, 'vmdk');
+      const baseCid = ((await qemuInfo(base, 'vmdk'))['format-specific'] as { data: { cid: number } }).data.cid;
+      expect(info).toMatchObject({ 'virtual-size': 2 * M, 'backing-filename': 'base.vmdk', 'backing-filename-format': 'vmdk', 'format-specific': { data: { 'parent-cid': baseCid } } });
+      await withImage(child, {}, async (image) => image.write(100, Buffer.alloc(10, 0x22)));
+      await qemuIo(child, ['read -P 0x21 0 100', 'read -P 0x22 100 10', 'read -P 0x21 110 65426'], 'vmdk');
+    });
+
+    it('options qemu refuses, or that are not supported, are refused by name and nothing is written', TIMEOUT, async () => {
+      const dir = await makeTempDir();
+      const path = join(dir, 'x.vmdk');
+      const create = (options: Record<string, string>, more: { backingFile?: string; backingFormat?: string } = {}) => createImage(path, 'vmdk', { formats: defaultFormats, size: M, options, ...more });
+      await expect(create({ subformat: 'streamOptimized' })).rejects.toThrow('creating VMDK subformat streamOptimized is not supported yet (monolithicSparse is)');
+      await expect(create({ subformat: 'sparse' })).rejects.toThrow(/unknown VMDK subformat sparse/);
+      await expect(create({ adapter_type: 'scsi' })).rejects.toThrow(/unknown VMDK adapter_type scsi/);
+      await expect(create({ compat6: 'on', hwversion: '7' })).rejects.toThrow('VMDK compat6 cannot be enabled with hwversion set');
+      await expect(create({ cluster_size: '4096' })).rejects.toThrow(/unknown vmdk option cluster_size/);
+      await expect(create({ zeroed_grain: 'maybe' })).rejects.toThrow('VMDK option zeroed_grain=maybe: use on or off');
+      await writeFile(join(dir, 'base.raw'), Buffer.alloc(M));
+      await expect(create({}, { backingFile: 'base.raw', backingFormat: 'raw' })).rejects.toThrow('the backing file of a VMDK image must be a vmdk image, not raw');
+      await expect(stat(path)).rejects.toMatchObject({ code: 'ENOENT' });
+    });
   });
 });

@@ -1,11 +1,13 @@
 /**
  * The VMDK format driver (what is supported: docs/formats/vmdk.md): probe,
  * open (open.ts: sparse files, stream-optimized files, descriptor files with
- * flat and sparse extents; writable.ts writes monolithicSparse files), check.
+ * flat and sparse extents; writable.ts writes monolithicSparse files), check,
+ * create (create.ts, monolithicSparse).
  * Other forms opened read-write become read-only, with a notice saying why.
  */
 import type { FormatDriver, ProbeSample } from '../../block/types.js';
 import { checkVmdk } from './check.js';
+import { createVmdk } from './create.js';
 import { VMDK3_MAGIC, VMDK4_MAGIC } from './header.js';
 import { openVmdk } from './open.js';
 
@@ -42,4 +44,5 @@ export const vmdk: FormatDriver = {
   },
   open: openVmdk,
   check: checkVmdk,
+  create: createVmdk,
 };
