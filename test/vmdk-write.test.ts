@@ -167,6 +167,13 @@ describe.skipIf(skipWithoutQemu('vmdk writes'))('vmdk writes', () => {
         await writeFile(path, bytes);
         return path;
       }, /redundant grain directory entry 0 .* names no grain table/],
+      ['a grain table inside the descriptor area (writing its entries would overwrite the descriptor)', async (dir) => {
+        const path = await sparse(dir);
+        const bytes = await readFile(path);
+        bytes.writeUInt32LE(2, Number(bytes.readBigUInt64LE(56)) * 512);
+        await writeFile(path, bytes);
+        return path;
+      }, /grain table 0 \(sector 2\) does not lie between the header and grain_offset 128, clear of the descriptor/],
       ['twoGbMaxExtentSparse (a descriptor file)', (dir) => sparse(dir, 'split.vmdk', 4 * M, ['-o', 'subformat=twoGbMaxExtentSparse']), /writing VMDK images made of extent files \(a descriptor file\) is not supported yet/],
     ];
     for (const [what, make, notice] of cases) {
@@ -186,6 +193,19 @@ describe.skipIf(skipWithoutQemu('vmdk writes'))('vmdk writes', () => {
     }
   });
 
+  it('a grain table entry past the end of the file is not written through (the file would grow under later grains)', TIMEOUT, async () => {
+    const dir = await makeTempDir();
+    const path = await sparse(dir);
+    const bytes = await readFile(path);
+    const gt = bytes.readUInt32LE(Number(bytes.readBigUInt64LE(56)) * 512) * 512;
+    bytes.writeUInt32LE(100000, gt + 4); // grain 1, far past the end
+    await writeFile(path, bytes);
+    await withImage(path, {}, async (image) => {
+      await expect(image.write(GRAIN, Buffer.alloc(512, 0xff))).rejects.toThrow(`${path}: VMDK grain at extent offset ${GRAIN} is at sector 100000, past the end of the file (${bytes.length} bytes); not written`);
+    });
+    expect((await stat(path)).size).toBe(bytes.length);
+  });
+
   it('a grain table entry pointing into the metadata is not written through (the header and tables stay intact)', TIMEOUT, async () => {
     const dir = await makeTempDir();
     const path = await sparse(dir);
@@ -202,9 +222,9 @@ describe.skipIf(skipWithoutQemu('vmdk writes'))('vmdk writes', () => {
   });
 
   describe('create, as qemu-img create -f vmdk', () => {
-    /** The file with its descriptor's CID value blanked (it is random on both sides). */
+    /** The file with its descriptor's CID value blanked (it is random on both sides, of 1 to 8 digits) and the area's NUL padding dropped. */
     const masked = (bytes: Buffer): Buffer => {
-      const text = bytes.subarray(512, 512 + 10240).toString('latin1').replace(/CID=[0-9a-f]+\n/, 'CID=\n');
+      const text = bytes.subarray(512, 512 + 10240).toString('latin1').replace(/CID=[0-9a-f]+\n/, 'CID=\n').replace(/\0+$/, '');
       return Buffer.concat([bytes.subarray(0, 512), Buffer.from(text, 'latin1'), bytes.subarray(512 + 10240)]);
     };
     const cases: Array<[string, number]> = [

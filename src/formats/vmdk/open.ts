@@ -97,10 +97,12 @@ async function readRedundant(extent: SparseExtent): Promise<Uint32Array | undefi
   const bytes = Buffer.alloc(header.gdEntries * 4);
   await extent.file.read(header.rgdOffset * SECTOR, bytes);
   const rgd = new Uint32Array(header.gdEntries);
+  const gtSectors = Math.ceil((header.numGtesPerGt * 4) / SECTOR);
+  const roomSectors = Math.min(header.descSize, EMBEDDED_DESCRIPTOR_BYTES / SECTOR);
   for (let i = 0; i < rgd.length; i++) {
     rgd[i] = bytes.readUInt32LE(i * 4);
-    if (rgd[i] === 0 || rgd[i]! * SECTOR + header.numGtesPerGt * 4 > extent.fileBytes) {
-      return `redundant grain directory entry ${i} of ${extent.file.path} (sector ${rgd[i]}) names no grain table inside the file`;
+    if (rgd[i] === 0 || !metadataSectors(header, rgd[i]!, gtSectors, roomSectors)) {
+      return `redundant grain directory entry ${i} of ${extent.file.path} (sector ${rgd[i]}) names no grain table between the header and grain_offset ${header.grainOffset}`;
     }
   }
   return rgd;
@@ -117,9 +119,38 @@ async function openMonolithic(file: Protocol, fileSize: number, options: OpenOpt
   log('%s: %s, %d sectors, %d-sector grains%s', file.path, createType, header.capacity, header.granularity, header.fromFooter ? ' (header from the footer)' : '');
   const parts: VmdkImageParts = { file, extents: [extent], descriptor, createType, backing: backingOf(descriptor) };
   if (options.readOnly) return new VmdkImage(parts);
-  const room = header.descSize * SECTOR;
-  const placeProblem = header.descOffset === 0 || room === 0 ? 'its header names no embedded descriptor area (desc_offset / desc_size 0)' : undefined;
-  return writableOrNotice(file, parts, { offset: header.descOffset * SECTOR, room }, options, placeProblem);
+  // the CID update rewrites the descriptor area: at most qemu's 20 sectors of it
+  const roomSectors = Math.min(header.descSize, EMBEDDED_DESCRIPTOR_BYTES / SECTOR);
+  return writableOrNotice(file, parts, { offset: header.descOffset * SECTOR, room: roomSectors * SECTOR }, options, layoutProblem(header, roomSectors, gd));
+}
+
+/**
+ * Why the metadata of a sparse file is laid out so that writing could overwrite some of it, if it is:
+ * the descriptor area and every grain table of the primary directory must lie between the header
+ * and grain_offset (the redundant directory's tables are checked in readRedundant).
+ */
+function layoutProblem(header: SparseHeader, roomSectors: number, gd: Uint32Array): string | undefined {
+  if (header.descOffset === 0 || roomSectors === 0) return 'its header names no embedded descriptor area (desc_offset / desc_size 0)';
+  if (header.descOffset + roomSectors > header.grainOffset) return `its descriptor area (sector ${header.descOffset}) reaches past grain_offset ${header.grainOffset}`;
+  const gtSectors = Math.ceil((header.numGtesPerGt * 4) / SECTOR);
+  const gdSectors = Math.ceil((header.gdEntries * 4) / SECTOR);
+  for (const [name, offset] of [['gd_offset', header.gdOffset], ['rgd_offset', header.rgdOffset]] as const) {
+    if (offset !== 0 && !metadataSectors(header, offset, gdSectors, roomSectors)) {
+      return `its grain directory (${name} ${offset}) does not lie between the header and grain_offset ${header.grainOffset}, clear of the descriptor`;
+    }
+  }
+  for (let i = 0; i < gd.length; i++) {
+    if (gd[i] !== 0 && !metadataSectors(header, gd[i]!, gtSectors, roomSectors)) {
+      return `grain table ${i} (sector ${gd[i]}) does not lie between the header and grain_offset ${header.grainOffset}, clear of the descriptor`;
+    }
+  }
+  return undefined;
+}
+
+/** True when sectors [sector, sector + count) lie after the header and the descriptor area, before the grains. */
+function metadataSectors(header: SparseHeader, sector: number, count: number, roomSectors: number): boolean {
+  const afterDescriptor = sector >= header.descOffset + roomSectors || sector + count <= header.descOffset;
+  return sector >= 1 && sector + count <= header.grainOffset && afterDescriptor;
 }
 
 /** The parent of a differencing image; qemu opens it as vmdk, never probed, and so does this. */

@@ -202,6 +202,10 @@ export class WritableVmdkImage extends VmdkImage {
     if (entry < extent.header.grainOffset) {
       throw new CorruptImageError(`${extent.file.path}: VMDK grain at extent offset ${grainStart} is at sector ${entry}, inside the metadata (grains start at ${extent.header.grainOffset}); not written`);
     }
+    if (entry * SECTOR >= extent.fileBytes) {
+      // writing there would grow the file under grains allocated later
+      throw new CorruptImageError(`${extent.file.path}: VMDK grain at extent offset ${grainStart} is at sector ${entry}, past the end of the file (${extent.fileBytes} bytes); not written`);
+    }
     await extent.file.write(entry * SECTOR + inGrain, data);
   }
 
