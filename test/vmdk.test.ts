@@ -286,6 +286,26 @@ describe.skipIf(skipWithoutQemu('vmdk'))('vmdk', () => {
       expect(ours.messages).toEqual([`grain 1 (guest offset 65536): sector 268435456 points after the end of the file (${file.length} bytes)`]);
     });
 
+    it('check of a descriptor file checks its sparse extents: a grain past the end of s002 is found, as qemu-img check finds it', TIMEOUT, async () => {
+      const dir = await makeTempDir();
+      const path = join(dir, 'split.vmdk');
+      await qemuImg(['create', '-q', '-f', 'vmdk', '-o', 'subformat=twoGbMaxExtentSparse', path, String(2 * G + M)]);
+      await qemuIo(path, ['write -P 0x41 0 1000', `write -P 0x42 ${2 * G} 1000`], 'vmdk');
+      expect((await run('qemu-img', ['check', '-f', 'vmdk', path])).code).toBe(0);
+      expect(await checkImage(path, { formats: defaultFormats })).toMatchObject({ corruptions: 0, messages: [] });
+      const extent = join(dir, 'split-s002.vmdk');
+      const file = await readFile(extent);
+      const gt = file.readUInt32LE(Number(file.readBigUInt64LE(56)) * 512) * 512;
+      expect(file.readUInt32LE(gt)).not.toBe(0);
+      await patch(extent, gt, u32(0x01000000));
+      const theirs = await run('qemu-img', ['check', '-f', 'vmdk', path]);
+      expect(theirs.code).not.toBe(0);
+      expect(theirs.stdout + theirs.stderr).toContain('points after EOF');
+      const ours = await checkImage(path, { formats: defaultFormats });
+      expect(ours.messages).toEqual([`${extent}: grain 0 (guest offset 0): sector 16777216 points after the end of the file (${file.length} bytes)`]);
+      expect(ours.corruptions).toBe(1);
+    });
+
     it('qemu-made images check clean, as qemu-img check says', TIMEOUT, async () => {
       const dir = await makeTempDir();
       const path = await sparse(dir);

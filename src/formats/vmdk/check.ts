@@ -1,26 +1,60 @@
 /**
  * `check` for VMDK, what qemu-img check looks at (qemu's vmdk_co_check) and a
- * little more: every grain directory entry of every sparse extent must name a
- * grain table inside the file, and every allocated grain must start inside
- * it. Each bad entry is one corruption, with a line naming it. Repair is not
- * offered (qemu has none either). Read-only; opens the image like open does
- * (so a descriptor's extents go through the same gate).
+ * little more: in every sparse extent (the image's own file, or each sparse
+ * extent a descriptor file lists, opened through the same confined gate as
+ * open), every grain directory entry must name a grain table inside the file
+ * and every allocated grain must start inside it. Each bad entry is one
+ * corruption, with a line naming it. Repair is not offered (qemu has none
+ * either). Read-only; nothing is cached between calls.
  */
 import createDebug from 'debug';
 import { CorruptImageError } from '../../block/errors.js';
+import { ImageFileGate } from '../../block/gate.js';
 import type { CheckOptions, CheckResult, Protocol } from '../../block/types.js';
-import { FLAG_ZERO_GRAIN, SECTOR } from './header.js';
-import { readSparse } from './open.js';
+import { SparseExtent } from './extent.js';
+import { FLAG_ZERO_GRAIN, SECTOR, embeddedDescriptorOnly, isSparseHeader, type SparseHeader } from './header.js';
+import { VmdkImage } from './image.js';
+import { openVmdk, readSparse } from './open.js';
 
 const log = createDebug('imgmount:vmdk');
 
+interface Tables {
+  file: Protocol;
+  header: SparseHeader;
+  gd: Uint32Array;
+  fileSize: number;
+  /** Prefix of the messages: the extent file, when it is not the image's own. */
+  label: string;
+}
+
 export async function checkVmdk(file: Protocol, options: CheckOptions): Promise<CheckResult> {
   const result: CheckResult = { corruptions: 0, leaks: 0, corruptionsFixed: 0, leaksFixed: 0, messages: [] };
-  const head = Buffer.alloc(4);
+  const head = Buffer.alloc(SECTOR);
   await file.read(0, head);
-  if (head.toString('latin1') !== 'KDMV') return result; // a descriptor file has no tables of its own
   const fileSize = await file.size();
-  const { header, gd } = await readSparse(file, fileSize);
+  if (isSparseHeader(head) && !embeddedDescriptorOnly(head)) {
+    const { header, gd } = await readSparse(file, fileSize);
+    await checkTables({ file, header, gd, fileSize, label: '' }, result, options);
+  } else {
+    // a descriptor: check its sparse extents (flat ones have no tables)
+    const gate = new ImageFileGate(file.path, {}, false);
+    try {
+      const image = await openVmdk(file, { readOnly: true, files: gate });
+      const extents = image instanceof VmdkImage ? image.sparseExtents() : [];
+      for (const extent of extents) {
+        await checkTables({ file: extent.file, header: extent.header, gd: extent.directory, fileSize: extent.fileBytes, label: `${extent.file.path}: ` }, result, options);
+      }
+    } finally {
+      await gate.closeAll();
+    }
+  }
+  if (options.repair && result.corruptions > 0) throw new CorruptImageError(`${file.path}: VMDK images cannot be repaired`);
+  // qemu-img check shows no allocation figures for VMDK; neither does this
+  return result;
+}
+
+async function checkTables(tables: Tables, result: CheckResult, options: CheckOptions): Promise<void> {
+  const { file, header, gd, fileSize, label } = tables;
   const gtBytes = header.numGtesPerGt * 4;
   const zeroGrains = (header.flags & FLAG_ZERO_GRAIN) !== 0;
   const grainsTotal = Math.ceil(header.capacity / header.granularity);
@@ -31,7 +65,7 @@ export async function checkVmdk(file: Protocol, options: CheckOptions): Promise<
     if (sector === 0) continue;
     if (sector * SECTOR + gtBytes > fileSize) {
       result.corruptions += 1;
-      result.messages.push(`grain directory entry ${gdIndex}: grain table at sector ${sector} lies outside the file (${fileSize} bytes)`);
+      result.messages.push(`${label}grain directory entry ${gdIndex}: grain table at sector ${sector} lies outside the file (${fileSize} bytes)`);
       continue;
     }
     const bytes = Buffer.alloc(gtBytes);
@@ -44,13 +78,10 @@ export async function checkVmdk(file: Protocol, options: CheckOptions): Promise<
       allocated += 1;
       if (entry * SECTOR >= fileSize) {
         result.corruptions += 1;
-        result.messages.push(`grain ${grain} (guest offset ${grain * header.granularity * SECTOR}): sector ${entry} points after the end of the file (${fileSize} bytes)`);
+        result.messages.push(`${label}grain ${grain} (guest offset ${grain * header.granularity * SECTOR}): sector ${entry} points after the end of the file (${fileSize} bytes)`);
       }
     }
   }
   options.progress?.(gd.length, gd.length);
-  if (options.repair && result.corruptions > 0) throw new CorruptImageError(`${file.path}: VMDK images cannot be repaired`);
-  log('%s: %d of %d grains allocated, %d corruption(s)', file.path, allocated, grainsTotal, result.corruptions);
-  // qemu-img check shows no allocation figures for VMDK; neither does this
-  return result;
+  log('%s: %d of %d grains allocated, %d corruption(s) so far', file.path, allocated, grainsTotal, result.corruptions);
 }

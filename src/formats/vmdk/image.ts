@@ -92,6 +92,11 @@ export class VmdkImage implements FormatImage {
     await this.file.close();
   }
 
+  /** The sparse extents, for check. */
+  sparseExtents(): SparseExtent[] {
+    return this.extents.filter((extent): extent is SparseExtent => extent instanceof SparseExtent);
+  }
+
   /** qemu-img's actual-size: the image's file and every other extent file. */
   async allocatedSize(): Promise<number> {
     let total = await this.file.allocatedSize();
