@@ -306,6 +306,21 @@ describe.skipIf(skipWithoutQemu('vmdk'))('vmdk', () => {
       expect(ours.corruptions).toBe(1);
     });
 
+    it('a grain table entry into the metadata (sector 1, the descriptor): reads of that grain fail naming it (qemu would show the descriptor), check counts it', TIMEOUT, async () => {
+      const dir = await makeTempDir();
+      const path = await sparse(dir);
+      const file = await readFile(path);
+      const gt = file.readUInt32LE(Number(file.readBigUInt64LE(56)) * 512) * 512;
+      await patch(path, gt + 8, u32(1)); // grain 2; this image has no zeroed grains, so 1 is sector 1
+      await withImage(path, { readOnly: true }, async (image) => {
+        expect((await refusal(image.read(2 * 65536 + 5, Buffer.alloc(10)))).message).toBe(
+          `${path}: VMDK grain table 0 maps the grain at extent offset 131072 to sector 1, inside the metadata (grains start at sector 128)`,
+        );
+      });
+      const ours = await checkImage(path, { formats: defaultFormats });
+      expect(ours.messages).toEqual(['grain 2 (guest offset 131072): sector 1 is inside the metadata (grains start at sector 128)']);
+    });
+
     it('qemu-made images check clean, as qemu-img check says', TIMEOUT, async () => {
       const dir = await makeTempDir();
       const path = await sparse(dir);

@@ -3,7 +3,8 @@
  * little more: in every sparse extent (the image's own file, or each sparse
  * extent a descriptor file lists, opened through the same confined gate as
  * open), every grain directory entry must name a grain table inside the file
- * and every allocated grain must start inside it. Each bad entry is one
+ * and every allocated grain must start inside it, at or after grain_offset
+ * (qemu does not look at that: it would read the metadata as data). Each bad entry is one
  * corruption, with a line naming it. Repair is not offered (qemu has none
  * either). Read-only; nothing is cached between calls.
  */
@@ -76,7 +77,10 @@ async function checkTables(tables: Tables, result: CheckResult, options: CheckOp
       const entry = bytes.readUInt32LE(i * 4);
       if (entry === 0 || (entry === 1 && zeroGrains)) continue;
       allocated += 1;
-      if (entry * SECTOR >= fileSize) {
+      if (entry < header.grainOffset) {
+        result.corruptions += 1;
+        result.messages.push(`${label}grain ${grain} (guest offset ${grain * header.granularity * SECTOR}): sector ${entry} is inside the metadata (grains start at sector ${header.grainOffset})`);
+      } else if (entry * SECTOR >= fileSize) {
         result.corruptions += 1;
         result.messages.push(`${label}grain ${grain} (guest offset ${grain * header.granularity * SECTOR}): sector ${entry} points after the end of the file (${fileSize} bytes)`);
       }

@@ -15,7 +15,7 @@
  *
  * Pure functions over the text; the text ends at its first NUL, as in qemu.
  */
-import { CorruptImageError, InvalidArgumentError } from '../../block/errors.js';
+import { CorruptImageError, InvalidArgumentError, UnsupportedFeatureError } from '../../block/errors.js';
 import { SECTOR } from './header.js';
 
 /** Bytes of descriptor qemu reads from a sparse file (20 sectors). */
@@ -46,7 +46,7 @@ export interface Descriptor {
   extents: ExtentLine[];
 }
 
-/** The descriptor text in `bytes`: up to the first NUL, latin1 (names are bytes to qemu). */
+/** The descriptor text in `bytes`: up to the first NUL, as UTF-8 (VMware writes file names so). */
 export function descriptorText(bytes: Buffer): string {
   const nul = bytes.indexOf(0);
   return bytes.subarray(0, nul === -1 ? bytes.length : nul).toString('utf8');
@@ -119,7 +119,7 @@ export function parseDescriptorFile(text: string, path: string): Descriptor {
   const createType = quoted(text, 'createType', path, 127);
   if (createType === undefined) throw new CorruptImageError(`${path}: invalid VMDK descriptor: it has no createType`);
   if (!DESCRIPTOR_FILE_TYPES.includes(createType)) {
-    throw new CorruptImageError(`${path}: VMDK descriptor createType "${createType}" cannot be a descriptor file (one of ${DESCRIPTOR_FILE_TYPES.join(', ')})`);
+    throw new UnsupportedFeatureError(`${path}: VMDK descriptor createType "${createType}" cannot be a descriptor file (one of ${DESCRIPTOR_FILE_TYPES.join(', ')})`);
   }
   const extents = parseExtents(text, path);
   return { ...parseEmbeddedDescriptor(text, path), createType, extents };

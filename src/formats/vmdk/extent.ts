@@ -181,6 +181,12 @@ export class SparseExtent implements Extent {
     const guestOffset = base + at;
     if (entry === 0) return { kind: 'backing', guestOffset, length };
     if (entry === 1 && this.zeroGrains) return { kind: 'zero', guestOffset, length };
+    if (entry < this.header.grainOffset) {
+      // qemu would show the header, descriptor or tables as guest data; grains start at grain_offset
+      throw new CorruptImageError(
+        `${this.file.path}: VMDK grain table ${gdIndex} maps the grain at extent offset ${grainStart} to sector ${entry}, inside the metadata (grains start at sector ${this.header.grainOffset})`,
+      );
+    }
     const hostStart = entry * SECTOR;
     if (hostStart >= this.fileSize) {
       throw new CorruptImageError(

@@ -20,6 +20,7 @@
  * run concurrently. Flush is fdatasync of the file.
  */
 import { randomInt } from 'node:crypto';
+import { Mutex } from 'async-mutex';
 import { CorruptImageError, InvalidArgumentError } from '../../block/errors.js';
 import type { BackingReader } from '../../block/types.js';
 import { descriptorText } from './descriptor.js';
@@ -59,7 +60,8 @@ export class WritableVmdkImage extends VmdkImage {
   private readonly redundant: Map<SparseExtent, Uint32Array | undefined>;
   /** The next free sector of each sparse extent file (grain-aligned, as qemu allocates). */
   private readonly nextSector = new Map<SparseExtent, number>();
-  private lock: Promise<void> = Promise.resolve();
+  /** Serializes allocating writes and zeroed-grain updates (async-mutex, as the other drivers). */
+  private readonly allocation = new Mutex();
   private backingReader: BackingReader | undefined;
   private cidUpdate: Promise<void> | undefined;
 
@@ -101,7 +103,7 @@ export class WritableVmdkImage extends VmdkImage {
   }
 
   override async flush(): Promise<void> {
-    await this.lock;
+    await this.allocation.waitForUnlock();
     for (const file of new Set([this.file, ...this.extents.map((extent) => extent.file)])) await file.flush();
   }
 
@@ -244,9 +246,7 @@ export class WritableVmdkImage extends VmdkImage {
   }
 
   private locked(body: () => Promise<void>): Promise<void> {
-    const run = this.lock.then(body);
-    this.lock = run.catch(() => undefined);
-    return run;
+    return this.allocation.runExclusive(body);
   }
 
   /** The first change of this open: a new CID in the descriptor, durable before any data (as qemu). */
