@@ -10,9 +10,9 @@
  *                                   marker {lba u64, size u32} and zlib data)
  *
  * The primary GD (gd_offset) is what qemu reads; the redundant one
- * (rgd_offset) is only ever written beside it, so reading never uses it
- * (check compares the two). A GT or grain outside the file is refused, naming
- * the entry, for the range it covers.
+ * (rgd_offset) is only ever written beside it (writable.ts), so reading never
+ * uses it. A GT or grain outside the file, or a grain below grain_offset
+ * (inside the metadata), is refused, naming the entry, for the range it covers.
  *
  * Concurrency: map and decode may run concurrently; grain tables are cached
  * (least recently used first out) as promises, so concurrent misses of one

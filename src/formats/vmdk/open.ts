@@ -114,7 +114,7 @@ async function openMonolithic(file: Protocol, fileSize: number, options: OpenOpt
   const bytes = Buffer.alloc(EMBEDDED_DESCRIPTOR_BYTES);
   await file.read((header.descOffset || 1) * SECTOR, bytes);
   const descriptor = parseEmbeddedDescriptor(descriptorText(bytes), file.path);
-  const extent = new SparseExtent({ file, own: true, header, gd, fileSize, type: '', index: 0 });
+  const extent = new SparseExtent({ file, own: true, header, gd, fileSize, type: '', index: 0, cacheBytes: options.metadataCacheBytes });
   const createType = header.compressAlgorithm === COMPRESSION_DEFLATE ? 'streamOptimized' : 'monolithicSparse';
   log('%s: %s, %d sectors, %d-sector grains%s', file.path, createType, header.capacity, header.granularity, header.fromFooter ? ' (header from the footer)' : '');
   const parts: VmdkImageParts = { file, extents: [extent], descriptor, createType, backing: backingOf(descriptor) };
