@@ -13,7 +13,7 @@ import { dirname, join } from 'node:path';
 import { deflateSync } from 'node:zlib';
 import { describe, expect, test } from 'vitest';
 import { BlockError, defaultFormats, openImage, PROBE_HEAD_BYTES, PROBE_TAIL_BYTES } from '../src/index.js';
-import { makeTempDir, qemuConvertToRaw, qemuImg, qemuInfo, qemuIo, readAll, readBytes, seededBytes, skipWithoutQemu } from './helpers/qemu.js';
+import { makeTempDir, qemuConvertToRaw, qemuImg, qemuInfo, qemuIo, readAll, readBytes, run, seededBytes, skipWithoutQemu } from './helpers/qemu.js';
 
 const MiB = 1024 * 1024;
 const { EPERM, ENOTSUP } = osConstants.errno;
@@ -188,10 +188,6 @@ describe.skipIf(skipWithoutQemu('probing images qemu-img makes'))('probing image
   }
   const SECRET = ['--object', 'secret,id=sec0,data=abc'];
   const cases: Case[] = [
-    { title: 'vmdk monolithicSparse', format: 'vmdk', file: 'disk.vmdk', options: ['-f', 'vmdk', '-o', 'subformat=monolithicSparse'] },
-    { title: 'vmdk monolithicFlat (the descriptor)', format: 'vmdk', file: 'disk.vmdk', options: ['-f', 'vmdk', '-o', 'subformat=monolithicFlat'] },
-    { title: 'vmdk twoGbMaxExtentSparse (the descriptor)', format: 'vmdk', file: 'disk.vmdk', options: ['-f', 'vmdk', '-o', 'subformat=twoGbMaxExtentSparse'] },
-    { title: 'vmdk streamOptimized', format: 'vmdk', file: 'disk.vmdk', options: ['-f', 'vmdk', '-o', 'subformat=streamOptimized'] },
     { title: 'vpc dynamic', format: 'vpc', file: 'disk.vhd', options: ['-f', 'vpc', '-o', 'subformat=dynamic'] },
     { title: 'vpc dynamic, force_size', format: 'vpc', file: 'disk.vpc', options: ['-f', 'vpc', '-o', 'subformat=dynamic,force_size=on'] },
     // qemu probes a fixed VHD (its only signature is the footer at the end) as raw.
@@ -234,6 +230,30 @@ describe.skipIf(skipWithoutQemu('probing images qemu-img makes'))('probing image
     }
   });
 
+  test.each(['monolithicSparse', 'monolithicFlat', 'twoGbMaxExtentSparse', 'twoGbMaxExtentFlat', 'streamOptimized'])(
+    'vmdk %s: probes and opens as vmdk under any name (the descriptor, for the multi-file ones), reading like qemu-img convert',
+    async (subformat) => {
+      const dir = await makeTempDir();
+      let path = join(dir, 'disk.vmdk');
+      await qemuImg(['create', '-q', '-f', 'vmdk', '-o', `subformat=${subformat}`, path, '4M']);
+      if (subformat !== 'streamOptimized') await qemuIo(path, ['write -P 0x5a 70000 5000'], 'vmdk');
+      expect(await qemuFormat(path)).toBe('vmdk');
+      const expected = await qemuConvertToRaw(path, dir, 'vmdk');
+      for (const name of ['image.img', 'image', 'disk.vmdk']) {
+        const image = await openImage(path, { readOnly: true });
+        try {
+          expect(image.format).toBe('vmdk');
+          expect((await readAll(image)).equals(expected)).toBe(true);
+        } finally {
+          await image.close();
+        }
+        const renamed = join(dir, name);
+        await rename(path, renamed);
+        path = renamed;
+      }
+    },
+  );
+
   test('a fixed VHD that qemu probes as raw is a real VHD: qemu-img reads it with -f vpc', async () => {
     const dir = await makeTempDir();
     const path = join(dir, 'fixed.vhd');
@@ -253,7 +273,7 @@ describe.skipIf(skipWithoutQemu('probing images qemu-img makes'))('probing image
     await expectRefusedUnderAnyName(path, 'vpc');
   });
 
-  test('the extents of multi-file VMDKs: a -flat extent is raw content under a .vmdk name, a -s001 extent is vmdk', async () => {
+  test('the extents of multi-file VMDKs: a -flat extent is raw content under a .vmdk name, a -s001 extent alone is refused (it has no descriptor)', async () => {
     const dir = await makeTempDir();
     await qemuImg(['create', '-q', '-f', 'vmdk', '-o', 'subformat=monolithicFlat', join(dir, 'flat.vmdk'), '4M']);
     await qemuImg(['create', '-q', '-f', 'vmdk', '-o', 'subformat=twoGbMaxExtentSparse', join(dir, 'split.vmdk'), '4M']);
@@ -263,7 +283,10 @@ describe.skipIf(skipWithoutQemu('probing images qemu-img makes'))('probing image
     const image = await openImage(flatExtent, { format: 'raw' });
     expect(image.length).toBe(4 * MiB);
     await image.close();
-    await expectRefusedUnderAnyName(join(dir, 'split-s001.vmdk'), 'vmdk');
+    // an extent alone has no descriptor (no CID): qemu cannot open it either, and it is not shown as raw
+    const extent = join(dir, 'split-s001.vmdk');
+    expect((await rejection(openImage(extent))).message).toBe(`${extent}: the VMDK descriptor has no CID line`);
+    expect((await run('qemu-img', ['info', extent])).code).not.toBe(0);
   });
 
   test('qemu reads the hand-built bochs and cloop files as bochs and cloop (the layouts the probe tests use)', async () => {
@@ -338,16 +361,24 @@ describe('probing formats qemu-img cannot create (files built from their layouts
   });
 
   test('vmdk: COWD (ESX) sparse headers and text descriptors as qemu reads them', async () => {
-    await expectRefusedUnderAnyName(await file('esx.vmdk', cowdImage()), 'vmdk');
-    const descriptors = [
-      '# Disk DescriptorFile\nversion=1\ncreateType="monolithicFlat"\nRW 8192 FLAT "x-flat.vmdk" 0\n',
-      '# Disk DescriptorFile\r\nversion=1\r\nCID=fffffffe\r\nparentCID=ffffffff\r\ncreateType="vmfs"\r\n',
-      '# a comment\n   \n# another\nversion=3\ncreateType="vmfs"\n',
-      'version=2\n',
-      '#\n\nversion=1\n', // an empty line: qemu would say raw, imgmount still refuses
+    const esx = await file('esx.vmdk', cowdImage());
+    for (const readOnly of [false, true]) {
+      const error = await rejection(openImage(esx, { readOnly }));
+      expect(error.message).toBe(`${esx}: VMDK3 ("COWD", ESX vmfsSparse) extents are not supported`);
+      expect(error.errno).toBe(ENOTSUP);
+    }
+    // descriptors that probe as vmdk, each refused by what is wrong with it (never read as raw)
+    const descriptors: Array<[string, RegExp]> = [
+      ['# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\ncreateType="monolithicFlat"\nRW 8192 FLAT "x-flat.vmdk" 0\n', /VMDK extent x-flat\.vmdk of .*: no such file/],
+      ['# Disk DescriptorFile\r\nversion=1\r\nCID=fffffffe\r\nparentCID=ffffffff\r\ncreateType="vmfs"\r\n', /lists no extent/],
+      ['# a comment\n   \n# another\nversion=3\ncreateType="vmfs"\n', /the VMDK descriptor has no CID line/],
+      ['version=2\n', /invalid VMDK descriptor: it has no createType/],
+      ['#\n\nversion=1\n', /invalid VMDK descriptor/], // an empty line: qemu would say raw, imgmount still says vmdk
     ];
-    for (const descriptor of descriptors) {
-      await expectRefused(await file('disk.img', Buffer.from(descriptor, 'latin1')), 'vmdk');
+    for (const [descriptor, message] of descriptors) {
+      const path = await file('disk.img', Buffer.from(descriptor, 'latin1'));
+      expect(probeContent(Buffer.from(descriptor, 'latin1'))).toBe('vmdk');
+      expect((await rejection(openImage(path, { readOnly: true }))).message).toMatch(message);
     }
     for (const text of ['hello\nversion=1\n', '# only a comment\n', 'version=4\n', 'version=1', ' x\nversion=1\n']) {
       expect(probeContent(Buffer.from(text, 'latin1')), JSON.stringify(text)).toBe('raw');

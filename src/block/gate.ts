@@ -8,13 +8,16 @@
  *   included: libvirt writes them). With `allowFiles`, the file's real path
  *   must lie inside one of those directories. Devices, FIFOs and sockets are
  *   refused by the file protocol before they are opened.
+ * - Confined names (VMDK extents, which a descriptor may point anywhere:
+ *   CVE-2022-47951): unless the user gave `allowFiles`, the name must be
+ *   relative and its real path must lie in the image's own directory.
  * - Only the top image's own files open read-write; the one-writer lock is
  *   taken by the file protocol for each of them.
  * - Whoever opens a file closes it: the gate remembers what it opened, and
  *   the generic layer closes those files after the image that named them.
  */
 import { realpath } from 'node:fs/promises';
-import { sep } from 'node:path';
+import { dirname, isAbsolute, sep } from 'node:path';
 import { FileProtocol } from './file.js';
 import { hostIoError, InvalidArgumentError } from './errors.js';
 import { resolveBackingName } from './backing-name.js';
@@ -39,8 +42,11 @@ export class ImageFileGate implements FileGate {
     private readonly writable: boolean,
   ) {}
 
-  async open(name: string, role: string, options: { readOnly: boolean }): Promise<Protocol> {
-    const path = await resolveAllowed(this.imagePath, name, role, this.policy);
+  async open(name: string, role: string, options: { readOnly: boolean; confined?: boolean }): Promise<Protocol> {
+    const path =
+      options.confined && this.policy.allowFiles === undefined
+        ? await resolveConfined(this.imagePath, name, role)
+        : await resolveAllowed(this.imagePath, name, role, this.policy);
     const file = await FileProtocol.open(path, options.readOnly || !this.writable);
     this.opened.push(file);
     this.resolved.push({ role, name, path });
@@ -77,4 +83,27 @@ export async function resolveAllowed(imagePath: string, name: string, role: stri
   throw new InvalidArgumentError(
     `${imagePath}: ${role} ${name} resolves to ${real}, outside the allowed directories (${policy.allowFiles.join(', ')}); allow it with --allow-files`,
   );
+}
+
+/** A confined name: relative, and resolving (symbolic links followed) inside the image's own directory. */
+async function resolveConfined(imagePath: string, name: string, role: string): Promise<string> {
+  const path = resolveBackingName(imagePath, name, role);
+  const plain = name.startsWith('file:') ? name.slice('file:'.length) : name;
+  if (isAbsolute(plain)) {
+    throw new InvalidArgumentError(`${imagePath}: ${role} ${name} is an absolute path; only names inside the image's directory open unless allowed with --allow-files`);
+  }
+  let real: string;
+  let dir: string;
+  try {
+    real = await realpath(path);
+    dir = await realpath(dirname(imagePath));
+  } catch (error) {
+    throw hostIoError(`${role} ${name} of ${imagePath}:`, path, error);
+  }
+  if (!real.startsWith(dir.endsWith(sep) ? dir : dir + sep)) {
+    throw new InvalidArgumentError(
+      `${imagePath}: ${role} ${name} resolves to ${real}, outside the image's directory ${dir}; allow it with --allow-files`,
+    );
+  }
+  return path;
 }

@@ -287,7 +287,7 @@ export class BlockImage {
       filename: this.path,
       format: this.format,
       virtualSize: this.length,
-      actualSize: await this.file.allocatedSize(),
+      actualSize: this.image.allocatedSize ? await this.image.allocatedSize() : await this.file.allocatedSize(),
       clusterSize: formatInfo.clusterSize,
       dirty: formatInfo.dirty,
       backingFilename: reference?.filename,

@@ -137,6 +137,8 @@ export interface FormatImage {
   /** Flushes, marks the image clean and releases its own file. Files opened through the gate are closed by the generic layer. */
   close(): Promise<void>;
   info(): FormatInfo;
+  /** Bytes on disk qemu-img shows as actual-size, when it counts more than the image's own file (VMDK: the descriptor and its extents). */
+  allocatedSize?(): Promise<number>;
   /** Set by the generic layer once the backing chain is open. */
   attachBacking?(reader: BackingReader | undefined): void;
 }
@@ -147,8 +149,10 @@ export interface FileGate {
    * Opens `name` as stored in the image (relative names resolve against the image's
    * directory), after the policy allows it. `role` names the file in messages
    * ('external data file'). Read-write only for the top image's own files.
+   * `confined` (VMDK extents): unless the user gave allowed directories, the
+   * name must be relative and resolve inside the image's own directory.
    */
-  open(name: string, role: string, options: { readOnly: boolean }): Promise<Protocol>;
+  open(name: string, role: string, options: { readOnly: boolean; confined?: boolean }): Promise<Protocol>;
 }
 
 export interface OpenOptions {

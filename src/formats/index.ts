@@ -12,8 +12,9 @@ import { qed } from './qed/index.js';
 import { raw } from './raw/index.js';
 import { unsupportedFormats } from './unsupported.js';
 import { vhdx } from './vhdx/index.js';
+import { vmdk } from './vmdk/index.js';
 
-export const formatDrivers: readonly FormatDriver[] = [qcow2, qed, raw, vhdx, ...unsupportedFormats];
+export const formatDrivers: readonly FormatDriver[] = [qcow2, qed, raw, vhdx, vmdk, ...unsupportedFormats];
 
 /** The default list of formats of the library and the command line. */
 export const defaultFormats = new FormatList(formatDrivers);

@@ -6,10 +6,6 @@
  *
  * Where each format is recognized (offsets in bytes; see also the tests):
  *
- *   vmdk       "KDMV" (sparse / streamOptimized) or "COWD" (ESX, vmdk3) at 0; or a
- *              text descriptor (monolithicFlat, twoGbMax...): it starts with
- *              "# Disk DescriptorFile", or, as qemu reads it, its first line that is
- *              not a comment (#) or blank is "version=1|2|3"
  *   vpc        "conectix" at 0 (dynamic/differencing VHD: a copy of the footer), or
  *              at the file size - 512 (the footer of a fixed VHD, which qemu itself
  *              probes as raw) or - 511 (Virtual PC before 2004 wrote 511-byte footers)
@@ -76,32 +72,6 @@ function cString(text: string): Buffer {
   return Buffer.concat([bytes(text), Buffer.alloc(1)]);
 }
 
-const VMDK4_MAGIC = bytes('KDMV');
-const VMDK3_MAGIC = bytes('COWD');
-const VMDK_DESCRIPTOR_BANNER = '# Disk DescriptorFile';
-
-/**
- * qemu's test for a VMDK text descriptor: skipping comment lines and blank
- * lines, the first line is "version=N" (N 1..3), LF or CRLF. qemu accepts
- * only blank lines made of spaces; empty lines and tabs are accepted here too.
- */
-function isVmdkDescriptor(head: Buffer): boolean {
-  const text = head.toString('latin1');
-  if (text.startsWith(VMDK_DESCRIPTOR_BANNER)) return true;
-  let start = 0;
-  while (start < text.length) {
-    const newline = text.indexOf('\n', start);
-    if (newline === -1) return false; // a line the sample cuts off (or the zeros past a short file)
-    const line = text.slice(start, newline);
-    if (line.startsWith('#') || /^[ \t]*\r?$/.test(line)) {
-      start = newline + 1;
-      continue;
-    }
-    return /^version=[123]\r?$/.test(line);
-  }
-  return false;
-}
-
 const VHD_COOKIE = bytes('conectix');
 
 const VDI_SIGNATURE = 0xbeda107f;
@@ -123,10 +93,6 @@ const DMG_TRAILER_BYTES = 512;
 
 const LUKS_MAGIC = bytes([0x4c, 0x55, 0x4b, 0x53, 0xba, 0xbe]);
 const QCOW_MAGIC = bytes([0x51, 0x46, 0x49, 0xfb]);
-
-export const vmdk = recognized('vmdk', ['.vmdk'], ({ head }) =>
-  has(head, 0, VMDK4_MAGIC) || has(head, 0, VMDK3_MAGIC) || isVmdkDescriptor(head) ? CERTAIN : 0,
-);
 
 export const vpc = recognized('vpc', ['.vhd', '.vpc', '.avhd'], (sample) => {
   if (has(sample.head, 0, VHD_COOKIE)) return CERTAIN;
@@ -162,4 +128,4 @@ export const luks = recognized('luks', ['.luks'], ({ head }) => (has(head, 0, LU
 
 export const qcow = recognized('qcow', ['.qcow'], ({ head }) => (has(head, 0, QCOW_MAGIC) && uint(head, 4, 4, 'be') === 1 ? CERTAIN : 0));
 
-export const unsupportedFormats: readonly FormatDriver[] = [vmdk, vpc, vdi, parallels, bochs, cloop, dmg, luks, qcow];
+export const unsupportedFormats: readonly FormatDriver[] = [vpc, vdi, parallels, bochs, cloop, dmg, luks, qcow];

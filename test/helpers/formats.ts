@@ -23,11 +23,12 @@ import type { MapRun } from '../../src/index.js';
 import { normalizeMap, qemuConvertToRawFile, qemuImg, qemuIo, skipWithoutQemu, type MapShape, type QemuMapRun, type SnapshotSelector } from './qemu.js';
 import { seededRandom } from './random.js';
 import { vhdxFormat } from './formats-vhdx.js';
+import { vmdkEntry } from './formats-vmdk.js';
 
 export const KiB = 1024;
 export const MiB = 1024 * KiB;
 
-export type FormatName = 'raw' | 'qed' | 'qcow2' | 'vhdx';
+export type FormatName = 'raw' | 'qed' | 'qcow2' | 'vhdx' | 'vmdk';
 
 /** An image a shape built, and what the tests need to know about it. */
 export interface BuiltImage {
@@ -846,6 +847,7 @@ export const FORMATS: readonly FormatEntry[] = [
   { name: 'qed', extension: '.qed', writable: true, checkable: true, snapshots: false, shapes: qedShapes, chains: qedChains },
   { name: 'qcow2', extension: '.qcow2', writable: true, checkable: true, snapshots: true, shapes: qcow2Shapes, chains: qcow2Chains },
   vhdxFormat,
+  vmdkEntry,
 ];
 
 // ---------------------------------------------------------------------------

@@ -283,7 +283,7 @@ export async function writeVhdx(path: string, spec: VhdxSpec): Promise<WrittenVh
   bat.copy(file, batOffset);
   const replayed = Buffer.from(file);
 
-  let logGuid = Buffer.alloc(16);
+  let logGuid: Buffer = Buffer.alloc(16);
   if (spec.log) {
     logGuid = guidBytes(randomGuid());
     batBefore.copy(file, batOffset);

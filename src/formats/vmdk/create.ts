@@ -1,0 +1,157 @@
+/**
+ * Creating monolithicSparse VMDK images as qemu-img create -f vmdk does, with
+ * its option names: subformat (monolithicSparse only, others refused by
+ * name), adapter_type, hwversion, compat6, toolsversion, zeroed_grain, and a
+ * vmdk backing file (-b, -F vmdk; its CID becomes parentCID). The layout is
+ * qemu's: header, descriptor (sectors 1-20), redundant grain directory and its
+ * grain tables, primary grain directory and its tables, grains from the next
+ * 64 KiB boundary. Every option is validated before anything is written.
+ */
+import { randomInt } from 'node:crypto';
+import { open } from 'node:fs/promises';
+import { basename } from 'node:path';
+import { hostIoError, InvalidArgumentError, UnsupportedFeatureError } from '../../block/errors.js';
+import { resolveBackingName } from '../../block/backing-name.js';
+import { FileProtocol } from '../../block/file.js';
+import { ImageFileGate } from '../../block/gate.js';
+import type { CreateOptions } from '../../block/types.js';
+import { rejectUnknownOptions } from '../options.js';
+import { FLAG_NL_DETECT, FLAG_RGD, FLAG_ZERO_GRAIN, SECTOR, VMDK4_MAGIC } from './header.js';
+import { openVmdk } from './open.js';
+
+export const CREATE_OPTIONS = ['subformat', 'adapter_type', 'hwversion', 'compat6', 'toolsversion', 'zeroed_grain'] as const;
+const SUBFORMATS = ['monolithicSparse', 'monolithicFlat', 'twoGbMaxExtentSparse', 'twoGbMaxExtentFlat', 'streamOptimized'];
+const ADAPTERS = ['ide', 'buslogic', 'lsilogic', 'legacyESX'];
+const GRANULARITY = 128;
+const GTES_PER_GT = 512;
+const DESC_OFFSET = 1;
+const DESC_SECTORS = 20;
+/** Grain sectors are 32-bit: qemu's VMDK_EXTENT_MAX_SECTORS. */
+const MAX_SECTORS = 2 ** 32;
+
+function flag(options: Record<string, string>, name: string): boolean {
+  const value = options[name];
+  if (value === undefined || value === 'off' || value === 'false') return false;
+  if (value === 'on' || value === 'true') return true;
+  throw new InvalidArgumentError(`VMDK option ${name}=${value}: use on or off`);
+}
+
+interface Plan {
+  sectors: number;
+  zeroedGrain: boolean;
+  descriptor: (cid: number, parentCid: number) => string;
+}
+
+function plan(path: string, options: CreateOptions): Plan {
+  const o = options.options ?? {};
+  rejectUnknownOptions('vmdk', o, CREATE_OPTIONS);
+  const subformat = o['subformat'] ?? 'monolithicSparse';
+  if (!SUBFORMATS.includes(subformat)) throw new InvalidArgumentError(`unknown VMDK subformat ${subformat} (one of ${SUBFORMATS.join(', ')})`);
+  if (subformat !== 'monolithicSparse') throw new UnsupportedFeatureError(`creating VMDK subformat ${subformat} is not supported yet (monolithicSparse is)`);
+  const adapter = o['adapter_type'] ?? 'ide';
+  if (!ADAPTERS.includes(adapter)) throw new InvalidArgumentError(`unknown VMDK adapter_type ${adapter} (one of ${ADAPTERS.join(', ')})`);
+  const compat6 = flag(o, 'compat6');
+  const zeroedGrain = flag(o, 'zeroed_grain');
+  if (compat6 && o['hwversion'] !== undefined && o['hwversion'] !== 'undefined') throw new InvalidArgumentError('VMDK compat6 cannot be enabled with hwversion set');
+  const hwversion = o['hwversion'] !== undefined && o['hwversion'] !== 'undefined' ? o['hwversion'] : compat6 ? '6' : '4';
+  const toolsversion = o['toolsversion'] ?? '2147483647';
+  for (const [name, value] of [['hwversion', hwversion], ['toolsversion', toolsversion]] as const) {
+    if (/["\n\r]/.test(value)) throw new InvalidArgumentError(`VMDK option ${name} must not contain quotes or line breaks`);
+  }
+  if (!Number.isSafeInteger(options.size) || options.size < 0) throw new InvalidArgumentError(`size ${options.size} is not a whole non-negative number of bytes`);
+  const sectors = Math.ceil(options.size / SECTOR);
+  if (sectors > MAX_SECTORS) throw new InvalidArgumentError(`size ${options.size} is larger than a monolithicSparse VMDK can be (${MAX_SECTORS * SECTOR} bytes)`);
+  if (options.backingFormat !== undefined && options.backingFormat !== 'vmdk') {
+    throw new InvalidArgumentError(`the backing file of a VMDK image must be a vmdk image, not ${options.backingFormat}`);
+  }
+  const heads = adapter === 'ide' ? 16 : 255;
+  const name = basename(path);
+  if (/["\n\r]/.test(name) || (options.backingFile !== undefined && /["\n\r]/.test(options.backingFile))) {
+    throw new InvalidArgumentError('VMDK file names must not contain double quotes or line breaks (the descriptor quotes them)');
+  }
+  return {
+    sectors,
+    zeroedGrain,
+    descriptor: (cid, parentCid) =>
+      '# Disk DescriptorFile\n' +
+      'version=1\n' +
+      `CID=${cid.toString(16)}\n` +
+      `parentCID=${parentCid.toString(16)}\n` +
+      'createType="monolithicSparse"\n' +
+      (options.backingFile !== undefined ? `parentFileNameHint="${options.backingFile}"\n` : '') +
+      '\n# Extent description\n' +
+      `RW ${sectors} SPARSE "${name}"\n` +
+      '\n# The Disk Data Base\n#DDB\n\n' +
+      `ddb.virtualHWVersion = "${hwversion}"\n` +
+      `ddb.geometry.cylinders = "${Math.floor((sectors * SECTOR) / (63 * heads * SECTOR))}"\n` +
+      `ddb.geometry.heads = "${heads}"\n` +
+      'ddb.geometry.sectors = "63"\n' +
+      `ddb.adapterType = "${adapter}"\n` +
+      `ddb.toolsVersion = "${toolsversion}"\n`,
+  };
+}
+
+/** The CID of the vmdk image at `path` (the new image's parent). */
+async function parentCid(path: string, name: string): Promise<number> {
+  const parentPath = resolveBackingName(path, name);
+  const file = await FileProtocol.open(parentPath, true);
+  const gate = new ImageFileGate(parentPath, {}, false);
+  try {
+    const image = await openVmdk(file, { readOnly: true, files: gate });
+    return (image.info().specific as { cid: number }).cid;
+  } finally {
+    await gate.closeAll();
+    await file.close();
+  }
+}
+
+export async function createVmdk(path: string, options: CreateOptions): Promise<void> {
+  const { sectors, zeroedGrain, descriptor } = plan(path, options);
+  const parent = options.backingFile !== undefined ? await parentCid(path, options.backingFile) : 0xffffffff;
+  const grains = Math.ceil(sectors / GRANULARITY);
+  const gtSectors = Math.ceil((GTES_PER_GT * 4) / SECTOR);
+  const gtCount = Math.ceil(grains / GTES_PER_GT);
+  const gdSectors = Math.ceil((gtCount * 4) / SECTOR);
+  const rgdOffset = DESC_OFFSET + DESC_SECTORS;
+  const gdOffset = rgdOffset + gdSectors + gtSectors * gtCount;
+  const grainOffset = Math.ceil((gdOffset + gdSectors + gtSectors * gtCount) / GRANULARITY) * GRANULARITY;
+
+  const header = Buffer.alloc(SECTOR);
+  VMDK4_MAGIC.copy(header, 0);
+  header.writeUInt32LE(zeroedGrain ? 2 : 1, 4);
+  header.writeUInt32LE(FLAG_RGD | FLAG_NL_DETECT | (zeroedGrain ? FLAG_ZERO_GRAIN : 0), 8);
+  header.writeBigUInt64LE(BigInt(sectors), 12);
+  header.writeBigUInt64LE(BigInt(GRANULARITY), 20);
+  header.writeBigUInt64LE(BigInt(DESC_OFFSET), 28);
+  header.writeBigUInt64LE(BigInt(DESC_SECTORS), 36);
+  header.writeUInt32LE(GTES_PER_GT, 44);
+  header.writeBigUInt64LE(BigInt(rgdOffset), 48);
+  header.writeBigUInt64LE(BigInt(gdOffset), 56);
+  header.writeBigUInt64LE(BigInt(grainOffset), 64);
+  Buffer.from('\n \r\n', 'latin1').copy(header, 73);
+
+  const text = Buffer.from(descriptor(randomInt(0, 0x100000000), parent), 'utf8');
+  if (text.length > DESC_SECTORS * SECTOR) throw new InvalidArgumentError(`the VMDK descriptor would be ${text.length} bytes, more than its ${DESC_SECTORS * SECTOR}`);
+  const directory = (first: number) => {
+    const bytes = Buffer.alloc(gdSectors * SECTOR);
+    for (let i = 0; i < gtCount; i++) bytes.writeUInt32LE(first + gdSectors + i * gtSectors, i * 4);
+    return bytes;
+  };
+  try {
+    const handle = await open(path, 'w');
+    try {
+      await handle.truncate(grainOffset * SECTOR);
+      await handle.write(header, 0, header.length, 0);
+      await handle.write(text, 0, text.length, DESC_OFFSET * SECTOR);
+      const rgd = directory(rgdOffset);
+      await handle.write(rgd, 0, rgd.length, rgdOffset * SECTOR);
+      const gd = directory(gdOffset);
+      await handle.write(gd, 0, gd.length, gdOffset * SECTOR);
+      await handle.datasync();
+    } finally {
+      await handle.close();
+    }
+  } catch (error) {
+    throw hostIoError('cannot create', path, error);
+  }
+}

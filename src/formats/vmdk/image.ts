@@ -1,0 +1,124 @@
+/**
+ * An opened VMDK image: its extents laid end to end (guest offsets), the
+ * descriptor's facts for `info` (CID, parentCID, createType), and the parent
+ * a differencing image names. map() splits a request at extent boundaries
+ * and asks each extent; decode() hands a compressed grain to the extent that
+ * mapped it. Read-only: writing VMDK is not implemented (the driver says so).
+ *
+ * Concurrency: no state changes after open; the extents' grain-table caches
+ * are safe under concurrent requests (extent.ts).
+ */
+import { CorruptImageError } from '../../block/errors.js';
+import type { BackingReference, EncodedCluster, FormatImage, FormatInfo, Mapping, Protocol } from '../../block/types.js';
+import type { Descriptor } from './descriptor.js';
+import { SparseExtent, type Extent } from './extent.js';
+
+export interface VmdkImageParts {
+  /** The image's own file (the sparse file, or the descriptor file). */
+  file: Protocol;
+  extents: Extent[];
+  descriptor: Descriptor;
+  createType: string;
+  backing: BackingReference | undefined;
+}
+
+export class VmdkImage implements FormatImage {
+  readonly virtualSize: number;
+  readonly backing: BackingReference | undefined;
+  protected readonly file: Protocol;
+  protected readonly extents: Extent[];
+  /** Guest offset where each extent starts. */
+  protected readonly starts: number[];
+  protected descriptor: Descriptor;
+  private readonly createType: string;
+
+  constructor(parts: VmdkImageParts) {
+    this.file = parts.file;
+    this.extents = parts.extents;
+    this.descriptor = parts.descriptor;
+    this.createType = parts.createType;
+    this.backing = parts.backing;
+    this.starts = [];
+    let at = 0;
+    for (const extent of parts.extents) {
+      this.starts.push(at);
+      at += extent.length;
+    }
+    this.virtualSize = at;
+  }
+
+  async map(offset: number, length: number): Promise<Mapping[]> {
+    const runs: Mapping[] = [];
+    const end = offset + length;
+    let index = this.extentAt(offset);
+    let at = offset;
+    while (at < end) {
+      const extent = this.extents[index]!;
+      const start = this.starts[index]!;
+      const stop = Math.min(end, start + extent.length);
+      if (stop > at) runs.push(...(await extent.map(at - start, stop - at, start)));
+      at = stop;
+      index += 1;
+    }
+    return runs;
+  }
+
+  /** The index of the extent holding guest offset `offset` (the caller keeps it inside the image). */
+  protected extentAt(offset: number): number {
+    let low = 0;
+    let high = this.extents.length - 1;
+    while (low < high) {
+      const middle = (low + high + 1) >> 1;
+      if (this.starts[middle]! <= offset) low = middle;
+      else high = middle - 1;
+    }
+    return low;
+  }
+
+  decode(cluster: EncodedCluster): Promise<Buffer> {
+    const extent = this.extents[this.extentAt(cluster.guestStart)];
+    if (!(extent instanceof SparseExtent) || !extent.compressed) {
+      return Promise.reject(new CorruptImageError(`${this.file.path}: no compressed VMDK extent holds guest offset ${cluster.guestStart}`));
+    }
+    return extent.decode(cluster);
+  }
+
+  async flush(): Promise<void> {
+    // nothing is ever written
+  }
+
+  async close(): Promise<void> {
+    // extent files other than the image's own are closed by the generic layer (the gate)
+    await this.file.close();
+  }
+
+  /** The sparse extents, for check. */
+  sparseExtents(): SparseExtent[] {
+    return this.extents.filter((extent): extent is SparseExtent => extent instanceof SparseExtent);
+  }
+
+  /** qemu-img's actual-size: the image's file and every other extent file. */
+  async allocatedSize(): Promise<number> {
+    let total = await this.file.allocatedSize();
+    for (const extent of new Set(this.extents.map((e) => e.file))) {
+      if (extent !== this.file) total += await extent.allocatedSize();
+    }
+    return total;
+  }
+
+  info(): FormatInfo {
+    const first = this.extents[0];
+    // qemu gives a cluster size when every extent is sparse with the same grain and compression
+    const same = this.extents.every((e) => e.grainSize === first?.grainSize && e.compressed === first?.compressed);
+    return {
+      clusterSize: same && first?.grainSize !== undefined ? first.grainSize : undefined,
+      dirty: false,
+      specific: {
+        cid: this.descriptor.cid,
+        'parent-cid': this.descriptor.parentCid,
+        'create-type': this.createType,
+        extents: this.extents.map((extent) => extent.info()),
+      },
+    };
+  }
+}

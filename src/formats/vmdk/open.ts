@@ -1,0 +1,192 @@
+/**
+ * Opening a VMDK image in any of its two forms, as qemu does:
+ *
+ * - a sparse file ("KDMV" at 0: monolithicSparse, streamOptimized) with its
+ *   descriptor embedded in sector 1; its grain directory is read here. A
+ *   header with capacity 0 and a descriptor is opened as a descriptor file
+ *   (qemu's behaviour).
+ * - a descriptor file (text) listing extents in other files (monolithicFlat,
+ *   twoGbMaxExtentFlat / Sparse, vmfs): each extent file is opened through
+ *   the gate, confined to the image's directory unless the user allowed
+ *   other directories (CVE-2022-47951: a descriptor naming arbitrary host
+ *   files). VMDK3 ("COWD", vmfsSparse) and seSparse extents are refused by
+ *   name, as is a sparse extent that is itself a descriptor.
+ *
+ * Everything is read once here; the image is immutable afterwards.
+ */
+import createDebug from 'debug';
+import { CorruptImageError, UnsupportedFeatureError } from '../../block/errors.js';
+import type { FormatImage, OpenOptions, Protocol } from '../../block/types.js';
+import {
+  DESCRIPTOR_FILE_MAX_BYTES, EMBEDDED_DESCRIPTOR_BYTES, descriptorText, parseDescriptorFile, parseEmbeddedDescriptor, type Descriptor, type ExtentLine,
+} from './descriptor.js';
+import { FlatExtent, SparseExtent, type Extent } from './extent.js';
+import { COMPRESSION_DEFLATE, FLAG_RGD, SECTOR, VMDK3_MAGIC, VMDK4_MAGIC, embeddedDescriptorOnly, readSparseHeader, type SparseHeader } from './header.js';
+import { VmdkImage, type VmdkImageParts } from './image.js';
+import { WritableVmdkImage, writeRefusal, type DescriptorPlace } from './writable.js';
+
+const log = createDebug('imgmount:vmdk');
+
+/** A sparse extent's header and grain directory, read and checked. */
+export async function readSparse(file: Protocol, fileSize: number): Promise<{ header: SparseHeader; gd: Uint32Array }> {
+  const sector = Buffer.alloc(SECTOR);
+  await file.read(0, sector);
+  const header = await readSparseHeader(file, sector, fileSize);
+  const bytes = Buffer.alloc(header.gdEntries * 4);
+  await file.read(header.gdOffset * SECTOR, bytes);
+  const gd = new Uint32Array(header.gdEntries);
+  for (let i = 0; i < gd.length; i++) gd[i] = bytes.readUInt32LE(i * 4);
+  return { header, gd };
+}
+
+function refuseVmdk3(path: string): never {
+  throw new UnsupportedFeatureError(`${path}: VMDK3 ("COWD", ESX vmfsSparse) extents are not supported`);
+}
+
+export async function openVmdk(file: Protocol, options: OpenOptions): Promise<FormatImage> {
+  const fileSize = await file.size();
+  if (fileSize < 4) throw new CorruptImageError(`${file.path}: the file is ${fileSize} bytes, too small to be a VMDK image`);
+  const head = Buffer.alloc(SECTOR);
+  await file.read(0, head);
+  const magic = head.subarray(0, 4);
+  if (magic.equals(VMDK3_MAGIC)) refuseVmdk3(file.path);
+  if (magic.equals(VMDK4_MAGIC)) {
+    const disguised = embeddedDescriptorOnly(head);
+    if (disguised === undefined) return openMonolithic(file, fileSize, options);
+    const descBytes = disguised.descOffset * BigInt(SECTOR);
+    if (descBytes >= BigInt(fileSize)) {
+      throw new CorruptImageError(`${file.path}: VMDK desc_offset ${disguised.descOffset} sectors lies past the end of the file (${fileSize} bytes)`);
+    }
+    const { image } = await openDescriptorFile(file, fileSize, Number(descBytes), { ...options, readOnly: true });
+    if (!options.readOnly) notice(options, `${file.path}: opened read-only: writing a VMDK descriptor kept inside a sparse header is not supported`);
+    return image;
+  }
+  const { image } = await openDescriptorFile(file, fileSize, 0, { ...options, readOnly: true });
+  if (!options.readOnly) notice(options, `${file.path}: opened read-only: writing VMDK images made of extent files (a descriptor file) is not supported yet`);
+  return image;
+}
+
+function notice(options: OpenOptions, line: string): void {
+  (options.notice ?? ((text: string) => log(text)))(line);
+}
+
+/** A writable image when the extents allow it, otherwise the read-only one with a notice saying why. */
+async function writableOrNotice(file: Protocol, parts: VmdkImageParts, place: DescriptorPlace, options: OpenOptions, placeProblem?: string): Promise<FormatImage> {
+  const refusal = placeProblem ?? writeRefusal(parts.extents, (extent) => extent.header.version);
+  if (refusal === undefined) {
+    const redundant = new Map<SparseExtent, Uint32Array | undefined>();
+    for (const extent of parts.extents) {
+      if (!(extent instanceof SparseExtent)) continue;
+      const rgd = await readRedundant(extent);
+      if (typeof rgd === 'string') {
+        notice(options, `${file.path}: opened read-only: ${rgd}`);
+        return new VmdkImage(parts);
+      }
+      redundant.set(extent, rgd);
+    }
+    return new WritableVmdkImage({ ...parts, descriptorPlace: place, redundant });
+  }
+  notice(options, `${file.path}: opened read-only: ${refusal}`);
+  return new VmdkImage(parts);
+}
+
+/** The redundant grain directory of a sparse extent (undefined without one), or why it cannot be written. */
+async function readRedundant(extent: SparseExtent): Promise<Uint32Array | undefined | string> {
+  const { header } = extent;
+  if (!(header.flags & FLAG_RGD)) return undefined;
+  const bytes = Buffer.alloc(header.gdEntries * 4);
+  await extent.file.read(header.rgdOffset * SECTOR, bytes);
+  const rgd = new Uint32Array(header.gdEntries);
+  const gtSectors = Math.ceil((header.numGtesPerGt * 4) / SECTOR);
+  const roomSectors = Math.min(header.descSize, EMBEDDED_DESCRIPTOR_BYTES / SECTOR);
+  for (let i = 0; i < rgd.length; i++) {
+    rgd[i] = bytes.readUInt32LE(i * 4);
+    if (rgd[i] === 0 || !metadataSectors(header, rgd[i]!, gtSectors, roomSectors)) {
+      return `redundant grain directory entry ${i} of ${extent.file.path} (sector ${rgd[i]}) names no grain table between the header and grain_offset ${header.grainOffset}`;
+    }
+  }
+  return rgd;
+}
+
+async function openMonolithic(file: Protocol, fileSize: number, options: OpenOptions): Promise<FormatImage> {
+  const { header, gd } = await readSparse(file, fileSize);
+  // qemu reads the embedded descriptor's 20 sectors; bytes past the end of a short file read as zeros
+  const bytes = Buffer.alloc(EMBEDDED_DESCRIPTOR_BYTES);
+  await file.read((header.descOffset || 1) * SECTOR, bytes);
+  const descriptor = parseEmbeddedDescriptor(descriptorText(bytes), file.path);
+  const extent = new SparseExtent({ file, own: true, header, gd, fileSize, type: '', index: 0, cacheBytes: options.metadataCacheBytes });
+  const createType = header.compressAlgorithm === COMPRESSION_DEFLATE ? 'streamOptimized' : 'monolithicSparse';
+  log('%s: %s, %d sectors, %d-sector grains%s', file.path, createType, header.capacity, header.granularity, header.fromFooter ? ' (header from the footer)' : '');
+  const parts: VmdkImageParts = { file, extents: [extent], descriptor, createType, backing: backingOf(descriptor) };
+  if (options.readOnly) return new VmdkImage(parts);
+  // the CID update rewrites the descriptor area: at most qemu's 20 sectors of it
+  const roomSectors = Math.min(header.descSize, EMBEDDED_DESCRIPTOR_BYTES / SECTOR);
+  return writableOrNotice(file, parts, { offset: header.descOffset * SECTOR, room: roomSectors * SECTOR }, options, layoutProblem(header, roomSectors, gd));
+}
+
+/**
+ * Why the metadata of a sparse file is laid out so that writing could overwrite some of it, if it is:
+ * the descriptor area and every grain table of the primary directory must lie between the header
+ * and grain_offset (the redundant directory's tables are checked in readRedundant).
+ */
+function layoutProblem(header: SparseHeader, roomSectors: number, gd: Uint32Array): string | undefined {
+  if (header.descOffset === 0 || roomSectors === 0) return 'its header names no embedded descriptor area (desc_offset / desc_size 0)';
+  if (header.descOffset + roomSectors > header.grainOffset) return `its descriptor area (sector ${header.descOffset}) reaches past grain_offset ${header.grainOffset}`;
+  const gtSectors = Math.ceil((header.numGtesPerGt * 4) / SECTOR);
+  const gdSectors = Math.ceil((header.gdEntries * 4) / SECTOR);
+  for (const [name, offset] of [['gd_offset', header.gdOffset], ['rgd_offset', header.rgdOffset]] as const) {
+    if (offset !== 0 && !metadataSectors(header, offset, gdSectors, roomSectors)) {
+      return `its grain directory (${name} ${offset}) does not lie between the header and grain_offset ${header.grainOffset}, clear of the descriptor`;
+    }
+  }
+  for (let i = 0; i < gd.length; i++) {
+    if (gd[i] !== 0 && !metadataSectors(header, gd[i]!, gtSectors, roomSectors)) {
+      return `grain table ${i} (sector ${gd[i]}) does not lie between the header and grain_offset ${header.grainOffset}, clear of the descriptor`;
+    }
+  }
+  return undefined;
+}
+
+/** True when sectors [sector, sector + count) lie after the header and the descriptor area, before the grains. */
+function metadataSectors(header: SparseHeader, sector: number, count: number, roomSectors: number): boolean {
+  const afterDescriptor = sector >= header.descOffset + roomSectors || sector + count <= header.descOffset;
+  return sector >= 1 && sector + count <= header.grainOffset && afterDescriptor;
+}
+
+/** The parent of a differencing image; qemu opens it as vmdk, never probed, and so does this. */
+function backingOf(descriptor: Descriptor): { filename: string; format: string } | undefined {
+  return descriptor.parentFileNameHint === undefined ? undefined : { filename: descriptor.parentFileNameHint, format: 'vmdk' };
+}
+
+async function openDescriptorFile(file: Protocol, fileSize: number, at: number, options: OpenOptions): Promise<{ image: FormatImage; parts: VmdkImageParts }> {
+  const bytes = Buffer.alloc(Math.min(fileSize - at, DESCRIPTOR_FILE_MAX_BYTES));
+  await file.read(at, bytes);
+  const descriptor = parseDescriptorFile(descriptorText(bytes), file.path);
+  if (descriptor.extents.length === 0) throw new CorruptImageError(`${file.path}: the VMDK descriptor lists no extent qemu would open (RW, a known type, a positive size)`);
+  const extents: Extent[] = [];
+  for (const line of descriptor.extents) extents.push(await openExtent(file, line, extents.length, options));
+  const total = extents.reduce((sum, extent) => sum + extent.length, 0);
+  if (!Number.isSafeInteger(total)) throw new CorruptImageError(`${file.path}: the VMDK extents add up to more than ${Number.MAX_SAFE_INTEGER} bytes`);
+  // qemu's quirk: a compressed extent makes the image's create type streamOptimized
+  const createType = extents.some((extent) => extent.compressed) ? 'streamOptimized' : descriptor.createType!;
+  log('%s: %s descriptor with %d extent(s)', file.path, createType, extents.length);
+  const parts: VmdkImageParts = { file, extents, descriptor, createType, backing: backingOf(descriptor) };
+  return { image: new VmdkImage(parts), parts };
+}
+
+async function openExtent(image: Protocol, line: ExtentLine, index: number, options: OpenOptions): Promise<Extent> {
+  if (line.type === 'SESPARSE') throw new UnsupportedFeatureError(`${image.path}: VMDK seSparse extents are not supported (extent "${line.fileName}")`);
+  const file = await options.files.open(line.fileName, 'VMDK extent', { readOnly: true, confined: true });
+  if (line.type === 'FLAT' || line.type === 'VMFS') return new FlatExtent(file, line.sectors * SECTOR, line.flatOffset * SECTOR, line.type, false);
+  const fileSize = await file.size();
+  if (fileSize < 4) throw new CorruptImageError(`${file.path}: VMDK extent of ${image.path} is ${fileSize} bytes, too small for a sparse extent`);
+  const head = Buffer.alloc(SECTOR);
+  await file.read(0, head);
+  const magic = head.subarray(0, 4);
+  if (magic.equals(VMDK3_MAGIC)) refuseVmdk3(file.path);
+  if (!magic.equals(VMDK4_MAGIC)) throw new CorruptImageError(`${file.path}: VMDK ${line.type} extent of ${image.path} does not start with "KDMV"`);
+  if (embeddedDescriptorOnly(head)) throw new UnsupportedFeatureError(`${file.path}: VMDK extent of ${image.path} is itself a descriptor; nested descriptors are not supported`);
+  // as in qemu, the size of a sparse extent is its header's capacity, not the descriptor line's
+  const { header, gd } = await readSparse(file, fileSize);
+  return new SparseExtent({ file, own: false, header, gd, fileSize, type: line.type, index, cacheBytes: options.metadataCacheBytes });
+}

@@ -1,0 +1,151 @@
+/**
+ * The VMDK entry of the conformance matrix (formats.ts): shapes qemu-img and
+ * qemu-io make; the monolithicSparse ones are written by the random write tests (the
+ * stream-optimized and the flat one open read-only, with a notice). monolithicSparse with and without zeroed
+ * grains (sizes that are not a multiple of the 64 KiB grain), streamOptimized
+ * (compressed grains with markers), monolithicFlat (a descriptor file and one
+ * flat extent), and a differencing image over a sparse parent. Multi-extent
+ * forms (twoGbMaxExtent*) are in test/vmdk.test.ts: the matrix knows one data
+ * file per image.
+ *
+ * This module is imported by formats.ts and imports functions from it: it
+ * uses them only inside build(), never while the modules load.
+ */
+import { rm, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { mixedContent, type BuiltImage, type FormatEntry, type Shape } from './formats.js';
+import { qemuImg, qemuIo } from './qemu.js';
+
+const K = 1024;
+const M = 1024 * K;
+/** qemu-img makes 128-sector grains. */
+const GRAIN = 64 * K;
+
+/** Unaligned pattern writes across grains, the first sector, the middle, the tail. */
+function writes(size: number, salt: number): string[] {
+  const p = (k: number) => `0x${((salt + k * 0x13) & 0xff).toString(16).padStart(2, '0')}`;
+  return [
+    `write -P ${p(1)} ${GRAIN - 100} 300`,
+    `write -P ${p(2)} ${3 * GRAIN + 17} ${2 * GRAIN + 5}`,
+    `write -P ${p(3)} 1 1`,
+    `write -P ${p(4)} ${Math.floor(size / 2) + 333} 4097`,
+    `write -P ${p(5)} ${size - 700} 700`,
+    `write -P ${p(6)} ${GRAIN - 40} 10`,
+  ];
+}
+
+function info(createType: string, extra: Record<string, unknown> = {}): Record<string, unknown> {
+  return { 'format-specific': { type: 'vmdk', data: { 'create-type': createType } }, ...extra };
+}
+
+/** Copies mixed content into the existing image with qemu-img convert -n. */
+async function fill(path: string, size: number, seed: number, dir: string, name: string): Promise<void> {
+  const source = join(dir, `${name}.source.tmp`);
+  await writeFile(source, mixedContent(size, seed));
+  try {
+    await qemuImg(['convert', '-n', '-f', 'raw', '-O', 'vmdk', source, path]);
+  } finally {
+    await rm(source, { force: true });
+  }
+}
+
+function built(path: string, description: string, says: BuiltImage['qemuSays'], more: Partial<BuiltImage> = {}): BuiltImage {
+  return { path, format: 'vmdk', description, layers: ['vmdk'], clusterSize: GRAIN, qemuSays: says, ...more };
+}
+
+const shapes: Shape[] = [
+  {
+    name: 'sparse',
+    description: 'monolithicSparse (qemu-img create -f vmdk), 6 MiB + 1536 (not a whole number of grains), mixed content, pattern writes, write -z (no zeroed grains: zeros written)',
+    async build(dir) {
+      const path = join(dir, 'sparse.vmdk');
+      const size = 6 * M + 1536;
+      await qemuImg(['create', '-q', '-f', 'vmdk', path, String(size)]);
+      await fill(path, size, 701, dir, 'sparse');
+      await qemuIo(path, [...writes(size, 0x21), `write -z ${8 * GRAIN} ${GRAIN}`, `write -z ${2 * GRAIN + 10} 100`], 'vmdk');
+      return built(path, this.description, { mapNot: ['zero'], info: info('monolithicSparse', { 'cluster-size': GRAIN }) });
+    },
+  },
+  {
+    name: 'sparse-holes',
+    description: 'monolithicSparse written only by qemu-io patterns (unallocated grains and whole unallocated grain tables between), 40 MiB + 512',
+    async build(dir) {
+      const path = join(dir, 'sparse-holes.vmdk');
+      const size = 40 * M + 512;
+      await qemuImg(['create', '-q', '-f', 'vmdk', path, String(size)]);
+      // one grain table covers 512 grains (32 MiB): writes on both sides of that boundary
+      await qemuIo(path, [...writes(size, 0x31), `write -P 0x3e ${32 * M - 3000} 9000`], 'vmdk');
+      return built(path, this.description, { map: ['unallocated'], mapNot: ['zero'], info: info('monolithicSparse') });
+    },
+  },
+  {
+    name: 'zeroed-grain',
+    description: 'monolithicSparse with -o zeroed_grain=on, 5 MiB + 3584: write -z of whole grains makes zeroed grains (entry 1) over data and over unallocated space, data written into one afterwards',
+    async build(dir) {
+      const path = join(dir, 'zeroed-grain.vmdk');
+      const size = 5 * M + 3584;
+      await qemuImg(['create', '-q', '-f', 'vmdk', '-o', 'zeroed_grain=on', path, String(size)]);
+      await qemuIo(path, [
+        ...writes(size, 0x41),
+        `write -P 0x4a 0 ${12 * GRAIN}`,
+        `write -z ${2 * GRAIN} ${3 * GRAIN}`,
+        `write -z ${30 * GRAIN} ${GRAIN}`,
+        `write -z ${7 * GRAIN + 17} 100`,
+        `write -P 0x4b ${3 * GRAIN + 5} 10`,
+      ], 'vmdk');
+      return built(path, this.description, { map: ['zero', 'unallocated'], info: info('monolithicSparse') });
+    },
+  },
+  {
+    name: 'stream',
+    readOnly: /stream-optimized/,
+    description: 'streamOptimized (qemu-img convert -O vmdk -o subformat=streamOptimized) of text + random + zeros, 4 MiB + 2560: compressed grains with markers, a short last grain',
+    async build(dir) {
+      const path = join(dir, 'stream.vmdk');
+      const size = 4 * M + 2560;
+      const source = join(dir, 'stream.source.tmp');
+      const content = mixedContent(size, 702);
+      content.fill(0, 5 * GRAIN, 8 * GRAIN); // whole zero grains are not stored
+      await writeFile(source, content);
+      try {
+        await qemuImg(['convert', '-f', 'raw', '-O', 'vmdk', '-o', 'subformat=streamOptimized', source, path]);
+      } finally {
+        await rm(source, { force: true });
+      }
+      return built(path, this.description, { map: ['compressed', 'unallocated'], info: info('streamOptimized', { 'cluster-size': GRAIN }) });
+    },
+  },
+  {
+    name: 'flat',
+    readOnly: /a descriptor file\) is not supported yet/,
+    description: 'monolithicFlat: a descriptor file and one flat extent (flat-flat.vmdk) under a relative name, 3 MiB, pattern writes and write -z',
+    async build(dir) {
+      const path = join(dir, 'flat.vmdk');
+      const size = 3 * M;
+      await qemuImg(['create', '-q', '-f', 'vmdk', '-o', 'subformat=monolithicFlat', path, String(size)]);
+      await qemuIo(path, [...writes(size, 0x51), `write -z ${GRAIN} 5000`], 'vmdk');
+      return built(path, this.description, { map: ['data-over-host-hole'], info: info('monolithicFlat') }, { dataFile: join(dir, 'flat-flat.vmdk') });
+    },
+  },
+  {
+    name: 'backing',
+    description: 'a differencing monolithicSparse (qemu-img create -b base -F vmdk: parentFileNameHint) over a sparse parent: partial grains over parent data, writes across the tail',
+    async build(dir) {
+      const base = join(dir, 'backing-base.vmdk');
+      const path = join(dir, 'backing.vmdk');
+      const size = 4 * M + 512;
+      await qemuImg(['create', '-q', '-f', 'vmdk', base, String(size)]);
+      await fill(base, size, 703, dir, 'backing-base');
+      await qemuImg(['create', '-q', '-f', 'vmdk', '-b', 'backing-base.vmdk', '-F', 'vmdk', path], { cwd: dir });
+      await qemuIo(path, [`write -P 0xa1 ${GRAIN + 7} 33`, `write -P 0xa2 ${size - 513} 513`, `write -P 0xa4 ${6 * GRAIN - 10} ${GRAIN + 20}`], 'vmdk');
+      return built(
+        path,
+        this.description,
+        { map: ['backing-data'], info: info('monolithicSparse', { 'backing-filename': 'backing-base.vmdk', 'backing-filename-format': 'vmdk' }) },
+        { layers: ['vmdk', 'vmdk'] },
+      );
+    },
+  },
+];
+
+export const vmdkEntry: FormatEntry = { name: 'vmdk', extension: '.vmdk', writable: true, checkable: true, snapshots: false, shapes, chains: [] };
