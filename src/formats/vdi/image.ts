@@ -1,0 +1,235 @@
+/**
+ * An opened VDI image (dynamic or static): translation of guest offsets
+ * through the block map, allocating writes, zeroing, flush and close.
+ *
+ * Concurrency rules:
+ * - Reads (map) never take a lock; they read the in-memory block map, whose
+ *   entries change only after the block they point to is on disk.
+ * - Writes into allocated blocks go straight to the file, concurrently.
+ * - Allocating writes are serialized by `allocationLock`; under it the range
+ *   is mapped again, so two writers that both saw a block unallocated never
+ *   both allocate it.
+ *
+ * Crash-safe order of an allocation (new blocks are appended at index
+ * `nextIndex`, each written whole: the guest data and zeros around it, since
+ * an unallocated block reads as zeros and VDI has no backing file):
+ *   1. the new blocks' bytes;
+ *   2. flush: the data is durable before anything points to it;
+ *   3. the header's blocks_allocated, raised by the count;
+ *   4. flush: the count is durable before the entries;
+ *   5. the block map entries (whole sectors).
+ * A crash before 3 leaves only bytes past the used blocks (overwritten by the
+ * next allocation). A crash between 3 and 5 leaves blocks_allocated above the
+ * number of entries: qemu-img check reports "allocated blocks mismatch", but
+ * no block is shared or lost, and qemu (which allocates at index
+ * blocks_allocated) never reuses the leaked one. The opposite order (entries
+ * first) would let qemu hand the same block to a second guest block.
+ * `nextIndex` is max(blocks_allocated, highest entry + 1), so a header that
+ * lags its entries (a crash of another writer) never makes us reuse a block.
+ */
+import { Mutex } from 'async-mutex';
+import createDebug from 'debug';
+import { constants as osConstants } from 'node:os';
+import { BlockError, CorruptImageError, UnsupportedFeatureError } from '../../block/errors.js';
+import { announce, flushToDisk } from '../../block/events.js';
+import { settleAll } from '../../block/settle.js';
+import type { FormatImage, FormatInfo, Mapping, Protocol } from '../../block/types.js';
+import { blockOffset, entryProblem, isAllocated, type BlockMap } from './bmap.js';
+import { headerWithBlocksAllocated, type VdiHeader } from './header.js';
+
+const log = createDebug('imgmount:vdi');
+
+/** Blocks allocated (and buffered) by one step of an allocating write. */
+const MAX_BLOCKS_PER_STEP = 8;
+
+export class VdiImage implements FormatImage {
+  readonly virtualSize: number;
+  readonly backing = undefined;
+  private readonly allocationLock = new Mutex();
+  private closed = false;
+  /** Bytes of the file that entries may point into: the size at open, then past each allocation. */
+  private validEnd: number;
+  /** The data-area index of the next block allocated. */
+  private nextIndex: number;
+  private blocksAllocated: number;
+
+  constructor(
+    private readonly file: Protocol,
+    private readonly header: VdiHeader,
+    private readonly bmap: BlockMap,
+    fileSize: number,
+  ) {
+    this.virtualSize = header.diskSize;
+    this.validEnd = fileSize;
+    this.blocksAllocated = header.blocksAllocated;
+    let highest = -1;
+    for (let block = 0; block < bmap.blocks; block++) {
+      const entry = bmap.get(block);
+      if (isAllocated(entry) && entry < header.blocksInImage) highest = Math.max(highest, entry);
+    }
+    this.nextIndex = Math.max(header.blocksAllocated, highest + 1);
+  }
+
+  async map(offset: number, length: number): Promise<Mapping[]> {
+    const runs: Mapping[] = [];
+    const { blockSize } = this.header;
+    const end = offset + length;
+    for (let pos = offset; pos < end; ) {
+      const block = Math.floor(pos / blockSize);
+      const runEnd = Math.min(end, (block + 1) * blockSize);
+      const entry = this.bmap.get(block);
+      if (!isAllocated(entry)) {
+        pushRun(runs, { kind: 'zero', guestOffset: pos, length: runEnd - pos });
+      } else {
+        const problem = entryProblem(this.header, entry, this.validEnd);
+        if (problem !== undefined) {
+          throw new CorruptImageError(`${this.file.path}: VDI block map entry ${block} (guest bytes ${block * blockSize}..${(block + 1) * blockSize}): ${problem}; run 'imgmount check'`);
+        }
+        pushRun(runs, { kind: 'data', guestOffset: pos, length: runEnd - pos, hostOffset: blockOffset(this.header, entry) + (pos - block * blockSize) });
+      }
+      pos = runEnd;
+    }
+    return runs;
+  }
+
+  async write(offset: number, data: Buffer): Promise<void> {
+    this.assertOpen();
+    const runs = await this.map(offset, data.length);
+    // Every part finishes before the request answers (settleAll): a part failing fast
+    // must not hand the buffer back while another still writes from it.
+    await settleAll(
+      runs.map((run) => {
+        const part = data.subarray(run.guestOffset - offset, run.guestOffset - offset + run.length);
+        return run.kind === 'data' ? this.writeData(run.hostOffset, part) : this.allocatingWrite(run.guestOffset, part);
+      }),
+    );
+  }
+
+  private writeData(hostOffset: number, data: Buffer): Promise<void> {
+    announce(this.file, 'write_aio');
+    return this.file.write(hostOffset, data);
+  }
+
+  /** Writes to a range that was unallocated when looked at; serialized with other allocations. */
+  private async allocatingWrite(offset: number, data: Buffer): Promise<void> {
+    await this.allocationLock.runExclusive(async () => {
+      this.assertOpen();
+      for (const run of await this.map(offset, data.length)) {
+        const part = data.subarray(run.guestOffset - offset, run.guestOffset - offset + run.length);
+        if (run.kind === 'data') {
+          await this.writeData(run.hostOffset, part);
+          continue;
+        }
+        const { blockSize } = this.header;
+        for (let pos = run.guestOffset; pos < run.guestOffset + run.length; ) {
+          const stepEnd = Math.min(run.guestOffset + run.length, (Math.floor(pos / blockSize) + MAX_BLOCKS_PER_STEP) * blockSize);
+          await this.allocateBlocks(pos, part.subarray(pos - run.guestOffset, stepEnd - run.guestOffset));
+          pos = stepEnd;
+        }
+      }
+    });
+  }
+
+  /** Allocates the unallocated blocks under [offset, offset + data.length) and writes `data` there (see the order above). */
+  private async allocateBlocks(offset: number, data: Buffer): Promise<void> {
+    const { blockSize, blocksInImage } = this.header;
+    const first = Math.floor(offset / blockSize);
+    const count = Math.ceil((offset + data.length) / blockSize) - first;
+    const index = this.nextIndex;
+    if (index + count > blocksInImage) {
+      throw new UnsupportedFeatureError(
+        `${this.file.path}: VDI has no free block left (next index ${index}, blocks_in_image ${blocksInImage}): the block map holds leaked or duplicate entries; run 'imgmount check'`,
+      );
+    }
+    const blocks = Buffer.alloc(count * blockSize);
+    data.copy(blocks, offset - first * blockSize);
+    const hostOffset = blockOffset(this.header, index);
+    const sizeBefore = await this.file.size();
+    try {
+      announce(this.file, 'cluster_alloc');
+      await this.file.write(hostOffset, blocks);
+      await flushToDisk(this.file);
+    } catch (error) {
+      // Nothing points to the new blocks yet: cut the file back so the failure leaves nothing behind.
+      try {
+        if ((await this.file.size()) > sizeBefore) await this.file.truncate(sizeBefore);
+      } catch (cause) {
+        log('%s: could not cut back a failed allocation: %s', this.file.path, (cause as Error).message);
+      }
+      throw error;
+    }
+    this.nextIndex = index + count;
+    this.validEnd = Math.max(this.validEnd, hostOffset + blocks.length);
+    const allocated = this.blocksAllocated + count;
+    announce(this.file, 'header_update');
+    await this.file.write(0, headerWithBlocksAllocated(this.header, allocated));
+    this.blocksAllocated = allocated;
+    await flushToDisk(this.file);
+    const entries = Array.from({ length: count }, (_, i) => index + i);
+    await this.bmap.update(this.file, this.header.offsetBmap, first, entries);
+    log('%s: allocated blocks %d..%d at indexes %d..%d', this.file.path, first, first + count - 1, index, index + count - 1);
+  }
+
+  /**
+   * Makes [offset, offset + length) read as zeros: zeros are written over
+   * allocated blocks, which stay allocated (VDI has no way to free a block
+   * without leaving a hole in the data area); unallocated blocks read as zeros already.
+   */
+  async zero(offset: number, length: number): Promise<void> {
+    this.assertOpen();
+    const runs = await this.map(offset, length);
+    await settleAll(runs.map((run) => (run.kind === 'data' ? this.zeroHostRange(run.hostOffset, run.length) : undefined)));
+  }
+
+  async discard(offset: number, length: number): Promise<void> {
+    await this.zero(offset, length);
+  }
+
+  private async zeroHostRange(hostOffset: number, length: number): Promise<void> {
+    if (this.file.punchHole) {
+      await this.file.punchHole(hostOffset, length);
+      return;
+    }
+    const piece = Buffer.alloc(Math.min(length, this.header.blockSize));
+    for (let pos = hostOffset; pos < hostOffset + length; pos += piece.length) {
+      await this.file.write(pos, piece.subarray(0, Math.min(piece.length, hostOffset + length - pos)));
+    }
+  }
+
+  async flush(): Promise<void> {
+    this.assertOpen();
+    await flushToDisk(this.file);
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    await this.allocationLock.runExclusive(async () => {
+      this.closed = true;
+      try {
+        if (!this.file.readOnly) await flushToDisk(this.file);
+      } finally {
+        await this.file.close();
+      }
+    });
+  }
+
+  info(): FormatInfo {
+    return { clusterSize: this.header.blockSize };
+  }
+
+  private assertOpen(): void {
+    if (this.closed) throw new BlockError(`${this.file.path}: image is closed`, osConstants.errno.EBADF);
+  }
+}
+
+/** Appends a run, joining it to the previous one when it continues it. */
+function pushRun(runs: Mapping[], run: Mapping): void {
+  const last = runs[runs.length - 1];
+  if (last && last.kind === run.kind && last.guestOffset + last.length === run.guestOffset) {
+    if (last.kind !== 'data' || (run.kind === 'data' && last.hostOffset + last.length === run.hostOffset)) {
+      last.length += run.length;
+      return;
+    }
+  }
+  runs.push(run);
+}
