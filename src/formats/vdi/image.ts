@@ -10,22 +10,28 @@
  *   is mapped again, so two writers that both saw a block unallocated never
  *   both allocate it.
  *
- * Crash-safe order of an allocation (new blocks are appended at index
- * `nextIndex`, each written whole: the guest data and zeros around it, since
- * an unallocated block reads as zeros and VDI has no backing file):
+ * Where new blocks go: first into leaked indexes (below the end of the used
+ * data area, counted by blocks_allocated, but used by no entry: what a crash
+ * between steps 3 and 5 below leaves), then appended at `nextIndex` =
+ * max(blocks_allocated, highest entry + 1), so a header that lags its
+ * entries (a crash of another writer) never makes us hand out a used block.
+ * Each new block is written whole: the guest data and zeros around it, since
+ * an unallocated block reads as zeros and VDI has no backing file.
+ *
+ * Crash-safe order of an allocation:
  *   1. the new blocks' bytes;
  *   2. flush: the data is durable before anything points to it;
- *   3. the header's blocks_allocated, raised by the count;
+ *   3. when the data area grew: the header's blocks_allocated raised to
+ *      max(blocks_allocated, highest index + 1), then
  *   4. flush: the count is durable before the entries;
  *   5. the block map entries (whole sectors).
- * A crash before 3 leaves only bytes past the used blocks (overwritten by the
- * next allocation). A crash between 3 and 5 leaves blocks_allocated above the
- * number of entries: qemu-img check reports "allocated blocks mismatch", but
- * no block is shared or lost, and qemu (which allocates at index
- * blocks_allocated) never reuses the leaked one. The opposite order (entries
+ * A crash before 3 leaves only unused bytes past the data area (overwritten
+ * by the next allocation). A crash between 3 and 5 leaves blocks_allocated
+ * above the number of entries: qemu-img check reports "allocated blocks
+ * mismatch", but no block is shared or lost, qemu (which allocates at index
+ * blocks_allocated) never reuses the leaked one, and our next allocation
+ * fills it, which makes the count right again. The opposite order (entries
  * first) would let qemu hand the same block to a second guest block.
- * `nextIndex` is max(blocks_allocated, highest entry + 1), so a header that
- * lags its entries (a crash of another writer) never makes us reuse a block.
  */
 import { Mutex } from 'async-mutex';
 import createDebug from 'debug';
@@ -49,8 +55,10 @@ export class VdiImage implements FormatImage {
   private closed = false;
   /** Bytes of the file that entries may point into: the size at open, then past each allocation. */
   private validEnd: number;
-  /** The data-area index of the next block allocated. */
+  /** The data-area index past every used (or counted) block: where appended blocks go. */
   private nextIndex: number;
+  /** Indexes below nextIndex that no entry uses (leaked by a crash), reused first. */
+  private readonly leaked: number[] = [];
   private blocksAllocated: number;
 
   constructor(
@@ -62,12 +70,18 @@ export class VdiImage implements FormatImage {
     this.virtualSize = header.diskSize;
     this.validEnd = fileSize;
     this.blocksAllocated = header.blocksAllocated;
+    const used = new Uint8Array(header.blocksInImage);
     let highest = -1;
     for (let block = 0; block < bmap.blocks; block++) {
       const entry = bmap.get(block);
-      if (isAllocated(entry) && entry < header.blocksInImage) highest = Math.max(highest, entry);
+      if (isAllocated(entry) && entry < header.blocksInImage) {
+        used[entry] = 1;
+        highest = Math.max(highest, entry);
+      }
     }
     this.nextIndex = Math.max(header.blocksAllocated, highest + 1);
+    for (let index = this.nextIndex - 1; index >= 0; index--) if (!used[index]) this.leaked.push(index);
+    if (this.leaked.length > 0) log('%s: %d leaked block index(es) below %d will be reused', file.path, this.leaked.length, this.nextIndex);
   }
 
   async map(offset: number, length: number): Promise<Mapping[]> {
@@ -135,21 +149,30 @@ export class VdiImage implements FormatImage {
     const { blockSize, blocksInImage } = this.header;
     const first = Math.floor(offset / blockSize);
     const count = Math.ceil((offset + data.length) / blockSize) - first;
-    const index = this.nextIndex;
-    if (index + count > blocksInImage) {
+    const reused = this.leaked.splice(Math.max(0, this.leaked.length - count)).reverse();
+    const appended = count - reused.length;
+    if (this.nextIndex + appended > blocksInImage) {
+      this.leaked.push(...reused.reverse());
       throw new UnsupportedFeatureError(
-        `${this.file.path}: VDI has no free block left (next index ${index}, blocks_in_image ${blocksInImage}): the block map holds leaked or duplicate entries; run 'imgmount check'`,
+        `${this.file.path}: VDI has no free block left (next index ${this.nextIndex}, blocks_in_image ${blocksInImage}): the block map holds duplicate entries; run 'imgmount check'`,
       );
     }
+    const indexes = [...reused, ...Array.from({ length: appended }, (_, i) => this.nextIndex + i)];
     const blocks = Buffer.alloc(count * blockSize);
     data.copy(blocks, offset - first * blockSize);
-    const hostOffset = blockOffset(this.header, index);
     const sizeBefore = await this.file.size();
     try {
       announce(this.file, 'cluster_alloc');
-      await this.file.write(hostOffset, blocks);
+      // Runs of neighbouring indexes go out as one write.
+      for (let i = 0; i < count; ) {
+        let j = i + 1;
+        while (j < count && indexes[j] === indexes[j - 1]! + 1) j++;
+        await this.file.write(blockOffset(this.header, indexes[i]!), blocks.subarray(i * blockSize, j * blockSize));
+        i = j;
+      }
       await flushToDisk(this.file);
     } catch (error) {
+      this.leaked.push(...reused.reverse());
       // Nothing points to the new blocks yet: cut the file back so the failure leaves nothing behind.
       try {
         if ((await this.file.size()) > sizeBefore) await this.file.truncate(sizeBefore);
@@ -158,16 +181,16 @@ export class VdiImage implements FormatImage {
       }
       throw error;
     }
-    this.nextIndex = index + count;
-    this.validEnd = Math.max(this.validEnd, hostOffset + blocks.length);
-    const allocated = this.blocksAllocated + count;
-    announce(this.file, 'header_update');
-    await this.file.write(0, headerWithBlocksAllocated(this.header, allocated));
-    this.blocksAllocated = allocated;
-    await flushToDisk(this.file);
-    const entries = Array.from({ length: count }, (_, i) => index + i);
-    await this.bmap.update(this.file, this.header.offsetBmap, first, entries);
-    log('%s: allocated blocks %d..%d at indexes %d..%d', this.file.path, first, first + count - 1, index, index + count - 1);
+    this.nextIndex += appended;
+    this.validEnd = Math.max(this.validEnd, blockOffset(this.header, Math.max(...indexes) + 1));
+    if (this.nextIndex > this.blocksAllocated) {
+      announce(this.file, 'header_update');
+      await this.file.write(0, headerWithBlocksAllocated(this.header, this.nextIndex));
+      this.blocksAllocated = this.nextIndex;
+      await flushToDisk(this.file);
+    }
+    await this.bmap.update(this.file, this.header.offsetBmap, first, indexes);
+    log('%s: allocated blocks %d..%d at indexes %s', this.file.path, first, first + count - 1, indexes.join(','));
   }
 
   /**
