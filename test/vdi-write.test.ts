@@ -33,8 +33,13 @@ async function qemuImage(dir: string, options: string[] = []): Promise<string> {
   return path;
 }
 
-async function openOver(protocol: Protocol): Promise<FormatImage> {
-  return vdi.open(protocol, { readOnly: protocol.readOnly, files: new ImageFileGate(protocol.path, {}, !protocol.readOnly) });
+type WritableImage = FormatImage & { write: NonNullable<FormatImage['write']> };
+
+/** Opens the VDI over `protocol` (the driver alone, no generic layer), for asserting on its I/O. */
+async function openOver(protocol: Protocol): Promise<WritableImage> {
+  const image = await vdi.open(protocol, { readOnly: protocol.readOnly, files: new ImageFileGate(protocol.path, {}, !protocol.readOnly) });
+  if (!image.write) throw new Error('the VDI image has no write');
+  return image as WritableImage;
 }
 
 /** qemu-img check's error lines (stderr), and whether they are only the harmless blocks_allocated lead. */
@@ -233,7 +238,7 @@ describe.skipIf(skipWithoutQemu('vdi writes'))('vdi writes', () => {
         const pending = ops.slice(lastFlush + 1, k).filter((op): op is Op & { kind: 'write' } => op.kind === 'write');
         expect(pending.length).toBeLessThanOrEqual(3);
         for (let subset = 0; subset < 1 << pending.length; subset++) {
-          let file = Buffer.from(initial);
+          let file: Buffer = Buffer.from(initial);
           for (const op of ops.slice(0, lastFlush + 1)) if (op.kind === 'write') file = apply(file, op);
           pending.forEach((op, i) => {
             if (subset & (1 << i)) file = apply(file, op);
