@@ -15,7 +15,9 @@
  *
  * The checks are qemu's (block/vdi.c vdi_open, with the fixes of
  * CVE-2014-0144's series: disk size and block count bounded) plus the ones
- * that keep every later read and write inside what the header describes:
+ * that keep every later read and write inside what the header describes
+ * (and block sizes other than 1 MiB, which qemu refuses, are accepted as the
+ * specification allows them: powers of two, here 512 B to 64 MiB):
  * the block map inside the file, before the data area and past the header;
  * blocks_allocated not above blocks_in_image; block_extra 0 (qemu ignores it
  * and would read the wrong bytes); image types other than dynamic and static
@@ -30,6 +32,9 @@ export const VDI_VERSION_1_1 = 0x00010001;
 export const SECTOR_SIZE = 512;
 /** The only block size qemu reads (and VirtualBox makes). */
 export const DEFAULT_BLOCK_SIZE = 1024 * 1024;
+/** Other block sizes the specification allows (powers of two) are read in this range, read-only. */
+export const MIN_BLOCK_SIZE = 512;
+export const MAX_BLOCK_SIZE = 64 * 1024 * 1024;
 /** qemu's bound on blocks_in_image (0xffffffff / 4). */
 export const MAX_BLOCKS = 0x3fffffff;
 export const MAX_DISK_SIZE = MAX_BLOCKS * DEFAULT_BLOCK_SIZE;
@@ -105,8 +110,8 @@ export function parseHeader(bytes: Buffer, fileSize: number, path: string): VdiH
   }
   if (offsetData % SECTOR_SIZE !== 0) fail(path, `offset_data ${offsetData} is not a multiple of ${SECTOR_SIZE}`);
   if (sectorSize !== SECTOR_SIZE) unsupported(path, `sector_size ${sectorSize} is not supported (only ${SECTOR_SIZE})`);
-  if (blockSize !== DEFAULT_BLOCK_SIZE) {
-    unsupported(path, `block_size ${blockSize} is not supported (only ${DEFAULT_BLOCK_SIZE}, the size VirtualBox makes and qemu reads)`);
+  if ((blockSize & (blockSize - 1)) !== 0 || blockSize < MIN_BLOCK_SIZE || blockSize > MAX_BLOCK_SIZE) {
+    unsupported(path, `block_size ${blockSize} is not supported (a power of two in [${MIN_BLOCK_SIZE}, ${MAX_BLOCK_SIZE}]; VirtualBox makes and qemu reads ${DEFAULT_BLOCK_SIZE})`);
   }
   if (blockExtra !== 0) unsupported(path, `block_extra ${blockExtra} is not supported (only 0)`);
   if (blocksInImage > MAX_BLOCKS) fail(path, `blocks_in_image ${blocksInImage} is above ${MAX_BLOCKS}`);

@@ -45,8 +45,8 @@ import { headerWithBlocksAllocated, type VdiHeader } from './header.js';
 
 const log = createDebug('imgmount:vdi');
 
-/** Blocks allocated (and buffered) by one step of an allocating write. */
-const MAX_BLOCKS_PER_STEP = 8;
+/** Bytes of new blocks buffered by one step of an allocating write (at least one block). */
+const MAX_STEP_BYTES = 8 * 1024 * 1024;
 
 export class VdiImage implements FormatImage {
   readonly virtualSize: number;
@@ -136,7 +136,7 @@ export class VdiImage implements FormatImage {
         }
         const { blockSize } = this.header;
         for (let pos = run.guestOffset; pos < run.guestOffset + run.length; ) {
-          const stepEnd = Math.min(run.guestOffset + run.length, (Math.floor(pos / blockSize) + MAX_BLOCKS_PER_STEP) * blockSize);
+          const stepEnd = Math.min(run.guestOffset + run.length, (Math.floor(pos / blockSize) + Math.max(1, Math.floor(MAX_STEP_BYTES / blockSize))) * blockSize);
           await this.allocateBlocks(pos, part.subarray(pos - run.guestOffset, stepEnd - run.guestOffset));
           pos = stepEnd;
         }
