@@ -19,19 +19,18 @@
  * an unallocated block reads as zeros and VDI has no backing file.
  *
  * Crash-safe order of an allocation:
- *   1. the new blocks' bytes;
- *   2. flush: the data is durable before anything points to it;
- *   3. when the data area grew: the header's blocks_allocated raised to
- *      max(blocks_allocated, highest index + 1), then
- *   4. flush: the count is durable before the entries;
- *   5. the block map entries (whole sectors).
- * A crash before 3 leaves only unused bytes past the data area (overwritten
- * by the next allocation). A crash between 3 and 5 leaves blocks_allocated
- * above the number of entries: qemu-img check reports "allocated blocks
- * mismatch", but no block is shared or lost, qemu (which allocates at index
- * blocks_allocated) never reuses the leaked one, and our next allocation
- * fills it, which makes the count right again. The opposite order (entries
- * first) would let qemu hand the same block to a second guest block.
+ *   1. the new blocks' bytes and, when the data area grew, the header with
+ *      blocks_allocated raised to the new end of the data area (in either
+ *      order: neither points to anything);
+ *   2. flush: both are durable before anything points to the new blocks;
+ *   3. the block map entries (whole sectors).
+ * A crash before 3 leaves unused bytes past the data area and perhaps
+ * blocks_allocated above the number of entries: qemu-img check reports
+ * "allocated blocks mismatch", but no block is shared or lost, qemu (which
+ * allocates at index blocks_allocated) never reuses the leaked one, and our
+ * next allocation fills it, which makes the count right again. Entries
+ * reaching the disk before the count (no flush between) would let qemu hand
+ * the same block to a second guest block.
  */
 import { Mutex } from 'async-mutex';
 import createDebug from 'debug';
@@ -160,6 +159,7 @@ export class VdiImage implements FormatImage {
     const indexes = [...reused, ...Array.from({ length: appended }, (_, i) => this.nextIndex + i)];
     const blocks = Buffer.alloc(count * blockSize);
     data.copy(blocks, offset - first * blockSize);
+    const nextIndex = this.nextIndex + appended;
     const sizeBefore = await this.file.size();
     try {
       announce(this.file, 'cluster_alloc');
@@ -170,8 +170,13 @@ export class VdiImage implements FormatImage {
         await this.file.write(blockOffset(this.header, indexes[i]!), blocks.subarray(i * blockSize, j * blockSize));
         i = j;
       }
+      if (nextIndex > this.blocksAllocated) {
+        announce(this.file, 'header_update');
+        await this.file.write(0, headerWithBlocksAllocated(this.header, nextIndex));
+      }
       await flushToDisk(this.file);
     } catch (error) {
+      // blocks_allocated may have reached the disk: harmless (a lead), and the next allocation writes it again.
       this.leaked.push(...reused.reverse());
       // Nothing points to the new blocks yet: cut the file back so the failure leaves nothing behind.
       try {
@@ -181,14 +186,9 @@ export class VdiImage implements FormatImage {
       }
       throw error;
     }
-    this.nextIndex += appended;
+    this.nextIndex = nextIndex;
+    this.blocksAllocated = Math.max(this.blocksAllocated, nextIndex);
     this.validEnd = Math.max(this.validEnd, blockOffset(this.header, Math.max(...indexes) + 1));
-    if (this.nextIndex > this.blocksAllocated) {
-      announce(this.file, 'header_update');
-      await this.file.write(0, headerWithBlocksAllocated(this.header, this.nextIndex));
-      this.blocksAllocated = this.nextIndex;
-      await flushToDisk(this.file);
-    }
     await this.bmap.update(this.file, this.header.offsetBmap, first, indexes);
     log('%s: allocated blocks %d..%d at indexes %s', this.file.path, first, first + count - 1, indexes.join(','));
   }
