@@ -56,8 +56,10 @@ export class VdiImage implements FormatImage {
   private validEnd: number;
   /** The data-area index past every used (or counted) block: where appended blocks go. */
   private nextIndex: number;
-  /** Indexes below nextIndex that no entry uses (leaked by a crash), reused first. */
-  private readonly leaked: number[] = [];
+  /** 1 for each data-area index an entry uses (or an allocation under way has taken). */
+  private readonly used: Uint8Array;
+  /** No index below this is both below nextIndex and unused: where the search for a leaked index starts. */
+  private leakCursor = 0;
   private blocksAllocated: number;
 
   constructor(
@@ -70,6 +72,7 @@ export class VdiImage implements FormatImage {
     this.validEnd = fileSize;
     this.blocksAllocated = header.blocksAllocated;
     const used = new Uint8Array(header.blocksInImage);
+    this.used = used;
     let highest = -1;
     for (let block = 0; block < bmap.blocks; block++) {
       const entry = bmap.get(block);
@@ -79,8 +82,29 @@ export class VdiImage implements FormatImage {
       }
     }
     this.nextIndex = Math.max(header.blocksAllocated, highest + 1);
-    for (let index = this.nextIndex - 1; index >= 0; index--) if (!used[index]) this.leaked.push(index);
-    if (this.leaked.length > 0) log('%s: %d leaked block index(es) below %d will be reused', file.path, this.leaked.length, this.nextIndex);
+    const leaked = used.subarray(0, this.nextIndex).reduce((count, flag) => count + (flag ? 0 : 1), 0);
+    if (leaked > 0) log('%s: %d leaked block index(es) below %d will be reused', file.path, leaked, this.nextIndex);
+  }
+
+  /** Takes up to `count` leaked indexes (lowest first), marking them used. */
+  private takeLeaked(count: number): number[] {
+    const taken: number[] = [];
+    while (taken.length < count && this.leakCursor < this.nextIndex) {
+      if (!this.used[this.leakCursor]) {
+        this.used[this.leakCursor] = 1;
+        taken.push(this.leakCursor);
+      }
+      this.leakCursor += 1;
+    }
+    return taken;
+  }
+
+  /** Gives back indexes an allocation took and did not use. */
+  private release(indexes: readonly number[]): void {
+    for (const index of indexes) {
+      this.used[index] = 0;
+      this.leakCursor = Math.min(this.leakCursor, index);
+    }
   }
 
   async map(offset: number, length: number): Promise<Mapping[]> {
@@ -148,10 +172,10 @@ export class VdiImage implements FormatImage {
     const { blockSize, blocksInImage } = this.header;
     const first = Math.floor(offset / blockSize);
     const count = Math.ceil((offset + data.length) / blockSize) - first;
-    const reused = this.leaked.splice(Math.max(0, this.leaked.length - count)).reverse();
+    const reused = this.takeLeaked(count);
     const appended = count - reused.length;
     if (this.nextIndex + appended > blocksInImage) {
-      this.leaked.push(...reused.reverse());
+      this.release(reused);
       throw new UnsupportedFeatureError(
         `${this.file.path}: VDI has no free block left (next index ${this.nextIndex}, blocks_in_image ${blocksInImage}): the block map holds duplicate entries; run 'imgmount check'`,
       );
@@ -177,7 +201,7 @@ export class VdiImage implements FormatImage {
       await flushToDisk(this.file);
     } catch (error) {
       // blocks_allocated may have reached the disk: harmless (a lead), and the next allocation writes it again.
-      this.leaked.push(...reused.reverse());
+      this.release(reused);
       // Nothing points to the new blocks yet: cut the file back so the failure leaves nothing behind.
       try {
         if ((await this.file.size()) > sizeBefore) await this.file.truncate(sizeBefore);
@@ -186,6 +210,7 @@ export class VdiImage implements FormatImage {
       }
       throw error;
     }
+    for (let index = this.nextIndex; index < nextIndex; index++) this.used[index] = 1;
     this.nextIndex = nextIndex;
     this.blocksAllocated = Math.max(this.blocksAllocated, nextIndex);
     this.validEnd = Math.max(this.validEnd, blockOffset(this.header, Math.max(...indexes) + 1));
