@@ -12,7 +12,7 @@
  *
  * Where new blocks go: first into leaked indexes (below the end of the used
  * data area, counted by blocks_allocated, but used by no entry: what a crash
- * between steps 3 and 5 below leaves), then appended at `nextIndex` =
+ * before step 3 below can leave), then appended at `nextIndex` =
  * max(blocks_allocated, highest entry + 1), so a header that lags its
  * entries (a crash of another writer) never makes us hand out a used block.
  * Each new block is written whole: the guest data and zeros around it, since
