@@ -10,6 +10,7 @@ import { readFile, stat, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { checkImage, createImage, openImage } from '../src/index.js';
+import { IMGMOUNT } from './helpers/bundle.js';
 import {
   makeTempDir, normalizeMap, patchBytes, qemuCheck, qemuConvertToRaw, qemuImg, qemuInfo, qemuIo, qemuMap, readAll, readBytes, run,
   skipWithoutQemu, writeU32, writeU64,
@@ -183,6 +184,36 @@ describe.skipIf(skipWithoutQemu('vdi'))('vdi', () => {
       await writeFile(join(dir, 'base.raw'), Buffer.alloc(MiB));
       await expect(createImage(path, 'vdi', { size: MiB, backingFile: 'base.raw' })).rejects.toThrow('VDI images cannot have a backing file');
       await expect(stat(path)).rejects.toThrow();
+    });
+  });
+
+  describe('the command line (dist/, as npm run build makes it)', () => {
+    const imgmount = (args: string[], cwd: string) => run(IMGMOUNT, args, { cwd });
+
+    it('info --output=json has qemu-img info\'s keys and values; check exits like qemu-img check; create -o static=on makes what qemu-img checks clean', TIMEOUT, async () => {
+      const dir = await makeTempDir();
+      const path = await qemuImage(dir);
+      const ours = JSON.parse((await imgmount(['info', '--output=json', 'disk.vdi'], dir)).stdout) as Record<string, unknown>;
+      const theirs = await qemuInfo('disk.vdi', undefined, { cwd: dir });
+      // qemu-img prints "dirty-flag": false for every format; imgmount only for formats that have one.
+      const { 'dirty-flag': dirty, ...rest } = theirs;
+      expect(dirty).toBe(false);
+      expect(ours).toEqual(rest);
+      const clean = await imgmount(['check', 'disk.vdi'], dir);
+      expect(clean.code).toBe(0);
+      expect(clean.stdout).toContain('No errors were found on the image.');
+      await writeU32(path, BMAP + 4, 0);
+      const damaged = await imgmount(['check', 'disk.vdi'], dir);
+      expect(damaged.code).toBe((await qemuCheck(path, 'vdi')).code);
+      expect(damaged.code).toBe(2);
+      expect(damaged.stderr).toContain('ERROR: block map entry 1: block index 0 is also used by entry 0');
+      const created = await imgmount(['create', '-f', 'vdi', '-o', 'static=on', 'new.vdi', '3M'], dir);
+      expect(created.code, created.stderr).toBe(0);
+      expect((await qemuCheck(join(dir, 'new.vdi'), 'vdi')).code).toBe(0);
+      expect(await qemuInfo(join(dir, 'new.vdi'), 'vdi')).toMatchObject({ 'virtual-size': 3 * MiB, 'cluster-size': MiB });
+      const refused = await imgmount(['create', '-f', 'vdi', '-o', 'static=yes-please', 'bad.vdi', '3M'], dir);
+      expect(refused.code).not.toBe(0);
+      expect(refused.stderr.trim().split('\n')).toEqual([expect.stringMatching(/static 'yes-please' is not on or off/)]);
     });
   });
 
