@@ -138,6 +138,31 @@ describe.skipIf(skipWithoutQemu('vdi writes'))('vdi writes', () => {
     expect(raw.subarray(5 * MiB, 5 * MiB + 2).equals(Buffer.alloc(2, 0x4d))).toBe(true);
   });
 
+  it('qemu-io writes on after us, and we after it: both allocate at blocks_allocated without overlap; qemu-img check clean, qemu-img compare equal', TIMEOUT, async () => {
+    const dir = await makeTempDir();
+    const path = await qemuImage(dir);
+    const model = await qemuConvertToRaw(path, dir, 'vdi');
+    const ours = async (offset: number, fill: number, length: number) => {
+      const image = await openImage(path, { format: 'vdi' });
+      await image.write(offset, Buffer.alloc(length, fill)).finally(() => image.close());
+      model.fill(fill, offset, offset + length);
+    };
+    const theirs = async (offset: number, fill: number, length: number) => {
+      await qemuIo(path, [`write -P 0x${fill.toString(16)} ${offset} ${length}`], 'vdi');
+      model.fill(fill, offset, offset + length);
+    };
+    await ours(5 * MiB + 100, 0x81, 1000); // index 3
+    await theirs(2 * MiB + 5, 0x82, 3000); // qemu: index 4
+    await ours(4 * MiB, 0x83, 10); // index 5
+    await theirs(5 * MiB + 50, 0x84, 100); // in place
+    await writeFile(join(dir, 'model.raw'), model);
+    expect((await qemuCheck(path, 'vdi')).code).toBe(0);
+    expect((await qemuCompare(path, 'vdi', join(dir, 'model.raw'), 'raw')).code).toBe(0);
+    expect((await readBytes(path, BMAP, 24)).equals(Buffer.from([0, 1, 4, 2, 5, 3].flatMap((index) => [index, 0, 0, 0])))).toBe(true);
+    const image = await openImage(path, { readOnly: true });
+    expect((await readAll(image).finally(() => image.close())).equals(model)).toBe(true);
+  });
+
   it('a failed allocation (the data write fails) leaves the file as it was; the next write allocates the same index', TIMEOUT, async () => {
     const dir = await makeTempDir();
     const path = await qemuImage(dir);
