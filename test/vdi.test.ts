@@ -130,13 +130,27 @@ describe.skipIf(skipWithoutQemu('vdi'))('vdi', () => {
       const { ours, qemu } = await both(path);
       expect(qemu).toMatchObject({ code: 0, corruptions: 0 });
       expect(ours.corruptions).toBe(1);
-      expect(ours.messages[0]).toMatch(/^ERROR: block map entry 3: block index 2 ends at \d+, past the end of the \d+-byte file$/);
+      expect(ours.messages).toEqual([`ERROR: block map entry 3: block index 2 puts the block's bytes at ${1024 + 2 * MiB}..${1024 + 3 * MiB} past the end of the ${size - 1000}-byte file`]);
       const image = await openImage(path, { readOnly: true });
       try {
         await expect(image.read(3 * MiB, Buffer.alloc(512))).rejects.toMatchObject({ name: 'CorruptImageError' });
       } finally {
         await image.close();
       }
+    });
+
+    it('a last block stored only as far as disk_size reaches (not a whole block) is fine for both, and reads like qemu', TIMEOUT, async () => {
+      const dir = await makeTempDir();
+      const path = join(dir, 'short.vdi');
+      await qemuImg(['create', '-q', '-f', 'vdi', path, String(2 * MiB + 3072)]);
+      await qemuIo(path, ['write -P 0x44 0 512', `write -P 0x45 ${2 * MiB} 3072`], 'vdi'); // block 2 at index 1
+      await truncate(path, 1024 + MiB + 3072);
+      const { ours, qemu } = await both(path);
+      expect(qemu).toMatchObject({ code: 0, corruptions: 0 });
+      expect(ours).toMatchObject({ corruptions: 0, messages: [] });
+      const expected = await qemuConvertToRaw(path, dir, 'vdi');
+      expect(expected.subarray(2 * MiB).equals(Buffer.alloc(3072, 0x45))).toBe(true);
+      expect((await ourBytes(path)).equals(expected)).toBe(true);
     });
 
     it('repair is refused, as qemu-img check -r refuses VDI (exit 63)', TIMEOUT, async () => {

@@ -60,13 +60,24 @@ export function blockOffset(header: VdiHeader, index: number): number {
 }
 
 /**
- * Why an allocated entry cannot be used, or undefined when it can: an index
- * past blocks_in_image (qemu-img check's rule), or a block not wholly inside
- * the first `validEnd` bytes of the file.
+ * Guest bytes of block `block` that the disk uses: a whole block, less for
+ * the last one when disk_size is not a multiple of block_size (its stored
+ * block may be cut to that), 0 past disk_size.
  */
-export function entryProblem(header: VdiHeader, entry: number, validEnd: number): string | undefined {
+export function usedBytes(header: VdiHeader, block: number): number {
+  return Math.max(0, Math.min(header.blockSize, header.diskSize - block * header.blockSize));
+}
+
+/**
+ * Why the allocated entry `entry` of guest block `block` cannot be used, or
+ * undefined when it can: an index past blocks_in_image (qemu-img check's
+ * rule), or the block's used bytes not wholly inside the first `validEnd`
+ * bytes of the file (qemu would read zeros there, not the image's bytes).
+ */
+export function entryProblem(header: VdiHeader, block: number, entry: number, validEnd: number): string | undefined {
   if (entry >= header.blocksInImage) return `index ${entry} is not below blocks_in_image ${header.blocksInImage}`;
   const start = blockOffset(header, entry);
-  if (start + header.blockSize > validEnd) return `index ${entry} puts the block at ${start}..${start + header.blockSize} past the end of the ${validEnd}-byte file`;
+  const end = start + usedBytes(header, block);
+  if (end > validEnd) return `index ${entry} puts the block's bytes at ${start}..${end} past the end of the ${validEnd}-byte file`;
   return undefined;
 }

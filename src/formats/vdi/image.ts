@@ -118,7 +118,7 @@ export class VdiImage implements FormatImage {
       if (!isAllocated(entry)) {
         pushRun(runs, { kind: 'zero', guestOffset: pos, length: runEnd - pos });
       } else {
-        const problem = entryProblem(this.header, entry, this.validEnd);
+        const problem = entryProblem(this.header, block, entry, this.validEnd);
         if (problem !== undefined) {
           throw new CorruptImageError(`${this.file.path}: VDI block map entry ${block} (guest bytes ${block * blockSize}..${(block + 1) * blockSize}): ${problem}; run 'imgmount check'`);
         }
