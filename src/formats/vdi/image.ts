@@ -35,7 +35,7 @@
 import { Mutex } from 'async-mutex';
 import createDebug from 'debug';
 import { constants as osConstants } from 'node:os';
-import { BlockError, CorruptImageError, UnsupportedFeatureError } from '../../block/errors.js';
+import { BlockError, CorruptImageError } from '../../block/errors.js';
 import { announce, flushToDisk } from '../../block/events.js';
 import { settleAll } from '../../block/settle.js';
 import type { FormatImage, FormatInfo, Mapping, Protocol } from '../../block/types.js';
@@ -176,7 +176,7 @@ export class VdiImage implements FormatImage {
     const appended = count - reused.length;
     if (this.nextIndex + appended > blocksInImage) {
       this.release(reused);
-      throw new UnsupportedFeatureError(
+      throw new CorruptImageError(
         `${this.file.path}: VDI has no free block left (next index ${this.nextIndex}, blocks_in_image ${blocksInImage}): the block map holds duplicate entries; run 'imgmount check'`,
       );
     }
@@ -219,8 +219,8 @@ export class VdiImage implements FormatImage {
   }
 
   /**
-   * Makes [offset, offset + length) read as zeros: zeros are written over
-   * allocated blocks, which stay allocated (VDI has no way to free a block
+   * Makes [offset, offset + length) read as zeros: allocated blocks are
+   * punched (or written with zeros), and stay allocated (VDI has no way to free a block
    * without leaving a hole in the data area); unallocated blocks read as zeros already.
    */
   async zero(offset: number, length: number): Promise<void> {
