@@ -92,7 +92,7 @@ describe.skipIf(!haveQemu)('imgmount create', () => {
     expectOneLineError(await imgmount('create', '-f', 'qed', '-o', 'colour=blue', 'bad3.qed', '1M'), /unknown qed option colour/);
     expectOneLineError(await imgmount('create', '-f', 'qed', 'bad4.qed', '12Q'), /invalid size '12Q'/);
     expectOneLineError(await imgmount('create', '-f', 'nosuch', 'bad5.img', '1M'), /unknown format 'nosuch'/);
-    expectOneLineError(await imgmount('create', '-f', 'vdi', 'bad6.vdi', '1M'), /creating vdi images is not supported/);
+    expectOneLineError(await imgmount('create', '-f', 'dmg', 'bad6.dmg', '1M'), /creating dmg images is not supported/);
     expectOneLineError(await imgmount('create', '-f', 'qed', '-b', 'missing.raw', 'bad6.qed', '1M'), /missing\.raw/);
     for (const name of ['bad1.qed', 'bad2.qed', 'bad3.qed', 'bad4.qed', 'bad6.qed']) {
       await expect(stat(join(dir, name))).rejects.toThrow();

@@ -193,8 +193,6 @@ describe.skipIf(skipWithoutQemu('probing images qemu-img makes'))('probing image
     // qemu probes a fixed VHD (its only signature is the footer at the end) as raw.
     { title: 'vpc fixed', format: 'vpc', file: 'disk.vhd', options: ['-f', 'vpc', '-o', 'subformat=fixed'], qemuSays: 'raw' },
     { title: 'vpc fixed, force_size', format: 'vpc', file: 'disk.vhd', options: ['-f', 'vpc', '-o', 'subformat=fixed,force_size=on'], qemuSays: 'raw' },
-    { title: 'vdi dynamic', format: 'vdi', file: 'disk.vdi', options: ['-f', 'vdi'] },
-    { title: 'vdi static', format: 'vdi', file: 'disk.vdi', options: ['-f', 'vdi', '-o', 'static=on'] },
     { title: 'parallels', format: 'parallels', file: 'disk.hdd', options: ['-f', 'parallels'] },
     { title: 'luks', format: 'luks', file: 'disk.luks', options: ['-f', 'luks', ...SECRET, '-o', 'key-secret=sec0,iter-time=10'] },
     { title: 'qcow (version 1)', format: 'qcow', file: 'disk.qcow', options: ['-f', 'qcow'] },
@@ -253,6 +251,30 @@ describe.skipIf(skipWithoutQemu('probing images qemu-img makes'))('probing image
       }
     },
   );
+
+  test.each([
+    { title: 'dynamic', options: [] as string[] },
+    { title: 'static', options: ['-o', 'static=on'] },
+  ])('vdi $title: probed as vdi under any name (as qemu-img does) and opened, reading like qemu-img convert', async ({ options }) => {
+    const dir = await makeTempDir();
+    let path = join(dir, 'disk.vdi');
+    await qemuImg(['create', '-q', '-f', 'vdi', ...options, path, '4M']);
+    for (const name of ['disk.vdi', 'image.img', 'image']) {
+      const renamed = join(dir, name);
+      if (renamed !== path) await rename(path, renamed);
+      path = renamed;
+      expect(await qemuFormat(path)).toBe('vdi');
+      const image = await openImage(path, { readOnly: true });
+      try {
+        expect(image.format).toBe('vdi');
+        const bytes = Buffer.alloc(image.length, 0xee);
+        await image.read(0, bytes);
+        expect(bytes.equals(await qemuConvertToRaw(path, dir, 'vdi'))).toBe(true);
+      } finally {
+        await image.close();
+      }
+    }
+  });
 
   test('a fixed VHD that qemu probes as raw is a real VHD: qemu-img reads it with -f vpc', async () => {
     const dir = await makeTempDir();
@@ -385,10 +407,18 @@ describe('probing formats qemu-img cannot create (files built from their layouts
     }
   });
 
-  test('vdi: a damaged signature with the VirtualBox banner is still vdi; luks version 1 (LUKS2 is raw, as in qemu); qcow version 1', async () => {
+  test('vdi: a damaged signature under the VirtualBox banner is still vdi, refused naming the signature, never raw', async () => {
     const vdi = Buffer.alloc(1024);
     vdi.write('<<< Oracle VM VirtualBox Disk Image >>>\n', 0, 'latin1');
-    await expectRefusedUnderAnyName(await file('disk.vdi', vdi), 'vdi');
+    expect(probeContent(vdi)).toBe('vdi');
+    const path = await file('disk.img', vdi);
+    for (const readOnly of [false, true]) {
+      expect((await rejection(openImage(path, { readOnly }))).message).toBe(`${path}: VDI signature 0x00000000 is not 0xbeda107f`);
+    }
+    expect((await readFile(path)).equals(vdi)).toBe(true);
+  });
+
+  test('luks version 1 (LUKS2 is raw, as in qemu); qcow version 1', async () => {
     await expectRefusedUnderAnyName(await file('disk.luks', luksHeader(1)), 'luks');
     expect(probeContent(luksHeader(2))).toBe('raw');
     await expectRefusedUnderAnyName(await file('old.qcow', qcowHeader(1)), 'qcow');

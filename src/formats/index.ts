@@ -11,10 +11,11 @@ import { qcow2 } from './qcow2/index.js';
 import { qed } from './qed/index.js';
 import { raw } from './raw/index.js';
 import { unsupportedFormats } from './unsupported.js';
+import { vdi } from './vdi/index.js';
 import { vhdx } from './vhdx/index.js';
 import { vmdk } from './vmdk/index.js';
 
-export const formatDrivers: readonly FormatDriver[] = [qcow2, qed, raw, vhdx, vmdk, ...unsupportedFormats];
+export const formatDrivers: readonly FormatDriver[] = [qcow2, qed, raw, vdi, vhdx, vmdk, ...unsupportedFormats];
 
 /** The default list of formats of the library and the command line. */
 export const defaultFormats = new FormatList(formatDrivers);

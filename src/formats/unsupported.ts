@@ -9,8 +9,6 @@
  *   vpc        "conectix" at 0 (dynamic/differencing VHD: a copy of the footer), or
  *              at the file size - 512 (the footer of a fixed VHD, which qemu itself
  *              probes as raw) or - 511 (Virtual PC before 2004 wrote 511-byte footers)
- *   vdi        0xbeda107f little-endian at 0x40; or the "<<< ... Disk Image >>>\n"
- *              banner at 0 with a damaged signature
  *   parallels  "WithoutFreeSpace" or "WithouFreSpacExt" at 0, version 2 (le32 at 16)
  *   bochs      "Bochs Virtual HD Image" at 0, type "Redolog" at 32, subtype
  *              "Growing" at 48 (each NUL-terminated), version 0x20000 or 0x10000 (le32 at 64)
@@ -20,7 +18,7 @@
  *   qcow       "QFI\xfb" at 0, version 1 (be32 at 4); versions 2 and 3 are qcow2's
  *
  * Scores: a signature at the start of the file answers 100. One found only
- * at the end (fixed VHD, DMG) or a damaged VDI banner answers LIKELY, so a
+ * at the end (fixed VHD, DMG) answers LIKELY, so a
  * real format's header at the start of the same file wins. cloop answers
  * 2, as in qemu: a shell-script header is weak evidence, but better than raw.
  */
@@ -74,9 +72,6 @@ function cString(text: string): Buffer {
 
 const VHD_COOKIE = bytes('conectix');
 
-const VDI_SIGNATURE = 0xbeda107f;
-const VDI_SIGNATURE_OFFSET = 0x40;
-
 const PARALLELS_MAGICS = [bytes('WithoutFreeSpace'), bytes('WithouFreSpacExt')];
 const PARALLELS_VERSION = 2;
 
@@ -100,11 +95,6 @@ export const vpc = recognized('vpc', ['.vhd', '.vpc', '.avhd'], (sample) => {
   return 0;
 });
 
-export const vdi = recognized('vdi', ['.vdi'], ({ head }) => {
-  if (uint(head, VDI_SIGNATURE_OFFSET, 4, 'le') === VDI_SIGNATURE) return CERTAIN;
-  const banner = head.subarray(0, VDI_SIGNATURE_OFFSET).toString('latin1');
-  return banner.startsWith('<<< ') && banner.includes(' Disk Image >>>\n') ? LIKELY : 0;
-});
 
 export const parallels = recognized('parallels', ['.hdd', '.hds'], ({ head }) =>
   PARALLELS_MAGICS.some((magic) => has(head, 0, magic)) && uint(head, 16, 4, 'le') === PARALLELS_VERSION ? CERTAIN : 0,
@@ -128,4 +118,4 @@ export const luks = recognized('luks', ['.luks'], ({ head }) => (has(head, 0, LU
 
 export const qcow = recognized('qcow', ['.qcow'], ({ head }) => (has(head, 0, QCOW_MAGIC) && uint(head, 4, 4, 'be') === 1 ? CERTAIN : 0));
 
-export const unsupportedFormats: readonly FormatDriver[] = [vpc, vdi, parallels, bochs, cloop, dmg, luks, qcow];
+export const unsupportedFormats: readonly FormatDriver[] = [vpc, parallels, bochs, cloop, dmg, luks, qcow];

@@ -22,13 +22,14 @@ import { afterAll, describe, expect } from 'vitest';
 import type { MapRun } from '../../src/index.js';
 import { normalizeMap, qemuConvertToRawFile, qemuImg, qemuIo, skipWithoutQemu, type MapShape, type QemuMapRun, type SnapshotSelector } from './qemu.js';
 import { seededRandom } from './random.js';
+import { vdiFormat } from './formats-vdi.js';
 import { vhdxFormat } from './formats-vhdx.js';
 import { vmdkEntry } from './formats-vmdk.js';
 
 export const KiB = 1024;
 export const MiB = 1024 * KiB;
 
-export type FormatName = 'raw' | 'qed' | 'qcow2' | 'vhdx' | 'vmdk';
+export type FormatName = 'raw' | 'qed' | 'qcow2' | 'vdi' | 'vhdx' | 'vmdk';
 
 /** An image a shape built, and what the tests need to know about it. */
 export interface BuiltImage {
@@ -846,6 +847,7 @@ export const FORMATS: readonly FormatEntry[] = [
   { name: 'raw', extension: '.raw', writable: true, checkable: false, snapshots: false, shapes: rawShapes, chains: [] },
   { name: 'qed', extension: '.qed', writable: true, checkable: true, snapshots: false, shapes: qedShapes, chains: qedChains },
   { name: 'qcow2', extension: '.qcow2', writable: true, checkable: true, snapshots: true, shapes: qcow2Shapes, chains: qcow2Chains },
+  vdiFormat,
   vhdxFormat,
   vmdkEntry,
 ];
