@@ -59,6 +59,30 @@ async function expectRefusedUnderAnyName(path: string, format: string): Promise<
   return current;
 }
 
+/** Opens (probing) as `format` under its name and neutral ones, read-only with a notice, reading `expected`. */
+async function expectOpensUnderAnyName(path: string, format: string, expected: Buffer): Promise<void> {
+  let current = path;
+  for (const name of [undefined, 'image.img', 'image']) {
+    if (name !== undefined) {
+      const renamed = join(dirname(path), name);
+      await rename(current, renamed);
+      current = renamed;
+    }
+    const notices: string[] = [];
+    const image = await openImage(current, { notice: (line) => notices.push(line) });
+    try {
+      expect(image.format).toBe(format);
+      expect(image.readOnly).toBe(true);
+      expect(notices.join('\n')).toContain(`${current}: opened read-only`);
+      const bytes = Buffer.alloc(image.length);
+      await image.read(0, bytes);
+      expect(bytes.equals(expected)).toBe(true);
+    } finally {
+      await image.close();
+    }
+  }
+}
+
 /** Opens without a format: must be raw, the whole file. */
 async function expectRaw(path: string): Promise<void> {
   const image = await openImage(path);
@@ -202,8 +226,18 @@ describe.skipIf(skipWithoutQemu('probing images qemu-img makes'))('probing image
     { title: 'vdi static', format: 'vdi', file: 'disk.vdi', options: ['-f', 'vdi', '-o', 'static=on'] },
     { title: 'parallels', format: 'parallels', file: 'disk.hdd', options: ['-f', 'parallels'] },
     { title: 'luks', format: 'luks', file: 'disk.luks', options: ['-f', 'luks', ...SECRET, '-o', 'key-secret=sec0,iter-time=10'] },
-    { title: 'qcow (version 1)', format: 'qcow', file: 'disk.qcow', options: ['-f', 'qcow'] },
   ];
+
+  // Formats this library reads now: probed under any name and read like qemu-img convert -O raw.
+  const readable: Case[] = [{ title: 'qcow (version 1)', format: 'qcow', file: 'disk.qcow', options: ['-f', 'qcow'] }];
+
+  test.each(readable)('$title: opens as $format under any name, read-only, and reads like qemu-img convert', async ({ format, file, options }) => {
+    const dir = await makeTempDir();
+    const path = join(dir, file);
+    await qemuImg(['create', '-q', ...options, path, '4M']);
+    expect(await qemuFormat(path)).toBe(format);
+    await expectOpensUnderAnyName(path, format, await qemuConvertToRaw(path, dir, format));
+  });
 
   test.each(cases)('$title: refused by name under any name; qemu-img agrees on the format', async ({ format, file, options, qemuSays }) => {
     const dir = await makeTempDir();
@@ -334,13 +368,15 @@ describe('probing formats qemu-img cannot create (files built from their layouts
     }
   });
 
-  test('vdi: a damaged signature with the VirtualBox banner is still vdi; luks version 1 (LUKS2 is raw, as in qemu); qcow version 1', async () => {
+  test('vdi: a damaged signature with the VirtualBox banner is still vdi; luks version 1 (LUKS2 is raw, as in qemu); qcow version 1 probes as qcow', async () => {
     const vdi = Buffer.alloc(1024);
     vdi.write('<<< Oracle VM VirtualBox Disk Image >>>\n', 0, 'latin1');
     await expectRefusedUnderAnyName(await file('disk.vdi', vdi), 'vdi');
     await expectRefusedUnderAnyName(await file('disk.luks', luksHeader(1)), 'luks');
     expect(probeContent(luksHeader(2))).toBe('raw');
-    await expectRefusedUnderAnyName(await file('old.qcow', qcowHeader(1)), 'qcow');
+    // qcow version 1 is read now: this bare header (size 0) probes as qcow and is refused for its size field.
+    expect(probeContent(qcowHeader(1))).toBe('qcow');
+    await expect(openImage(await file('old.qcow', qcowHeader(1)))).rejects.toThrow('qcow size 0 is too small (at least 2 bytes)');
   });
 
   test('random bytes, zeros, tiny and empty files are raw; a .vhd name with random content is refused by the name check', async () => {

@@ -22,7 +22,6 @@
  *   cloop      the shell-script header that starts every cloop V2.0 file
  *   dmg        "koly" at the file size - 512 (the UDIF trailer)
  *   luks       "LUKS\xba\xbe" at 0, version 1 (be16 at 6); LUKS2 is raw to qemu too
- *   qcow       "QFI\xfb" at 0, version 1 (be32 at 4); versions 2 and 3 are qcow2's
  *
  * Scores: a signature at the start of the file answers 100. One found only
  * at the end (fixed VHD, DMG) or a damaged VDI banner answers LIKELY, so a
@@ -125,7 +124,6 @@ const DMG_KOLY = bytes('koly');
 const DMG_TRAILER_BYTES = 512;
 
 const LUKS_MAGIC = bytes([0x4c, 0x55, 0x4b, 0x53, 0xba, 0xbe]);
-const QCOW_MAGIC = bytes([0x51, 0x46, 0x49, 0xfb]);
 
 export const vmdk = recognized('vmdk', ['.vmdk'], ({ head }) =>
   has(head, 0, VMDK4_MAGIC) || has(head, 0, VMDK3_MAGIC) || isVmdkDescriptor(head) ? CERTAIN : 0,
@@ -165,6 +163,4 @@ export const dmg = recognized('dmg', ['.dmg'], (sample) => (hasAtEnd(sample, DMG
 
 export const luks = recognized('luks', ['.luks'], ({ head }) => (has(head, 0, LUKS_MAGIC) && uint(head, 6, 2, 'be') === 1 ? CERTAIN : 0));
 
-export const qcow = recognized('qcow', ['.qcow'], ({ head }) => (has(head, 0, QCOW_MAGIC) && uint(head, 4, 4, 'be') === 1 ? CERTAIN : 0));
-
-export const unsupportedFormats: readonly FormatDriver[] = [vmdk, vpc, vhdx, vdi, parallels, bochs, cloop, dmg, luks, qcow];
+export const unsupportedFormats: readonly FormatDriver[] = [vmdk, vpc, vhdx, vdi, parallels, bochs, cloop, dmg, luks];
