@@ -224,12 +224,14 @@ describe.skipIf(skipWithoutQemu('probing images qemu-img makes'))('probing image
     { title: 'vhdx', format: 'vhdx', file: 'disk.vhdx', options: ['-f', 'vhdx'] },
     { title: 'vdi dynamic', format: 'vdi', file: 'disk.vdi', options: ['-f', 'vdi'] },
     { title: 'vdi static', format: 'vdi', file: 'disk.vdi', options: ['-f', 'vdi', '-o', 'static=on'] },
-    { title: 'parallels', format: 'parallels', file: 'disk.hdd', options: ['-f', 'parallels'] },
     { title: 'luks', format: 'luks', file: 'disk.luks', options: ['-f', 'luks', ...SECRET, '-o', 'key-secret=sec0,iter-time=10'] },
   ];
 
   // Formats this library reads now: probed under any name and read like qemu-img convert -O raw.
-  const readable: Case[] = [{ title: 'qcow (version 1)', format: 'qcow', file: 'disk.qcow', options: ['-f', 'qcow'] }];
+  const readable: Case[] = [
+    { title: 'qcow (version 1)', format: 'qcow', file: 'disk.qcow', options: ['-f', 'qcow'] },
+    { title: 'parallels', format: 'parallels', file: 'disk.hdd', options: ['-f', 'parallels'] },
+  ];
 
   test.each(readable)('$title: opens as $format under any name, read-only, and reads like qemu-img convert', async ({ format, file, options }) => {
     const dir = await makeTempDir();

@@ -16,7 +16,6 @@
  *   vhdx       "vhdxfile" at 0
  *   vdi        0xbeda107f little-endian at 0x40; or the "<<< ... Disk Image >>>\n"
  *              banner at 0 with a damaged signature
- *   parallels  "WithoutFreeSpace" or "WithouFreSpacExt" at 0, version 2 (le32 at 16)
  *   bochs      "Bochs Virtual HD Image" at 0, type "Redolog" at 32, subtype
  *              "Growing" at 48 (each NUL-terminated), version 0x20000 or 0x10000 (le32 at 64)
  *   cloop      the shell-script header that starts every cloop V2.0 file
@@ -107,9 +106,6 @@ const VHD_COOKIE = bytes('conectix');
 const VDI_SIGNATURE = 0xbeda107f;
 const VDI_SIGNATURE_OFFSET = 0x40;
 
-const PARALLELS_MAGICS = [bytes('WithoutFreeSpace'), bytes('WithouFreSpacExt')];
-const PARALLELS_VERSION = 2;
-
 const VHDX_MAGIC = bytes('vhdxfile');
 
 const BOCHS_MAGIC = cString('Bochs Virtual HD Image');
@@ -143,10 +139,6 @@ export const vdi = recognized('vdi', ['.vdi'], ({ head }) => {
   return banner.startsWith('<<< ') && banner.includes(' Disk Image >>>\n') ? LIKELY : 0;
 });
 
-export const parallels = recognized('parallels', ['.hdd', '.hds'], ({ head }) =>
-  PARALLELS_MAGICS.some((magic) => has(head, 0, magic)) && uint(head, 16, 4, 'le') === PARALLELS_VERSION ? CERTAIN : 0,
-);
-
 /** Bochs: only "Growing" redolog images are images qemu reads (as bximage makes them). */
 export const bochs = recognized('bochs', [], ({ head }) =>
   has(head, 0, BOCHS_MAGIC) &&
@@ -163,4 +155,4 @@ export const dmg = recognized('dmg', ['.dmg'], (sample) => (hasAtEnd(sample, DMG
 
 export const luks = recognized('luks', ['.luks'], ({ head }) => (has(head, 0, LUKS_MAGIC) && uint(head, 6, 2, 'be') === 1 ? CERTAIN : 0));
 
-export const unsupportedFormats: readonly FormatDriver[] = [vmdk, vpc, vhdx, vdi, parallels, bochs, cloop, dmg, luks];
+export const unsupportedFormats: readonly FormatDriver[] = [vmdk, vpc, vhdx, vdi, bochs, cloop, dmg, luks];

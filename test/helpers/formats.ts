@@ -23,6 +23,7 @@ import type { MapRun } from '../../src/index.js';
 import { normalizeMap, qemuConvertToRawFile, qemuImg, qemuIo, skipWithoutQemu, type MapShape, type QemuMapRun, type SnapshotSelector } from './qemu.js';
 import { seededRandom } from './random.js';
 import { qcowEntry } from './formats-qcow.js';
+import { parallelsEntry } from './formats-parallels.js';
 
 export const KiB = 1024;
 export const MiB = 1024 * KiB;
@@ -846,6 +847,7 @@ export const FORMATS: readonly FormatEntry[] = [
   { name: 'qed', extension: '.qed', writable: true, checkable: true, snapshots: false, shapes: qedShapes, chains: qedChains },
   { name: 'qcow2', extension: '.qcow2', writable: true, checkable: true, snapshots: true, shapes: qcow2Shapes, chains: qcow2Chains },
   qcowEntry,
+  parallelsEntry,
 ];
 
 // ---------------------------------------------------------------------------
