@@ -11,7 +11,8 @@ import type { CheckOptions, CheckResult, Protocol } from '../../block/types.js';
 import { HEADER_BYTES, entrySector, parseHeader } from './header.js';
 
 export async function checkParallels(file: Protocol, options: CheckOptions): Promise<CheckResult & { fragmentedClusters: number }> {
-  const fileSize = await file.size();
+  // qemu measures the file in whole sectors (bdrv_getlength rounds up), so its numbers do here too.
+  const fileSize = Math.ceil((await file.size()) / 512) * 512;
   const head = Buffer.alloc(HEADER_BYTES);
   await file.read(0, head);
   const header = parseHeader(head, fileSize, file.path);
