@@ -317,9 +317,9 @@ describe('probing formats qemu-img cannot create (files built from their layouts
     return path;
   }
 
-  test('bochs: growing redolog images of versions 1 and 2; other subtypes, versions or magics are raw', async () => {
-    await expectRefusedUnderAnyName(await file('disk.img', bochsImage()), 'bochs');
-    await expectRefusedUnderAnyName(await file('disk.img', bochsImage({ version: 0x00010000 })), 'bochs');
+  test('bochs: growing redolog images of versions 1 and 2 open as bochs (1 MiB of zeros, as qemu reads them); other subtypes, versions or magics are raw', async () => {
+    await expectOpensUnderAnyName(await file('disk.img', bochsImage()), 'bochs', Buffer.alloc(MiB));
+    await expectOpensUnderAnyName(await file('v1.img', bochsImage({ version: 0x00010000 })), 'bochs', Buffer.alloc(MiB));
     expect(probeContent(bochsImage({ subtype: 'Undoable' }))).toBe('raw');
     expect(probeContent(bochsImage({ type: 'Redo' }))).toBe('raw');
     expect(probeContent(bochsImage({ version: 0x00030000 }))).toBe('raw');
@@ -522,7 +522,15 @@ describe('the raw write guard', () => {
       }
       expect((await readBytes(path, where(offset), data.length)).equals(data), what).toBe(true);
       expect(probeContent(await readFile(path)), what).toBe(format);
-      await expect(openImage(path), what).rejects.toThrow();
+      // refused, or (a format read now, whose header here is followed by random bytes) opened as that format: never raw
+      const opened = await openImage(path).then(
+        async (image) => {
+          await image.close();
+          return image.format;
+        },
+        () => 'refused',
+      );
+      expect(['refused', format], what).toContain(opened);
     }
   });
 

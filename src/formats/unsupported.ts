@@ -16,8 +16,6 @@
  *   vhdx       "vhdxfile" at 0
  *   vdi        0xbeda107f little-endian at 0x40; or the "<<< ... Disk Image >>>\n"
  *              banner at 0 with a damaged signature
- *   bochs      "Bochs Virtual HD Image" at 0, type "Redolog" at 32, subtype
- *              "Growing" at 48 (each NUL-terminated), version 0x20000 or 0x10000 (le32 at 64)
  *   cloop      the shell-script header that starts every cloop V2.0 file
  *   dmg        "koly" at the file size - 512 (the UDIF trailer)
  *   luks       "LUKS\xba\xbe" at 0, version 1 (be16 at 6); LUKS2 is raw to qemu too
@@ -70,11 +68,6 @@ function uint(buffer: Buffer, offset: number, size: 2 | 4, endian: 'le' | 'be'):
   return endian === 'le' ? buffer.readUInt32LE(offset) : buffer.readUInt32BE(offset);
 }
 
-/** `text` and its NUL: how qemu's strcmp on a fixed-size field matches a string. */
-function cString(text: string): Buffer {
-  return Buffer.concat([bytes(text), Buffer.alloc(1)]);
-}
-
 const VMDK4_MAGIC = bytes('KDMV');
 const VMDK3_MAGIC = bytes('COWD');
 const VMDK_DESCRIPTOR_BANNER = '# Disk DescriptorFile';
@@ -108,10 +101,6 @@ const VDI_SIGNATURE_OFFSET = 0x40;
 
 const VHDX_MAGIC = bytes('vhdxfile');
 
-const BOCHS_MAGIC = cString('Bochs Virtual HD Image');
-const BOCHS_TYPE = cString('Redolog');
-const BOCHS_SUBTYPE = cString('Growing');
-const BOCHS_VERSIONS = [0x00020000, 0x00010000];
 
 const CLOOP_HEADER = bytes('#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n');
 
@@ -139,20 +128,10 @@ export const vdi = recognized('vdi', ['.vdi'], ({ head }) => {
   return banner.startsWith('<<< ') && banner.includes(' Disk Image >>>\n') ? LIKELY : 0;
 });
 
-/** Bochs: only "Growing" redolog images are images qemu reads (as bximage makes them). */
-export const bochs = recognized('bochs', [], ({ head }) =>
-  has(head, 0, BOCHS_MAGIC) &&
-  has(head, 32, BOCHS_TYPE) &&
-  has(head, 48, BOCHS_SUBTYPE) &&
-  BOCHS_VERSIONS.includes(uint(head, 64, 4, 'le') ?? -1)
-    ? CERTAIN
-    : 0,
-);
-
 export const cloop = recognized('cloop', ['.cloop'], ({ head }) => (has(head, 0, CLOOP_HEADER) ? WEAK : 0));
 
 export const dmg = recognized('dmg', ['.dmg'], (sample) => (hasAtEnd(sample, DMG_TRAILER_BYTES, DMG_KOLY) ? LIKELY : 0));
 
 export const luks = recognized('luks', ['.luks'], ({ head }) => (has(head, 0, LUKS_MAGIC) && uint(head, 6, 2, 'be') === 1 ? CERTAIN : 0));
 
-export const unsupportedFormats: readonly FormatDriver[] = [vmdk, vpc, vhdx, vdi, bochs, cloop, dmg, luks];
+export const unsupportedFormats: readonly FormatDriver[] = [vmdk, vpc, vhdx, vdi, cloop, dmg, luks];

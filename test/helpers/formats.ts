@@ -24,6 +24,7 @@ import { normalizeMap, qemuConvertToRawFile, qemuImg, qemuIo, skipWithoutQemu, t
 import { seededRandom } from './random.js';
 import { qcowEntry } from './formats-qcow.js';
 import { parallelsEntry } from './formats-parallels.js';
+import { bochsEntry } from './formats-bochs.js';
 
 export const KiB = 1024;
 export const MiB = 1024 * KiB;
@@ -848,6 +849,7 @@ export const FORMATS: readonly FormatEntry[] = [
   { name: 'qcow2', extension: '.qcow2', writable: true, checkable: true, snapshots: true, shapes: qcow2Shapes, chains: qcow2Chains },
   qcowEntry,
   parallelsEntry,
+  bochsEntry,
 ];
 
 // ---------------------------------------------------------------------------
