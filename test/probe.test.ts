@@ -326,8 +326,8 @@ describe('probing formats qemu-img cannot create (files built from their layouts
     expect(probeContent(bochsImage({ magic: 'Bochs Virtual HD Image!' }))).toBe('raw'); // not NUL-terminated where qemu's strcmp wants it
   });
 
-  test('cloop: the V2.0 shell-script header; another script is raw', async () => {
-    await expectRefusedUnderAnyName(await file('disk.cloop', cloopImage(seededBytes(4, 128 * 1024))), 'cloop');
+  test('cloop: the V2.0 shell-script header opens as cloop (reading the data the file holds); another script is raw', async () => {
+    await expectOpensUnderAnyName(await file('disk.cloop', cloopImage(seededBytes(4, 128 * 1024))), 'cloop', seededBytes(4, 128 * 1024));
     expect(probeContent(cloopImage(seededBytes(4, 64 * 1024), 64 * 1024, CLOOP_SCRIPT.replace('V2.0', 'V3.0')))).toBe('raw');
     expect(probeContent(Buffer.from('#!/bin/sh\necho hello\n'))).toBe('raw');
   });

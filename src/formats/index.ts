@@ -10,12 +10,13 @@ import type { FormatDriver } from '../block/types.js';
 import { qcow } from './qcow1/index.js';
 import { qcow2 } from './qcow2/index.js';
 import { bochs } from './bochs/index.js';
+import { cloop } from './cloop/index.js';
 import { parallels } from './parallels/index.js';
 import { qed } from './qed/index.js';
 import { raw } from './raw/index.js';
 import { unsupportedFormats } from './unsupported.js';
 
-export const formatDrivers: readonly FormatDriver[] = [qcow2, qed, raw, qcow, parallels, bochs, ...unsupportedFormats];
+export const formatDrivers: readonly FormatDriver[] = [qcow2, qed, raw, qcow, parallels, bochs, cloop, ...unsupportedFormats];
 
 /** The default list of formats of the library and the command line. */
 export const defaultFormats = new FormatList(formatDrivers);

@@ -16,14 +16,13 @@
  *   vhdx       "vhdxfile" at 0
  *   vdi        0xbeda107f little-endian at 0x40; or the "<<< ... Disk Image >>>\n"
  *              banner at 0 with a damaged signature
- *   cloop      the shell-script header that starts every cloop V2.0 file
  *   dmg        "koly" at the file size - 512 (the UDIF trailer)
  *   luks       "LUKS\xba\xbe" at 0, version 1 (be16 at 6); LUKS2 is raw to qemu too
  *
  * Scores: a signature at the start of the file answers 100. One found only
  * at the end (fixed VHD, DMG) or a damaged VDI banner answers LIKELY, so a
- * real format's header at the start of the same file wins. cloop answers
- * 2, as in qemu: a shell-script header is weak evidence, but better than raw.
+ * real format's header at the start of the same file wins. (qcow v1,
+ * parallels, bochs and cloop are read now: their probes are in their drivers.)
  */
 import { UnsupportedFeatureError } from '../block/errors.js';
 import type { FormatDriver, ProbeSample } from '../block/types.js';
@@ -32,8 +31,6 @@ import type { FormatDriver, ProbeSample } from '../block/types.js';
 const CERTAIN = 100;
 /** A signature only at the end of the file, or a damaged one: a header at the start beats it. */
 const LIKELY = 90;
-/** Weak evidence (qemu's score for cloop): anything but raw beats it. */
-const WEAK = 2;
 
 function recognized(name: string, extensions: readonly string[], probe: (sample: ProbeSample) => number): FormatDriver {
   return {
@@ -102,7 +99,6 @@ const VDI_SIGNATURE_OFFSET = 0x40;
 const VHDX_MAGIC = bytes('vhdxfile');
 
 
-const CLOOP_HEADER = bytes('#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n');
 
 const DMG_KOLY = bytes('koly');
 /** The UDIF trailer is the last 512 bytes of a DMG. */
@@ -128,10 +124,8 @@ export const vdi = recognized('vdi', ['.vdi'], ({ head }) => {
   return banner.startsWith('<<< ') && banner.includes(' Disk Image >>>\n') ? LIKELY : 0;
 });
 
-export const cloop = recognized('cloop', ['.cloop'], ({ head }) => (has(head, 0, CLOOP_HEADER) ? WEAK : 0));
-
 export const dmg = recognized('dmg', ['.dmg'], (sample) => (hasAtEnd(sample, DMG_TRAILER_BYTES, DMG_KOLY) ? LIKELY : 0));
 
 export const luks = recognized('luks', ['.luks'], ({ head }) => (has(head, 0, LUKS_MAGIC) && uint(head, 6, 2, 'be') === 1 ? CERTAIN : 0));
 
-export const unsupportedFormats: readonly FormatDriver[] = [vmdk, vpc, vhdx, vdi, cloop, dmg, luks];
+export const unsupportedFormats: readonly FormatDriver[] = [vmdk, vpc, vhdx, vdi, dmg, luks];

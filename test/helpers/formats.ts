@@ -25,6 +25,7 @@ import { seededRandom } from './random.js';
 import { qcowEntry } from './formats-qcow.js';
 import { parallelsEntry } from './formats-parallels.js';
 import { bochsEntry } from './formats-bochs.js';
+import { cloopEntry } from './formats-cloop.js';
 
 export const KiB = 1024;
 export const MiB = 1024 * KiB;
@@ -850,6 +851,7 @@ export const FORMATS: readonly FormatEntry[] = [
   qcowEntry,
   parallelsEntry,
   bochsEntry,
+  cloopEntry,
 ];
 
 // ---------------------------------------------------------------------------
