@@ -182,7 +182,8 @@ export class QcowImage implements FormatImage {
   }
 
   info(): FormatInfo {
-    return { clusterSize: this.clusterSize };
+    // qcow has no dirty state; qemu-img shows "dirty-flag": false for it all the same.
+    return { clusterSize: this.clusterSize, dirty: false };
   }
 }
 
