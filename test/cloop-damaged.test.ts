@@ -108,11 +108,12 @@ describe.skipIf(skipWithoutQemu('damaged cloop images'))('damaged cloop images',
 
   it('seeded random damage of the header, offsets and blocks: refused with a message, never a crash or hang; what both read agrees with qemu-img', TIMEOUT, async () => {
     const { dir, path, offsets } = await candidate();
-    const regions = [{ start: 128, end: 136 }, { start: 136, end: 136 + 17 * 8 }, { start: Number(offsets[0]!), end: Number(offsets[0]!) + 64 }, { start: Number(offsets[9]!), end: Number(offsets[9]!) + 64 }];
+    // the script's tail (bytes 88..128: "exit $?" and padding) is read by nobody once the format is given: damage there must read alike
+    const regions = [{ start: 88, end: 128 }, { start: 128, end: 136 }, { start: 136, end: 136 + 17 * 8 }, { start: Number(offsets[0]!), end: Number(offsets[0]!) + 64 }, { start: Number(offsets[9]!), end: Number(offsets[9]!) + 64 }];
     const summary = await fuzzDamage(dir, path, 'cloop', regions, 0xc10, 150);
     expect(summary.cases).toBe(150);
     expect(summary.refusedAtOpen + summary.refusedAtRead).toBeGreaterThan(0);
     expect(summary.agreedWithQemu).toBeGreaterThan(0);
-    console.log(`cloop fuzz: ${JSON.stringify({ ...summary, messages: summary.messages.size })}`);
+    console.log(`cloop fuzz: ${JSON.stringify({ ...summary, messages: summary.messages.size, stricterThanQemu: [...summary.stricterThanQemu] })}`);
   });
 });

@@ -175,6 +175,6 @@ describe.skipIf(skipWithoutQemu('damaged qcow images'))('damaged qcow (version 1
     expect(summary.cases).toBe(150);
     expect(summary.refusedAtOpen + summary.refusedAtRead).toBeGreaterThan(0);
     expect(summary.agreedWithQemu).toBeGreaterThan(0);
-    console.log(`qcow fuzz: ${JSON.stringify({ ...summary, messages: summary.messages.size })}`);
+    console.log(`qcow fuzz: ${JSON.stringify({ ...summary, messages: summary.messages.size, stricterThanQemu: [...summary.stricterThanQemu] })}`);
   });
 });
