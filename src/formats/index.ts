@@ -7,11 +7,11 @@
  */
 import { FormatList } from '../block/probe.js';
 import type { FormatDriver } from '../block/types.js';
-import { qcow } from './qcow1/index.js';
-import { qcow2 } from './qcow2/index.js';
 import { bochs } from './bochs/index.js';
 import { cloop } from './cloop/index.js';
 import { parallels } from './parallels/index.js';
+import { qcow } from './qcow1/index.js';
+import { qcow2 } from './qcow2/index.js';
 import { qed } from './qed/index.js';
 import { raw } from './raw/index.js';
 import { unsupportedFormats } from './unsupported.js';
