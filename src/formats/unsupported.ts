@@ -9,18 +9,12 @@
  *   vpc        "conectix" at 0 (dynamic/differencing VHD: a copy of the footer), or
  *              at the file size - 512 (the footer of a fixed VHD, which qemu itself
  *              probes as raw) or - 511 (Virtual PC before 2004 wrote 511-byte footers)
- *   parallels  "WithoutFreeSpace" or "WithouFreSpacExt" at 0, version 2 (le32 at 16)
- *   bochs      "Bochs Virtual HD Image" at 0, type "Redolog" at 32, subtype
- *              "Growing" at 48 (each NUL-terminated), version 0x20000 or 0x10000 (le32 at 64)
- *   cloop      the shell-script header that starts every cloop V2.0 file
  *   dmg        "koly" at the file size - 512 (the UDIF trailer)
  *   luks       "LUKS\xba\xbe" at 0, version 1 (be16 at 6); LUKS2 is raw to qemu too
- *   qcow       "QFI\xfb" at 0, version 1 (be32 at 4); versions 2 and 3 are qcow2's
  *
  * Scores: a signature at the start of the file answers 100. One found only
- * at the end (fixed VHD, DMG) answers LIKELY, so a
- * real format's header at the start of the same file wins. cloop answers
- * 2, as in qemu: a shell-script header is weak evidence, but better than raw.
+ * at the end (fixed VHD, DMG) answers LIKELY, so a real format's header at the start of
+ * the same file wins.
  */
 import { UnsupportedFeatureError } from '../block/errors.js';
 import type { FormatDriver, ProbeSample } from '../block/types.js';
@@ -29,8 +23,6 @@ import type { FormatDriver, ProbeSample } from '../block/types.js';
 const CERTAIN = 100;
 /** A signature only at the end of the file, or a damaged one: a header at the start beats it. */
 const LIKELY = 90;
-/** Weak evidence (qemu's score for cloop): anything but raw beats it. */
-const WEAK = 2;
 
 function recognized(name: string, extensions: readonly string[], probe: (sample: ProbeSample) => number): FormatDriver {
   return {
@@ -65,29 +57,15 @@ function uint(buffer: Buffer, offset: number, size: 2 | 4, endian: 'le' | 'be'):
   return endian === 'le' ? buffer.readUInt32LE(offset) : buffer.readUInt32BE(offset);
 }
 
-/** `text` and its NUL: how qemu's strcmp on a fixed-size field matches a string. */
-function cString(text: string): Buffer {
-  return Buffer.concat([bytes(text), Buffer.alloc(1)]);
-}
-
 const VHD_COOKIE = bytes('conectix');
 
-const PARALLELS_MAGICS = [bytes('WithoutFreeSpace'), bytes('WithouFreSpacExt')];
-const PARALLELS_VERSION = 2;
 
-const BOCHS_MAGIC = cString('Bochs Virtual HD Image');
-const BOCHS_TYPE = cString('Redolog');
-const BOCHS_SUBTYPE = cString('Growing');
-const BOCHS_VERSIONS = [0x00020000, 0x00010000];
-
-const CLOOP_HEADER = bytes('#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n');
 
 const DMG_KOLY = bytes('koly');
 /** The UDIF trailer is the last 512 bytes of a DMG. */
 const DMG_TRAILER_BYTES = 512;
 
 const LUKS_MAGIC = bytes([0x4c, 0x55, 0x4b, 0x53, 0xba, 0xbe]);
-const QCOW_MAGIC = bytes([0x51, 0x46, 0x49, 0xfb]);
 
 export const vpc = recognized('vpc', ['.vhd', '.vpc', '.avhd'], (sample) => {
   if (has(sample.head, 0, VHD_COOKIE)) return CERTAIN;
@@ -96,26 +74,8 @@ export const vpc = recognized('vpc', ['.vhd', '.vpc', '.avhd'], (sample) => {
 });
 
 
-export const parallels = recognized('parallels', ['.hdd', '.hds'], ({ head }) =>
-  PARALLELS_MAGICS.some((magic) => has(head, 0, magic)) && uint(head, 16, 4, 'le') === PARALLELS_VERSION ? CERTAIN : 0,
-);
-
-/** Bochs: only "Growing" redolog images are images qemu reads (as bximage makes them). */
-export const bochs = recognized('bochs', [], ({ head }) =>
-  has(head, 0, BOCHS_MAGIC) &&
-  has(head, 32, BOCHS_TYPE) &&
-  has(head, 48, BOCHS_SUBTYPE) &&
-  BOCHS_VERSIONS.includes(uint(head, 64, 4, 'le') ?? -1)
-    ? CERTAIN
-    : 0,
-);
-
-export const cloop = recognized('cloop', ['.cloop'], ({ head }) => (has(head, 0, CLOOP_HEADER) ? WEAK : 0));
-
 export const dmg = recognized('dmg', ['.dmg'], (sample) => (hasAtEnd(sample, DMG_TRAILER_BYTES, DMG_KOLY) ? LIKELY : 0));
 
 export const luks = recognized('luks', ['.luks'], ({ head }) => (has(head, 0, LUKS_MAGIC) && uint(head, 6, 2, 'be') === 1 ? CERTAIN : 0));
 
-export const qcow = recognized('qcow', ['.qcow'], ({ head }) => (has(head, 0, QCOW_MAGIC) && uint(head, 4, 4, 'be') === 1 ? CERTAIN : 0));
-
-export const unsupportedFormats: readonly FormatDriver[] = [vpc, parallels, bochs, cloop, dmg, luks, qcow];
+export const unsupportedFormats: readonly FormatDriver[] = [vpc, dmg, luks];

@@ -25,11 +25,15 @@ import { seededRandom } from './random.js';
 import { vdiFormat } from './formats-vdi.js';
 import { vhdxFormat } from './formats-vhdx.js';
 import { vmdkEntry } from './formats-vmdk.js';
+import { qcowEntry } from './formats-qcow.js';
+import { parallelsEntry } from './formats-parallels.js';
+import { bochsEntry } from './formats-bochs.js';
+import { cloopEntry } from './formats-cloop.js';
 
 export const KiB = 1024;
 export const MiB = 1024 * KiB;
 
-export type FormatName = 'raw' | 'qed' | 'qcow2' | 'vdi' | 'vhdx' | 'vmdk';
+export type FormatName = 'raw' | 'qed' | 'qcow2' | 'vdi' | 'vhdx' | 'vmdk' | 'qcow' | 'parallels' | 'bochs' | 'cloop';
 
 /** An image a shape built, and what the tests need to know about it. */
 export interface BuiltImage {
@@ -850,6 +854,10 @@ export const FORMATS: readonly FormatEntry[] = [
   vdiFormat,
   vhdxFormat,
   vmdkEntry,
+  qcowEntry,
+  parallelsEntry,
+  bochsEntry,
+  cloopEntry,
 ];
 
 // ---------------------------------------------------------------------------

@@ -1,0 +1,78 @@
+/**
+ * An opened Parallels image, read-only: guest offsets go through the catalog
+ * (BAT, read whole at open: one u32 per cluster). Entry 0, or a cluster past
+ * the catalog, is unallocated (zeros, or the backing file a caller attaches);
+ * any other entry is the cluster's first sector (v1) or cluster number (v2).
+ * An entry pointing onto the header or the catalog fails the reads of its
+ * cluster (qemu would show the catalog as guest data there).
+ *
+ * Concurrency: nothing is written after open, so reads run concurrently
+ * without locks.
+ */
+import { CorruptImageError } from '../../block/errors.js';
+import type { BackingReference, FormatImage, FormatInfo, Mapping, Protocol } from '../../block/types.js';
+import { entrySector, type ParallelsHeader } from './header.js';
+
+export class ParallelsImage implements FormatImage {
+  readonly virtualSize: number;
+  readonly backing: BackingReference | undefined = undefined;
+  private closed = false;
+
+  constructor(
+    private readonly file: Protocol,
+    private readonly header: ParallelsHeader,
+    private readonly bat: Buffer,
+  ) {
+    this.virtualSize = header.totalSectors * 512;
+  }
+
+  async map(offset: number, length: number): Promise<Mapping[]> {
+    const runs: Mapping[] = [];
+    const { clusterSize } = this.header;
+    const end = offset + length;
+    for (let pos = offset; pos < end; ) {
+      const index = Math.floor(pos / clusterSize);
+      const clusterEnd = Math.min(end, (index + 1) * clusterSize);
+      const entry = index < this.header.batEntries ? this.bat.readUInt32LE(4 * index) : 0;
+      if (entry === 0) {
+        pushRun(runs, { kind: 'backing', guestOffset: pos, length: clusterEnd - pos });
+      } else {
+        const host = entrySector(this.header, entry) * 512;
+        if (host < this.header.headerBytes) {
+          throw new CorruptImageError(
+            `${this.file.path}: parallels BAT entry ${index} (guest bytes ${index * clusterSize}..) points to sector ${host / 512}, on the header or the catalog (${this.header.headerBytes} bytes)`,
+          );
+        }
+        pushRun(runs, { kind: 'data', guestOffset: pos, length: clusterEnd - pos, hostOffset: host + (pos - index * clusterSize) });
+      }
+      pos = clusterEnd;
+    }
+    return runs;
+  }
+
+  async flush(): Promise<void> {
+    // Read-only: nothing to make durable.
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.file.close();
+  }
+
+  info(): FormatInfo {
+    // qemu-img shows neither a cluster size nor a dirty flag for parallels.
+    return {};
+  }
+}
+
+function pushRun(runs: Mapping[], run: Mapping): void {
+  const last = runs[runs.length - 1];
+  if (last && last.kind === run.kind && last.guestOffset + last.length === run.guestOffset) {
+    if (last.kind !== 'data' || (run.kind === 'data' && last.hostOffset + last.length === run.hostOffset)) {
+      last.length += run.length;
+      return;
+    }
+  }
+  runs.push(run);
+}
