@@ -7,12 +7,13 @@
  */
 import { FormatList } from '../block/probe.js';
 import type { FormatDriver } from '../block/types.js';
+import { dmg } from './dmg/index.js';
 import { qcow2 } from './qcow2/index.js';
 import { qed } from './qed/index.js';
 import { raw } from './raw/index.js';
 import { unsupportedFormats } from './unsupported.js';
 
-export const formatDrivers: readonly FormatDriver[] = [qcow2, qed, raw, ...unsupportedFormats];
+export const formatDrivers: readonly FormatDriver[] = [qcow2, qed, raw, dmg, ...unsupportedFormats];
 
 /** The default list of formats of the library and the command line. */
 export const defaultFormats = new FormatList(formatDrivers);

@@ -20,12 +20,11 @@
  *   bochs      "Bochs Virtual HD Image" at 0, type "Redolog" at 32, subtype
  *              "Growing" at 48 (each NUL-terminated), version 0x20000 or 0x10000 (le32 at 64)
  *   cloop      the shell-script header that starts every cloop V2.0 file
- *   dmg        "koly" at the file size - 512 (the UDIF trailer)
  *   luks       "LUKS\xba\xbe" at 0, version 1 (be16 at 6); LUKS2 is raw to qemu too
  *   qcow       "QFI\xfb" at 0, version 1 (be32 at 4); versions 2 and 3 are qcow2's
  *
  * Scores: a signature at the start of the file answers 100. One found only
- * at the end (fixed VHD, DMG) or a damaged VDI banner answers LIKELY, so a
+ * at the end (fixed VHD) or a damaged VDI banner answers LIKELY, so a
  * real format's header at the start of the same file wins. cloop answers
  * 2, as in qemu: a shell-script header is weak evidence, but better than raw.
  */
@@ -120,10 +119,6 @@ const BOCHS_VERSIONS = [0x00020000, 0x00010000];
 
 const CLOOP_HEADER = bytes('#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n');
 
-const DMG_KOLY = bytes('koly');
-/** The UDIF trailer is the last 512 bytes of a DMG. */
-const DMG_TRAILER_BYTES = 512;
-
 const LUKS_MAGIC = bytes([0x4c, 0x55, 0x4b, 0x53, 0xba, 0xbe]);
 const QCOW_MAGIC = bytes([0x51, 0x46, 0x49, 0xfb]);
 
@@ -161,10 +156,8 @@ export const bochs = recognized('bochs', [], ({ head }) =>
 
 export const cloop = recognized('cloop', ['.cloop'], ({ head }) => (has(head, 0, CLOOP_HEADER) ? WEAK : 0));
 
-export const dmg = recognized('dmg', ['.dmg'], (sample) => (hasAtEnd(sample, DMG_TRAILER_BYTES, DMG_KOLY) ? LIKELY : 0));
-
 export const luks = recognized('luks', ['.luks'], ({ head }) => (has(head, 0, LUKS_MAGIC) && uint(head, 6, 2, 'be') === 1 ? CERTAIN : 0));
 
 export const qcow = recognized('qcow', ['.qcow'], ({ head }) => (has(head, 0, QCOW_MAGIC) && uint(head, 4, 4, 'be') === 1 ? CERTAIN : 0));
 
-export const unsupportedFormats: readonly FormatDriver[] = [vmdk, vpc, vhdx, vdi, parallels, bochs, cloop, dmg, luks, qcow];
+export const unsupportedFormats: readonly FormatDriver[] = [vmdk, vpc, vhdx, vdi, parallels, bochs, cloop, luks, qcow];
