@@ -451,3 +451,11 @@ describe('seeded random damage', () => {
     expect(outcomes.opened).toBeGreaterThan(0);
   });
 });
+
+describe('the XML property list is bounded before it is parsed', () => {
+  it('a property list of more than 100000 elements is refused without building them', async () => {
+    const many = '<string>x</string>'.repeat(120_000);
+    const dmg = await writeDmg('many.dmg', small(), { mutateXml: (xml) => xml.replace('<key>plst</key>', '').replace('\t\t</array>', `${many}\n\t\t</array>`) });
+    await expectRefused(dmg.path, /XML property list does not parse \(it has more than 100000 elements\)/);
+  });
+});

@@ -15,8 +15,8 @@
  * A chunk's sectors count from the block's first sector; its bytes from the
  * data fork offset + the block's data offset.
  */
-import { parse as parsePlist } from 'plist';
 import { CorruptImageError, UnsupportedFeatureError } from '../../block/errors.js';
+import { parsePlistXml } from './plist.js';
 import { SECTOR_BYTES, type Trailer } from './trailer.js';
 
 export const CHUNK_ZERO = 0x00000000;
@@ -85,7 +85,7 @@ function fail(path: string, message: string): never {
 export function blkxBlocks(xml: Buffer, path: string): { name: string; data: Buffer }[] {
   let root: unknown;
   try {
-    root = parsePlist(xml.toString('utf8'));
+    root = parsePlistXml(xml.toString('utf8'));
   } catch (error) {
     fail(path, `XML property list does not parse (${(error as Error).message.split('\n')[0]})`);
   }
@@ -95,14 +95,14 @@ export function blkxBlocks(xml: Buffer, path: string): { name: string; data: Buf
   if (blkx.length === 0) fail(path, 'XML property list has an empty blkx array: there is no chunk table');
   return blkx.map((entry: unknown, i) => {
     const data = isDict(entry) ? entry['Data'] : undefined;
-    if (!(data instanceof Uint8Array)) fail(path, `blkx entry ${i} has no Data`);
+    if (!Buffer.isBuffer(data)) fail(path, `blkx entry ${i} has no Data`);
     const name = isDict(entry) && typeof entry['Name'] === 'string' ? entry['Name'] : '';
-    return { name, data: Buffer.from(data.buffer, data.byteOffset, data.byteLength) };
+    return { name, data };
   });
 }
 
 function isDict(value: unknown): value is Record<string, unknown> {
-  return typeof value === 'object' && value !== null && !Array.isArray(value) && !(value instanceof Uint8Array);
+  return typeof value === 'object' && value !== null && !Array.isArray(value) && !Buffer.isBuffer(value);
 }
 
 /**
