@@ -11,7 +11,7 @@
  * ever give a BlockError, never a crash, a hang or other bytes.
  */
 import { readFile, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 import { constants as osConstants } from 'node:os';
 import { describe, expect, it } from 'vitest';
 import { BlockError, openImage, type BlockImage } from '../src/index.js';
@@ -457,5 +457,27 @@ describe('the XML property list is bounded before it is parsed', () => {
     const many = '<string>x</string>'.repeat(120_000);
     const dmg = await writeDmg('many.dmg', small(), { mutateXml: (xml) => xml.replace('<key>plst</key>', '').replace('\t\t</array>', `${many}\n\t\t</array>`) });
     await expectRefused(dmg.path, /XML property list does not parse \(it has more than 100000 elements\)/);
+  });
+});
+
+describe('the command line (bin/imgmount, built dist/)', () => {
+  const bin = resolve(import.meta.dirname, '../bin/imgmount');
+
+  it('info --output=json says what qemu-img info --output=json says; check exits 63 like qemu-img check', TIMEOUT, async () => {
+    const dmg = await writeDmg('cli.dmg', small());
+    const ours = await runOk(bin, ['info', '--output=json', dmg.path]);
+    const theirs = await runOk('qemu-img', ['info', '--output=json', '-f', 'dmg', dmg.path]);
+    expect(JSON.parse(ours.stdout)).toEqual(JSON.parse(theirs.stdout));
+    const check = await run(bin, ['check', dmg.path]);
+    const qemuCheck = await run('qemu-img', ['check', '-f', 'dmg', dmg.path]);
+    expect([check.code, qemuCheck.code]).toEqual([63, 63]);
+    expect(check.stderr).toMatch(/does not support checks/);
+  });
+
+  it('a damaged image: one line naming the field, exit 1', TIMEOUT, async () => {
+    const path = await damagedTrailer((k) => k.writeUInt32BE(3, 4));
+    const result = await run(bin, ['info', path]);
+    expect(result.code).toBe(1);
+    expect(result.stderr.trim()).toBe(`imgmount: ${path}: DMG trailer version 3 is not 4 (the only UDIF version)`);
   });
 });
