@@ -269,16 +269,8 @@ describe('a damaged DMG is refused at open, naming the field', () => {
     await expectRefused(await damagedTrailer((k) => k.writeUInt32BE(2, 0x3c)), /segmented DMG images are not supported \(segment 1 of 2/, ENOTSUP);
   });
 
-  it('the XML plist offset and length: none, only a resource fork, above 16 MiB, outside the file', async () => {
+  it('the XML plist offset and length: none (and no resource fork), above 16 MiB, outside the file', async () => {
     await expectRefused(await damagedTrailer((k) => k.writeBigUInt64BE(0n, 0xe0)), /no XML property list \(XML plist length 0\) and no resource fork/);
-    await expectRefused(
-      await damagedTrailer((k) => {
-        k.writeBigUInt64BE(0n, 0xe0);
-        k.writeBigUInt64BE(4096n, 0x30);
-      }),
-      /only in a binary resource fork \(no XML property list\) are not supported/,
-      ENOTSUP,
-    );
     await expectRefused(await damagedTrailer((k) => k.writeBigUInt64BE(16n * 1024n * 1024n + 1n, 0xe0)), /XML plist length 16777217 is above the limit 16777216/);
     await expectRefused(await damagedTrailer((k) => k.writeBigUInt64BE(k.readBigUInt64BE(0xe0) + 1n, 0xe0)), /XML plist \[\d+, \d+\) is not inside the file before the trailer/);
     await expectRefused(await damagedTrailer((k) => k.writeBigUInt64BE(1n << 40n, 0xd8)), /XML plist \[1099511627776, \d+\) is not inside the file/);
@@ -339,6 +331,43 @@ describe('a damaged DMG is refused at open, naming the field', () => {
     parts[1]!.firstSector = 100;
     const dmg = await writeDmg('overlap.dmg', parts, { sectorCount: 512 });
     await expectRefused(dmg.path, /blkx entry 1 \("two"\) chunk 0 \(sectors from 100\) overlaps blkx entry 0 \("one"\) chunk 0 \(sectors \[0, 128\)\)/);
+  });
+});
+
+describe('the binary resource fork (images without an XML property list)', () => {
+  it('chunk tables only in a resource fork read like qemu-img convert and dmg2img; with both, the XML is read', TIMEOUT, async () => {
+    const content = sampleContent(3 * MiB, 0x4f);
+    const parts: DmgPartitionSpec[] = [
+      { name: 'a', chunks: [{ type: 'zlib', data: content.subarray(0, MiB) }, { type: 'zero', sectors: 2048 }] },
+      { name: 'b', chunks: [{ type: 'raw', data: content.subarray(2 * MiB, 2 * MiB + 64 * KiB) }, { type: 'zlib', data: content.subarray(2 * MiB + 64 * KiB) }] },
+    ];
+    for (const resourceFork of ['only', 'both'] as const) {
+      const dmg = await writeDmg(`rsrc-${resourceFork}.dmg`, parts, { resourceFork });
+      expect(dmg.xmlLength === 0).toBe(resourceFork === 'only');
+      const qemu = await qemuConvertToRaw(dmg.path, await makeTempDir(), 'dmg'); // qemu reads the resource fork whenever there is one
+      expectSame(qemu, dmg.content, `${resourceFork}: qemu-img convert against the content`);
+      expectSame(await dmg2img(dmg.path), dmg.content, `${resourceFork}: dmg2img against the content`);
+      await withDmg(dmg.path, async (image) => expectSame(await readAll(image, 4097), qemu, `${resourceFork}: reads`));
+    }
+    // with both, a damaged resource fork does not matter: the XML property list is read
+    const both = await writeDmg('rsrc-damaged.dmg', parts, { resourceFork: 'both', mutateResourceFork: (fork) => fork.writeUInt32BE(0xffffffff, 8) });
+    await withDmg(both.path, async (image) => expectSame(await readAll(image), both.content, 'XML read'));
+  });
+
+  const damagedFork = async (patch: (fork: Buffer) => void) => (await writeDmg('fork.dmg', small(), { resourceFork: 'only', mutateResourceFork: patch })).path;
+
+  it('a damaged resource fork is refused naming the field: data offset, data length, a resource length, no mish block', async () => {
+    await expectRefused(await damagedFork((f) => f.writeUInt32BE(1 << 20, 0)), /DMG resource fork data offset 1048576 is past its end \(\d+ bytes\)/);
+    await expectRefused(await damagedFork((f) => f.writeUInt32BE(0, 8)), /DMG resource fork data length 0 is not in \[1, \d+\]/);
+    await expectRefused(await damagedFork((f) => f.writeUInt32BE(1 << 20, 8)), /DMG resource fork data length 1048576 is not in \[1, \d+\]/);
+    await expectRefused(await damagedFork((f) => f.writeUInt32BE(0x7fffffff, 256)), /DMG resource fork resource at 256 has length 2147483647, not in \[1, \d+\]/);
+    await expectRefused(await damagedFork((f) => f.write('mosh', 260, 'latin1') && f.write('mosh', 260 + 4 + f.readUInt32BE(256), 'latin1')), /DMG resource fork holds no mish \(blkx\) block/);
+    const path = await damagedTrailer((k) => {
+      k.writeBigUInt64BE(0n, 0xe0);
+      k.writeBigUInt64BE(1n << 30n, 0x28);
+      k.writeBigUInt64BE(4096n, 0x30);
+    });
+    await expectRefused(path, /DMG resource fork \[1073741824, 1073745920\) is not inside the file before the trailer/);
   });
 });
 
@@ -405,16 +434,17 @@ describe('damage inside the image gives EIO for that range only, naming it', () 
 });
 
 describe('seeded random damage', () => {
-  it('300 damaged images: open and reads give the image bytes or a BlockError, never a crash, hang or other error', { timeout: 120_000 }, async () => {
+  it('300 damaged images (XML plist or resource fork): open and reads give a BlockError or bytes, never a crash, hang or other error', { timeout: 120_000 }, async () => {
     const content = sampleContent(256 * KiB, 0xf);
-    const pristine = buildDmg(small(content));
+    const pristines = [buildDmg(small(content)), buildDmg(small(content), { resourceFork: 'only' })];
     const dir = await makeTempDir();
     const random = seededRandom(0xf022);
     const outcomes = { refused: 0, opened: 0, readErrors: 0 };
     for (let i = 0; i < 300; i++) {
+      const pristine = pristines[i % 2]!;
       const image = Buffer.from(pristine.image);
       const region = random.int(0, 2);
-      // the trailer, the XML plist (its base64 mish blocks included), or the chunks' data
+      // the trailer, the XML plist (its base64 mish blocks included) or the resource fork, or the chunks' data
       const [from, to] = region === 0 ? [pristine.trailerOffset, image.length] : region === 1 ? [pristine.xmlOffset, pristine.trailerOffset] : [0, pristine.xmlOffset];
       for (let k = random.int(1, 4); k > 0; k--) image[random.int(from, to - 1)] = random.int(0, 255);
       const path = join(dir, `fuzz-${i}.dmg`);

@@ -45,6 +45,13 @@ export interface DmgOptions {
   mutateMish?: (partition: number, mish: Buffer) => void;
   /** Replaces the XML property list. */
   mutateXml?: (xml: string) => string;
+  /**
+   * Also write the chunk tables as a binary resource fork (after the XML), or
+   * ('only') instead of the XML property list, as UDIF images before it had.
+   */
+  resourceFork?: 'both' | 'only';
+  /** Changes the resource fork before it is written. */
+  mutateResourceFork?: (fork: Buffer) => void;
 }
 
 /** Where each chunk went, for the tests' expectations. */
@@ -64,6 +71,8 @@ export interface WrittenDmg {
   chunks: WrittenChunk[];
   xmlOffset: number;
   xmlLength: number;
+  forkOffset: number;
+  forkLength: number;
   trailerOffset: number;
 }
 
@@ -157,9 +166,12 @@ export function buildDmg(partitions: readonly DmgPartitionSpec[], options: DmgOp
   }
   let xml = plistXml(partitions.map((partition, i) => ({ name: partition.name, mish: mishes[i]! })));
   if (options.mutateXml) xml = options.mutateXml(xml);
-  const xmlBytes = Buffer.from(xml, 'utf8');
+  const xmlBytes = options.resourceFork === 'only' ? Buffer.alloc(0) : Buffer.from(xml, 'utf8');
   const xmlOffset = dataForkOffset + dataEnd;
-  const trailerOffset = xmlOffset + xmlBytes.length;
+  const fork = options.resourceFork ? resourceFork(mishes) : Buffer.alloc(0);
+  options.mutateResourceFork?.(fork);
+  const forkOffset = xmlOffset + xmlBytes.length;
+  const trailerOffset = forkOffset + fork.length;
   const koly = Buffer.alloc(512);
   koly.write('koly', 0, 'latin1');
   koly.writeUInt32BE(4, 0x04); // version
@@ -167,14 +179,48 @@ export function buildDmg(partitions: readonly DmgPartitionSpec[], options: DmgOp
   koly.writeUInt32BE(1, 0x0c); // flags: flattened
   koly.writeBigUInt64BE(BigInt(dataForkOffset), 0x18);
   koly.writeBigUInt64BE(BigInt(dataEnd), 0x20);
+  if (fork.length > 0) {
+    koly.writeBigUInt64BE(BigInt(forkOffset), 0x28);
+    koly.writeBigUInt64BE(BigInt(fork.length), 0x30);
+  }
   koly.writeUInt32BE(1, 0x38); // segment number
   koly.writeUInt32BE(1, 0x3c); // segment count
-  koly.writeBigUInt64BE(BigInt(xmlOffset), 0xd8);
-  koly.writeBigUInt64BE(BigInt(xmlBytes.length), 0xe0);
+  if (xmlBytes.length > 0) {
+    koly.writeBigUInt64BE(BigInt(xmlOffset), 0xd8);
+    koly.writeBigUInt64BE(BigInt(xmlBytes.length), 0xe0);
+  }
   koly.writeUInt32BE(1, 0x1e8); // image variant: device
   koly.writeBigUInt64BE(BigInt(sectorCount), 0x1ec);
-  const image = Buffer.concat([...parts, xmlBytes, koly]);
-  return { image, content, chunks: written, xmlOffset, xmlLength: xmlBytes.length, trailerOffset };
+  const image = Buffer.concat([...parts, xmlBytes, fork, koly]);
+  return { image, content, chunks: written, xmlOffset, xmlLength: xmlBytes.length, forkOffset, forkLength: fork.length, trailerOffset };
+}
+
+/**
+ * A classic resource fork holding the mish blocks as its resources: the
+ * 16-byte header (data offset, map offset, data length, map length) in a
+ * 256-byte header area, the data (each resource: a 32-bit length, then its
+ * bytes), then a minimal resource map (its header only: no types listed,
+ * which the readers of DMGs never look at).
+ */
+function resourceFork(mishes: readonly Buffer[]): Buffer {
+  const data = Buffer.concat(mishes.flatMap((mish) => [u32(mish.length), mish]));
+  const map = Buffer.alloc(30);
+  map.writeUInt16BE(28, 24); // offset of the type list
+  map.writeUInt16BE(30, 26); // offset of the name list
+  map.writeUInt16BE(0xffff, 28); // number of types - 1: none
+  const header = Buffer.alloc(256);
+  header.writeUInt32BE(256, 0);
+  header.writeUInt32BE(256 + data.length, 4);
+  header.writeUInt32BE(data.length, 8);
+  header.writeUInt32BE(map.length, 12);
+  header.copy(map, 0, 0, 16);
+  return Buffer.concat([header, data, map]);
+}
+
+function u32(value: number): Buffer {
+  const out = Buffer.alloc(4);
+  out.writeUInt32BE(value);
+  return out;
 }
 
 function escape(text: string): string {

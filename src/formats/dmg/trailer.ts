@@ -24,7 +24,7 @@ import { CorruptImageError, UnsupportedFeatureError } from '../../block/errors.j
 export const TRAILER_BYTES = 512;
 export const KOLY_MAGIC = Buffer.from('koly', 'latin1');
 export const SECTOR_BYTES = 512;
-/** qemu's cap on the XML property list (dmg_read_plist_xml): 16 MiB. */
+/** qemu's cap on the XML property list (dmg_read_plist_xml): 16 MiB; the resource fork gets the same. */
 export const MAX_XML_BYTES = 16 * 1024 * 1024;
 
 export interface Trailer {
@@ -53,6 +53,14 @@ function u64(bytes: Buffer, at: number, field: string, path: string, max = BigIn
   const value = bytes.readBigUInt64BE(at);
   if (value > max) fail(path, `trailer ${field} ${value} is above the largest supported value ${max}`);
   return Number(value);
+}
+
+/** Checks that [offset, offset + length) of a table the trailer names is at most 16 MiB and inside the file before the trailer. */
+function within(offset: number, length: number, what: string, trailerOffset: number, path: string): void {
+  if (length > MAX_XML_BYTES) fail(path, `trailer ${what} length ${length} is above the limit ${MAX_XML_BYTES} (16 MiB)`);
+  if (offset >= trailerOffset || length > trailerOffset - offset) {
+    fail(path, `${what} [${offset}, ${offset + length}) is not inside the file before the trailer at ${trailerOffset}`);
+  }
 }
 
 /** Parses the 512 bytes at the end of a file `fileSize` bytes long. */
@@ -91,19 +99,11 @@ export function parseTrailer(bytes: Buffer, fileSize: number, path: string): Tra
       `${path}: segmented DMG images are not supported (segment ${trailer.segmentNumber} of ${trailer.segmentCount}: the image is split over several files)`,
     );
   }
-  if (trailer.xmlLength === 0) {
-    if (trailer.rsrcForkLength !== 0) {
-      throw new UnsupportedFeatureError(
-        `${path}: DMG images whose chunk tables are only in a binary resource fork (no XML property list) are not supported`,
-      );
-    }
+  if (trailer.xmlLength === 0 && trailer.rsrcForkLength === 0) {
     fail(path, 'trailer has no XML property list (XML plist length 0) and no resource fork: there is no chunk table');
   }
-  if (trailer.xmlLength > MAX_XML_BYTES) {
-    fail(path, `trailer XML plist length ${trailer.xmlLength} is above the limit ${MAX_XML_BYTES} (16 MiB)`);
-  }
-  if (trailer.xmlOffset >= trailerOffset || trailer.xmlLength > trailerOffset - trailer.xmlOffset) {
-    fail(path, `XML plist [${trailer.xmlOffset}, ${trailer.xmlOffset + trailer.xmlLength}) is not inside the file before the trailer at ${trailerOffset}`);
-  }
+  // The XML property list is read when there is one, the resource fork only otherwise: only the one read is checked.
+  if (trailer.xmlLength !== 0) within(trailer.xmlOffset, trailer.xmlLength, 'XML plist', trailerOffset, path);
+  else within(trailer.rsrcForkOffset, trailer.rsrcForkLength, 'resource fork', trailerOffset, path);
   return trailer;
 }
