@@ -17,7 +17,10 @@ import { describe, expect, it } from 'vitest';
 import { BlockError, openImage, type BlockImage } from '../src/index.js';
 import { decodeAdc } from '../src/formats/dmg/adc.js';
 import { buildDmg, encodeAdc, sampleContent, SECTOR, type DmgChunkSpec, type DmgOptions, type DmgPartitionSpec } from './helpers/dmg-writer.js';
-import { firstDifference, makeTempDir, qemuConvertToRaw, readAll, run, runOk } from './helpers/qemu.js';
+import { BlockImage as BlockImageClass } from '../src/index.js';
+import { ImageFileGate } from '../src/block/gate.js';
+import { dmg as dmgDriver } from '../src/formats/dmg/index.js';
+import { firstDifference, makeTempDir, qemuConvertToRaw, readAll, run, runOk, spyProtocol } from './helpers/qemu.js';
 import { seededRandom } from './helpers/random.js';
 
 const { EIO, ENOTSUP } = osConstants.errno;
@@ -154,6 +157,29 @@ describe('DMG chunks read like dmg2img and qemu-img convert', () => {
       });
       expect(ours).toEqual(merged);
     });
+  });
+});
+
+describe('the decoded-chunk cache', () => {
+  it('a sequential read in 4 KiB pieces reads (and decodes) each compressed chunk once, raw chunks only where asked', TIMEOUT, async () => {
+    const content = sampleContent(8 * MiB, 0xcac);
+    const dmg = await writeDmg('cache.dmg', everyType(content));
+    const file = await spyProtocol(dmg.path, true);
+    const files = new ImageFileGate(dmg.path, {}, false);
+    const image = new BlockImageClass({ path: dmg.path, format: 'dmg', file, image: await dmgDriver.open(file, { readOnly: true, files }), gate: files });
+    try {
+      file.calls.length = 0;
+      expectSame(await readAll(image, 4096), dmg.content, 'reads');
+    } finally {
+      await image.close();
+    }
+    const reads = file.calls.filter((call) => call.startsWith('read '));
+    for (const chunk of dmg.chunks.filter((c) => ['zlib', 'bzip2', 'adc'].includes(c.type))) {
+      expect(reads.filter((call) => call === `read ${chunk.hostOffset} ${chunk.hostLength}`), `${chunk.type} chunk at ${chunk.hostOffset}`).toHaveLength(1);
+    }
+    const raw = dmg.chunks.find((c) => c.type === 'raw')!;
+    const rawReads = reads.filter((call) => Number(call.split(' ')[1]) >= raw.hostOffset && Number(call.split(' ')[1]) < raw.hostOffset + raw.hostLength);
+    expect(rawReads, JSON.stringify({ raw, rawReads })).toHaveLength(Math.ceil(raw.hostLength / 4096));
   });
 });
 
