@@ -3,7 +3,8 @@
  * cannot create DMGs, so the shapes are built by the test writer
  * (dmg-writer.ts, from the format's description) and qemu-img reads them as
  * the oracle. Only chunk types qemu 7.2 reads are used here: zlib, raw, zero,
- * ignore (and comments); bzip2 needs a qemu module Debian does not ship and
+ * ignore (and comments), tables in the XML property list or the resource
+ * fork; bzip2 needs a qemu module Debian does not ship and
  * ADC is not in qemu at all, so test/dmg.test.ts checks those against
  * dmg2img. qemu's dmg driver has no block status, so qemu-img map says
  * "data" for every byte (`qemuMapIsAllData`); test/dmg.test.ts checks the
@@ -70,6 +71,21 @@ export const dmgShapes: Shape[] = [
       const content = sampleContent(3 * MiB, 0xd3b);
       content.fill(0, MiB, MiB + 200 * KiB);
       return buildDmg([{ name: 'disk image', chunks: cut(content, 9, (i) => (i % 3 === 0 ? 'raw' : 'zlib')) }], { dataForkOffset: 4 * KiB });
+    },
+  ),
+  dmgShape(
+    'resource-fork',
+    'chunk tables only in the binary resource fork (no XML property list, as before Mac OS X 10.2): zlib, raw and zero chunks, 2 MiB + 1 sector',
+    64 * KiB,
+    () => {
+      const content = sampleContent(2 * MiB + SECTOR, 0xd3c);
+      return buildDmg(
+        [
+          { name: 'a', chunks: cut(content.subarray(0, MiB), 256, (i) => (i % 2 ? 'raw' : 'zlib')) },
+          { name: 'b', chunks: [{ type: 'zero', sectors: 512 }, { type: 'zlib', data: content.subarray(MiB + 256 * KiB) }] },
+        ],
+        { resourceFork: 'only' },
+      );
     },
   ),
 ];
