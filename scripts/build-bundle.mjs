@@ -75,6 +75,9 @@ try {
     banner: { js: '"use strict";\nvar __imgmount_import_meta_url = require("node:url").pathToFileURL(__filename).href;' },
     define: { 'import.meta.url': '__imgmount_import_meta_url' },
     plugins: [noSupportsColor],
+    // A native package loads its platform's .node file by a computed name: it stays
+    // outside and is required from node_modules at run time (only when a VHDX opens).
+    external: ['@node-rs/crc32'],
     sourcemap: false,
     write: false,
     logLevel: 'warning',

@@ -104,11 +104,43 @@ describe.skipIf(skipWithoutQemu('filters'))('filters', () => {
       [{ name: 'blkdebug', event: 'l2_update', errno: '5', layer: '1' }, /layer=1, but the chain of .* has 1 image \(layers 0-0\)/],
       [{ name: 'blkverify' }, /reference= is needed/],
       [{ name: 'blkverify', reference: join(dir, 'missing.raw') }, /filter blkverify: reference: cannot open .*missing\.raw: no such file/],
+      [{ name: 'delay' }, /filter delay: give at least one of read=MS, write=MS, flush=MS/],
+      [{ name: 'delay', read: 'soon' }, /filter delay: read=soon must be a number of milliseconds from 0 to 600000/],
+      [{ name: 'delay', write: '600001' }, /filter delay: write=600001 must be a number of milliseconds/],
     ];
     for (const [spec, message] of refused) {
       await expect(openImage(path, { filters: [spec] }), JSON.stringify(spec)).rejects.toThrow(message);
     }
     expect((await readBytes(path, 0, 1 << 16)).equals(before)).toBe(true);
+  });
+
+  it('delay holds reads, writes and flushes of the image file for the time asked; the bytes are unchanged', async () => {
+    const dir = await makeTempDir();
+    const path = await qedImage(dir);
+    await qemuIo(path, ['write -P 0x5a 0 64k']);
+    const image = await openImage(path, { filters: [{ name: 'delay', read: '150', flush: '300' }] });
+    try {
+      const buffer = Buffer.alloc(4096);
+      let started = performance.now();
+      await image.read(8192, buffer);
+      expect(performance.now() - started).toBeGreaterThanOrEqual(145);
+      expect(buffer.equals(Buffer.alloc(4096, 0x5a))).toBe(true);
+      await image.write(0, Buffer.alloc(512, 0x11));
+      started = performance.now();
+      await image.flush();
+      expect(performance.now() - started).toBeGreaterThanOrEqual(295);
+    } finally {
+      await image.close();
+    }
+    expect((await qemuCheck(path)).code).toBe(0);
+    const reopened = await openImage(path, { readOnly: true });
+    try {
+      const head = Buffer.alloc(1024);
+      await reopened.read(0, head);
+      expect(head.equals(Buffer.concat([Buffer.alloc(512, 0x11), Buffer.alloc(512, 0x5a)]))).toBe(true);
+    } finally {
+      await reopened.close();
+    }
   });
 
   it('blkverify passes reads that match the reference, fails one that differs with EIO naming the offset, and mirrors writes', async () => {

@@ -14,7 +14,7 @@ import { deflateSync } from 'node:zlib';
 import { describe, expect, test } from 'vitest';
 import { BlockError, defaultFormats, openImage, PROBE_HEAD_BYTES, PROBE_TAIL_BYTES } from '../src/index.js';
 import { buildDmg } from './helpers/dmg-writer.js';
-import { makeTempDir, qemuConvertToRaw, qemuImg, qemuInfo, readAll, readBytes, seededBytes, skipWithoutQemu } from './helpers/qemu.js';
+import { makeTempDir, qemuConvertToRaw, qemuImg, qemuInfo, qemuIo, readAll, readBytes, seededBytes, skipWithoutQemu } from './helpers/qemu.js';
 
 const MiB = 1024 * 1024;
 const { EPERM, ENOTSUP } = osConstants.errno;
@@ -198,7 +198,6 @@ describe.skipIf(skipWithoutQemu('probing images qemu-img makes'))('probing image
     // qemu probes a fixed VHD (its only signature is the footer at the end) as raw.
     { title: 'vpc fixed', format: 'vpc', file: 'disk.vhd', options: ['-f', 'vpc', '-o', 'subformat=fixed'], qemuSays: 'raw' },
     { title: 'vpc fixed, force_size', format: 'vpc', file: 'disk.vhd', options: ['-f', 'vpc', '-o', 'subformat=fixed,force_size=on'], qemuSays: 'raw' },
-    { title: 'vhdx', format: 'vhdx', file: 'disk.vhdx', options: ['-f', 'vhdx'] },
     { title: 'vdi dynamic', format: 'vdi', file: 'disk.vdi', options: ['-f', 'vdi'] },
     { title: 'vdi static', format: 'vdi', file: 'disk.vdi', options: ['-f', 'vdi', '-o', 'static=on'] },
     { title: 'parallels', format: 'parallels', file: 'disk.hdd', options: ['-f', 'parallels'] },
@@ -213,6 +212,27 @@ describe.skipIf(skipWithoutQemu('probing images qemu-img makes'))('probing image
     expect(await qemuFormat(path)).toBe(qemuSays ?? format);
     const last = await expectRefusedUnderAnyName(path, format);
     expect(await qemuFormat(last)).toBe(qemuSays ?? format);
+  });
+
+  test('vhdx (now read): probed as vhdx under any name, as qemu-img does, and reads like qemu-img convert', async () => {
+    const dir = await makeTempDir();
+    let current = join(dir, 'disk.vhdx');
+    await qemuImg(['create', '-q', '-f', 'vhdx', current, '4M']);
+    await qemuIo(current, ['write -P 0x5a 1000 3000'], 'vhdx');
+    const expected = await qemuConvertToRaw(current, dir, 'vhdx');
+    for (const name of ['image.img', 'image', 'disk.vhdx']) {
+      expect(await qemuFormat(current)).toBe('vhdx');
+      const image = await openImage(current, { readOnly: true });
+      try {
+        expect(image.format).toBe('vhdx');
+        expect((await readAll(image)).equals(expected)).toBe(true);
+      } finally {
+        await image.close();
+      }
+      const renamed = join(dir, name);
+      await rename(current, renamed);
+      current = renamed;
+    }
   });
 
   test('a fixed VHD that qemu probes as raw is a real VHD: qemu-img reads it with -f vpc', async () => {

@@ -12,8 +12,9 @@ import { qcow2 } from './qcow2/index.js';
 import { qed } from './qed/index.js';
 import { raw } from './raw/index.js';
 import { unsupportedFormats } from './unsupported.js';
+import { vhdx } from './vhdx/index.js';
 
-export const formatDrivers: readonly FormatDriver[] = [qcow2, qed, raw, dmg, ...unsupportedFormats];
+export const formatDrivers: readonly FormatDriver[] = [qcow2, qed, raw, vhdx, dmg, ...unsupportedFormats];
 
 /** The default list of formats of the library and the command line. */
 export const defaultFormats = new FormatList(formatDrivers);

@@ -13,7 +13,6 @@
  *   vpc        "conectix" at 0 (dynamic/differencing VHD: a copy of the footer), or
  *              at the file size - 512 (the footer of a fixed VHD, which qemu itself
  *              probes as raw) or - 511 (Virtual PC before 2004 wrote 511-byte footers)
- *   vhdx       "vhdxfile" at 0
  *   vdi        0xbeda107f little-endian at 0x40; or the "<<< ... Disk Image >>>\n"
  *              banner at 0 with a damaged signature
  *   parallels  "WithoutFreeSpace" or "WithouFreSpacExt" at 0, version 2 (le32 at 16)
@@ -110,8 +109,6 @@ const VDI_SIGNATURE_OFFSET = 0x40;
 const PARALLELS_MAGICS = [bytes('WithoutFreeSpace'), bytes('WithouFreSpacExt')];
 const PARALLELS_VERSION = 2;
 
-const VHDX_MAGIC = bytes('vhdxfile');
-
 const BOCHS_MAGIC = cString('Bochs Virtual HD Image');
 const BOCHS_TYPE = cString('Redolog');
 const BOCHS_SUBTYPE = cString('Growing');
@@ -131,8 +128,6 @@ export const vpc = recognized('vpc', ['.vhd', '.vpc', '.avhd'], (sample) => {
   if (hasAtEnd(sample, 512, VHD_COOKIE) || hasAtEnd(sample, 511, VHD_COOKIE)) return LIKELY;
   return 0;
 });
-
-export const vhdx = recognized('vhdx', ['.vhdx', '.avhdx'], ({ head }) => (has(head, 0, VHDX_MAGIC) ? CERTAIN : 0));
 
 export const vdi = recognized('vdi', ['.vdi'], ({ head }) => {
   if (uint(head, VDI_SIGNATURE_OFFSET, 4, 'le') === VDI_SIGNATURE) return CERTAIN;
@@ -160,4 +155,4 @@ export const luks = recognized('luks', ['.luks'], ({ head }) => (has(head, 0, LU
 
 export const qcow = recognized('qcow', ['.qcow'], ({ head }) => (has(head, 0, QCOW_MAGIC) && uint(head, 4, 4, 'be') === 1 ? CERTAIN : 0));
 
-export const unsupportedFormats: readonly FormatDriver[] = [vmdk, vpc, vhdx, vdi, parallels, bochs, cloop, luks, qcow];
+export const unsupportedFormats: readonly FormatDriver[] = [vmdk, vpc, vdi, parallels, bochs, cloop, luks, qcow];

@@ -9,7 +9,7 @@ import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
 import { afterEach, beforeEach, describe, expect, test } from 'vitest';
-import { qemuCheck, qemuConvertToRaw, qemuImg, qemuIo } from '../helpers/qemu.js';
+import { qemuCheck, qemuConvertToRaw, qemuImg, qemuIo, seededBytes } from '../helpers/qemu.js';
 import { imgmount, isAlive, MiB, MountLab, skipWithoutFuse } from './fuse-helpers.js';
 
 describe.skipIf(skipWithoutFuse('interrupted requests'))('interrupted requests', () => {
@@ -48,5 +48,52 @@ describe.skipIf(skipWithoutFuse('interrupted requests'))('interrupted requests',
     expect((await qemuConvertToRaw(image, lab.dir)).equals(seen)).toBe(true);
     expect((await qemuCheck(image)).code).toBe(0);
     expect(await readFile(log, 'utf8')).not.toMatch(/unexpected error/);
+  });
+
+  // The delay filter holds every flush of the image file for a second, so the signal surely
+  // comes while the daemon has the FSYNC: the kernel then sends FUSE_INTERRUPT for it. (Direct
+  // and readahead reads are asynchronous in the kernel and are never interrupted; FSYNC waits
+  // interruptibly.)
+  test('a signal while the daemon holds an fsync: FUSE_INTERRUPT arrives, the fsync still completes, the data is there, the daemon keeps serving', { timeout: 60_000 }, async () => {
+    const model = seededBytes(31, 4 * MiB);
+    const image = await lab.file('disk.img', model);
+    const mnt = await lab.mountpoint();
+    const { pid, log } = await lab.mount(['-d', '-f', 'raw', '--filter', 'delay:flush=1000', image], mnt);
+    const file = join(mnt, 'disk.raw');
+    /** dd writes one 4 KiB block of `fill` at `block`, then fsyncs (conv=fsync). */
+    const writeBlock = (block: number, fill: number) => {
+      const child = spawn('dd', [`of=${file}`, 'bs=4096', 'count=1', `seek=${block}`, 'conv=notrunc,fsync', 'status=none'], { stdio: ['pipe', 'ignore', 'pipe'] });
+      let stderr = '';
+      child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+      child.stdin.end(Buffer.alloc(4096, fill));
+      model.fill(fill, block * 4096, (block + 1) * 4096);
+      const done = new Promise<{ code: number | null; signal: NodeJS.Signals | null; stderr: string }>((resolve) =>
+        child.once('close', (code, signal) => resolve({ code, signal, stderr })),
+      );
+      return { child, done };
+    };
+
+    // dd handles SIGUSR1 (it prints its statistics) and goes on: its fsync is answered when the flush is done.
+    const patient = writeBlock(100, 0x11);
+    await delay(400);
+    patient.child.kill('SIGUSR1');
+    const answered = await patient.done;
+    expect(answered.code, answered.stderr).toBe(0);
+
+    // SIGKILL: the writer dies once the daemon has answered; the write it made before is kept.
+    const killed = writeBlock(200, 0x22);
+    await delay(400);
+    killed.child.kill('SIGKILL');
+    expect((await killed.done).signal).toBe('SIGKILL');
+
+    expect((await writeBlock(300, 0x33).done).code).toBe(0);
+    expect(isAlive(pid)).toBe(true);
+    expect((await readFile(file)).equals(model)).toBe(true);
+    expect((await imgmount(['unmount', mnt])).code).toBe(0);
+    expect((await readFile(image)).equals(model)).toBe(true);
+    const text = await readFile(log, 'utf8');
+    // One for each held FSYNC (at least: the dying writer's FLUSH at close may be interrupted too).
+    expect(text.match(/interrupt of request \d+: in flight/g)?.length).toBeGreaterThanOrEqual(2);
+    expect(text).not.toMatch(/unexpected error/);
   });
 });

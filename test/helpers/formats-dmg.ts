@@ -7,7 +7,7 @@
  * fork; bzip2 needs a qemu module Debian does not ship and
  * ADC is not in qemu at all, so test/dmg.test.ts checks those against
  * dmg2img. qemu's dmg driver has no block status, so qemu-img map says
- * "data" for every byte (`qemuMapIsAllData`); test/dmg.test.ts checks the
+ * "data" for every byte (QEMU_MAP_SEES_ALL_DATA in formats.ts); test/dmg.test.ts checks the
  * map against the layout the writer made.
  */
 import { writeFile } from 'node:fs/promises';
@@ -96,7 +96,6 @@ export const dmgEntry: FormatEntry = {
   writable: false,
   checkable: false,
   snapshots: false,
-  qemuMapIsAllData: true,
   shapes: dmgShapes,
   chains: [],
 };

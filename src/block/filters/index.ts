@@ -14,13 +14,14 @@ import { InvalidArgumentError } from '../errors.js';
 import type { Protocol } from '../types.js';
 import { blkdebug } from './blkdebug.js';
 import { blkverify } from './blkverify.js';
+import { delay } from './delay.js';
 import { logWrites } from './log-writes.js';
 import type { FilterContext, FilterDefinition, FilterOptions, FilterSpec, ImageFilter } from './types.js';
 
 export type { FilterSpec, ImageFilter, FilterDefinition } from './types.js';
 export { parseFilterArgument } from './spec.js';
 
-export const FILTERS: readonly FilterDefinition[] = [blkdebug, blkverify, logWrites];
+export const FILTERS: readonly FilterDefinition[] = [blkdebug, blkverify, delay, logWrites];
 
 /** A spec checked and split: the definition, its layer, its options as strings. */
 export interface ResolvedFilter {

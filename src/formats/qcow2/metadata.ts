@@ -8,6 +8,7 @@
  * Built at open from tables that were validated; a writable image adds the
  * tables it allocates and removes the ones it frees (main thread only).
  */
+import { nextNonZeroEntry } from '../../block/table-scan.js';
 import type { Protocol } from '../../block/types.js';
 import { offsetBits, wordAt } from './geometry.js';
 
@@ -34,7 +35,7 @@ export class MetadataClusters {
 
   /** Marks every valid, non-zero table offset listed in `table` (L1 -> L2 tables, refcount table -> blocks). */
   addTablesListedIn(table: Buffer, entries: number, clusterSize: number): void {
-    for (let index = 0; index < entries; index++) {
+    for (let index = nextNonZeroEntry(table, 0, entries); index < entries; index = nextNonZeroEntry(table, index + 1, entries)) {
       const [high, low] = wordAt(table, index * 8);
       const offset = offsetBits(high, low);
       if (offset > 0 && offset % clusterSize === 0) this.addRange(offset, clusterSize);

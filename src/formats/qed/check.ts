@@ -19,6 +19,7 @@
  * "Repairing ..." for what is repaired).
  */
 import type { CheckOptions, CheckResult, Protocol } from '../../block/types.js';
+import { nextNonZeroEntry } from '../../block/table-scan.js';
 import { Geometry, getEntry, setEntry, ZERO_CLUSTER, type Table } from './geometry.js';
 import { QED_F_NEED_CHECK, type QedHeader } from './header.js';
 import { readTable, writeHeader } from './tables.js';
@@ -119,7 +120,7 @@ export async function checkQed(file: Protocol, header: QedHeader, options: Check
     }
     const l2: Table = await readTable(file, l2Offset, tableBytes);
     let l2Changed = false;
-    for (let l2Index = 0; l2Index < entries; l2Index++) {
+    for (let l2Index = nextNonZeroEntry(l2, 0); l2Index < entries; l2Index = nextNonZeroEntry(l2, l2Index + 1)) {
       const dataOffset = getEntry(l2, l2Index);
       if (dataOffset === 0 || dataOffset === ZERO_CLUSTER) continue;
       const guest = l1Index * geometry.l2Span + l2Index * clusterSize;

@@ -180,7 +180,12 @@ export class KernelConnection {
         return; // no reply; nodes are fixed for the life of the mount
       case 'interrupt':
         // We cannot cancel I/O already started; an unknown request gets EAGAIN, as the protocol asks.
-        if (!this.inFlight.has(request.interruptedUnique)) this.send(unique, [replyError(unique, Errno.EAGAIN)]);
+        if (!this.inFlight.has(request.interruptedUnique)) {
+          trace('interrupt of request %s: not in flight, EAGAIN', String(request.interruptedUnique));
+          this.send(unique, [replyError(unique, Errno.EAGAIN)]);
+        } else {
+          trace('interrupt of request %s: in flight, answered when its I/O is done', String(request.interruptedUnique));
+        }
         return;
       case 'init':
         this.answerInit(request);
