@@ -408,6 +408,9 @@ describe('damage inside the image gives EIO for that range only, naming it', () 
       const error = await rejection(image.read(250 * SECTOR, Buffer.alloc(20 * SECTOR)));
       expect(error.errno).toBe(EIO);
       expect(error.message).toMatch(/DMG sectors \[256, 300\) \(bytes 131072\.\.153599\) are in no chunk of the blkx table/);
+      // an unaligned read inside the gap names the sectors it starts in
+      expect((await rejection(image.read(260 * SECTOR + 7, Buffer.alloc(10)))).message).toMatch(/DMG sectors \[260, 300\) \(bytes 133127\.\.153599\)/);
+      expect((await rejection(image.map(0, image.length))).message).toMatch(/DMG sectors \[256, 300\)/);
       const before = Buffer.alloc(256 * SECTOR);
       await image.read(0, before);
       expectSame(before, dmg.content.subarray(0, before.length), 'before the gap');

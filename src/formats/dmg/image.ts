@@ -75,7 +75,7 @@ export class DmgImage implements FormatImage {
 
   private uncovered(from: number, to: number): never {
     throw new CorruptImageError(
-      `${this.file.path}: DMG sectors [${from / SECTOR_BYTES}, ${Math.ceil(to / SECTOR_BYTES)}) (bytes ${from}..${to - 1}) are in no chunk of the blkx table`,
+      `${this.file.path}: DMG sectors [${Math.floor(from / SECTOR_BYTES)}, ${Math.ceil(to / SECTOR_BYTES)}) (bytes ${from}..${to - 1}) are in no chunk of the blkx table`,
     );
   }
 
