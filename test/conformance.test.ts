@@ -113,7 +113,7 @@ function readAndMapTests(format: FormatEntry, shape: Shape, seed: number): void 
           'backing-filename': ours.backingFilename,
           'full-backing-filename': ours.fullBackingFilename,
           'backing-filename-format': theirs['backing-filename-format'] === undefined ? undefined : ours.backingFormat,
-          // qemu-img shows no dirty flag for formats without one (parallels, bochs, cloop), nor does the CLI
+          // qemu-img shows no dirty flag for formats without one (parallels, bochs, cloop, dmg), nor does the CLI
           'dirty-flag': theirs['dirty-flag'] === undefined && ours.dirty === undefined ? undefined : (ours.dirty ?? false),
           'format-specific': theirs['format-specific'] === undefined ? undefined : { type: format.name, data: ours.formatSpecific },
           snapshots: ours.snapshots?.map((snapshot) => pick({

@@ -13,6 +13,7 @@ import { dirname, join } from 'node:path';
 import { deflateSync } from 'node:zlib';
 import { describe, expect, test } from 'vitest';
 import { BlockError, defaultFormats, openImage, PROBE_HEAD_BYTES, PROBE_TAIL_BYTES } from '../src/index.js';
+import { buildDmg } from './helpers/dmg-writer.js';
 import { makeTempDir, qemuConvertToRaw, qemuImg, qemuInfo, qemuIo, readAll, readBytes, run, seededBytes, skipWithoutQemu } from './helpers/qemu.js';
 
 const MiB = 1024 * 1024;
@@ -397,9 +398,27 @@ describe('probing formats qemu-img cannot create (files built from their layouts
     expect(probeContent(Buffer.from('#!/bin/sh\necho hello\n'))).toBe('raw');
   });
 
-  test('dmg: the koly trailer in the last 512 bytes; koly anywhere else is raw', async () => {
+  test('dmg: the koly trailer in the last 512 bytes (a DMG under any name opens as dmg); koly anywhere else is raw', async () => {
     const data = seededBytes(5, 64 * 1024);
-    await expectRefusedUnderAnyName(await file('disk.dmg', dmgImage(data)), 'dmg');
+    // a trailer without a chunk table is probed as dmg and refused naming what is missing, under any name
+    let current = await file('disk.dmg', dmgImage(data));
+    for (const name of ['image.img', 'image']) {
+      const error = await rejection(openImage(current, { readOnly: true }));
+      expect(error.message).toBe(`${current}: DMG trailer has no XML property list (XML plist length 0) and no resource fork: there is no chunk table`);
+      const renamed = join(dirname(current), name);
+      await rename(current, renamed);
+      current = renamed;
+    }
+    const real = buildDmg([{ name: 'disk', chunks: [{ type: 'zlib', data }] }]);
+    for (const name of ['real.dmg', 'real.img', 'real']) {
+      const image = await openImage(await file(name, real.image), { readOnly: true });
+      try {
+        expect(image.format).toBe('dmg');
+        expect((await readAll(image)).equals(data)).toBe(true);
+      } finally {
+        await image.close();
+      }
+    }
     const misplaced = Buffer.concat([dmgImage(data), Buffer.alloc(512)]);
     expect(probeContent(misplaced)).toBe('raw');
     // A .dmg name with other content is refused by the existing name check.

@@ -9,6 +9,7 @@ import { FormatList } from '../block/probe.js';
 import type { FormatDriver } from '../block/types.js';
 import { bochs } from './bochs/index.js';
 import { cloop } from './cloop/index.js';
+import { dmg } from './dmg/index.js';
 import { parallels } from './parallels/index.js';
 import { qcow } from './qcow1/index.js';
 import { qcow2 } from './qcow2/index.js';
@@ -19,7 +20,7 @@ import { vdi } from './vdi/index.js';
 import { vhdx } from './vhdx/index.js';
 import { vmdk } from './vmdk/index.js';
 
-export const formatDrivers: readonly FormatDriver[] = [qcow2, qed, raw, vdi, vhdx, vmdk, qcow, parallels, bochs, cloop, ...unsupportedFormats];
+export const formatDrivers: readonly FormatDriver[] = [qcow2, qed, raw, vdi, vhdx, vmdk, qcow, parallels, bochs, cloop, dmg, ...unsupportedFormats];
 
 /** The default list of formats of the library and the command line. */
 export const defaultFormats = new FormatList(formatDrivers);

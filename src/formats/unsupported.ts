@@ -9,11 +9,10 @@
  *   vpc        "conectix" at 0 (dynamic/differencing VHD: a copy of the footer), or
  *              at the file size - 512 (the footer of a fixed VHD, which qemu itself
  *              probes as raw) or - 511 (Virtual PC before 2004 wrote 511-byte footers)
- *   dmg        "koly" at the file size - 512 (the UDIF trailer)
  *   luks       "LUKS\xba\xbe" at 0, version 1 (be16 at 6); LUKS2 is raw to qemu too
  *
  * Scores: a signature at the start of the file answers 100. One found only
- * at the end (fixed VHD, DMG) answers LIKELY, so a real format's header at the start of
+ * at the end (fixed VHD) answers LIKELY, so a real format's header at the start of
  * the same file wins.
  */
 import { UnsupportedFeatureError } from '../block/errors.js';
@@ -61,10 +60,6 @@ const VHD_COOKIE = bytes('conectix');
 
 
 
-const DMG_KOLY = bytes('koly');
-/** The UDIF trailer is the last 512 bytes of a DMG. */
-const DMG_TRAILER_BYTES = 512;
-
 const LUKS_MAGIC = bytes([0x4c, 0x55, 0x4b, 0x53, 0xba, 0xbe]);
 
 export const vpc = recognized('vpc', ['.vhd', '.vpc', '.avhd'], (sample) => {
@@ -74,8 +69,6 @@ export const vpc = recognized('vpc', ['.vhd', '.vpc', '.avhd'], (sample) => {
 });
 
 
-export const dmg = recognized('dmg', ['.dmg'], (sample) => (hasAtEnd(sample, DMG_TRAILER_BYTES, DMG_KOLY) ? LIKELY : 0));
-
 export const luks = recognized('luks', ['.luks'], ({ head }) => (has(head, 0, LUKS_MAGIC) && uint(head, 6, 2, 'be') === 1 ? CERTAIN : 0));
 
-export const unsupportedFormats: readonly FormatDriver[] = [vpc, dmg, luks];
+export const unsupportedFormats: readonly FormatDriver[] = [vpc, luks];

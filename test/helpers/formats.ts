@@ -22,6 +22,7 @@ import { afterAll, describe, expect } from 'vitest';
 import type { MapRun } from '../../src/index.js';
 import { normalizeMap, qemuConvertToRawFile, qemuImg, qemuIo, skipWithoutQemu, type MapShape, type QemuMapRun, type SnapshotSelector } from './qemu.js';
 import { seededRandom } from './random.js';
+import { dmgEntry } from './formats-dmg.js';
 import { vdiFormat } from './formats-vdi.js';
 import { vhdxFormat } from './formats-vhdx.js';
 import { vmdkEntry } from './formats-vmdk.js';
@@ -33,7 +34,7 @@ import { cloopEntry } from './formats-cloop.js';
 export const KiB = 1024;
 export const MiB = 1024 * KiB;
 
-export type FormatName = 'raw' | 'qed' | 'qcow2' | 'vdi' | 'vhdx' | 'vmdk' | 'qcow' | 'parallels' | 'bochs' | 'cloop';
+export type FormatName = 'raw' | 'qed' | 'qcow2' | 'vdi' | 'vhdx' | 'vmdk' | 'qcow' | 'parallels' | 'bochs' | 'cloop' | 'dmg';
 
 /** An image a shape built, and what the tests need to know about it. */
 export interface BuiltImage {
@@ -858,6 +859,7 @@ export const FORMATS: readonly FormatEntry[] = [
   parallelsEntry,
   bochsEntry,
   cloopEntry,
+  dmgEntry,
 ];
 
 // ---------------------------------------------------------------------------
@@ -974,7 +976,7 @@ export function describeEachFormat(title: string, body: (format: FormatEntry) =>
  *   "zero": true. This library asks only for raw images (whose holes both sides
  *   map as "data": false, "zero": true with an offset), so under qcow2 and QED
  *   such clusters are data, not zero, here.
- * - qemu-img map of a format in QEMU_MAP_SEES_ALL_DATA (vhdx: qemu 7.2's driver
+ * - qemu-img map of a format in QEMU_MAP_SEES_ALL_DATA (vhdx, dmg: qemu 7.2's driver
  *   has no block-status) calls the whole image data, no offsets: ours is
  *   compared in that form (the format's own tests check its real map).
  * - Host offsets are compared only for the top image's own data (depth 0):
@@ -983,7 +985,7 @@ export function describeEachFormat(title: string, body: (format: FormatEntry) =>
  *   offsets into the data file.
  */
 /** Formats whose qemu-img map says only "data" everywhere (no block-status in qemu 7.2's driver). */
-const QEMU_MAP_SEES_ALL_DATA: readonly FormatName[] = ['vhdx'];
+const QEMU_MAP_SEES_ALL_DATA: readonly FormatName[] = ['vhdx', 'dmg'];
 
 export function mapForComparison(runs: ReadonlyArray<QemuMapRun | MapRun>, layers: readonly FormatName[]): MapShape[] {
   const adjusted = runs.map((run) => {
