@@ -11,8 +11,9 @@ import { qcow2 } from './qcow2/index.js';
 import { qed } from './qed/index.js';
 import { raw } from './raw/index.js';
 import { unsupportedFormats } from './unsupported.js';
+import { vpc } from './vpc/index.js';
 
-export const formatDrivers: readonly FormatDriver[] = [qcow2, qed, raw, ...unsupportedFormats];
+export const formatDrivers: readonly FormatDriver[] = [qcow2, qed, raw, vpc, ...unsupportedFormats];
 
 /** The default list of formats of the library and the command line. */
 export const defaultFormats = new FormatList(formatDrivers);

@@ -1,8 +1,8 @@
 /**
  * Formats we recognize but cannot read yet. Each is an ordinary driver whose
  * probe finds its images and whose `open` refuses by name, so such an image
- * is never mounted (or written) as raw. The names are qemu's (`-f vpc` is
- * VHD), and together they cover every format qemu-img 7.2 probes.
+ * is never mounted (or written) as raw. The names are qemu's, and with the
+ * real drivers (src/formats/index.ts) they cover every format qemu-img 7.2 probes.
  *
  * Where each format is recognized (offsets in bytes; see also the tests):
  *
@@ -10,9 +10,6 @@
  *              text descriptor (monolithicFlat, twoGbMax...): it starts with
  *              "# Disk DescriptorFile", or, as qemu reads it, its first line that is
  *              not a comment (#) or blank is "version=1|2|3"
- *   vpc        "conectix" at 0 (dynamic/differencing VHD: a copy of the footer), or
- *              at the file size - 512 (the footer of a fixed VHD, which qemu itself
- *              probes as raw) or - 511 (Virtual PC before 2004 wrote 511-byte footers)
  *   vhdx       "vhdxfile" at 0
  *   vdi        0xbeda107f little-endian at 0x40; or the "<<< ... Disk Image >>>\n"
  *              banner at 0 with a damaged signature
@@ -103,8 +100,6 @@ function isVmdkDescriptor(head: Buffer): boolean {
   return false;
 }
 
-const VHD_COOKIE = bytes('conectix');
-
 const VDI_SIGNATURE = 0xbeda107f;
 const VDI_SIGNATURE_OFFSET = 0x40;
 
@@ -130,12 +125,6 @@ const QCOW_MAGIC = bytes([0x51, 0x46, 0x49, 0xfb]);
 export const vmdk = recognized('vmdk', ['.vmdk'], ({ head }) =>
   has(head, 0, VMDK4_MAGIC) || has(head, 0, VMDK3_MAGIC) || isVmdkDescriptor(head) ? CERTAIN : 0,
 );
-
-export const vpc = recognized('vpc', ['.vhd', '.vpc', '.avhd'], (sample) => {
-  if (has(sample.head, 0, VHD_COOKIE)) return CERTAIN;
-  if (hasAtEnd(sample, 512, VHD_COOKIE) || hasAtEnd(sample, 511, VHD_COOKIE)) return LIKELY;
-  return 0;
-});
 
 export const vhdx = recognized('vhdx', ['.vhdx', '.avhdx'], ({ head }) => (has(head, 0, VHDX_MAGIC) ? CERTAIN : 0));
 
@@ -167,4 +156,4 @@ export const luks = recognized('luks', ['.luks'], ({ head }) => (has(head, 0, LU
 
 export const qcow = recognized('qcow', ['.qcow'], ({ head }) => (has(head, 0, QCOW_MAGIC) && uint(head, 4, 4, 'be') === 1 ? CERTAIN : 0));
 
-export const unsupportedFormats: readonly FormatDriver[] = [vmdk, vpc, vhdx, vdi, parallels, bochs, cloop, dmg, luks, qcow];
+export const unsupportedFormats: readonly FormatDriver[] = [vmdk, vhdx, vdi, parallels, bochs, cloop, dmg, luks, qcow];
