@@ -217,7 +217,8 @@ export class VpcImage implements FormatImage {
       'creator-application': this.footer.creatorApp.replace(/\0/g, '\\0'),
       'size-from': this.sizeSource,
     };
-    return { clusterSize: this.dynamic?.header.blockSize, specific };
+    // VHD has no dirty state; qemu-img info shows dirty-flag false, and so does ours.
+    return { clusterSize: this.dynamic?.header.blockSize, dirty: false, specific };
   }
 
   private assertOpen(): void {
