@@ -8,7 +8,7 @@
  * the child holds).
  */
 import { execFile } from 'node:child_process';
-import { mkdtemp, readdir, readFile, rm, stat } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -180,6 +180,7 @@ describe('differencing VHDs read like vhdimount and like the model', () => {
       }
 
       const notices: string[] = [];
+      const childBefore = await readFile(childPath);
       const image = await openImage(childPath, { notice: (line) => notices.push(line) });
       try {
         expect(image.format).toBe('vpc');
@@ -201,10 +202,11 @@ describe('differencing VHDs read like vhdimount and like the model', () => {
             else expect(inChild, `sector ${s}`).toBe(false);
           }
         }
+        await expect(image.write(0, Buffer.alloc(SECTOR, 1))).rejects.toMatchObject({ name: 'ReadOnlyError' });
       } finally {
         await image.close();
       }
-      expect((await stat(childPath)).size).toBeGreaterThan(0);
+      expect((await readFile(childPath)).equals(childBefore), 'a read-write open changed nothing').toBe(true);
     });
   }
 });

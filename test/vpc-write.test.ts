@@ -195,4 +195,30 @@ describe('crash states of an allocating write', () => {
     expect((await readAll(image)).equals(model)).toBe(true);
     await image.close();
   });
+
+  it('concurrent writes into one unallocated block allocate it once; zeroing punches allocated bytes; qemu reads the same', TIMEOUT, async () => {
+    const dir = await makeTempDir();
+    const path = join(dir, 'race.vhd');
+    await createImage(path, 'vpc', { size: 8 * M, options: { force_size: 'on' } });
+    const sizeBefore = (await stat(path)).size;
+    const model = Buffer.alloc(8 * M);
+    const image = await openImage(path);
+    await Promise.all(
+      Array.from({ length: 16 }, (_, i) => {
+        const data = Buffer.alloc(10_000, i + 1);
+        data.copy(model, 2 * M + i * 100_000);
+        return image.write(2 * M + i * 100_000, data);
+      }),
+    );
+    await image.zero(2 * M + 100_000 + 17, 5000);
+    model.fill(0, 2 * M + 100_000 + 17, 2 * M + 100_000 + 17 + 5000);
+    await image.zero(6 * M, 4096); // unallocated: stays unallocated
+    await image.close();
+    // one block (a 512-byte bitmap and 2 MiB of data) was added
+    expect((await stat(path)).size).toBe(sizeBefore + 512 + 2 * M);
+    expect((await qemuConvertToRaw(path, dir, 'vpc')).equals(model)).toBe(true);
+    const map = await openImage(path, { readOnly: true });
+    expect((await map.map()).filter((run) => run.data).map((run) => [run.offset, run.length])).toEqual([[2 * M, 2 * M]]);
+    await map.close();
+  });
 });
