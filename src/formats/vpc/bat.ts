@@ -6,6 +6,9 @@
  *
  * Each entry is the sector number of a block's sector bitmap, which the
  * block's data follows; 0xffffffff means not allocated.
+ *
+ * Concurrency: called only while opening, before the image is shared; the
+ * table is then owned by image.ts (changed under its allocation lock).
  */
 import { CorruptImageError } from '../../block/errors.js';
 import type { Protocol } from '../../block/types.js';

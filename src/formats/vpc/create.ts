@@ -9,6 +9,9 @@
  * Dynamic layout: footer copy at 0, dynamic header at 512, the BAT (all
  * unallocated) at 1536, the footer after it; blocks of 2 MiB are appended
  * as they are written. Fixed layout: the data (a sparse file), then the footer.
+ *
+ * Concurrency: the file is new and ours alone (the generic layer holds the
+ * write lock when --force overwrites one).
  */
 import { randomUUID } from 'node:crypto';
 import { open } from 'node:fs/promises';

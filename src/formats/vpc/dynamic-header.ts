@@ -11,6 +11,8 @@
  *   64 parent_unicode_name (512 bytes, UTF-16 big-endian)
  *  576 8 parent locator entries of 24 bytes: platform_code, platform_data_space,
  *      platform_data_length, reserved, platform_data_offset (u64)
+ *
+ * Concurrency: none needed; everything here is a pure function.
  */
 import { CorruptImageError, UnsupportedFeatureError } from '../../block/errors.js';
 import { isPowerOfTwo, safeU64, SECTOR, vhdChecksum } from './footer.js';

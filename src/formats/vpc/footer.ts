@@ -12,6 +12,8 @@
  *
  * A fixed disk keeps its footer after the data; dynamic and differencing disks
  * keep a copy at offset 0 and the footer at the end of the file.
+ *
+ * Concurrency: none needed; everything here is a pure function.
  */
 import { CorruptImageError, UnsupportedFeatureError } from '../../block/errors.js';
 

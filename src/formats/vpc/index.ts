@@ -3,6 +3,8 @@
  * differencing disks (docs/formats/vpc.md). Probe here, opening in open.ts,
  * the I/O path in image.ts, creating in create.ts. Differencing disks name
  * their parent (a VHD) through the generic backing chain and open read-only.
+ *
+ * Concurrency: the probe is pure; see image.ts for the opened image.
  */
 import type { FormatDriver, ProbeSample } from '../../block/types.js';
 import { createVpc } from './create.js';

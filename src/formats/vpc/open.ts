@@ -5,6 +5,8 @@
  * qemu), and for dynamic and differencing disks the dynamic header, the BAT
  * (bounded and checked, bat.ts) and the parent's name. No state is kept
  * here; the opened image is image.ts.
+ *
+ * Concurrency: runs once per open, before the image is shared.
  */
 import createDebug from 'debug';
 import { CorruptImageError, UnsupportedFeatureError } from '../../block/errors.js';
