@@ -5,6 +5,7 @@
  * `check` answers like qemu-img (vpc cannot be checked: exit 63), and
  * `create -f vpc -o subformat=fixed,force_size=on` makes an image qemu-img reads.
  */
+import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { IMGMOUNT } from './helpers/bundle.js';
@@ -23,7 +24,11 @@ describe('imgmount info / map / check / create on VHDs', () => {
       const theirs = await qemuInfo(path, 'vpc');
       const { 'format-specific': specific, ...rest } = ours;
       expect(rest).toEqual(theirs);
-      expect(specific).toEqual({ type: 'vpc', data: { subformat, 'creator-application': 'qemu', 'size-from': 'chs' } });
+      const uuid = (await readFile(path)).subarray(-512).subarray(68, 84).toString('hex');
+      expect(specific).toEqual({
+        type: 'vpc',
+        data: { subformat, 'creator-application': 'qemu', 'size-from': 'chs', uuid: uuid.replace(/^(.{8})(.{4})(.{4})(.{4})(.{12})$/, '$1-$2-$3-$4-$5') },
+      });
       if (subformat === 'dynamic') {
         const map = JSON.parse((await run(IMGMOUNT, ['map', '--output=json', path])).stdout) as Parameters<typeof normalizeMap>[0];
         expect(normalizeMap(map, true)).toEqual(normalizeMap(await qemuMap(path, 'vpc'), true));

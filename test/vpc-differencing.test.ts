@@ -212,7 +212,7 @@ describe('differencing VHDs read like vhdimount and like the model', () => {
 });
 
 describe('differencing VHD parents', () => {
-  it('a missing parent is named; a parent that is not a VHD is refused as one', TIMEOUT, async () => {
+  it('a missing parent is named; a VHD that is not the parent (its UUID) is refused; a parent that is not a VHD is refused as one', TIMEOUT, async () => {
     const work = await makeTempDir();
     const childPath = join(work, 'child.vhd');
     const size = 16 * 63 * SECTOR * 8;
@@ -225,6 +225,12 @@ describe('differencing VHD parents', () => {
     };
     await writeSparseVhd(childPath, plan);
     await expect(openImage(childPath, { readOnly: true })).rejects.toThrow(/gone\.vhd/);
+    // A VHD at the parent's name that is not the parent (another UUID): refused, naming both UUIDs.
+    await qemuImg(['create', '-q', '-f', 'vpc', '-o', 'force_size=on', join(work, 'gone.vhd'), String(size)]);
+    const other = (await footerIdentity(join(work, 'gone.vhd'))).uuid.toString('hex');
+    const error = await openImage(childPath, { readOnly: true }).then(() => undefined, (reason: unknown) => reason as Error);
+    expect(error?.message).toContain(`its parent ${join(work, 'gone.vhd')} is not the VHD it was made over: the dynamic header's parent_unique_id is 01010101-0101-0101-0101-010101010101, the parent's footer has ${other.slice(0, 8)}-`);
+    await rm(join(work, 'gone.vhd'));
     await qemuImg(['create', '-q', '-f', 'raw', join(work, 'gone.vhd'), String(size)]);
     await expect(openImage(childPath, { readOnly: true })).rejects.toThrow(/no VHD footer \(cookie "conectix"\) at offset 0 or at the end of the file/);
   });

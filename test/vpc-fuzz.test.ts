@@ -16,7 +16,7 @@ import { ImageFileGate } from '../src/block/gate.js';
 import { vpc } from '../src/formats/vpc/index.js';
 import { makeTempDir, qemuImg, qemuIo, readAll, run, spyProtocol, type SpyProtocol } from './helpers/qemu.js';
 import { seededRandom } from './helpers/random.js';
-import { SECTOR, writeSparseVhd } from './helpers/vhd-layout.js';
+import { footerIdentity, SECTOR, writeSparseVhd } from './helpers/vhd-layout.js';
 
 const M = 1024 * 1024;
 
@@ -140,7 +140,7 @@ describe('randomly damaged VHDs never crash, hang or read outside the file', () 
       chs: [6, 16, 63],
       creatorApp: 'vpc ',
       sectors: new Map([[0, Buffer.alloc(SECTOR, 1)], [5000, Buffer.alloc(SECTOR, 2)]]),
-      parent: { uuid: Buffer.alloc(16, 3), timestamp: 9, name: 'parent.vhd', locators: [{ code: 'W2ru', text: '.\\parent.vhd' }, { code: 'MacX', text: 'file://localhost/nowhere/parent.vhd' }] },
+      parent: { uuid: (await footerIdentity(parent)).uuid, timestamp: 9, name: 'parent.vhd', locators: [{ code: 'W2ru', text: '.\\parent.vhd' }, { code: 'MacX', text: 'file://localhost/nowhere/parent.vhd' }] },
     });
     const random = seededRandom(0xd1ff);
     for (let i = 0; i < 80; i++) {

@@ -132,6 +132,7 @@ async function openLayer(
         backing = await openLayer(backingPath, image.backing.format, true, options, filters, [...chain, canonical]).catch((error: unknown) => {
           throw describeBackingFailure(error, image.backing!.filename, path);
         });
+        image.verifyBacking?.({ path: backing.path, format: backing.format, specific: (await backing.info()).formatSpecific });
       }
       // A format that declined to write this image (its own notice said why) takes no writer's locks.
       if (!readOnly && !image.write) await raw.keepReadOnly();

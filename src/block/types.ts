@@ -139,6 +139,13 @@ export interface FormatImage {
   info(): FormatInfo;
   /** Set by the generic layer once the backing chain is open. */
   attachBacking?(reader: BackingReader | undefined): void;
+  /**
+   * Optional: checks that the opened backing image is the one this image was made
+   * over (a differencing VHD's parent UUID), from what the backing image's `info`
+   * says; throws (CorruptImageError) naming both when it is not. Called once the
+   * backing image is open, before any read.
+   */
+  verifyBacking?(backing: { path: string; format: string; specific: Record<string, unknown> | undefined }): void;
 }
 
 /** How a driver opens the other files an image names. */

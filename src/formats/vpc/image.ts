@@ -25,12 +25,12 @@
 import { Mutex } from 'async-mutex';
 import createDebug from 'debug';
 import { constants as osConstants } from 'node:os';
-import { BlockError } from '../../block/errors.js';
+import { BlockError, CorruptImageError } from '../../block/errors.js';
 import { announce, flushToDisk } from '../../block/events.js';
 import { settleAll } from '../../block/settle.js';
 import type { BackingReference, FormatImage, FormatInfo, Mapping, Protocol } from '../../block/types.js';
 import { UNALLOCATED, type DynamicHeader } from './dynamic-header.js';
-import { DISK_DIFFERENCING, diskTypeName, SECTOR, type SizeSource, type VhdFooter } from './footer.js';
+import { DISK_DIFFERENCING, diskTypeName, SECTOR, uuidText, type SizeSource, type VhdFooter } from './footer.js';
 
 const log = createDebug('imgmount:vpc');
 
@@ -49,6 +49,7 @@ export class VpcImage implements FormatImage {
   private readonly bitmaps = new Map<number, Promise<Buffer>>();
   private readonly bitmapLimit: number;
   private closed = false;
+  private readonly parentUuid: Buffer | undefined;
   /** Present for fixed and dynamic disks; differencing disks are read-only here. */
   readonly write?: (offset: number, data: Buffer) => Promise<void>;
   readonly zero?: (offset: number, length: number) => Promise<void>;
@@ -64,6 +65,7 @@ export class VpcImage implements FormatImage {
     readonly backing: BackingReference | undefined,
   ) {
     this.bitmapLimit = dynamic ? Math.max(4, Math.floor(BITMAP_CACHE_BYTES / dynamic.header.bitmapBytes)) : 0;
+    this.parentUuid = footer.diskType === DISK_DIFFERENCING ? dynamic?.header.parentUuid : undefined;
     if (footer.diskType !== DISK_DIFFERENCING) {
       this.write = (offset, data) => this.writeGuest(offset, data);
       this.zero = (offset, length) => this.zeroGuest(offset, length);
@@ -198,6 +200,18 @@ export class VpcImage implements FormatImage {
     );
   }
 
+  /** A differencing disk's parent must be the VHD whose footer UUID the dynamic header names. */
+  verifyBacking(backing: { path: string; format: string; specific: Record<string, unknown> | undefined }): void {
+    if (!this.parentUuid) return;
+    const expected = uuidText(this.parentUuid);
+    const found = backing.specific?.['uuid'];
+    if (backing.format !== 'vpc' || found !== expected) {
+      throw new CorruptImageError(
+        `${this.file.path}: its parent ${backing.path} is not the VHD it was made over: the dynamic header's parent_unique_id is ${expected}, the parent's footer has ${typeof found === 'string' ? found : `no VHD UUID (${backing.format})`}`,
+      );
+    }
+  }
+
   async flush(): Promise<void> {
     this.assertOpen();
     if (!this.file.readOnly) await flushToDisk(this.file);
@@ -216,7 +230,9 @@ export class VpcImage implements FormatImage {
       subformat: diskTypeName(this.footer.diskType),
       'creator-application': this.footer.creatorApp.replace(/\0/g, '\\0'),
       'size-from': this.sizeSource,
+      uuid: uuidText(this.footer.uuid),
     };
+    if (this.parentUuid) specific['parent-uuid'] = uuidText(this.parentUuid);
     // VHD has no dirty state; qemu-img info shows dirty-flag false, and so does ours.
     return { clusterSize: this.dynamic?.header.blockSize, dirty: false, specific };
   }
