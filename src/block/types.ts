@@ -168,6 +168,8 @@ export interface OpenOptions {
   files: FileGate;
   /** An internal snapshot (id or name) to open instead of the current state; always read-only. */
   snapshot?: string;
+  /** Open options of this image's format (only names in the driver's `openOptions` reach it). */
+  formatOptions?: Readonly<Record<string, string>>;
 }
 
 export interface CreateOptions {
@@ -231,6 +233,8 @@ export interface FormatDriver {
   readonly recognizedOnly?: boolean;
   /** True when `open` understands `options.snapshot`; otherwise `-s` is refused by name. */
   readonly snapshots?: boolean;
+  /** Names of the open options (`OpenOptions.formatOptions`) the format takes; others are refused by the generic layer. */
+  readonly openOptions?: readonly string[];
   open(file: Protocol, options: OpenOptions): Promise<FormatImage>;
   /** Optional: creating images; missing means not supported. */
   create?(path: string, options: CreateOptions): Promise<void>;

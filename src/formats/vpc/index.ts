@@ -9,7 +9,7 @@
 import type { FormatDriver, ProbeSample } from '../../block/types.js';
 import { createVpc } from './create.js';
 import { FOOTER_BYTES, FOOTER_COOKIE } from './footer.js';
-import { openVpc } from './open.js';
+import { OPEN_OPTIONS, openVpc } from './open.js';
 
 /** The cookie at offset 0: the footer copy of a dynamic or differencing disk. */
 const AT_START = 100;
@@ -31,6 +31,7 @@ export const vpc: FormatDriver = {
     if (cookieAtEnd(sample, FOOTER_BYTES) || cookieAtEnd(sample, FOOTER_BYTES - 1)) return AT_END;
     return 0;
   },
+  openOptions: OPEN_OPTIONS,
   open: openVpc,
   create: createVpc,
 };

@@ -9,20 +9,31 @@
  * Concurrency: runs once per open, before the image is shared.
  */
 import createDebug from 'debug';
-import { CorruptImageError, UnsupportedFeatureError } from '../../block/errors.js';
+import { CorruptImageError, InvalidArgumentError, UnsupportedFeatureError } from '../../block/errors.js';
 import type { BackingReference, FormatImage, OpenOptions, Protocol } from '../../block/types.js';
 import { checkBat, firstFreeOffset, metadataAreas, readBat } from './bat.js';
 import {
   DYNAMIC_HEADER_BYTES, isPathLocator, locatorPath, parseDynamicHeader, platformName, PLATFORM_MACX, PLATFORM_W2KU, PLATFORM_W2RU,
   type DynamicHeader,
 } from './dynamic-header.js';
-import { DISK_DIFFERENCING, DISK_FIXED, FOOTER_BYTES, FOOTER_COOKIE, parseFooter, virtualSizeOf, type VhdFooter } from './footer.js';
+import { DISK_DIFFERENCING, DISK_FIXED, FOOTER_BYTES, FOOTER_COOKIE, parseFooter, virtualSizeOf, type SizeSource, type VhdFooter } from './footer.js';
 import { VpcImage } from './image.js';
 
 const log = createDebug('imgmount:vpc');
 
 /** Why differencing disks open read-only. */
 export const DIFFERENCING_READ_ONLY = 'writing differencing VHDs is not supported; they open read-only';
+
+/** The open options vpc takes (qemu's names). */
+export const OPEN_OPTIONS = ['force_size_calc'] as const;
+
+/** qemu's force_size_calc=chs|current_size: the virtual size by hand instead of by creator application. */
+function forcedSizeSource(options: OpenOptions): SizeSource | undefined {
+  const value = options.formatOptions?.['force_size_calc'];
+  if (value === undefined) return undefined;
+  if (value === 'chs' || value === 'current_size') return value;
+  throw new InvalidArgumentError(`force_size_calc '${value}' is not chs or current_size`);
+}
 
 /** Parent locators tried in this order: the relative path first, as Windows does. */
 const LOCATOR_ORDER = [PLATFORM_W2RU, PLATFORM_MACX, PLATFORM_W2KU];
@@ -62,7 +73,7 @@ export async function readFooter(file: Protocol, fileSize: number): Promise<{ fo
 export async function openVpc(file: Protocol, options: OpenOptions): Promise<FormatImage> {
   const fileSize = await file.size();
   const { footer, bytes } = await readFooter(file, fileSize);
-  const { size, source } = virtualSizeOf(footer, file.path);
+  const { size, source } = virtualSizeOf(footer, file.path, forcedSizeSource(options));
   log('%s: %s VHD by %j, %d bytes from %s', file.path, footer.diskType, footer.creatorApp, size, source);
   if (footer.diskType === DISK_FIXED) {
     if (size > fileSize - FOOTER_BYTES) {
