@@ -221,4 +221,43 @@ describe('crash states of an allocating write', () => {
     expect((await map.map()).filter((run) => run.data).map((run) => [run.offset, run.length])).toEqual([[2 * M, 2 * M]]);
     await map.close();
   });
+
+  it('a BAT write that fails after reaching the disk never lets a second block share the space', TIMEOUT, async () => {
+    const dir = await makeTempDir();
+    const path = join(dir, 'eio.vhd');
+    await createImage(path, 'vpc', { size: 8 * M, options: { force_size: 'on' } });
+    const inner = await FileProtocol.open(path, false);
+    let failed = false;
+    const protocol: Protocol = {
+      path,
+      readOnly: false,
+      read: (offset, buffer) => inner.read(offset, buffer),
+      async write(offset, buffer) {
+        await inner.write(offset, buffer);
+        // the first BAT entry write lands, then reports EIO
+        if (!failed && buffer.length === 4 && offset >= 1536 && offset < 2048) {
+          failed = true;
+          throw Object.assign(new Error('EIO: i/o error, write'), { code: 'EIO' });
+        }
+      },
+      flush: () => inner.flush(),
+      size: () => inner.size(),
+      allocatedSize: () => inner.allocatedSize(),
+      truncate: (length) => inner.truncate(length),
+      close: () => inner.close(),
+    };
+    const files = new ImageFileGate(path, {}, true);
+    const image = new BlockImage({ path, format: 'vpc', file: protocol, image: await vpc.open(protocol, { readOnly: false, files }), gate: files });
+    await expect(image.write(0, Buffer.alloc(4096, 0xa1))).rejects.toThrow(/EIO/);
+    await image.write(4 * M, Buffer.alloc(4096, 0xb2));
+    await image.close();
+    expect(failed).toBe(true);
+    const raw = await qemuConvertToRaw(path, dir, 'vpc');
+    expect(raw.subarray(4 * M, 4 * M + 4096).equals(Buffer.alloc(4096, 0xb2))).toBe(true);
+    // block 0's entry reached the disk: it shows its own data, not the second write's
+    expect(raw.subarray(0, 4096).equals(Buffer.alloc(4096, 0xa1))).toBe(true);
+    const reopened = await openImage(path, { readOnly: true });
+    expect((await readAll(reopened)).equals(raw)).toBe(true);
+    await reopened.close();
+  });
 });

@@ -20,7 +20,8 @@
  *   and the block's bitmap (over the old trailing footer), fdatasync, then
  *   the BAT entry. A crash before the BAT entry leaves an unreferenced block
  *   past the last one, which the next allocation reuses; never a BAT entry
- *   pointing at unwritten data.
+ *   pointing at unwritten data. A failed BAT write gives up the block's space
+ *   (the entry may be on disk), so no two entries can ever share a block.
  */
 import { Mutex } from 'async-mutex';
 import createDebug from 'debug';
@@ -178,7 +179,13 @@ export class VpcImage implements FormatImage {
     const entry = Buffer.alloc(4);
     entry.writeUInt32BE(start / SECTOR);
     announce(this.file, 'l1_update');
-    await this.file.write(tableOffset + index * 4, entry);
+    try {
+      await this.file.write(tableOffset + index * 4, entry);
+    } catch (error) {
+      // The entry may have reached the disk all the same: never give this space to another block.
+      dynamic.allocationEnd = end;
+      throw error;
+    }
     dynamic.bat[index] = start / SECTOR;
     dynamic.allocationEnd = end;
     log('%s: block %d allocated at %d', this.file.path, index, start);
