@@ -171,6 +171,7 @@ describe('differencing VHDs read like vhdimount and like the model', () => {
       const uuidHex = identity.uuid.toString('hex');
       const uuidText = `${uuidHex.slice(0, 8)}-${uuidHex.slice(8, 12)}-${uuidHex.slice(12, 16)}-${uuidHex.slice(16, 20)}-${uuidHex.slice(20)}`;
       expect(described).toContain(uuidText);
+      expect(described).toMatch(new RegExp(`Parent filename\\s*: ${c.parentFile.replace('.', '\\.')}\n`));
 
       const expected = model(parent, c.size, sectors);
       if (c.vhdimount) {
