@@ -22,7 +22,7 @@
  *   qcow       "QFI\xfb" at 0, version 1 (be32 at 4); versions 2 and 3 are qcow2's
  *
  * Scores: a signature at the start of the file answers 100. One found only
- * at the end (fixed VHD, DMG) or a damaged VDI banner answers LIKELY, so a
+ * at the end (DMG) or a damaged VDI banner answers LIKELY, so a
  * real format's header at the start of the same file wins. cloop answers
  * 2, as in qemu: a shell-script header is weak evidence, but better than raw.
  */
