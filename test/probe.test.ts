@@ -166,10 +166,13 @@ function vhdFooter(size: number): Buffer {
   footer.writeUInt32BE(2, 8); // features: reserved bit
   footer.writeUInt32BE(0x00010000, 12); // version
   footer.writeBigUInt64BE(0xffffffffffffffffn, 16); // data offset: none (fixed)
-  footer.write('vpc ', 28, 'latin1');
+  footer.write('d2v ', 28, 'latin1'); // disk2vhd: the size is current_size, not the (empty) geometry
   footer.writeBigUInt64BE(BigInt(size), 40);
   footer.writeBigUInt64BE(BigInt(size), 48);
   footer.writeUInt32BE(2, 60); // disk type: fixed
+  let sum = 0;
+  for (const byte of footer) sum = (sum + byte) >>> 0;
+  footer.writeUInt32BE(~sum >>> 0, 64); // one's complement of the byte sum
   return footer;
 }
 
@@ -213,11 +216,6 @@ describe.skipIf(skipWithoutQemu('probing images qemu-img makes'))('probing image
   }
   const SECRET = ['--object', 'secret,id=sec0,data=abc'];
   const cases: Case[] = [
-    { title: 'vpc dynamic', format: 'vpc', file: 'disk.vhd', options: ['-f', 'vpc', '-o', 'subformat=dynamic'] },
-    { title: 'vpc dynamic, force_size', format: 'vpc', file: 'disk.vpc', options: ['-f', 'vpc', '-o', 'subformat=dynamic,force_size=on'] },
-    // qemu probes a fixed VHD (its only signature is the footer at the end) as raw.
-    { title: 'vpc fixed', format: 'vpc', file: 'disk.vhd', options: ['-f', 'vpc', '-o', 'subformat=fixed'], qemuSays: 'raw' },
-    { title: 'vpc fixed, force_size', format: 'vpc', file: 'disk.vhd', options: ['-f', 'vpc', '-o', 'subformat=fixed,force_size=on'], qemuSays: 'raw' },
     { title: 'luks', format: 'luks', file: 'disk.luks', options: ['-f', 'luks', ...SECRET, '-o', 'key-secret=sec0,iter-time=10'] },
   ];
 
@@ -322,14 +320,42 @@ describe.skipIf(skipWithoutQemu('probing images qemu-img makes'))('probing image
     expect(info['virtual-size']).toBeLessThan((await stat(path)).size);
   });
 
-  test('a fixed VHD with a 511-byte footer (Virtual PC before 2004) is refused as vpc', async () => {
+  // vpc is a real format now (src/formats/vpc): qemu-made VHDs probe and open as vpc under any name.
+  const vpcCases = [
+    { title: 'vpc dynamic', file: 'disk.vhd', options: ['-o', 'subformat=dynamic'], qemuSays: 'vpc' },
+    { title: 'vpc dynamic, force_size', file: 'disk.vpc', options: ['-o', 'subformat=dynamic,force_size=on'], qemuSays: 'vpc' },
+    // qemu probes a fixed VHD (its only signature is the footer at the end) as raw; imgmount finds the footer.
+    { title: 'vpc fixed', file: 'disk.vhd', options: ['-o', 'subformat=fixed'], qemuSays: 'raw' },
+    { title: 'vpc fixed, force_size', file: 'disk.vhd', options: ['-o', 'subformat=fixed,force_size=on'], qemuSays: 'raw' },
+  ];
+  test.each(vpcCases)('$title: opens as vpc under any name, with the virtual size qemu-img -f vpc gives', async ({ file, options, qemuSays }) => {
+    const dir = await makeTempDir();
+    let path = join(dir, file);
+    await qemuImg(['create', '-q', '-f', 'vpc', ...options, path, '4M']);
+    expect(await qemuFormat(path)).toBe(qemuSays);
+    const size = (await qemuInfo(path, 'vpc'))['virtual-size'];
+    for (const name of [file, 'image.img', 'image']) {
+      const renamed = join(dir, name);
+      if (renamed !== path) await rename(path, renamed);
+      path = renamed;
+      const image = await openImage(path, { readOnly: true });
+      expect([image.format, image.length]).toEqual(['vpc', size]);
+      await image.close();
+    }
+  });
+
+  test('a fixed VHD with a 511-byte footer (Virtual PC before 2004) probes as vpc and is refused by name', async () => {
     const dir = await makeTempDir();
     const path = join(dir, 'old.vhd');
     await qemuImg(['create', '-q', '-f', 'vpc', '-o', 'subformat=fixed', path, '4M']);
     const content = await readFile(path);
     await writeFile(path, content.subarray(0, content.length - 1));
     expect(probeContent(content.subarray(0, content.length - 1))).toBe('vpc');
-    await expectRefusedUnderAnyName(path, 'vpc');
+    for (const readOnly of [false, true]) {
+      const error = await rejection(openImage(path, { readOnly }));
+      expect(error.message).toBe(`${path}: a 511-byte VHD footer (Virtual PC before 2004) is not supported`);
+      expect(error.errno).toBe(ENOTSUP);
+    }
   });
 
   test('the extents of multi-file VMDKs: a -flat extent is raw content under a .vmdk name, a -s001 extent alone is refused (it has no descriptor)', async () => {
@@ -428,13 +454,26 @@ describe('probing formats qemu-img cannot create (files built from their layouts
 
   test('vpc: a fixed VHD footer at the end of the file (512 or 511 bytes), or its copy at the start', async () => {
     const data = seededBytes(6, 64 * 1024);
-    await expectRefusedUnderAnyName(await file('fixed.vhd', Buffer.concat([data, vhdFooter(data.length)])), 'vpc');
-    await expectRefusedUnderAnyName(await file('old.vhd', Buffer.concat([data, vhdFooter(data.length).subarray(0, 511)])), 'vpc');
-    await expectRefusedUnderAnyName(await file('copy.vhd', Buffer.concat([vhdFooter(data.length), data])), 'vpc');
+    const opensAs = async (path: string, length: number, content?: Buffer) => {
+      const image = await openImage(path, { readOnly: true });
+      expect([image.format, image.length]).toEqual(['vpc', length]);
+      if (content) {
+        const read = Buffer.alloc(length);
+        await image.read(0, read);
+        expect(read.equals(content)).toBe(true);
+      }
+      await image.close();
+    };
+    await opensAs(await file('fixed.img', Buffer.concat([data, vhdFooter(data.length)])), data.length, data);
+    expect(probeContent(Buffer.concat([data, vhdFooter(data.length).subarray(0, 511)]))).toBe('vpc');
+    // A footer copy at the start that says fixed: the footer at the end is the disk's; here there is none.
+    const copy = await file('copy.vhd', Buffer.concat([vhdFooter(data.length), data]));
+    expect(probeContent(await readFile(copy))).toBe('vpc');
+    expect((await rejection(openImage(copy))).message).toBe(`${copy}: no VHD footer (cookie "conectix") at offset 0 or at the end of the file`);
     // A footer that is not at the end is just data.
     expect(probeContent(Buffer.concat([data, vhdFooter(data.length), Buffer.alloc(1024)]))).toBe('raw');
-    // A file no bigger than its footer.
-    await expectRefused(await file('tiny.vhd', vhdFooter(0)), 'vpc');
+    // A file no bigger than its footer: an empty fixed disk.
+    await opensAs(await file('tiny.vhd', vhdFooter(0)), 0);
   });
 
   test('vmdk: COWD (ESX) sparse headers and text descriptors as qemu reads them', async () => {
@@ -622,15 +661,22 @@ describe('the raw write guard', () => {
       }
       expect((await readBytes(path, where(offset), data.length)).equals(data), what).toBe(true);
       expect(probeContent(await readFile(path)), what).toBe(format);
-      // refused, or (a format read now, whose header here is followed by random bytes) opened as that format: never raw
-      const opened = await openImage(path).then(
-        async (image) => {
-          await image.close();
-          return image.format;
-        },
-        () => 'refused',
-      );
-      expect(['refused', format], what).toContain(opened);
+      if (what === 'a whole VHD footer at the end') {
+        // vpc is a real format: a valid footer makes the file a fixed VHD of the bytes before it.
+        const vhd = await openImage(path);
+        expect([vhd.format, vhd.length], what).toEqual(['vpc', SIZE - 512]);
+        await vhd.close();
+      } else {
+        // refused, or (a format read now, whose header here is followed by random bytes) opened as that format: never raw
+        const opened = await openImage(path).then(
+          async (image) => {
+            await image.close();
+            return image.format;
+          },
+          () => 'refused',
+        );
+        expect(['refused', format], what).toContain(opened);
+      }
     }
   });
 

@@ -58,6 +58,11 @@ export interface OpenImageOptions extends FilePolicy {
   idleCleanSeconds?: number;
   /** Filters between the layers (filters/index.ts), applied in the order given. */
   filters?: readonly FilterSpec[];
+  /**
+   * Open options of the top image's format, as qemu's driver options (vpc's
+   * force_size_calc=chs|current_size); a name the format does not take is refused.
+   */
+  formatOptions?: Readonly<Record<string, string>>;
 }
 
 /** Opens an image and its whole backing chain. */
@@ -104,6 +109,12 @@ async function openLayer(
   if (snapshot !== undefined && !format.snapshots) {
     throw new UnsupportedFeatureError(`${path}: ${format.name} images have no internal snapshots; -s/--snapshot cannot be used`);
   }
+  const formatOptions = isTop ? options.formatOptions : undefined;
+  const unknownOptions = Object.keys(formatOptions ?? {}).filter((name) => !(format.openOptions ?? []).includes(name));
+  if (unknownOptions.length > 0) {
+    const known = format.openOptions?.length ? `; ${format.name} takes ${format.openOptions.join(', ')}` : `; ${format.name} takes none`;
+    throw new InvalidArgumentError(`${path}: unknown ${format.name} open option${unknownOptions.length > 1 ? 's' : ''} ${unknownOptions.join(', ')}${known}`);
+  }
   if (!readOnly && format.readOnlyReason !== undefined) {
     notice(`${path}: opened read-only: ${format.readOnlyReason}`);
     readOnly = true;
@@ -125,6 +136,7 @@ async function openLayer(
       notice: options.notice,
       files: gate,
       snapshot,
+      formatOptions,
     });
     try {
       if (image.backing && options.openBacking !== false) {
@@ -132,6 +144,7 @@ async function openLayer(
         backing = await openLayer(backingPath, image.backing.format, true, options, filters, [...chain, canonical]).catch((error: unknown) => {
           throw describeBackingFailure(error, image.backing!.filename, path);
         });
+        image.verifyBacking?.({ path: backing.path, format: backing.format, specific: (await backing.info()).formatSpecific });
       }
       // A format that declined to write this image (its own notice said why) takes no writer's locks.
       if (!readOnly && !image.write) await raw.keepReadOnly();

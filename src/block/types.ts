@@ -141,6 +141,13 @@ export interface FormatImage {
   allocatedSize?(): Promise<number>;
   /** Set by the generic layer once the backing chain is open. */
   attachBacking?(reader: BackingReader | undefined): void;
+  /**
+   * Optional: checks that the opened backing image is the one this image was made
+   * over (a differencing VHD's parent UUID), from what the backing image's `info`
+   * says; throws (CorruptImageError) naming both when it is not. Called once the
+   * backing image is open, before any read.
+   */
+  verifyBacking?(backing: { path: string; format: string; specific: Record<string, unknown> | undefined }): void;
 }
 
 /** How a driver opens the other files an image names. */
@@ -165,6 +172,8 @@ export interface OpenOptions {
   files: FileGate;
   /** An internal snapshot (id or name) to open instead of the current state; always read-only. */
   snapshot?: string;
+  /** Open options of this image's format (only names in the driver's `openOptions` reach it). */
+  formatOptions?: Readonly<Record<string, string>>;
 }
 
 export interface CreateOptions {
@@ -228,6 +237,8 @@ export interface FormatDriver {
   readonly recognizedOnly?: boolean;
   /** True when `open` understands `options.snapshot`; otherwise `-s` is refused by name. */
   readonly snapshots?: boolean;
+  /** Names of the open options (`OpenOptions.formatOptions`) the format takes; others are refused by the generic layer. */
+  readonly openOptions?: readonly string[];
   open(file: Protocol, options: OpenOptions): Promise<FormatImage>;
   /** Optional: creating images; missing means not supported. */
   create?(path: string, options: CreateOptions): Promise<void>;

@@ -19,8 +19,9 @@ import { unsupportedFormats } from './unsupported.js';
 import { vdi } from './vdi/index.js';
 import { vhdx } from './vhdx/index.js';
 import { vmdk } from './vmdk/index.js';
+import { vpc } from './vpc/index.js';
 
-export const formatDrivers: readonly FormatDriver[] = [qcow2, qed, raw, vdi, vhdx, vmdk, qcow, parallels, bochs, cloop, dmg, ...unsupportedFormats];
+export const formatDrivers: readonly FormatDriver[] = [qcow2, qed, raw, vdi, vhdx, vmdk, vpc, qcow, parallels, bochs, cloop, dmg, ...unsupportedFormats];
 
 /** The default list of formats of the library and the command line. */
 export const defaultFormats = new FormatList(formatDrivers);

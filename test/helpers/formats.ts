@@ -26,6 +26,7 @@ import { dmgEntry } from './formats-dmg.js';
 import { vdiFormat } from './formats-vdi.js';
 import { vhdxFormat } from './formats-vhdx.js';
 import { vmdkEntry } from './formats-vmdk.js';
+import { vpcEntry } from './formats-vpc.js';
 import { qcowEntry } from './formats-qcow.js';
 import { parallelsEntry } from './formats-parallels.js';
 import { bochsEntry } from './formats-bochs.js';
@@ -34,7 +35,7 @@ import { cloopEntry } from './formats-cloop.js';
 export const KiB = 1024;
 export const MiB = 1024 * KiB;
 
-export type FormatName = 'raw' | 'qed' | 'qcow2' | 'vdi' | 'vhdx' | 'vmdk' | 'qcow' | 'parallels' | 'bochs' | 'cloop' | 'dmg';
+export type FormatName = 'raw' | 'qed' | 'qcow2' | 'vdi' | 'vhdx' | 'vmdk' | 'vpc' | 'qcow' | 'parallels' | 'bochs' | 'cloop' | 'dmg';
 
 /** An image a shape built, and what the tests need to know about it. */
 export interface BuiltImage {
@@ -855,6 +856,7 @@ export const FORMATS: readonly FormatEntry[] = [
   vdiFormat,
   vhdxFormat,
   vmdkEntry,
+  vpcEntry,
   qcowEntry,
   parallelsEntry,
   bochsEntry,
