@@ -1,0 +1,321 @@
+/**
+ * imgmount convert / convertImage against qemu-img as the oracle:
+ *
+ * 1. every shape of every format of the conformance matrix (qemu-made images,
+ *    backing chains across formats, compressed qcow2, external data files,
+ *    internal snapshots with -l) converted into every format the library can
+ *    create: `qemu-img compare` says the images are identical, `qemu-img check`
+ *    of DEST is clean, and holes stay holes (`qemu-img map` of DEST shows data
+ *    only where the source's map had data, at DEST's cluster granularity);
+ * 2. -S: zeros written as data in the source are not written (and -S 0 fully
+ *    allocates); du of a raw DEST;
+ * 3. -n into an existing image holding other data; -B keeps a backing file;
+ * 4. an existing DEST is refused without --force and left untouched; a source
+ *    (or a file of its chain) is never a DEST;
+ * 5. a read error of the source (blkdebug) removes the DEST it created, and
+ *    says what it left after -n;
+ * 6. the command line: -p, -l, and one-line errors for bad options.
+ */
+import { createHash } from 'node:crypto';
+import { copyFile, readFile, stat, truncate, writeFile } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { convertImage, formatDrivers } from '../src/index.js';
+import { FORMATS, KiB, MiB, built, oracleRaw, randomBytes, type BuiltImage, type FormatEntry, type Shape } from './helpers/formats.js';
+import { makeTempDir, qemuImg, qemuInfo, qemuIo, qemuMap, run, type QemuMapRun } from './helpers/qemu.js';
+
+const TIMEOUT = { timeout: 120_000 };
+const bin = resolve(import.meta.dirname, '../bin/imgmount');
+
+/** The formats DEST can be: every driver that creates images. */
+const TARGETS = formatDrivers.filter((driver) => driver.create !== undefined && !driver.recognizedOnly).map((driver) => driver.name);
+
+async function compare(a: string, aFormat: string, b: string, bFormat: string, cwd?: string): Promise<void> {
+  const result = await run('qemu-img', ['compare', '-f', aFormat, '-F', bFormat, a, b], { cwd });
+  expect(result.code, `qemu-img compare ${a} ${b}: ${result.stdout}${result.stderr}`).toBe(0);
+}
+
+async function expectCheckClean(path: string, format: string): Promise<void> {
+  if (!formatDrivers.find((driver) => driver.name === format)?.check) return;
+  const result = await run('qemu-img', ['check', '-f', format, path]);
+  expect(result.code, `qemu-img check ${path}: ${result.stdout}${result.stderr}`).toBe(0);
+}
+
+/** The guest ranges qemu-img map shows as data (at any depth of the chain). */
+function dataRanges(runs: readonly QemuMapRun[]): [number, number][] {
+  return runs.filter((run) => run.data).map((run) => [run.start, run.start + run.length]);
+}
+
+/** DEST's allocation granularity as qemu-img sees it: its cluster size, or the host file system's 4 KiB for raw. */
+async function granularity(path: string, format: string): Promise<number> {
+  const info = await qemuInfo(path, format);
+  return typeof info['cluster-size'] === 'number' ? Math.max(4096, info['cluster-size']) : 4096;
+}
+
+/** Fails when DEST has data (qemu-img map) in a granule where the source had none. */
+async function expectHolesKept(source: BuiltImage, dest: string, format: string): Promise<void> {
+  const grain = await granularity(dest, format);
+  const sourceData = dataRanges(await qemuMap(source.path, source.format, { cwd: source.qemuCwd })).map(
+    ([start, end]): [number, number] => [Math.floor(start / grain) * grain, Math.ceil(end / grain) * grain],
+  );
+  for (const [start, end] of dataRanges(await qemuMap(dest, format))) {
+    for (let at = start; at < end; at = Math.min(end, Math.floor(at / grain) * grain + grain)) {
+      const covered = sourceData.some(([from, to]) => from <= at && at < to);
+      expect(covered, `${dest} has data at ${at} (of ${start}..${end}) where ${source.path} has none`).toBe(true);
+    }
+  }
+}
+
+async function sha(path: string): Promise<string> {
+  return createHash('sha256').update(await readFile(path)).digest('hex');
+}
+
+async function imgmount(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  return run(process.execPath, [bin, ...args]);
+}
+
+describe('convert: every readable format into every writable one', () => {
+  it('covers every format the library reads', () => {
+    // The matrix below runs over the conformance entries: each readable format needs one.
+    const readable = formatDrivers.filter((driver) => !driver.recognizedOnly).map((driver) => driver.name).sort();
+    expect(FORMATS.map((entry) => entry.name).sort()).toEqual(readable);
+    expect(TARGETS).toContain('raw');
+  });
+
+  const cases: { entry: FormatEntry; shape: Shape }[] = FORMATS.flatMap((entry) => [...entry.shapes, ...entry.chains].map((shape) => ({ entry, shape })));
+  for (const { entry, shape } of cases) {
+    describe(`${entry.name} ${shape.name}`, () => {
+      for (const target of TARGETS) {
+        it(`to ${target}: identical (qemu-img compare), DEST checks clean, holes stay holes`, TIMEOUT, async () => {
+          const image = await built(entry, shape);
+          const dir = await makeTempDir('imgmount-convert-');
+          const dest = join(dir, `dest.${target}`);
+          const report = await convertImage(image.path, dest, { sourceFormat: entry.name, targetFormat: target });
+          expect(report.created).toBe(true);
+          await compare(image.path, entry.name, dest, target, image.qemuCwd);
+          await expectCheckClean(dest, target);
+          await expectHolesKept(image, dest, target);
+          for (const snapshot of shape.snapshots ?? []) {
+            const snapDest = join(dir, `snapshot-${snapshot.open}.${target}`);
+            await convertImage(image.path, snapDest, { sourceFormat: entry.name, targetFormat: target, snapshot: snapshot.open });
+            await compare(snapDest, target, await oracleRaw(image, snapshot.qemu), 'raw');
+            await expectCheckClean(snapDest, target);
+          }
+        });
+      }
+    });
+  }
+});
+
+/** A 16 MiB qcow2 image made by qemu-io: data at 1 MiB.. 4 MiB, zeros written as data, a zero cluster, data near the end. */
+async function qemuQcow2(dir: string, name = 'src.qcow2'): Promise<string> {
+  const path = join(dir, name);
+  await qemuImg(['create', '-f', 'qcow2', path, '16M']);
+  await qemuIo(path, ['write -P 0xab 1M 3M', 'write -P 0 6M 1M', 'write -z 8M 64k', 'write -P 0x5c 15M 100k'], 'qcow2');
+  return path;
+}
+
+describe('convert: holes and zeros', () => {
+  it('leaves a raw DEST sparse: it occupies no more than the data qemu-img map shows', TIMEOUT, async () => {
+    const dir = await makeTempDir('imgmount-convert-');
+    const source = await qemuQcow2(dir);
+    const dest = join(dir, 'dest.raw');
+    await convertImage(source, dest, { targetFormat: 'raw' });
+    await compare(source, 'qcow2', dest, 'raw');
+    const { blocks, size } = await stat(dest);
+    expect(size).toBe(16 * MiB);
+    // 3 MiB + 100 KiB of data; the 1 MiB of zeros written as data at 6 MiB is not written (-S 4k).
+    expect(blocks * 512).toBeLessThanOrEqual(3 * MiB + 128 * KiB);
+    expect(blocks * 512).toBeGreaterThanOrEqual(3 * MiB + 100 * KiB);
+    const data = dataRanges(await qemuMap(dest, 'raw'));
+    expect(data.some(([start, end]) => start < 7 * MiB && end > 6 * MiB)).toBe(false);
+  });
+
+  it('with -S 0 writes everything: a raw DEST is fully allocated, a qcow2 DEST maps data everywhere', TIMEOUT, async () => {
+    const dir = await makeTempDir('imgmount-convert-');
+    const source = await qemuQcow2(dir);
+    const raw = join(dir, 'full.raw');
+    await convertImage(source, raw, { targetFormat: 'raw', sparseSize: 0 });
+    await compare(source, 'qcow2', raw, 'raw');
+    expect((await stat(raw)).blocks * 512).toBeGreaterThanOrEqual(16 * MiB);
+    const qcow2 = join(dir, 'full.qcow2');
+    await convertImage(source, qcow2, { targetFormat: 'qcow2', sparseSize: 0 });
+    const runs = await qemuMap(qcow2, 'qcow2');
+    expect(runs.every((run) => run.data)).toBe(true);
+    await compare(source, 'qcow2', qcow2, 'qcow2');
+  });
+
+  it('with -S 64k keeps 4 KiB zero blocks inside data as data, and skips 64 KiB ones', TIMEOUT, async () => {
+    const dir = await makeTempDir('imgmount-convert-');
+    const source = join(dir, 'src.raw');
+    const content = randomBytes(2 * MiB, 7);
+    content.fill(0, 64 * KiB, 68 * KiB); // one 4 KiB zero block
+    content.fill(0, 512 * KiB, 640 * KiB); // two aligned 64 KiB zero blocks
+    await writeFile(source, content);
+    const dest = join(dir, 'dest.raw');
+    await convertImage(source, dest, { targetFormat: 'raw', sparseSize: 64 * KiB });
+    await compare(source, 'raw', dest, 'raw');
+    const data = dataRanges(await qemuMap(dest, 'raw'));
+    expect(data.some(([start, end]) => start <= 64 * KiB && end >= 68 * KiB)).toBe(true);
+    expect(data.some(([start, end]) => start < 640 * KiB && end > 512 * KiB)).toBe(false);
+  });
+});
+
+describe('convert into existing images and backing files', () => {
+  it('-n writes into an existing image holding other data: afterwards identical, holes of the source zeroed', TIMEOUT, async () => {
+    const dir = await makeTempDir('imgmount-convert-');
+    const source = await qemuQcow2(dir);
+    for (const target of TARGETS) {
+      const dest = join(dir, `existing.${target}`);
+      await qemuImg(['create', '-f', target, dest, '20M']);
+      await qemuIo(dest, ['write -P 0x77 0 20M'], target);
+      const report = await convertImage(source, dest, { targetFormat: target, existing: true });
+      expect(report.created).toBe(false);
+      // The first 16 MiB are the source's (holes of the source zeroed), the rest keeps the old content.
+      const head = join(dir, `existing-${target}.raw`);
+      await qemuImg(['convert', '-f', target, '-O', 'raw', dest, head]);
+      await truncate(head, 16 * MiB);
+      await compare(source, 'qcow2', head, 'raw');
+      const tail = await run('qemu-io', ['-f', target, '-c', 'read -P 0x77 16M 4M', dest]);
+      expect(tail.stdout, 'past the source the old content stays').toMatch(/read 4194304\/4194304/);
+      expect(tail.stdout).not.toMatch(/Pattern verification failed/);
+      await expectCheckClean(dest, target);
+    }
+  });
+
+  it('-n refuses a DEST smaller than the source, and a missing one', TIMEOUT, async () => {
+    const dir = await makeTempDir('imgmount-convert-');
+    const source = await qemuQcow2(dir);
+    const small = join(dir, 'small.qcow2');
+    await qemuImg(['create', '-f', 'qcow2', small, '8M']);
+    const before = await sha(small);
+    await expect(convertImage(source, small, { targetFormat: 'qcow2', existing: true })).rejects.toThrow(/is smaller than .*src\.qcow2 \(16777216 bytes\)/);
+    expect(await sha(small)).toBe(before);
+    await expect(convertImage(source, join(dir, 'none.qcow2'), { targetFormat: 'qcow2', existing: true })).rejects.toThrow(/-n: .*none\.qcow2 does not exist/);
+  });
+
+  it('-B creates DEST over a backing file and copies only what the top image stores', TIMEOUT, async () => {
+    const dir = await makeTempDir('imgmount-convert-');
+    const base = await qemuQcow2(dir, 'base.qcow2');
+    const top = join(dir, 'top.qcow2');
+    await qemuImg(['create', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top]);
+    await qemuIo(top, ['write -P 0x11 2M 64k', 'write -z 1M 64k', 'write -P 0x12 10M 1M'], 'qcow2');
+    const baseRaw = join(dir, 'base.raw');
+    await qemuImg(['convert', '-O', 'raw', base, baseRaw]);
+    for (const target of TARGETS.filter((name) => name !== 'raw')) {
+      const dest = join(dir, `dest.${target}`);
+      await convertImage(top, dest, { targetFormat: target, backingFile: baseRaw, backingFormat: 'raw' });
+      const info = await qemuInfo(dest, target);
+      expect(info['backing-filename']).toBe(baseRaw);
+      await compare(top, 'qcow2', dest, target);
+      await expectCheckClean(dest, target);
+      // DEST itself holds only what the top stores: its 64 KiB and 1 MiB of data and its zero cluster
+      // (a zero cluster, or zeros written as data where the target's zeroing does that over a backing file).
+      const own = (await qemuMap(dest, target)).filter((run) => run.depth === 0 && run.present);
+      expect(own.map((run) => [run.start, run.length]), target).toEqual([[MiB, 64 * KiB], [2 * MiB, 64 * KiB], [10 * MiB, MiB]]);
+    }
+  });
+});
+
+describe('convert refuses to destroy', () => {
+  it('an existing DEST without --force (left untouched), and overwrites it with --force', TIMEOUT, async () => {
+    const dir = await makeTempDir('imgmount-convert-');
+    const source = await qemuQcow2(dir);
+    const dest = join(dir, 'dest.qed');
+    await writeFile(dest, 'precious');
+    await expect(convertImage(source, dest, { targetFormat: 'qed' })).rejects.toThrow(/dest\.qed already exists; pass --force/);
+    expect(await readFile(dest, 'utf8')).toBe('precious');
+    await convertImage(source, dest, { targetFormat: 'qed', force: true });
+    await compare(source, 'qcow2', dest, 'qed');
+  });
+
+  it('the source itself, or a file of its backing chain, as DEST (even with --force or -n)', TIMEOUT, async () => {
+    const dir = await makeTempDir('imgmount-convert-');
+    const base = await qemuQcow2(dir, 'base.qcow2');
+    const top = join(dir, 'top.qcow2');
+    await qemuImg(['create', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', top]);
+    const [baseSum, topSum] = [await sha(base), await sha(top)];
+    await expect(convertImage(top, top, { targetFormat: 'qcow2', force: true })).rejects.toThrow(/is the source image itself/);
+    await expect(convertImage(top, top, { targetFormat: 'qcow2', existing: true })).rejects.toThrow(/is the source image itself/);
+    await expect(convertImage(top, base, { targetFormat: 'raw', force: true })).rejects.toThrow(/in the source's backing chain/);
+    expect([await sha(base), await sha(top)]).toEqual([baseSum, topSum]);
+  });
+});
+
+describe('convert failures', () => {
+  const readError = [{ name: 'blkdebug', event: 'read_aio', errno: 'EIO', nth: '3' }];
+
+  it('a read error of the source removes the DEST it created and says so', TIMEOUT, async () => {
+    const dir = await makeTempDir('imgmount-convert-');
+    const source = await qemuQcow2(dir);
+    const dest = join(dir, 'dest.qcow2');
+    await expect(convertImage(source, dest, { targetFormat: 'qcow2', filters: readError, parallel: 1, bufferSize: 64 * KiB })).rejects.toThrow(
+      /^convert failed: .*; .*dest\.qcow2, which it had created, was removed$/,
+    );
+    await expect(stat(dest)).rejects.toThrow(/ENOENT/);
+  });
+
+  it('after -n, says DEST was left partly converted', TIMEOUT, async () => {
+    const dir = await makeTempDir('imgmount-convert-');
+    const source = await qemuQcow2(dir);
+    const dest = join(dir, 'dest.qcow2');
+    await qemuImg(['create', '-f', 'qcow2', dest, '16M']);
+    await expect(convertImage(source, dest, { targetFormat: 'qcow2', existing: true, filters: readError, parallel: 1, bufferSize: 64 * KiB })).rejects.toThrow(
+      /^convert failed: .*dest\.qcow2 \(written into with -n\) was left partly converted$/,
+    );
+    await expectCheckClean(dest, 'qcow2');
+  });
+});
+
+describe('imgmount convert (command line)', () => {
+  it('converts with -p (a progress bar on stderr) and -l snapshot.name=', TIMEOUT, async () => {
+    const dir = await makeTempDir('imgmount-convert-');
+    const source = await qemuQcow2(dir);
+    await qemuImg(['snapshot', '-c', 'first', source]);
+    await qemuIo(source, ['write -P 0x99 0 1M'], 'qcow2');
+    const dest = join(dir, 'dest.qed');
+    const result = await imgmount('convert', '-p', '-f', 'qcow2', '-O', 'qed', '-o', 'cluster_size=4096', source, dest);
+    expect(result.stderr).toMatch(/100%/);
+    expect(result.code, result.stderr).toBe(0);
+    expect(result.stdout).toBe('');
+    await compare(source, 'qcow2', dest, 'qed');
+    expect((await qemuInfo(dest, 'qed'))['cluster-size']).toBe(4096);
+    const snap = join(dir, 'snap.raw');
+    expect((await imgmount('convert', '-l', 'snapshot.name=first', '-O', 'raw', source, snap)).code).toBe(0);
+    const oracle = join(dir, 'oracle.raw');
+    await qemuImg(['convert', '-l', 'snapshot.name=first', '-O', 'raw', source, oracle]);
+    await compare(snap, 'raw', oracle, 'raw');
+  });
+
+  it('gives one line naming the problem for each bad option', TIMEOUT, async () => {
+    const dir = await makeTempDir('imgmount-convert-');
+    const source = await qemuQcow2(dir);
+    const dest = join(dir, 'dest.qcow2');
+    const cases: [string[], RegExp][] = [
+      [['-S', '1000'], /-S 1000: the sparse size must be a multiple of 512 bytes/],
+      [['-S', 'lots'], /invalid convert -S size 'lots'/],
+      [['-m', '0'], /-m 0: the number of requests in flight must be from 1 to 16/],
+      [['-m', '17'], /-m 17: .* from 1 to 16/],
+      [['-m', 'x'], /-m x: expected a whole number/],
+      [['-O', 'nosuch'], /unknown format 'nosuch'/],
+      [['-O', 'qcow2', '-l', 'snapshot.foo=1'], /-l snapshot\.foo=1: expected snapshot\.id=ID, snapshot\.name=NAME/],
+      [['-O', 'qcow2', '-l', 'nosnap'], /nosnap/],
+      [['-O', 'qcow2', '-F', 'raw'], /-F\) was given without a backing file \(-B\)/],
+      [['-O', 'qcow2', '-n', '-o', 'cluster_size=4096'], /-n writes into an existing image: -B and -o/],
+      [['-O', 'qcow2', '-o', 'cluster_size=3'], /cluster_size/],
+      [['-O', 'qcow2', '-o', 'bogus'], /invalid option 'bogus': expected name=value/],
+      [['-O', 'qcow2', '-c'], /-c: writing compressed clusters into qcow2 images is not supported/],
+    ];
+    for (const [options, message] of cases) {
+      const result = await imgmount('convert', ...options, source, dest);
+      expect(result.code, options.join(' ')).toBe(1);
+      expect(result.stderr, options.join(' ')).toMatch(message);
+      expect(result.stderr.trimEnd().split('\n'), options.join(' ')).toHaveLength(1);
+      await expect(stat(dest), `${options.join(' ')} left ${dest}`).rejects.toThrow(/ENOENT/);
+    }
+    const missing = await imgmount('convert', '-O', 'raw', join(dir, 'missing.qcow2'), dest);
+    expect(missing.code).toBe(1);
+    expect(missing.stderr).toMatch(/missing\.qcow2/);
+    await expect(copyFile(source, source)).resolves.toBeUndefined(); // the source is still there and readable
+  });
+});
