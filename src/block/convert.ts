@@ -30,9 +30,10 @@ import createDebug from 'debug';
 import { BlockError, InvalidArgumentError, UnsupportedFeatureError } from './errors.js';
 import { pathExists } from './file.js';
 import type { FilePolicy } from './gate.js';
-import type { BlockImage } from './image.js';
+import type { BlockImage, MapRun } from './image.js';
 import { createImage, openImage } from './open.js';
 import type { FormatList } from './probe.js';
+import { settleAll } from './settle.js';
 import type { FilterSpec } from './filters/index.js';
 
 const log = createDebug('imgmount:convert');
@@ -102,8 +103,8 @@ export async function convertImage(source: string, dest: string, options: Conver
   const settings = checkSettings(options);
   const target = options.formats.named(options.targetFormat);
   if (!options.existing && !target.create) throw new UnsupportedFeatureError(`convert: creating ${target.name} images is not supported`);
-  if (options.compress) {
-    throw new UnsupportedFeatureError(`convert -c: writing compressed clusters into ${target.name} images is not supported here`);
+  if (options.compress && options.existing) {
+    throw new InvalidArgumentError('convert -c cannot be used with -n: compressed clusters are written only into unallocated clusters of a new image');
   }
   if (options.existing && (options.backingFile !== undefined || options.options !== undefined && Object.keys(options.options).length > 0)) {
     throw new InvalidArgumentError('convert -n writes into an existing image: -B and -o, which only apply when creating it, cannot be used with it');
@@ -147,8 +148,9 @@ export async function convertImage(source: string, dest: string, options: Conver
         throw new InvalidArgumentError(`convert -n: ${dest} (${output.length} bytes) is smaller than ${source} (${input.length} bytes)`);
       }
       const fresh = created && options.backingFile === undefined;
+      const cluster = options.compress ? await compressionCluster(output, target.name) : undefined;
       writing = true;
-      const report = await copy(input, output, { ...settings, fresh, topOnly: options.backingFile !== undefined, progress: options.progress });
+      const report = await copy(input, output, { ...settings, fresh, topOnly: options.backingFile !== undefined, progress: options.progress, cluster });
       const finished = output;
       output = undefined;
       await finished.flush();
@@ -217,35 +219,95 @@ async function cleanUp(error: unknown, dest: string, created: boolean, written: 
   return new BlockError(`convert failed: ${message}; ${what}`, Math.abs(errno));
 }
 
+/** With -c: the destination's cluster size, the unit of compressed writes. */
+async function compressionCluster(output: BlockImage, format: string): Promise<number> {
+  if (!output.canWriteCompressed) throw new UnsupportedFeatureError(`convert -c: writing compressed clusters into ${format} images is not supported`);
+  const { clusterSize } = await output.info();
+  if (clusterSize === undefined || !Number.isSafeInteger(clusterSize) || clusterSize <= 0) {
+    throw new UnsupportedFeatureError(`convert -c: ${output.path} has no cluster size to compress by`);
+  }
+  return clusterSize;
+}
+
 interface CopySettings extends Settings {
   /** The destination reads as zeros everywhere: holes need no writing. */
   fresh: boolean;
   /** -B: copy only what the source's top image stores. */
   topOnly: boolean;
   progress?: (done: number, total: number) => void;
+  /** -c: compress whole clusters of this size; copied ranges grow to cluster boundaries. */
+  cluster?: number;
 }
 
-/** The steps of the copy, in guest order, from the source's map. */
+/** What a run of the source's map becomes in the destination. */
+function kindOf(run: MapRun, settings: CopySettings): Step['kind'] {
+  if (settings.topOnly && run.depth > 0) return 'skip';
+  if (run.data) return 'copy';
+  if (settings.topOnly && !run.present) return 'skip';
+  if (settings.sparseSize === 0) return 'fill';
+  return settings.fresh ? 'skip' : 'zero';
+}
+
+/**
+ * The steps of the copy, in guest order, from the source's map. With -c they are
+ * whole clusters of the destination: a cluster whose parts would be treated
+ * differently is copied whole (read from the source, so it holds what the source
+ * shows there), since a compressed cluster is written once, whole.
+ */
 async function* steps(input: BlockImage, settings: CopySettings): AsyncGenerator<Step> {
-  for (let window = 0; window < input.length; window += MAP_WINDOW) {
-    for (const run of await input.map(window, Math.min(MAP_WINDOW, input.length - window))) {
-      let kind: Step['kind'];
-      if (settings.topOnly && run.depth > 0) kind = 'skip';
-      else if (run.data) kind = 'copy';
-      else if (settings.topOnly && !run.present) kind = 'skip';
-      else if (settings.sparseSize === 0) kind = 'fill';
-      else kind = settings.fresh ? 'skip' : 'zero';
-      if (kind === 'skip' || kind === 'zero') {
-        yield { kind, offset: run.offset, length: run.length };
-        continue;
-      }
-      for (let at = run.offset; at < run.offset + run.length; ) {
-        const end = Math.min(run.offset + run.length, (Math.floor(at / settings.bufferSize) + 1) * settings.bufferSize);
-        yield { kind, offset: at, length: end - at };
-        at = end;
-      }
+  const cluster = settings.cluster ?? 1;
+  const chunk = Math.ceil(settings.bufferSize / cluster) * cluster;
+  const total = input.length;
+  let open: Step | undefined; // consecutive clusters of one kind, not yielded yet
+  function* add(kind: Step['kind'], from: number, to: number): Generator<Step> {
+    if (open && open.kind === kind && open.offset + open.length === from) open.length = to - open.offset;
+    else {
+      if (open) yield* split(open);
+      open = { kind, offset: from, length: to - from };
+    }
+    // Whole chunks go at once, so the copy starts before the whole map is read.
+    const boundary = Math.floor(to / chunk) * chunk;
+    if (boundary > open.offset) {
+      yield* split({ kind, offset: open.offset, length: boundary - open.offset });
+      open = boundary < to ? { kind, offset: boundary, length: to - boundary } : undefined;
     }
   }
+  function* split(step: Step): Generator<Step> {
+    if (step.kind === 'skip' || step.kind === 'zero') {
+      yield step;
+      return;
+    }
+    for (let at = step.offset; at < step.offset + step.length; ) {
+      const end = Math.min(step.offset + step.length, (Math.floor(at / chunk) + 1) * chunk);
+      yield { kind: step.kind, offset: at, length: end - at };
+      at = end;
+    }
+  }
+  let partial: { start: number; kind: Step['kind'] } | undefined; // a cluster only partly described so far
+  for (let window = 0; window < total; window += MAP_WINDOW) {
+    for (const run of await input.map(window, Math.min(MAP_WINDOW, total - window))) {
+      const kind = kindOf(run, settings);
+      let at = run.offset;
+      const end = run.offset + run.length;
+      if (partial) {
+        const clusterEnd = Math.min(partial.start + cluster, total);
+        if (kind !== partial.kind) partial.kind = 'copy';
+        at = Math.min(end, clusterEnd);
+        if (at < clusterEnd) continue;
+        yield* add(partial.kind, partial.start, clusterEnd);
+        partial = undefined;
+      }
+      if (at >= end) continue;
+      const whole = end === total ? end : Math.floor(end / cluster) * cluster;
+      if (whole > at) {
+        yield* add(kind, at, whole);
+        at = whole;
+      }
+      if (at < end) partial = { start: at, kind };
+    }
+  }
+  if (partial) yield* add(partial.kind, partial.start, total);
+  if (open) yield* split(open);
 }
 
 /** Copies the source into the destination: reads in parallel, writes in order. */
@@ -267,7 +329,14 @@ async function copy(input: BlockImage, output: BlockImage, settings: CopySetting
   const finish = async (): Promise<void> => {
     const { step, read } = pending.shift()!;
     const buffer = await read;
-    if (step.kind === 'copy') {
+    if (step.kind === 'copy' && settings.cluster !== undefined) {
+      await writeCompressedClusters(output, buffer!, step.offset, settings.cluster, async (at, length) => {
+        if (settings.fresh) return;
+        await zeroRange(output, at, length);
+        bytesZeroed += length;
+      });
+      bytesWritten += step.length;
+    } else if (step.kind === 'copy') {
       for (const part of sparseParts(buffer!, step.offset, settings.sparseSize)) {
         if (!part.zero) {
           await output.write(part.offset, buffer!.subarray(part.offset - step.offset, part.offset - step.offset + part.length));
@@ -298,6 +367,18 @@ async function copy(input: BlockImage, output: BlockImage, settings: CopySetting
     throw error;
   }
   return { bytesWritten, bytesZeroed };
+}
+
+/** -c: each cluster of `buffer` (read at cluster-aligned `offset`) compressed, or `zeros` for one of zeros only. */
+async function writeCompressedClusters(output: BlockImage, buffer: Buffer, offset: number, cluster: number, zeros: (at: number, length: number) => Promise<void>): Promise<void> {
+  const zero = zeroBuffer(cluster);
+  const writes: Promise<void>[] = [];
+  for (let at = 0; at < buffer.length; at += cluster) {
+    const piece = buffer.subarray(at, Math.min(buffer.length, at + cluster));
+    // The clusters of one buffer compress at the same time (zlib's thread pool); the format places them one at a time.
+    writes.push(piece.equals(zero.subarray(0, piece.length)) ? zeros(offset + at, piece.length) : output.writeCompressed(offset + at, piece));
+  }
+  await settleAll(writes);
 }
 
 /**
