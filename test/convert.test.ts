@@ -17,7 +17,7 @@
  * 6. the command line: -p, -l, and one-line errors for bad options.
  */
 import { createHash } from 'node:crypto';
-import { copyFile, readFile, stat, truncate, writeFile } from 'node:fs/promises';
+import { copyFile, link, readFile, stat, truncate, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { convertImage, formatDrivers, openImage } from '../src/index.js';
@@ -237,8 +237,19 @@ describe('convert refuses to destroy', () => {
     const [baseSum, topSum] = [await sha(base), await sha(top)];
     await expect(convertImage(top, top, { targetFormat: 'qcow2', force: true })).rejects.toThrow(/is the source image itself/);
     await expect(convertImage(top, top, { targetFormat: 'qcow2', existing: true })).rejects.toThrow(/is the source image itself/);
-    await expect(convertImage(top, base, { targetFormat: 'raw', force: true })).rejects.toThrow(/in the source's backing chain/);
+    await expect(convertImage(top, base, { targetFormat: 'raw', force: true })).rejects.toThrow(/base\.qcow2 is in the source's backing chain \(.*base\.qcow2\)/);
+    const alias = join(dir, 'alias.qcow2');
+    await link(top, alias); // another name of the same file
+    await expect(convertImage(top, alias, { targetFormat: 'qcow2', force: true })).rejects.toThrow(/alias\.qcow2 is the source image itself/);
     expect([await sha(base), await sha(top)]).toEqual([baseSum, topSum]);
+    const withData = join(dir, 'with-data.qcow2');
+    await qemuImg(['create', '-f', 'qcow2', '-o', 'data_file=with-data.data', withData, '1M'], { cwd: dir });
+    await qemuIo(withData, ['write -P 0x31 0 64k'], 'qcow2', { cwd: dir });
+    const dataSum = await sha(join(dir, 'with-data.data'));
+    await expect(convertImage(withData, join(dir, 'with-data.data'), { targetFormat: 'raw', force: true })).rejects.toThrow(
+      /with-data\.data is the external data file of .*with-data\.qcow2; writing it would destroy/,
+    );
+    expect(await sha(join(dir, 'with-data.data'))).toBe(dataSum);
   });
 });
 
@@ -253,6 +264,33 @@ describe('convert failures', () => {
       /^convert failed: .*; .*dest\.qcow2, which it had created, was removed$/,
     );
     await expect(stat(dest)).rejects.toThrow(/ENOENT/);
+  });
+
+  it('an abort (SIGINT of the command line) stops it like a failure: DEST removed', TIMEOUT, async () => {
+    const dir = await makeTempDir('imgmount-convert-');
+    const source = await qemuQcow2(dir);
+    const dest = join(dir, 'dest.qed');
+    const controller = new AbortController();
+    const seen: number[] = [];
+    const progress = (done: number) => {
+      seen.push(done);
+      if (done >= 2 * MiB) controller.abort();
+    };
+    await expect(convertImage(source, dest, { targetFormat: 'qed', signal: controller.signal, progress, parallel: 1 })).rejects.toThrow(
+      /^convert failed: interrupted; .*dest\.qed, which it had created, was removed$/,
+    );
+    await expect(stat(dest)).rejects.toThrow(/ENOENT/);
+    expect(seen.at(-1)!).toBeLessThan(16 * MiB);
+  });
+
+  it('reports progress from 0 to the virtual size, never going back', TIMEOUT, async () => {
+    const dir = await makeTempDir('imgmount-convert-');
+    const source = await qemuQcow2(dir);
+    const seen: [number, number][] = [];
+    await convertImage(source, join(dir, 'dest.raw'), { targetFormat: 'raw', progress: (done, total) => seen.push([done, total]) });
+    expect(seen[0]).toEqual([0, 16 * MiB]);
+    expect(seen.at(-1)).toEqual([16 * MiB, 16 * MiB]);
+    for (let i = 1; i < seen.length; i++) expect(seen[i]![0]).toBeGreaterThanOrEqual(seen[i - 1]![0]);
   });
 
   it('after -n, says DEST was left partly converted', TIMEOUT, async () => {

@@ -24,13 +24,13 @@
  * image is never left looking like a good one); an existing destination (-n)
  * is left as it is and the error says that it was partly written.
  */
-import { realpath, rm } from 'node:fs/promises';
+import { rm, stat } from 'node:fs/promises';
 import { constants as osConstants } from 'node:os';
 import createDebug from 'debug';
 import { BlockError, InvalidArgumentError, UnsupportedFeatureError } from './errors.js';
 import { pathExists } from './file.js';
 import type { FilePolicy } from './gate.js';
-import type { BlockImage, MapRun } from './image.js';
+import type { BlockImage, ImageInfo, MapRun } from './image.js';
 import { createImage, openImage } from './open.js';
 import type { FormatList } from './probe.js';
 import { settleAll } from './settle.js';
@@ -83,6 +83,8 @@ export interface ConvertImageOptions extends FilePolicy {
   filters?: readonly FilterSpec[];
   /** Lines the user should see (notices of opening). */
   notice?: (line: string) => void;
+  /** Stops the conversion (SIGINT of the command line): it fails as on an error, DEST removed. */
+  signal?: AbortSignal;
 }
 
 export interface ConvertReport {
@@ -150,7 +152,7 @@ export async function convertImage(source: string, dest: string, options: Conver
       const fresh = created && options.backingFile === undefined;
       const cluster = options.compress ? await compressionCluster(output, target.name) : undefined;
       writing = true;
-      const report = await copy(input, output, { ...settings, fresh, topOnly: options.backingFile !== undefined, progress: options.progress, cluster });
+      const report = await copy(input, output, { ...settings, fresh, topOnly: options.backingFile !== undefined, progress: options.progress, cluster, signal: options.signal });
       const finished = output;
       output = undefined;
       await finished.flush();
@@ -188,15 +190,25 @@ function checkSettings(options: ConvertImageOptions): Settings {
   return { sparseSize, parallel, bufferSize };
 }
 
-/** Converting an image into itself, or into a file of its backing chain, would destroy what it reads. */
+/**
+ * Converting an image into itself, or into a file of its backing chain (or one of
+ * the files an image names, an external data file), would destroy what it reads.
+ * Files are compared by device and inode, so another name of the same file counts.
+ */
 async function refuseSourceAsDest(input: BlockImage, dest: string): Promise<void> {
-  const target = await realpath(dest).catch(() => dest);
-  for (let layer: BlockImage | undefined = input; layer; layer = layer.backing) {
-    const path = await realpath(layer.path).catch(() => layer!.path);
-    if (path === target) {
-      throw new InvalidArgumentError(
-        `convert: ${dest} is ${layer === input ? 'the source image itself' : `in the source's backing chain (${layer.path})`}; writing it would destroy what is being converted`,
-      );
+  const target = await stat(dest).catch(() => undefined);
+  if (!target) return;
+  const top = await input.info();
+  for (let info: ImageInfo | undefined = top; info; info = info.backing) {
+    const named = [
+      { path: info.filename, what: info === top ? 'the source image itself' : `in the source's backing chain (${info.filename})` },
+      ...(info.files ?? []).map((file) => ({ path: file.path, what: `the ${file.role} of ${info!.filename}` })),
+    ];
+    for (const { path, what } of named) {
+      const seen = await stat(path).catch(() => undefined);
+      if (seen && seen.dev === target.dev && seen.ino === target.ino) {
+        throw new InvalidArgumentError(`convert: ${dest} is ${what}; writing it would destroy what is being converted`);
+      }
     }
   }
 }
@@ -237,6 +249,7 @@ interface CopySettings extends Settings {
   progress?: (done: number, total: number) => void;
   /** -c: compress whole clusters of this size; copied ranges grow to cluster boundaries. */
   cluster?: number;
+  signal?: AbortSignal;
 }
 
 /** What a run of the source's map becomes in the destination. */
@@ -310,11 +323,18 @@ async function* steps(input: BlockImage, settings: CopySettings): AsyncGenerator
   if (open) yield* split(open);
 }
 
-/** Copies the source into the destination: reads in parallel, writes in order. */
+/**
+ * Copies the source into the destination: up to `parallel` reads in flight; each
+ * buffer's writes are issued in guest order as its read completes (so the format
+ * allocates in order), and up to `parallel` of them run at the same time.
+ */
 async function copy(input: BlockImage, output: BlockImage, settings: CopySettings): Promise<{ bytesWritten: number; bytesZeroed: number }> {
-  const pending: { step: Step; read: Promise<Buffer | undefined> }[] = [];
+  const reads: { step: Step; read: Promise<Buffer | undefined> }[] = [];
+  const writes = new Set<Promise<void>>();
+  let failure: { error: unknown } | undefined;
   let bytesWritten = 0;
   let bytesZeroed = 0;
+  let done = 0;
   const total = input.length;
   settings.progress?.(0, total);
 
@@ -326,45 +346,71 @@ async function copy(input: BlockImage, output: BlockImage, settings: CopySetting
     return read;
   };
 
-  const finish = async (): Promise<void> => {
-    const { step, read } = pending.shift()!;
-    const buffer = await read;
+  const zeros = async (at: number, length: number): Promise<void> => {
+    await zeroRange(output, at, length);
+    bytesZeroed += length;
+  };
+
+  /** The writes of one step, all issued at once (the format orders its allocations by arrival). */
+  const write = (step: Step, buffer: Buffer | undefined): Promise<void> => {
     if (step.kind === 'copy' && settings.cluster !== undefined) {
-      await writeCompressedClusters(output, buffer!, step.offset, settings.cluster, async (at, length) => {
-        if (settings.fresh) return;
-        await zeroRange(output, at, length);
-        bytesZeroed += length;
-      });
       bytesWritten += step.length;
-    } else if (step.kind === 'copy') {
-      for (const part of sparseParts(buffer!, step.offset, settings.sparseSize)) {
-        if (!part.zero) {
-          await output.write(part.offset, buffer!.subarray(part.offset - step.offset, part.offset - step.offset + part.length));
-          bytesWritten += part.length;
-        } else if (!settings.fresh) {
-          await zeroRange(output, part.offset, part.length);
-          bytesZeroed += part.length;
-        }
-      }
-    } else if (step.kind === 'zero') {
-      await zeroRange(output, step.offset, step.length);
-      bytesZeroed += step.length;
-    } else if (step.kind === 'fill') {
-      await output.write(step.offset, Buffer.alloc(step.length));
-      bytesWritten += step.length;
+      return writeCompressedClusters(output, buffer!, step.offset, settings.cluster, (at, length) => (settings.fresh ? Promise.resolve() : zeros(at, length)));
     }
-    settings.progress?.(step.offset + step.length, total);
+    if (step.kind === 'copy') {
+      return settleAll(
+        sparseParts(buffer!, step.offset, settings.sparseSize).map((part) => {
+          if (part.zero) return settings.fresh ? undefined : zeros(part.offset, part.length);
+          bytesWritten += part.length;
+          return output.write(part.offset, buffer!.subarray(part.offset - step.offset, part.offset - step.offset + part.length));
+        }),
+      );
+    }
+    if (step.kind === 'zero') return zeros(step.offset, step.length);
+    if (step.kind === 'fill') {
+      bytesWritten += step.length;
+      return output.write(step.offset, Buffer.alloc(step.length));
+    }
+    return Promise.resolve();
+  };
+
+  const issueOldest = async (): Promise<void> => {
+    const { step, read } = reads.shift()!;
+    const buffer = await read;
+    const writing: Promise<void> = write(step, buffer).then(
+      () => {
+        done = Math.max(done, step.offset + step.length);
+        settings.progress?.(done, total);
+      },
+      (error: unknown) => {
+        failure ??= { error };
+      },
+    );
+    writes.add(writing);
+    void writing.finally(() => writes.delete(writing));
+  };
+
+  const check = (): void => {
+    if (failure) throw failure.error;
+    if (settings.signal?.aborted) throw new BlockError('interrupted', osConstants.errno.EINTR);
   };
 
   try {
     for await (const step of steps(input, settings)) {
-      pending.push({ step, read: start(step) });
-      while (pending.length >= settings.parallel) await finish();
+      check();
+      reads.push({ step, read: start(step) });
+      while (reads.length >= settings.parallel) await issueOldest();
+      while (writes.size >= settings.parallel) await Promise.race(writes);
     }
-    while (pending.length > 0) await finish();
+    while (reads.length > 0) {
+      check();
+      await issueOldest();
+    }
+    await Promise.allSettled([...writes]);
+    check();
   } catch (error) {
-    await Promise.allSettled(pending.map((entry) => entry.read));
-    throw error;
+    await Promise.allSettled([...reads.map((entry) => entry.read), ...writes]);
+    throw failure?.error ?? error;
   }
   return { bytesWritten, bytesZeroed };
 }

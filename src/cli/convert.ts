@@ -65,6 +65,11 @@ export async function runConvert(args: ConvertArguments): Promise<void> {
   if (backingFormat !== undefined && backingFile === undefined) throw new InvalidArgumentError('convert: a backing format (-F) was given without a backing file (-B)');
   const sparseSize = args.sparseSize === undefined ? undefined : parseSparse(args.sparseSize);
   const bar = args.progress ? progressBar() : undefined;
+  // Ctrl-C stops the conversion like a failure: a DEST it created is removed.
+  const interrupt = new AbortController();
+  const stop = (): void => interrupt.abort();
+  process.once('SIGINT', stop);
+  process.once('SIGTERM', stop);
   try {
     await convertImage(args.source, args.dest, {
       sourceFormat: args.format,
@@ -82,8 +87,11 @@ export async function runConvert(args: ConvertArguments): Promise<void> {
       filters: (args.filters ?? []).map((text) => parseFilterArgument(text)),
       progress: bar?.update,
       notice: (line) => process.stderr.write(`${line}\n`),
+      signal: interrupt.signal,
     });
   } finally {
+    process.off('SIGINT', stop);
+    process.off('SIGTERM', stop);
     bar?.stop();
   }
 }
