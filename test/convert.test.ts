@@ -183,6 +183,17 @@ describe('convert into existing images and backing files', () => {
     }
   });
 
+  it('-n refuses a DEST of another format than -O (it would overwrite its metadata), leaving it untouched', TIMEOUT, async () => {
+    const dir = await makeTempDir('imgmount-convert-');
+    const source = await qemuQcow2(dir);
+    const dest = join(dir, 'existing.qcow2');
+    await qemuImg(['create', '-f', 'qcow2', dest, '32M']);
+    const before = await sha(dest);
+    await expect(convertImage(source, dest, { targetFormat: 'raw', existing: true })).rejects.toThrow(/existing\.qcow2 is a qcow2 image, not raw; .*use -O qcow2/);
+    await expect(convertImage(source, dest, { targetFormat: 'qed', existing: true })).rejects.toThrow(/is a qcow2 image, not qed/);
+    expect(await sha(dest)).toBe(before);
+  });
+
   it('-n refuses a DEST smaller than the source, and a missing one', TIMEOUT, async () => {
     const dir = await makeTempDir('imgmount-convert-');
     const source = await qemuQcow2(dir);
@@ -291,6 +302,17 @@ describe('convert failures', () => {
     expect(seen[0]).toEqual([0, 16 * MiB]);
     expect(seen.at(-1)).toEqual([16 * MiB, 16 * MiB]);
     for (let i = 1; i < seen.length; i++) expect(seen[i]![0]).toBeGreaterThanOrEqual(seen[i - 1]![0]);
+  });
+
+  it('removes a data file it created with DEST (qcow2 -o data_file=, which is written read-only here)', TIMEOUT, async () => {
+    const dir = await makeTempDir('imgmount-convert-');
+    const source = await qemuQcow2(dir);
+    const dest = join(dir, 'dest.qcow2');
+    await expect(convertImage(source, dest, { targetFormat: 'qcow2', options: { data_file: 'dest.data' } })).rejects.toThrow(
+      /^convert failed: convert: .*dest\.qcow2 cannot be written \(.*opened read-only: .*\); .*dest\.qcow2 and .*dest\.data, which it had created, were removed$/,
+    );
+    await expect(stat(dest)).rejects.toThrow(/ENOENT/);
+    await expect(stat(join(dir, 'dest.data'))).rejects.toThrow(/ENOENT/);
   });
 
   it('after -n, says DEST was left partly converted', TIMEOUT, async () => {

@@ -14,11 +14,10 @@
  * -B only what the source's top image stores is copied (qemu's meaning: the
  * new backing file has the content of the source's backing chain).
  *
- * Concurrency: up to `parallel` (qemu's -m, 8) reads of at most `bufferSize`
- * bytes are in flight at a time, so memory stays bounded by their product;
- * writes happen one at a time, in guest order (as qemu-img without -W), so
- * the destination's clusters are laid out in order. Nothing else touches
- * either image while converting: the destination is write-locked by its open.
+ * The copy itself (which ranges become what, reads in parallel, writes in
+ * order) is convert-copy.ts. The destination is write-locked by its open (no
+ * other imgmount writer); the source is only read, so a writer elsewhere (a
+ * read-write mount of it) is not kept out by this layer.
  *
  * On failure a destination this call created is removed (a partly converted
  * image is never left looking like a good one); an existing destination (-n)
@@ -28,15 +27,18 @@ import { rm, stat } from 'node:fs/promises';
 import { constants as osConstants } from 'node:os';
 import createDebug from 'debug';
 import { BlockError, InvalidArgumentError, UnsupportedFeatureError } from './errors.js';
-import { pathExists } from './file.js';
+import { FileProtocol, pathExists } from './file.js';
+import { resolveBackingName } from './backing-name.js';
 import type { FilePolicy } from './gate.js';
-import type { BlockImage, ImageInfo, MapRun } from './image.js';
+import type { BlockImage, ImageInfo } from './image.js';
+import { copy, DEFAULT_BUFFER_SIZE, type CopySettings } from './convert-copy.js';
 import { createImage, openImage } from './open.js';
-import type { FormatList } from './probe.js';
-import { settleAll } from './settle.js';
+import { sampleFile, type FormatList } from './probe.js';
 import type { FilterSpec } from './filters/index.js';
 
 const log = createDebug('imgmount:convert');
+
+export { DEFAULT_BUFFER_SIZE };
 
 /** qemu-img's default -S: zero blocks of 4 KiB in data are not written. */
 export const DEFAULT_SPARSE_SIZE = 4096;
@@ -44,12 +46,8 @@ export const DEFAULT_SPARSE_SIZE = 4096;
 export const DEFAULT_PARALLEL = 8;
 /** Largest -m qemu-img accepts. */
 export const MAX_PARALLEL = 16;
-/** Bytes per request (qemu-img's default buffer is 2 MiB too). */
-export const DEFAULT_BUFFER_SIZE = 2 * 1024 * 1024;
 /** Largest -S qemu-img accepts (its MAX_BUF_SECTORS: 16 MiB). */
 export const MAX_SPARSE_SIZE = 16 * 1024 * 1024;
-/** How much of the source one `map` call describes. */
-const MAP_WINDOW = 1024 * 1024 * 1024;
 
 export interface ConvertImageOptions extends FilePolicy {
   formats: FormatList;
@@ -97,9 +95,6 @@ export interface ConvertReport {
   bytesZeroed: number;
 }
 
-/** What one step of the copy does with [offset, offset + length) of the destination. */
-type Step = { kind: 'copy' | 'zero' | 'skip' | 'fill'; offset: number; length: number };
-
 /** Converts `source` to a new (or, with `existing`, an existing) image `dest` of `options.targetFormat`. */
 export async function convertImage(source: string, dest: string, options: ConvertImageOptions): Promise<ConvertReport> {
   const settings = checkSettings(options);
@@ -129,6 +124,10 @@ export async function convertImage(source: string, dest: string, options: Conver
   });
   try {
     if (destExists) await refuseSourceAsDest(input, dest);
+    if (options.existing) await refuseOtherFormat(dest, target.name, options.formats);
+    // A file the destination's options name (a qcow2 data_file) that this call creates goes with it on failure.
+    const dataFile = options.options?.data_file ? resolveBackingName(dest, options.options.data_file, 'data file') : undefined;
+    const removeAlso = dataFile !== undefined && !(await pathExists(dataFile)) ? dataFile : undefined;
     let created = false;
     let writing = false;
     let output: BlockImage | undefined;
@@ -144,8 +143,12 @@ export async function convertImage(source: string, dest: string, options: Conver
         });
         created = true;
       }
-      output = await openImage(dest, { formats: options.formats, format: target.name, notice: options.notice, allowFiles: options.allowFiles, idleCleanSeconds: 0 });
-      if (output.readOnly) throw new UnsupportedFeatureError(`convert: ${dest} cannot be written (${target.name} images open read-only here)`);
+      const notices: string[] = [];
+      output = await openImage(dest, { formats: options.formats, format: target.name, notice: (line) => notices.push(line), allowFiles: options.allowFiles, idleCleanSeconds: 0 });
+      if (output.readOnly) {
+        throw new UnsupportedFeatureError(`convert: ${dest} cannot be written${notices.length > 0 ? ` (${notices.join('; ')})` : ` (${target.name} images open read-only here)`}`);
+      }
+      for (const line of notices) (options.notice ?? ((text: string) => log(text)))(line);
       if (output.length < input.length) {
         throw new InvalidArgumentError(`convert -n: ${dest} (${output.length} bytes) is smaller than ${source} (${input.length} bytes)`);
       }
@@ -161,20 +164,14 @@ export async function convertImage(source: string, dest: string, options: Conver
       return { size: input.length, created, ...report };
     } catch (error) {
       await output?.close().catch(() => undefined);
-      throw await cleanUp(error, dest, created, writing);
+      throw await cleanUp(error, dest, created, writing, removeAlso);
     }
   } finally {
     await input.close();
   }
 }
 
-interface Settings {
-  sparseSize: number;
-  parallel: number;
-  bufferSize: number;
-}
-
-function checkSettings(options: ConvertImageOptions): Settings {
+function checkSettings(options: ConvertImageOptions): Pick<CopySettings, 'sparseSize' | 'parallel' | 'bufferSize'> {
   const sparseSize = options.sparseSize ?? DEFAULT_SPARSE_SIZE;
   if (!Number.isSafeInteger(sparseSize) || sparseSize < 0 || sparseSize % 512 !== 0 || sparseSize > MAX_SPARSE_SIZE) {
     throw new InvalidArgumentError(`convert -S ${sparseSize}: the sparse size must be a multiple of 512 bytes from 0 to ${MAX_SPARSE_SIZE}`);
@@ -213,15 +210,33 @@ async function refuseSourceAsDest(input: BlockImage, dest: string): Promise<void
   }
 }
 
-/** The error to report after a failure, once a destination this call created is removed. */
-async function cleanUp(error: unknown, dest: string, created: boolean, written: boolean): Promise<unknown> {
+/**
+ * -n with a format other than the one DEST probes as would overwrite its metadata
+ * with guest data (qemu-img does so without a word): refused, naming both.
+ */
+async function refuseOtherFormat(dest: string, format: string, formats: FormatList): Promise<void> {
+  const file = await FileProtocol.open(dest, true);
+  let probed: string;
+  try {
+    probed = formats.probe(await sampleFile(file)).name;
+  } finally {
+    await file.close();
+  }
+  if (probed !== format && probed !== 'raw') {
+    throw new InvalidArgumentError(`convert -n: ${dest} is a ${probed} image, not ${format}; writing it as ${format} would destroy it (use -O ${probed})`);
+  }
+}
+
+/** The error to report after a failure, once a destination this call created (and a data file it created) is removed. */
+async function cleanUp(error: unknown, dest: string, created: boolean, written: boolean, alsoCreated?: string): Promise<unknown> {
   const message = error instanceof Error ? error.message : String(error);
   const errno = error instanceof BlockError ? error.errno : ((error as NodeJS.ErrnoException | undefined)?.errno ?? -osConstants.errno.EIO);
   let what: string;
   if (created) {
-    what = await rm(dest, { force: true }).then(
-      () => `${dest}, which it had created, was removed`,
-      (removal: unknown) => `${dest}, which it had created, could not be removed (${(removal as Error).message}) and is incomplete`,
+    const files = alsoCreated === undefined ? [dest] : [dest, alsoCreated];
+    what = await Promise.all(files.map((file) => rm(file, { force: true }))).then(
+      () => `${files.join(' and ')}, which it had created, ${files.length > 1 ? 'were' : 'was'} removed`,
+      (removal: unknown) => `${files.join(' and ')}, which it had created, could not be removed (${(removal as Error).message}) and are incomplete`,
     );
   } else if (written) {
     what = `${dest} (written into with -n) was left partly converted`;
@@ -239,232 +254,4 @@ async function compressionCluster(output: BlockImage, format: string): Promise<n
     throw new UnsupportedFeatureError(`convert -c: ${output.path} has no cluster size to compress by`);
   }
   return clusterSize;
-}
-
-interface CopySettings extends Settings {
-  /** The destination reads as zeros everywhere: holes need no writing. */
-  fresh: boolean;
-  /** -B: copy only what the source's top image stores. */
-  topOnly: boolean;
-  progress?: (done: number, total: number) => void;
-  /** -c: compress whole clusters of this size; copied ranges grow to cluster boundaries. */
-  cluster?: number;
-  signal?: AbortSignal;
-}
-
-/** What a run of the source's map becomes in the destination. */
-function kindOf(run: MapRun, settings: CopySettings): Step['kind'] {
-  if (settings.topOnly && run.depth > 0) return 'skip';
-  if (run.data) return 'copy';
-  if (settings.topOnly && !run.present) return 'skip';
-  if (settings.sparseSize === 0) return 'fill';
-  return settings.fresh ? 'skip' : 'zero';
-}
-
-/**
- * The steps of the copy, in guest order, from the source's map. With -c they are
- * whole clusters of the destination: a cluster whose parts would be treated
- * differently is copied whole (read from the source, so it holds what the source
- * shows there), since a compressed cluster is written once, whole.
- */
-async function* steps(input: BlockImage, settings: CopySettings): AsyncGenerator<Step> {
-  const cluster = settings.cluster ?? 1;
-  const chunk = Math.ceil(settings.bufferSize / cluster) * cluster;
-  const total = input.length;
-  let open: Step | undefined; // consecutive clusters of one kind, not yielded yet
-  function* add(kind: Step['kind'], from: number, to: number): Generator<Step> {
-    if (open && open.kind === kind && open.offset + open.length === from) open.length = to - open.offset;
-    else {
-      if (open) yield* split(open);
-      open = { kind, offset: from, length: to - from };
-    }
-    // Whole chunks go at once, so the copy starts before the whole map is read.
-    const boundary = Math.floor(to / chunk) * chunk;
-    if (boundary > open.offset) {
-      yield* split({ kind, offset: open.offset, length: boundary - open.offset });
-      open = boundary < to ? { kind, offset: boundary, length: to - boundary } : undefined;
-    }
-  }
-  function* split(step: Step): Generator<Step> {
-    if (step.kind === 'skip' || step.kind === 'zero') {
-      yield step;
-      return;
-    }
-    for (let at = step.offset; at < step.offset + step.length; ) {
-      const end = Math.min(step.offset + step.length, (Math.floor(at / chunk) + 1) * chunk);
-      yield { kind: step.kind, offset: at, length: end - at };
-      at = end;
-    }
-  }
-  let partial: { start: number; kind: Step['kind'] } | undefined; // a cluster only partly described so far
-  for (let window = 0; window < total; window += MAP_WINDOW) {
-    for (const run of await input.map(window, Math.min(MAP_WINDOW, total - window))) {
-      const kind = kindOf(run, settings);
-      let at = run.offset;
-      const end = run.offset + run.length;
-      if (partial) {
-        const clusterEnd = Math.min(partial.start + cluster, total);
-        if (kind !== partial.kind) partial.kind = 'copy';
-        at = Math.min(end, clusterEnd);
-        if (at < clusterEnd) continue;
-        yield* add(partial.kind, partial.start, clusterEnd);
-        partial = undefined;
-      }
-      if (at >= end) continue;
-      const whole = end === total ? end : Math.floor(end / cluster) * cluster;
-      if (whole > at) {
-        yield* add(kind, at, whole);
-        at = whole;
-      }
-      if (at < end) partial = { start: at, kind };
-    }
-  }
-  if (partial) yield* add(partial.kind, partial.start, total);
-  if (open) yield* split(open);
-}
-
-/**
- * Copies the source into the destination: up to `parallel` reads in flight; each
- * buffer's writes are issued in guest order as its read completes (so the format
- * allocates in order), and up to `parallel` of them run at the same time.
- */
-async function copy(input: BlockImage, output: BlockImage, settings: CopySettings): Promise<{ bytesWritten: number; bytesZeroed: number }> {
-  const reads: { step: Step; read: Promise<Buffer | undefined> }[] = [];
-  const writes = new Set<Promise<void>>();
-  let failure: { error: unknown } | undefined;
-  let bytesWritten = 0;
-  let bytesZeroed = 0;
-  let done = 0;
-  const total = input.length;
-  settings.progress?.(0, total);
-
-  const start = (step: Step): Promise<Buffer | undefined> => {
-    if (step.kind !== 'copy') return Promise.resolve(undefined);
-    const buffer = Buffer.allocUnsafe(step.length);
-    const read = input.read(step.offset, buffer).then(() => buffer);
-    read.catch(() => undefined); // awaited in order below; a failure before then is not unhandled
-    return read;
-  };
-
-  const zeros = async (at: number, length: number): Promise<void> => {
-    await zeroRange(output, at, length);
-    bytesZeroed += length;
-  };
-
-  /** The writes of one step, all issued at once (the format orders its allocations by arrival). */
-  const write = (step: Step, buffer: Buffer | undefined): Promise<void> => {
-    if (step.kind === 'copy' && settings.cluster !== undefined) {
-      bytesWritten += step.length;
-      return writeCompressedClusters(output, buffer!, step.offset, settings.cluster, (at, length) => (settings.fresh ? Promise.resolve() : zeros(at, length)));
-    }
-    if (step.kind === 'copy') {
-      return settleAll(
-        sparseParts(buffer!, step.offset, settings.sparseSize).map((part) => {
-          if (part.zero) return settings.fresh ? undefined : zeros(part.offset, part.length);
-          bytesWritten += part.length;
-          return output.write(part.offset, buffer!.subarray(part.offset - step.offset, part.offset - step.offset + part.length));
-        }),
-      );
-    }
-    if (step.kind === 'zero') return zeros(step.offset, step.length);
-    if (step.kind === 'fill') {
-      bytesWritten += step.length;
-      return output.write(step.offset, Buffer.alloc(step.length));
-    }
-    return Promise.resolve();
-  };
-
-  const issueOldest = async (): Promise<void> => {
-    const { step, read } = reads.shift()!;
-    const buffer = await read;
-    const writing: Promise<void> = write(step, buffer).then(
-      () => {
-        done = Math.max(done, step.offset + step.length);
-        settings.progress?.(done, total);
-      },
-      (error: unknown) => {
-        failure ??= { error };
-      },
-    );
-    writes.add(writing);
-    void writing.finally(() => writes.delete(writing));
-  };
-
-  const check = (): void => {
-    if (failure) throw failure.error;
-    if (settings.signal?.aborted) throw new BlockError('interrupted', osConstants.errno.EINTR);
-  };
-
-  try {
-    for await (const step of steps(input, settings)) {
-      check();
-      reads.push({ step, read: start(step) });
-      while (reads.length >= settings.parallel) await issueOldest();
-      while (writes.size >= settings.parallel) await Promise.race(writes);
-    }
-    while (reads.length > 0) {
-      check();
-      await issueOldest();
-    }
-    await Promise.allSettled([...writes]);
-    check();
-  } catch (error) {
-    await Promise.allSettled([...reads.map((entry) => entry.read), ...writes]);
-    throw failure?.error ?? error;
-  }
-  return { bytesWritten, bytesZeroed };
-}
-
-/** -c: each cluster of `buffer` (read at cluster-aligned `offset`) compressed, or `zeros` for one of zeros only. */
-async function writeCompressedClusters(output: BlockImage, buffer: Buffer, offset: number, cluster: number, zeros: (at: number, length: number) => Promise<void>): Promise<void> {
-  const zero = zeroBuffer(cluster);
-  const writes: Promise<void>[] = [];
-  for (let at = 0; at < buffer.length; at += cluster) {
-    const piece = buffer.subarray(at, Math.min(buffer.length, at + cluster));
-    // The clusters of one buffer compress at the same time (zlib's thread pool); the format places them one at a time.
-    writes.push(piece.equals(zero.subarray(0, piece.length)) ? zeros(offset + at, piece.length) : output.writeCompressed(offset + at, piece));
-  }
-  await settleAll(writes);
-}
-
-/**
- * Splits a buffer read at guest `offset` into parts at multiples of `sparseSize`
- * (joined while of the same kind): all-zero parts are holes to leave. With 0
- * the whole buffer is data.
- */
-function sparseParts(buffer: Buffer, offset: number, sparseSize: number): { offset: number; length: number; zero: boolean }[] {
-  if (sparseSize === 0) return [{ offset, length: buffer.length, zero: false }];
-  const parts: { offset: number; length: number; zero: boolean }[] = [];
-  const zeros = zeroBuffer(sparseSize);
-  const end = offset + buffer.length;
-  for (let at = offset; at < end; ) {
-    const next = Math.min(end, (Math.floor(at / sparseSize) + 1) * sparseSize);
-    const slice = buffer.subarray(at - offset, next - offset);
-    const zero = slice.equals(zeros.subarray(0, slice.length));
-    const last = parts[parts.length - 1];
-    if (last && last.zero === zero) last.length += next - at;
-    else parts.push({ offset: at, length: next - at, zero });
-    at = next;
-  }
-  return parts;
-}
-
-let zeroBytes: Buffer = Buffer.alloc(0);
-function zeroBuffer(length: number): Buffer {
-  if (zeroBytes.length < length) zeroBytes = Buffer.alloc(length);
-  return zeroBytes;
-}
-
-/** Makes a range of the destination read as zeros: the format's zeroing, or zeros written where it has none. */
-async function zeroRange(output: BlockImage, offset: number, length: number): Promise<void> {
-  try {
-    await output.zero(offset, length);
-    return;
-  } catch (error) {
-    if (!(error instanceof BlockError) || error.errno !== osConstants.errno.EOPNOTSUPP) throw error;
-  }
-  for (let at = offset; at < offset + length; at += DEFAULT_BUFFER_SIZE) {
-    const part = Math.min(DEFAULT_BUFFER_SIZE, offset + length - at);
-    await output.write(at, zeroBuffer(part).subarray(0, part));
-  }
 }
