@@ -161,6 +161,30 @@ describe('convert: holes and zeros', () => {
   });
 });
 
+describe('convert: large sparse images (the source map is read in 256 MiB windows)', () => {
+  it('data across the window boundaries, plain and -c, into every target', TIMEOUT, async () => {
+    const dir = await makeTempDir('imgmount-convert-');
+    const source = join(dir, 'big.qcow2');
+    await qemuImg(['create', '-f', 'qcow2', '-o', 'cluster_size=4096', source, '1G']);
+    await qemuIo(source, [`write -P 0x61 ${256 * MiB - 5000} 10000`, `write -z ${512 * MiB - 8192} 16384`, `write -P 0x62 ${512 * MiB + 100} 100`, `write -P 0x63 ${1024 * MiB - 3000} 3000`], 'qcow2');
+    for (const target of TARGETS) {
+      for (const compress of [false, true]) {
+        const dest = join(dir, `big-${compress ? 'c' : 'plain'}.${target}`);
+        const outcome = await convertImage(source, dest, { targetFormat: target, compress }).catch((error: Error) => error);
+        if (outcome instanceof Error) {
+          expect(compress && outcome.message, `${target}: ${outcome.message}`).toMatch(/-c: writing compressed clusters into .* images is not supported/);
+          continue;
+        }
+        await compare(source, 'qcow2', dest, target);
+        await expectCheckClean(dest, target);
+        const data = dataRanges(await qemuMap(dest, target));
+        const bytes = data.reduce((sum, [start, end]) => sum + end - start, 0);
+        expect(bytes, `${dest}: data bytes`).toBeLessThanOrEqual(6 * 64 * KiB);
+      }
+    }
+  });
+});
+
 describe('convert into existing images and backing files', () => {
   it('-n writes into an existing image holding other data: afterwards identical, holes of the source zeroed', TIMEOUT, async () => {
     const dir = await makeTempDir('imgmount-convert-');

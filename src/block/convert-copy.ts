@@ -23,7 +23,7 @@ import { settleAll } from './settle.js';
 /** Bytes per request (qemu-img's default buffer is 2 MiB too). */
 export const DEFAULT_BUFFER_SIZE = 2 * 1024 * 1024;
 /** How much of the source one `map` call describes. */
-const MAP_WINDOW = 1024 * 1024 * 1024;
+const MAP_WINDOW = 256 * 1024 * 1024;
 
 /** What one step of the copy does with [offset, offset + length) of the destination. */
 type Step = { kind: 'copy' | 'zero' | 'skip' | 'fill'; offset: number; length: number };
