@@ -328,6 +328,21 @@ describe('convert failures', () => {
     for (let i = 1; i < seen.length; i++) expect(seen[i]![0]).toBeGreaterThanOrEqual(seen[i - 1]![0]);
   });
 
+  it('a write error of DEST (file size limit: EFBIG, as a full disk gives ENOSPC) removes it, also when creating it fails', TIMEOUT, async () => {
+    const dir = await makeTempDir('imgmount-convert-');
+    const source = await qemuQcow2(dir);
+    for (const target of TARGETS) {
+      const dest = join(dir, `limited.${target}`);
+      // bash: SIGXFSZ ignored (inherited through exec), so a write past 2 MiB fails with EFBIG.
+      const result = await run('bash', ['-c', 'trap "" XFSZ; ulimit -f 2048; exec "$0" "$@"', process.execPath, bin, 'convert', '-O', target, source, dest]);
+      expect(result.code, `${target}: ${result.stderr}`).toBe(1);
+      expect(result.stderr, target).toMatch(/file too large/);
+      expect(result.stderr, target).toMatch(/limited\.\w+, which it had created, was removed/);
+      expect(result.stderr.trimEnd().split('\n'), target).toHaveLength(1);
+      await expect(stat(dest), target).rejects.toThrow(/ENOENT/);
+    }
+  });
+
   it('removes a data file it created with DEST (qcow2 -o data_file=, which is written read-only here)', TIMEOUT, async () => {
     const dir = await makeTempDir('imgmount-convert-');
     const source = await qemuQcow2(dir);

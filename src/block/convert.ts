@@ -133,14 +133,21 @@ export async function convertImage(source: string, dest: string, options: Conver
     let output: BlockImage | undefined;
     try {
       if (!options.existing) {
-        await createImage(dest, target.name, {
-          formats: options.formats,
-          size: input.length,
-          options: options.options,
-          force: options.force,
-          backingFile: options.backingFile,
-          backingFormat: options.backingFormat,
-        });
+        try {
+          await createImage(dest, target.name, {
+            formats: options.formats,
+            size: input.length,
+            options: options.options,
+            force: options.force,
+            backingFile: options.backingFile,
+            backingFormat: options.backingFormat,
+          });
+        } catch (error) {
+          // A create that failed on the host (EFBIG, ENOSPC) may leave a partial new file; a refused
+          // one (a bad option, DEST appearing meanwhile, an EBUSY lock of an existing DEST) wrote nothing.
+          if (!destExists && !(error instanceof InvalidArgumentError)) created = (await pathExists(dest)) || removeAlso !== undefined;
+          throw error;
+        }
         created = true;
       }
       const notices: string[] = [];
