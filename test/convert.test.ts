@@ -12,8 +12,9 @@
  * 3. -n into an existing image holding other data; -B keeps a backing file;
  * 4. an existing DEST is refused without --force and left untouched; a source
  *    (or a file of its chain) is never a DEST;
- * 5. a read error of the source (blkdebug) removes the DEST it created, and
- *    says what it left after -n;
+ * 5. a read error of the source (blkdebug), a write error of DEST (EFBIG
+ *    through a file size limit) or an abort removes the DEST it created (and a
+ *    data file created with it), and says what it left after -n;
  * 6. the command line: -p, -l, and one-line errors for bad options.
  *
  * -c (compressed clusters) has its own file: convert-compressed.test.ts.
