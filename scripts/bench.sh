@@ -4,10 +4,10 @@
 # Needs root, fio and qemu-storage-daemon (IMGMOUNT_BENCH_DEPS=1 scripts/install-deps.sh).
 # docs/performance.md records a run and explains every row.
 #
-# Usage: [BENCH=qed,qcow2,compressed,ceiling,rss] scripts/bench.sh [SIZE_MB] [WORKDIR]
+# Usage: [BENCH=qed,qcow2,compressed,ceiling,rss,check,convert] scripts/bench.sh [SIZE_MB] [WORKDIR]
 #   SIZE_MB   virtual size of every image except rss's (default 1024, or $SIZE_MB)
 #   WORKDIR   scratch directory, emptied first (default /var/tmp/imgmount-bench)
-#   BENCH     groups to run, comma-separated (default all seven):
+#   BENCH     groups to run, comma-separated (default all eight):
 #     qed        read-write QED images whose first half was written by qemu-io (fio span: that
 #                half): sequential read 1M, 4k random read with 1 and 4 jobs, 4k random write
 #                with 4 jobs, 4k random write + fdatasync (1 job), allocating write 1M (a fresh
@@ -29,6 +29,10 @@
 #     check      `imgmount check` against `qemu-img check` (whole command, milliseconds, median of
 #                3 alternating runs, page cache warm): the 1 TiB qcow2 of the rss group, and
 #                SIZE_MB images written whole by qemu-io (qcow2 and QED)
+#     convert    `imgmount convert` against `qemu-img convert` (whole command, milliseconds, median of
+#                3 alternating runs, page cache warm, DEST removed before each run): SIZE_MB images
+#                whose first half qemu-io wrote, plus a zero cluster and data near the end:
+#                qcow2 -> raw, raw (sparse) -> qcow2, qed -> qcow2
 #   RAND_RUNTIME  seconds per random-I/O fio run (default 5)
 #   SEQ_RUNTIME   seconds per sequential-read run of the qed and ceiling groups (default 3; the
 #                 qcow2 and compressed groups read their whole file once)
@@ -55,7 +59,7 @@ rand_runtime=${RAND_RUNTIME:-5}
 seq_runtime=${SEQ_RUNTIME:-3}
 rss_runtime=${RSS_RUNTIME:-10}
 seq_max_runtime=30 # a whole-file sequential run stops after this many seconds even if the file is not done
-all_groups=qed,qcow2,qcow2w,compressed,ceiling,rss,check
+all_groups=qed,qcow2,qcow2w,compressed,ceiling,rss,check,convert
 groups=${BENCH:-$all_groups}
 for g in ${groups//,/ }; do
   case ",$all_groups," in *",$g,"*) ;; *) echo "BENCH: unknown group '$g' (${all_groups//,/, })" >&2; exit 2 ;; esac
@@ -457,6 +461,32 @@ if want check; then
   done
 fi
 
+# --- convert: the whole command of each tool, page cache warm, a fresh DEST every run
+convert_lines=()
+if want convert; then
+  half=$((size_mb / 2))
+  qemu-img create -q -f qcow2 "$work/cv-src.qcow2" "${size_mb}M"
+  qemu-io -f qcow2 -c "write -q -P 0x4c 0 ${half}M" -c "write -q -z ${half}M 64k" -c "write -q -P 0x4d $((size_mb - 1))M 64k" "$work/cv-src.qcow2" >/dev/null
+  qemu-img convert -f qcow2 -O raw "$work/cv-src.qcow2" "$work/cv-src.img"
+  qemu-img convert -f qcow2 -O qed "$work/cv-src.qcow2" "$work/cv-src.qed"
+  ms() { local t0 rc=0; t0=$(date +%s%N); "$@" >/dev/null 2>&1 || rc=$?; [ $rc = 0 ] && echo $(( ($(date +%s%N) - t0) / 1000000 )) || echo ERR; }
+  for pair in qcow2:raw:img raw:qcow2:qcow2 qed:qcow2:qcow2; do
+    IFS=: read -r from to ext <<<"$pair"
+    src="$work/cv-src.${from/raw/img}" dest="$work/cv-dest.$ext"
+    cat "$src" >/dev/null
+    o=() t=()
+    for _ in 1 2 3; do
+      rm -f "$dest"; o+=("$(ms bin/imgmount convert -f "$from" -O "$to" "$src" "$dest")")
+      [ "${o[-1]}" = ERR ] || qemu-img compare -q -f "$from" -F "$to" "$src" "$dest" || { note "convert $from -> $to: imgmount's DEST differs from the source"; o[-1]=ERR; }
+      rm -f "$dest"; t+=("$(ms qemu-img convert -f "$from" -O "$to" "$src" "$dest")")
+    done
+    rm -f "$dest"
+    mo=$(median3 "${o[@]}") mt=$(median3 "${t[@]}")
+    echo "convert $from -> $to: imgmount ${o[*]} ms | qemu-img ${t[*]} ms" >>"$work/runs.log"
+    convert_lines+=("$(awk -v n="$from -> $to" -v a="$mo" -v b="$mt" 'BEGIN { r = (a ~ /^[0-9]+$/ && b ~ /^[0-9]+$/ && a > 0) ? sprintf("%.2f", b / a) : "n/a"; printf "%-30s %9s %9s %6s", n, a, b, r }')")
+  done
+fi
+
 printf '\n%s; %s cores, Linux %s, Node %s, %s\n' "$(date -u '+%Y-%m-%d %H:%M UTC')" "$(nproc)" "$(uname -r)" \
   "$(node --version)" "$(qemu-storage-daemon --version | head -n 1 | sed 's/ (.*//')"
 printf 'fio, psync, O_DIRECT, %s MiB images (qed: 4k random I/O and sequential read over the written half),\n' "$size_mb"
@@ -479,6 +509,11 @@ if [ ${#check_lines[@]} -gt 0 ]; then
   printf '\ncheck, whole command in ms (median of 3 alternating runs); ratio qemu-img/imgmount, higher is better\n'
   printf '%-30s %9s %9s %6s\n' "image" "imgmount" "qemu-img" "ratio"
   for l in "${check_lines[@]}"; do echo "$l"; done
+fi
+if [ ${#convert_lines[@]} -gt 0 ]; then
+  printf '\nconvert of %s MiB images (half written), whole command in ms (median of 3 alternating runs); ratio qemu-img/imgmount, higher is better\n' "$size_mb"
+  printf '%-30s %9s %9s %6s\n' "conversion" "imgmount" "qemu-img" "ratio"
+  for l in "${convert_lines[@]}"; do echo "$l"; done
 fi
 echo
 [ -s "$work/verify.log" ] && cat "$work/verify.log"

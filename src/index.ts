@@ -1,6 +1,6 @@
 /**
  * imgmount as a library: the block layer's public API, wired to the default
- * list of formats. `openImage`, `createImage`, `checkImage` and `resizeImage` here take the
+ * list of formats. `openImage`, `createImage`, `checkImage`, `resizeImage` and `convertImage` here take the
  * same options as the block layer's, with `formats` optional.
  */
 import * as block from './block/index.js';
@@ -15,6 +15,7 @@ type WithDefaultFormats<T extends { formats: block.FormatList }> = Omit<T, 'form
 export type OpenImageOptions = WithDefaultFormats<block.OpenImageOptions>;
 export type CreateImageOptions = WithDefaultFormats<block.CreateImageOptions>;
 export type CheckImageOptions = WithDefaultFormats<block.CheckImageOptions>;
+export type ConvertImageOptions = WithDefaultFormats<block.ConvertImageOptions>;
 export type ResizeImageOptions = WithDefaultFormats<resizing.ResizeImageOptions>;
 export type { ResizeReport, ResizeTarget } from './block/open.js';
 
@@ -36,4 +37,9 @@ export function checkImage(path: string, options: CheckImageOptions = {}): Promi
 /** Changes an image's virtual size (qemu-img resize); a shrink needs `shrink: true`. */
 export function resizeImage(path: string, size: resizing.ResizeTarget, options: ResizeImageOptions = {}): Promise<resizing.ResizeReport> {
   return resizing.resizeImage(path, size, { ...options, formats: options.formats ?? defaultFormats });
+}
+
+/** Converts an image to another format (qemu-img convert): a new destination, or an existing one with `existing`. */
+export function convertImage(source: string, dest: string, options: ConvertImageOptions): Promise<block.ConvertReport> {
+  return block.convertImage(source, dest, { ...options, formats: options.formats ?? defaultFormats });
 }

@@ -141,6 +141,29 @@ async function reference(original: string[], columns = 100): Promise<Outcome> {
         format: args.format,
         shrink: args.shrink,
       }))
+    .command('convert <source> <dest>', 'copy an image into a new image of another format (like qemu-img convert); holes stay holes', (y: any) => y
+          .positional('source', { type: 'string', demandOption: true, describe: 'image to read (its whole backing chain)' })
+          .positional('dest', { type: 'string', demandOption: true, describe: 'image to write' })
+          .option('format', { alias: 'f', type: 'string', describe: `source format (${readable}); no probing` })
+          .option('output-format', { alias: 'O', type: 'string', default: 'raw', describe: `destination format (${creatable})` })
+          .option('options', { alias: 'o', type: 'string', describe: 'destination format options, as for create -o (repeatable)' })
+          .option('compress', { alias: 'c', type: 'boolean', default: false, describe: 'compress the destination where its format can' })
+          .option('progress', { alias: 'p', type: 'boolean', default: false, describe: 'show a progress bar on stderr' })
+          .option('skip-create', { alias: 'n', type: 'boolean', default: false, describe: 'write into the existing dest instead of creating it (at least as large as source)' })
+          .option('sparse-size', { alias: 'S', type: 'string', describe: 'zero runs of this size in data are not written (default 4k; 0: write everything)' })
+          .option('snapshot', { alias: 'l', type: 'string', describe: 'convert this internal snapshot: snapshot.name=NAME, snapshot.id=ID, or an id or name' })
+          .option('backing', { alias: 'B', type: 'string', describe: "create dest over this backing file (same content as the source's backing chain): only the source's top image is copied" })
+          .option('backing-format', { alias: 'F', type: 'string', describe: `format of the -B backing file (${readable})` })
+          .option('parallel', { alias: 'm', type: 'string', describe: 'requests in flight, 1..16 (default 8)' })
+          .option('force', { type: 'boolean', default: false, describe: 'overwrite an existing dest (qemu-img does so silently)' })
+          .option('allow-files', { type: 'string', describe: ALLOW_FILES_HELP })
+          .option('filter', { type: 'string', describe: FILTER_HELP }),
+      (args: any) => run('convert')({
+        source: args.source, dest: args.dest, format: args.format, outputFormat: args['output-format'], options: asList(args.options),
+        compress: args.compress, progress: args.progress, existing: args['skip-create'], sparseSize: args['sparse-size'], snapshot: args.snapshot,
+        backing: args.backing, backingFormat: args['backing-format'], parallel: args.parallel, force: args.force,
+        allowFiles: asList(args['allow-files']), filters: asList(args.filter),
+      }))
     .command('map <file>', 'show where the guest bytes live, data, zero or unallocated, down the backing chain (like qemu-img map)', (y: any) => y
           .positional('file', { type: 'string', demandOption: true })
           .option('format', { alias: 'f', type: 'string', describe: `image format (${readable}); no probing` })
@@ -203,6 +226,13 @@ async function expectSame(argv: string[], columns = 100): Promise<void> {
 
 const corpus: string[][] = [
   [],
+  ['convert', 'a.qcow2', 'b.qed'],
+  ['convert', '-O', 'qed', '-f', 'qcow2', '-o', 'cluster_size=4096', '-o', 'table_size=2', 'a', 'b'],
+  ['convert', '-pcn', '-S', '0', '-m', '4', '-l', 'snapshot.name=s', 'a', 'b'],
+  ['convert', '-B', 'base.raw', '-F', 'raw', '--force', '--filter', 'blkdebug:event=read_aio,errno=5', 'a', 'b'],
+  ['convert', 'a'],
+  ['convert', 'a', 'b', 'c'],
+  ['convert', '--no-skip-create', '--sparse-size=4k', '--output-format=raw', 'a', 'b'],
   ['disk.qed', '/mnt/x'],
   ['-r', 'a.qed', 'b.qcow2', '/mnt/x'],
   ['--read-only', '-f', 'qed', '--name', 'x.raw', 'a', 'm'],
@@ -349,6 +379,8 @@ const helps: string[][] = [
   ['resize', '--help'],
   ['resize', 'a', '-h', '-1G'],
   ['map', '--help'],
+  ['convert', '--help'],
+  ['convert', '-h', 'a', 'b'],
   ['unmount', '--help'],
   ['a', 'b', '--help'],
   ['--bogus', '--help'],
@@ -382,6 +414,7 @@ describe('the command-line parser gives what yargs gave', () => {
       '--cache-size', '--idle-clean', '--filter', 'blkdebug:event=l2_update,errno=5', '--options', '--unmount', '--backing', '--backing-format', '--bogus', '--no-bogus', '--a-b',
       '--help', '-5', '12', 'ro,nonempty', 'leaks', 'all', '-r=all', '--repair=leaks', '--no-repair',
       'resize', '--shrink', '+1G',
+      'convert', '-O', '-n', '-p', '-c', '-S', '-l', '-B', '-m', '--skip-create', '--output-format',
     );
     await fc.assert(
       fc.asyncProperty(fc.array(token, { maxLength: 7 }), async (argv) => {

@@ -203,6 +203,19 @@ export class BlockImage {
     await this.writing(() => (guard ? guard(offset, buffer, () => write(offset, buffer)) : write(offset, buffer)));
   }
 
+  /** True when the format writes compressed clusters (writeCompressed). */
+  get canWriteCompressed(): boolean {
+    return this.image.writeCompressed !== undefined;
+  }
+
+  /** Writes one whole cluster compressed (convert -c), into a cluster holding no data yet; EOPNOTSUPP when the format cannot. */
+  writeCompressed(offset: GuestOffset, buffer: Buffer): Promise<void> {
+    const compressed = this.image.writeCompressed?.bind(this.image);
+    const request = () => this.optionalWrite('compressed write', offset, buffer.length, compressed && ((at) => compressed(at, buffer)));
+    if (this.filters.length === 0) return this.track(request);
+    return this.track(() => this.filtered(request(), (filter) => filter.afterWrite?.(offset, buffer)));
+  }
+
   /** Makes [offset, offset + length) read as zeros; EOPNOTSUPP when the format cannot. */
   zero(offset: GuestOffset, length: number): Promise<void> {
     return this.track(() => this.changed(this.optionalWrite('zero', offset, length, this.image.zero?.bind(this.image)), offset, length));
@@ -220,7 +233,7 @@ export class BlockImage {
   }
 
   private async optionalWrite(
-    operation: 'zero' | 'discard',
+    operation: 'zero' | 'discard' | 'compressed write',
     offset: GuestOffset,
     length: number,
     run: ((offset: GuestOffset, length: number) => Promise<void>) | undefined,

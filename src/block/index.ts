@@ -4,6 +4,8 @@
  * passes in (src/index.ts wires the default one).
  */
 export { openImage, createImage, checkImage, MAX_CHAIN_DEPTH, NoCheckError, NO_CHECK_EXIT_STATUS } from './open.js';
+export { convertImage, DEFAULT_SPARSE_SIZE, DEFAULT_PARALLEL, MAX_PARALLEL, MAX_SPARSE_SIZE } from './convert.js';
+export type { ConvertImageOptions, ConvertReport } from './convert.js';
 export { resolveBackingName } from './backing-name.js';
 export type { OpenImageOptions, CreateImageOptions, CheckImageOptions, CheckReport } from './open.js';
 export { BlockImage } from './image.js';

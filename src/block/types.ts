@@ -120,6 +120,12 @@ export interface FormatImage {
    * Missing: the format cannot write, and its images open read-only.
    */
   write?(offset: GuestOffset, data: Buffer): Promise<void>;
+  /**
+   * Writes one whole cluster (`data` from a cluster-aligned `offset`, shorter only at the
+   * end of the image) compressed, into a cluster that holds no data yet (qemu-img convert -c).
+   * Missing: the format does not write compressed clusters.
+   */
+  writeCompressed?(offset: GuestOffset, data: Buffer): Promise<void>;
   /** Makes [offset, offset + length) read as zeros (range checked). Missing: EOPNOTSUPP, the image stays writable. */
   zero?(offset: GuestOffset, length: number): Promise<void>;
   /** Lets the format free [offset, offset + length); it then reads as zeros or as the backing file. Missing: EOPNOTSUPP. */

@@ -5,6 +5,7 @@
  */
 import type { CommandSpec, Parsed, Program, Value } from './args.js';
 import type { CheckArguments } from './check.js';
+import type { ConvertArguments } from './convert.js';
 import type { CreateArguments } from './create.js';
 import type { InfoArguments } from './info.js';
 import type { MapArguments } from './map.js';
@@ -117,6 +118,31 @@ export function program(formats: FormatNames = { readable: '', creatable: '' }):
         ],
       },
       {
+        name: 'convert',
+        usage: 'convert <source> <dest>',
+        describe: 'copy an image into a new image of another format (like qemu-img convert); holes stay holes',
+        positionals: [
+          { name: 'source', describe: 'image to read (its whole backing chain)' },
+          { name: 'dest', describe: 'image to write' },
+        ],
+        options: [
+          { name: 'format', alias: 'f', type: 'string', describe: `source format (${readable}); no probing` },
+          { name: 'output-format', alias: 'O', type: 'string', default: 'raw', describe: `destination format (${creatable})` },
+          { name: 'options', alias: 'o', type: 'string', describe: 'destination format options, as for create -o (repeatable)' },
+          { name: 'compress', alias: 'c', type: 'boolean', default: false, describe: 'compress the destination where its format can' },
+          { name: 'progress', alias: 'p', type: 'boolean', default: false, describe: 'show a progress bar on stderr' },
+          { name: 'skip-create', alias: 'n', type: 'boolean', default: false, describe: 'write into the existing dest instead of creating it (at least as large as source)' },
+          { name: 'sparse-size', alias: 'S', type: 'string', describe: 'zero runs of this size in data are not written (default 4k; 0: write everything)' },
+          { name: 'snapshot', alias: 'l', type: 'string', describe: 'convert this internal snapshot: snapshot.name=NAME, snapshot.id=ID, or an id or name' },
+          { name: 'backing', alias: 'B', type: 'string', describe: "create dest over this backing file (same content as the source's backing chain): only the source's top image is copied" },
+          { name: 'backing-format', alias: 'F', type: 'string', describe: `format of the -B backing file (${readable})` },
+          { name: 'parallel', alias: 'm', type: 'string', describe: 'requests in flight, 1..16 (default 8)' },
+          { name: 'force', type: 'boolean', default: false, describe: 'overwrite an existing dest (qemu-img does so silently)' },
+          { name: 'allow-files', type: 'string', describe: ALLOW_FILES_HELP },
+          { name: 'filter', type: 'string', describe: FILTER_HELP },
+        ],
+      },
+      {
         name: 'map',
         usage: 'map <file>',
         describe: 'show where the guest bytes live, data, zero or unallocated, down the backing chain (like qemu-img map)',
@@ -187,6 +213,7 @@ export type Invocation =
   | { command: 'info'; args: InfoArguments }
   | { command: 'check'; args: CheckArguments }
   | { command: 'map'; args: MapArguments }
+  | { command: 'convert'; args: ConvertArguments }
   | { command: 'resize'; args: ResizeArguments }
   | { command: 'mount'; args: MountArguments }
   | { command: 'unmount'; args: { mountpoint: string } };
@@ -241,6 +268,28 @@ export function invocation({ command, options: o, positionals: p }: Parsed): Inv
           snapshot: text(o.snapshot),
           allowFiles: asList(o['allow-files']),
           output: o.output as MapArguments['output'],
+          filters: asList(o.filter),
+        },
+      };
+    case 'convert':
+      return {
+        command: 'convert',
+        args: {
+          source: p.source as string,
+          dest: p.dest as string,
+          format: text(o.format),
+          outputFormat: text(o['output-format'])!,
+          options: asList(o.options),
+          compress: flag(o.compress)!,
+          progress: flag(o.progress)!,
+          existing: flag(o['skip-create'])!,
+          sparseSize: text(o['sparse-size']),
+          snapshot: text(o.snapshot),
+          backing: text(o.backing),
+          backingFormat: text(o['backing-format']),
+          parallel: text(o.parallel),
+          force: flag(o.force)!,
+          allowFiles: asList(o['allow-files']),
           filters: asList(o.filter),
         },
       };

@@ -7,6 +7,7 @@ import { readFileSync } from 'node:fs';
 import { parseCommandLine } from './args.js';
 import type { CheckArguments } from './check.js';
 import { HELP_FORMAT_NAMES, invocation, program } from './commands.js';
+import type { ConvertArguments } from './convert.js';
 import type { CreateArguments } from './create.js';
 import { ExitError, reportError } from './errors.js';
 import type { InfoArguments } from './info.js';
@@ -17,6 +18,7 @@ import type { ResizeArguments } from './resize.js';
 // Each command's module (the block layer, FUSE, cli-progress) loads only when used, so
 // `imgmount --version` and `--help` start about as fast as node itself.
 const runCheck = async (args: CheckArguments) => (await import('./check.js')).runCheck(args);
+const runConvert = async (args: ConvertArguments) => (await import('./convert.js')).runConvert(args);
 const runCreate = async (args: CreateArguments) => (await import('./create.js')).runCreate(args);
 const runInfo = async (args: InfoArguments) => (await import('./info.js')).runInfo(args);
 const runMap = async (args: MapArguments) => (await import('./map.js')).runMap(args);
@@ -59,6 +61,8 @@ export async function main(argv: string[]): Promise<void> {
       return runCheck(call.args);
     case 'map':
       return runMap(call.args);
+    case 'convert':
+      return runConvert(call.args);
     case 'resize':
       return runResize(call.args);
     case 'mount':

@@ -54,6 +54,7 @@ import { Qcow2Image, type Qcow2Parts } from './image.js';
 import { PendingLinks } from './pending-links.js';
 import { Refcounts } from './refcounts.js';
 import { dropBitmaps } from './bitmap-release.js';
+import { CompressedWriter } from './compressed-write.js';
 
 const log = createDebug('imgmount:qcow2');
 
@@ -108,6 +109,8 @@ export class WritableQcow2Image extends Qcow2Image {
   /** L2 entries set in memory whose disk write waits for the next flush of the file (`persistLinks`). */
   private readonly pending: PendingLinks;
   private linkTimer: NodeJS.Timeout | undefined;
+  /** Compressed writes (compressed-write.ts), made on the first one. */
+  private compressed: CompressedWriter | undefined;
 
   private constructor(
     parts: Qcow2Parts,
@@ -220,6 +223,28 @@ export class WritableQcow2Image extends Qcow2Image {
     }
     if (metadata.length > 0) parts.push(this.zeroUnderLock(metadata));
     await settleAll(parts);
+  }
+
+  /** Writes one whole guest cluster compressed, into an unallocated cluster only (compressed-write.ts). */
+  async writeCompressed(offset: number, data: Buffer): Promise<void> {
+    this.assertWritable();
+    this.compressed ??= new CompressedWriter({
+      file: this.file,
+      geometry: this.geometry,
+      refcounts: this.refcounts,
+      compressionType: this.header.compressionType,
+      virtualSize: this.virtualSize,
+      hasDataFile: this.dataFile !== undefined,
+      underLock: (change) => this.underLock(change),
+      ownedTable: (l1Index) => this.ownedTable(l1Index),
+      link: (table, first, entries) => this.link(table, first, entries, [], true),
+      markDirty: () => this.markDirty(),
+      grew: () => {
+        this.fileSize = Math.max(this.fileSize, this.refcounts.endOffset);
+      },
+      writePlain: (at, bytes) => this.write(at, bytes),
+    });
+    await this.compressed.write(offset, data);
   }
 
   /** Discard reads as zeros afterwards here, as a punched hole must: the same as zero. */
@@ -595,6 +620,7 @@ export class WritableQcow2Image extends Qcow2Image {
   private async release(slot: Slot): Promise<void> {
     const kind = this.kindOf(slot);
     if (kind === Kind.Compressed) {
+      this.compressed?.forget();
       const { hostOffset, length } = this.geometry.compressedExtent(slot.high, slot.low);
       await this.refcounts.decrement(hostOffset - (hostOffset % 512), length + (hostOffset % 512));
     } else if ((kind === Kind.Normal || kind === Kind.Zero || this.geometry.extendedL2) && offsetBits(slot.high, slot.low) > 0) {
