@@ -5,9 +5,8 @@
 # scripts/soak.sh, and the benchmark), build-essential and
 # python3 (node-gyp builds the native addon, native/imgmount.c: a C compiler,
 # g++ as gyp's linker, make, the libc and kernel headers), then the npm
-# packages, and builds; also the readers the format tests compare with where qemu-img
-# 7.2 cannot read a format (python3-libvhdi for VHDX and differencing VHD). Idempotent:
-# installs only what is missing.
+# packages, and builds; also the tools the format tests make or read images with where
+# qemu-img 7.2 cannot (listed below). Idempotent: installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,7 +18,14 @@ command -v losetup >/dev/null || need+=(util-linux)
 command -v fio >/dev/null || need+=(fio)
 { command -v gcc && command -v g++ && command -v make && [ -f /usr/include/linux/fuse.h ]; } >/dev/null || need+=(build-essential)
 command -v python3 >/dev/null || need+=(python3)
-# The oracles of formats qemu-img 7.2 cannot read or make (test/vhdx.test.ts, test/vpc*.test.ts).
+# What the format tests make images with, or compare with, where qemu-img 7.2 cannot
+# (bochs, cloop, DMG, differencing VHD and VHDX): bximage, create_compressed_fs, dmg2img
+# and bzip2 (test/helpers/dmg-writer.ts), vhdiinfo/vhdimount and libvhdi's Python module.
+command -v bximage >/dev/null || need+=(bximage)
+command -v create_compressed_fs >/dev/null || need+=(cloop-utils)
+command -v dmg2img >/dev/null || need+=(dmg2img)
+command -v bzip2 >/dev/null || need+=(bzip2)
+command -v vhdimount >/dev/null || need+=(libvhdi-utils)
 /usr/bin/python3 -c 'import pyvhdi' 2>/dev/null || need+=(python3-libvhdi)
 if [ "${IMGMOUNT_BENCH_DEPS:-0}" = 1 ]; then
   command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-common)
