@@ -8,7 +8,7 @@ import { readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { convertImage, openImage } from '../src/index.js';
-import { FORMATS, KiB, MiB, built, randomBytes, type FormatEntry, type Shape } from './helpers/formats.js';
+import { FORMATS, KiB, MiB, built, oracleRaw, randomBytes, type FormatEntry, type Shape } from './helpers/formats.js';
 import { makeTempDir, qemuImg, qemuIo, qemuMap, run } from './helpers/qemu.js';
 import { TARGETS, TIMEOUT, compare, compressedRuns, dataRanges, expectCheckClean, expectHolesKept, qemuQcow2 } from './helpers/convert.js';
 
@@ -32,7 +32,8 @@ describe('convert -c: compressed clusters', () => {
         await compare(image.path, entry.name, dest, target, image.qemuCwd);
         await expectCheckClean(dest, target);
         await expectHolesKept(image, dest, target);
-        const sourceHasData = dataRanges(await qemuMap(image.path, entry.name, { cwd: image.qemuCwd })).length > 0;
+        // Data that is not all zeros (qemu-img map calls every byte of a bochs or vhdx image data, zeros too; zeros are not compressed).
+        const sourceHasData = (await readFile(await oracleRaw(image))).some((byte) => byte !== 0);
         if (sourceHasData) expect(compressedRuns(await qemuMap(dest, target)).length, `${dest} shows no compressed cluster`).toBeGreaterThan(0);
       }
     });

@@ -6,9 +6,14 @@
  * `plist.parse`, because that one lets xmldom print every syntax error of a
  * damaged image to the console; here the first error stops parsing and
  * becomes the thrown message; a document of more than MAX_TAGS elements is
- * refused before parsing (memory). Pure function; no state.
+ * refused before parsing (memory). xmldom is loaded when a DMG is first
+ * opened, not with the list of formats (it took 14 ms of every command's start).
+ * Pure function; the loaded module is kept.
  */
-import { DOMParser } from '@xmldom/xmldom';
+import { createRequire } from 'node:module';
+
+type XmlDom = typeof import('@xmldom/xmldom');
+let xmldom: XmlDom | undefined;
 
 export type PlistValue = string | number | boolean | Buffer | PlistValue[] | { [key: string]: PlistValue };
 
@@ -79,7 +84,8 @@ export function parsePlistXml(xml: string): PlistValue {
   for (let at = xml.indexOf('<'); at !== -1; at = xml.indexOf('<', at + 1)) {
     if (++tags > 2 * MAX_TAGS) throw new Error(`it has more than ${MAX_TAGS} elements`);
   }
-  const parser = new DOMParser({
+  xmldom ??= createRequire(import.meta.url)('@xmldom/xmldom') as XmlDom;
+  const parser = new xmldom.DOMParser({
     onError(level: string, message: string) {
       if (level !== 'warning') throw new Error(message);
     },
