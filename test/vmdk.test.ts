@@ -395,6 +395,33 @@ describe.skipIf(skipWithoutQemu('vmdk'))('vmdk', () => {
     });
   });
 
+  it('a differencing image whose parent was written since (a new CID): info works, reads and writes are refused, as qemu refuses reads', TIMEOUT, async () => {
+    const dir = await makeTempDir();
+    const base = join(dir, 'base.vmdk');
+    const top = join(dir, 'top.vmdk');
+    await qemuImg(['create', '-q', '-f', 'vmdk', base, '4M']);
+    await qemuIo(base, ['write -P 0x11 0 64k'], 'vmdk');
+    await qemuImg(['create', '-q', '-f', 'vmdk', '-b', 'base.vmdk', '-F', 'vmdk', top], { cwd: dir });
+    await qemuIo(top, ['write -P 0x22 1M 64k'], 'vmdk');
+    // Made over this parent: reads like qemu.
+    const expected = await qemuConvertToRaw(top, dir, 'vmdk');
+    await withImage(top, { readOnly: true }, async (image) => expect((await readAll(image)).equals(expected)).toBe(true));
+
+    await qemuIo(base, ['write -P 0x33 2M 64k'], 'vmdk'); // qemu gives the parent a new CID
+    expect((await qemuImg(['convert', '-f', 'vmdk', '-O', 'raw', top, join(dir, 'after.raw')]).catch((error: Error) => error)) instanceof Error, 'qemu-img refuses to read it too').toBe(true);
+    const before = await readFile(top);
+    const image = await openImage(top);
+    try {
+      expect((await image.info()).backingFilename).toBe('base.vmdk');
+      const read = await refusal(image.read(0, Buffer.alloc(4096)));
+      expect(read.message).toMatch(/its parent .*base\.vmdk is not the image it was made over, or was written since: parentCID is [0-9a-f]+, its CID is [0-9a-f]+/);
+      await refusal(image.write(0, Buffer.alloc(512, 0x44)));
+    } finally {
+      await image.close();
+    }
+    expect((await readFile(top)).equals(before), 'nothing written into the image').toBe(true);
+  });
+
   it('the CLI: info --output=json has qemu-img info\'s keys and values for a differencing sparse image', TIMEOUT, async () => {
     const dir = await makeTempDir();
     const base = join(dir, 'base.vmdk');

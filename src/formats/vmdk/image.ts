@@ -1,12 +1,14 @@
 /**
  * An opened VMDK image: its extents laid end to end (guest offsets), the
  * descriptor's facts for `info` (CID, parentCID, createType), and the parent
- * a differencing image names. map() splits a request at extent boundaries
+ * a differencing image names (and whether it is still the image this one
+ * was made over: verifyBacking). map() splits a request at extent boundaries
  * and asks each extent; decode() hands a compressed grain to the extent that
- * mapped it. Read-only: writing VMDK is not implemented (the driver says so).
+ * mapped it. Writing is writable.ts (monolithicSparse only).
  *
- * Concurrency: no state changes after open; the extents' grain-table caches
- * are safe under concurrent requests (extent.ts).
+ * Concurrency: no state changes after open (verifyBacking runs before any
+ * request); the extents' grain-table caches are safe under concurrent
+ * requests (extent.ts).
  */
 import { CorruptImageError } from '../../block/errors.js';
 import type { BackingReference, EncodedCluster, FormatImage, FormatInfo, Mapping, Protocol } from '../../block/types.js';
@@ -47,7 +49,32 @@ export class VmdkImage implements FormatImage {
     this.virtualSize = at;
   }
 
+  /**
+   * Checks that the parent is the image this one was made over: its CID must be
+   * this image's parentCID (a parent written since has a new CID, and then this
+   * image's grains no longer fit the bytes around them). A mismatch does not
+   * stop the open (info and check still work); every read and write fails with
+   * it, as qemu fails them.
+   */
+  verifyBacking(backing: { path: string; format: string; specific: Record<string, unknown> | undefined }): void {
+    const found = backing.format === 'vmdk' ? backing.specific?.['cid'] : undefined;
+    if (found === this.descriptor.parentCid) return;
+    const theirs = typeof found === 'number' ? `its CID is ${found.toString(16)}` : `it has no VMDK CID (${backing.format})`;
+    this.parentMismatch =
+      `${this.file.path}: its parent ${backing.path} is not the image it was made over, or was written since: ` +
+      `parentCID is ${this.descriptor.parentCid.toString(16)}, ${theirs}; reads and writes are refused (as qemu refuses them)`;
+  }
+
+  /** Set by verifyBacking: why no read or write may use this image's parent. */
+  protected parentMismatch: string | undefined;
+
+  /** Throws when the parent is not the one this image was made over (verifyBacking). */
+  protected assertParent(): void {
+    if (this.parentMismatch !== undefined) throw new CorruptImageError(this.parentMismatch);
+  }
+
   async map(offset: number, length: number): Promise<Mapping[]> {
+    this.assertParent();
     const runs: Mapping[] = [];
     const end = offset + length;
     let index = this.extentAt(offset);

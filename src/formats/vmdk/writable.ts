@@ -82,11 +82,13 @@ export class WritableVmdkImage extends VmdkImage {
   }
 
   async write(offset: number, data: Buffer): Promise<void> {
+    this.assertParent();
     await this.changing();
     await this.eachExtent(offset, data.length, (extent, at, start, done) => this.writeExtent(extent, at, data.subarray(done, done + Math.min(extent.length - at, data.length - done)), start));
   }
 
   async zero(offset: number, length: number): Promise<void> {
+    this.assertParent();
     await this.changing();
     await this.eachExtent(offset, length, async (extent, at, start, done) => {
       const part = Math.min(extent.length - at, length - done);
