@@ -4,7 +4,9 @@
  * size is rounded up to the CHS geometry that describes it (creator "qemu",
  * read back by the geometry); with it the size is kept (creator "qem2", read
  * back by current_size, the geometry set to the largest). Everything is
- * validated before the file is touched.
+ * validated before the file is touched. With a backing file (`-b`, a VHD)
+ * the disk is differencing (create-differencing.ts) and force_size defaults
+ * to on, so the child keeps its parent's size exactly.
  *
  * Dynamic layout: footer copy at 0, dynamic header at 512, the BAT (all
  * unallocated) at 1536, the footer after it; blocks of 2 MiB are appended
@@ -18,9 +20,10 @@ import { open } from 'node:fs/promises';
 import { hostIoError, InvalidArgumentError } from '../../block/errors.js';
 import type { CreateOptions } from '../../block/types.js';
 import { rejectUnknownOptions } from '../options.js';
+import { locatorsBytes, parentIdentity, writeParent } from './create-differencing.js';
 import { DYNAMIC_COOKIE, DYNAMIC_HEADER_BYTES } from './dynamic-header.js';
 import {
-  calculateGeometry, DISK_DYNAMIC, DISK_FIXED, FOOTER_BYTES, MAX_CHS_SECTORS, MAX_SECTORS, NO_DATA_OFFSET, SECTOR, serializeFooter,
+  calculateGeometry, DISK_DIFFERENCING, DISK_DYNAMIC, DISK_FIXED, FOOTER_BYTES, MAX_CHS_SECTORS, MAX_SECTORS, NO_DATA_OFFSET, SECTOR, serializeFooter,
   VHD_EPOCH, vhdChecksum, type Geometry, type VhdFooter,
 } from './footer.js';
 
@@ -62,10 +65,11 @@ export interface VpcCreatePlan {
 /** Validates the options and returns what to write. */
 export function planCreate(options: CreateOptions): VpcCreatePlan {
   rejectUnknownOptions('vpc', options.options, CREATE_OPTIONS);
-  if (options.backingFile !== undefined) throw new InvalidArgumentError('vpc images cannot be created with a backing file here (differencing VHDs are read-only)');
+  const differencing = options.backingFile !== undefined;
   const subformat = options.options?.subformat ?? 'dynamic';
   if (subformat !== 'dynamic' && subformat !== 'fixed') throw new InvalidArgumentError(`subformat '${subformat}' is not dynamic or fixed`);
-  const forceSize = options.options?.force_size !== undefined ? parseBool(options.options.force_size, 'force_size') : false;
+  if (differencing && subformat === 'fixed') throw new InvalidArgumentError('subformat fixed cannot have a backing file: a VHD over a parent is differencing (subformat dynamic)');
+  const forceSize = options.options?.force_size !== undefined ? parseBool(options.options.force_size, 'force_size') : differencing;
   if (!Number.isSafeInteger(options.size) || options.size < 0) {
     throw new InvalidArgumentError(`size ${options.size} is not a whole non-negative number of bytes`);
   }
@@ -83,7 +87,7 @@ export function planCreate(options: CreateOptions): VpcCreatePlan {
     originalSize: size,
     currentSize: size,
     geometry,
-    diskType: fixed ? DISK_FIXED : DISK_DYNAMIC,
+    diskType: fixed ? DISK_FIXED : differencing ? DISK_DIFFERENCING : DISK_DYNAMIC,
     checksum: 0,
     uuid: Buffer.from(randomUUID().replace(/-/g, ''), 'hex'),
     savedState: 0,
@@ -107,6 +111,7 @@ export function newDynamicHeader(entries: number, blockSize: number): Buffer {
 export async function createVpc(path: string, options: CreateOptions): Promise<void> {
   const plan = planCreate(options);
   const footer = serializeFooter(plan.footer);
+  const parent = options.backingFile !== undefined ? await parentIdentity(path, options.backingFile, options.backingFormat) : undefined;
   try {
     const handle = await open(path, 'w');
     try {
@@ -116,10 +121,13 @@ export async function createVpc(path: string, options: CreateOptions): Promise<v
       } else {
         const entries = Math.ceil(plan.size / DEFAULT_BLOCK_SIZE);
         const tableBytes = Math.ceil((entries * 4) / SECTOR) * SECTOR;
-        const image = Buffer.alloc(TABLE_OFFSET + tableBytes + FOOTER_BYTES, 0xff);
+        const locators = parent ? locatorsBytes(parent) : 0;
+        const image = Buffer.alloc(TABLE_OFFSET + tableBytes + locators + FOOTER_BYTES, 0xff);
         footer.copy(image, 0);
-        newDynamicHeader(entries, DEFAULT_BLOCK_SIZE).copy(image, SECTOR);
-        footer.copy(image, TABLE_OFFSET + tableBytes);
+        const header = newDynamicHeader(entries, DEFAULT_BLOCK_SIZE);
+        if (parent) writeParent(header, image, TABLE_OFFSET + tableBytes, parent);
+        header.copy(image, SECTOR);
+        footer.copy(image, TABLE_OFFSET + tableBytes + locators);
         await handle.write(image, 0, image.length, 0);
       }
       await handle.datasync();

@@ -2,15 +2,20 @@
  * An opened VHD: fixed (guest offset X is host offset X, the footer after the
  * data), dynamic (blocks through the BAT; unallocated blocks read as zeros)
  * or differencing (blocks through the BAT, then each sector through its
- * block's sector bitmap: a clear bit reads from the parent). Writes for fixed
- * and dynamic disks; differencing disks open read-only (no `write`).
+ * block's sector bitmap: a clear bit reads from the parent). Writes for all
+ * three; a differencing disk's writes set the bitmap bits of the sectors they
+ * cover (differencing-write.ts).
  *
  * Like qemu, a dynamic disk's sector bitmaps are not consulted on reads (qemu
  * writes them all ones), so both read the same bytes.
  *
  * Concurrency rules:
  * - Reads (map) take no lock; a BAT entry changes in memory only after the
- *   block it points to is durable and the entry is written.
+ *   block it points to is durable and the entry is written; a cached sector
+ *   bitmap is replaced (never changed in place) only after the sectors it
+ *   newly claims are durable and the bitmap is written.
+ * - Every write of a differencing disk runs under `allocationLock` (its
+ *   bitmap updates are read-modify-write), one block at a time.
  * - Writes into allocated blocks (and fixed disks) go straight to the file.
  * - Block allocation is serialized by `allocationLock`; under it the range is
  *   mapped again, so a block is never allocated twice.
@@ -29,8 +34,9 @@ import { constants as osConstants } from 'node:os';
 import { BlockError, CorruptImageError } from '../../block/errors.js';
 import { announce, flushToDisk } from '../../block/events.js';
 import { settleAll } from '../../block/settle.js';
-import type { BackingReference, FormatImage, FormatInfo, Mapping, Protocol } from '../../block/types.js';
+import type { BackingReader, BackingReference, FormatImage, FormatInfo, Mapping, Protocol } from '../../block/types.js';
 import { UNALLOCATED, type DynamicHeader } from './dynamic-header.js';
+import { writeDifferencing, zeroDifferencing } from './differencing-write.js';
 import { DISK_DIFFERENCING, diskTypeName, SECTOR, uuidText, type SizeSource, type VhdFooter } from './footer.js';
 
 const log = createDebug('imgmount:vpc');
@@ -46,31 +52,39 @@ export interface DynamicParts {
 }
 
 export class VpcImage implements FormatImage {
-  private readonly allocationLock = new Mutex();
+  readonly allocationLock = new Mutex();
   private readonly bitmaps = new Map<number, Promise<Buffer>>();
   private readonly bitmapLimit: number;
   private closed = false;
   private readonly parentUuid: Buffer | undefined;
-  /** Present for fixed and dynamic disks; differencing disks are read-only here. */
-  readonly write?: (offset: number, data: Buffer) => Promise<void>;
-  readonly zero?: (offset: number, length: number) => Promise<void>;
+  /** Reads the parent of a differencing disk (zeros past its end); set by the generic layer. */
+  readBacking: BackingReader | undefined;
+  readonly write: (offset: number, data: Buffer) => Promise<void>;
+  readonly zero: (offset: number, length: number) => Promise<void>;
 
   constructor(
-    private readonly file: Protocol,
+    readonly file: Protocol,
     readonly footer: VhdFooter,
     /** The footer as on disk, rewritten unchanged at the end of the file as it grows. */
     private readonly footerBytes: Buffer,
     readonly virtualSize: number,
     private readonly sizeSource: SizeSource,
-    private readonly dynamic: DynamicParts | undefined,
+    readonly dynamic: DynamicParts | undefined,
     readonly backing: BackingReference | undefined,
   ) {
     this.bitmapLimit = dynamic ? Math.max(4, Math.floor(BITMAP_CACHE_BYTES / dynamic.header.bitmapBytes)) : 0;
     this.parentUuid = footer.diskType === DISK_DIFFERENCING ? dynamic?.header.parentUuid : undefined;
-    if (footer.diskType !== DISK_DIFFERENCING) {
+    if (footer.diskType === DISK_DIFFERENCING) {
+      this.write = (offset, data) => writeDifferencing(this, offset, data);
+      this.zero = (offset, length) => zeroDifferencing(this, offset, length);
+    } else {
       this.write = (offset, data) => this.writeGuest(offset, data);
       this.zero = (offset, length) => this.zeroGuest(offset, length);
     }
+  }
+
+  attachBacking(reader: BackingReader | undefined): void {
+    this.readBacking = reader;
   }
 
   async map(offset: number, length: number): Promise<Mapping[]> {
@@ -109,8 +123,12 @@ export class VpcImage implements FormatImage {
     }
   }
 
-  /** The sector bitmap at sector `entry`, from a small LRU cache (read-only disks only, so never stale). */
-  private bitmap(entry: number): Promise<Buffer> {
+  /**
+   * The sector bitmap at sector `entry`, from a small LRU cache. Callers never
+   * change the buffer: a writer copies it and puts the copy in with setBitmap
+   * once it is on disk, so the cache is never stale.
+   */
+  bitmap(entry: number): Promise<Buffer> {
     let loading = this.bitmaps.get(entry);
     if (loading) {
       this.bitmaps.delete(entry);
@@ -126,6 +144,13 @@ export class VpcImage implements FormatImage {
     this.bitmaps.set(entry, loading);
     if (this.bitmaps.size > this.bitmapLimit) this.bitmaps.delete(this.bitmaps.keys().next().value!);
     return loading;
+  }
+
+  /** Replaces the cached bitmap of the block at sector `entry` (already written to the file). */
+  setBitmap(entry: number, bitmap: Buffer): void {
+    this.bitmaps.delete(entry);
+    this.bitmaps.set(entry, Promise.resolve(bitmap));
+    if (this.bitmaps.size > this.bitmapLimit) this.bitmaps.delete(this.bitmaps.keys().next().value!);
   }
 
   private async writeGuest(offset: number, data: Buffer): Promise<void> {
@@ -157,15 +182,19 @@ export class VpcImage implements FormatImage {
           announce(this.file, 'write_aio');
           await this.file.write(run!.hostOffset, part);
         } else {
-          await this.allocateBlock(index, pos - index * blockSize, part);
+          await this.allocateBlock(index, pos - index * blockSize, part, Buffer.alloc(this.dynamic!.header.bitmapBytes, 0xff));
         }
         pos = end;
       }
     });
   }
 
-  /** Allocates block `index` at the end of the file with `data` at `inBlock`; the rest of the block is a hole (zeros). */
-  private async allocateBlock(index: number, inBlock: number, data: Buffer): Promise<void> {
+  /**
+   * Allocates block `index` at the end of the file with `data` at `inBlock` and
+   * `bitmap` as its sector bitmap; the rest of the block is a hole (zeros).
+   * Called under `allocationLock`. Returns the block's BAT entry (its sector).
+   */
+  async allocateBlock(index: number, inBlock: number, data: Buffer, bitmap: Buffer): Promise<number> {
     const dynamic = this.dynamic!;
     const { bitmapBytes, blockSize, tableOffset } = dynamic.header;
     const start = dynamic.allocationEnd;
@@ -174,7 +203,7 @@ export class VpcImage implements FormatImage {
     await this.file.write(end, this.footerBytes);
     announce(this.file, 'write_aio');
     await this.file.write(start + bitmapBytes + inBlock, data);
-    await this.file.write(start, Buffer.alloc(bitmapBytes, 0xff));
+    await this.file.write(start, bitmap);
     await flushToDisk(this.file);
     const entry = Buffer.alloc(4);
     entry.writeUInt32BE(start / SECTOR);
@@ -186,9 +215,11 @@ export class VpcImage implements FormatImage {
       dynamic.allocationEnd = end;
       throw error;
     }
+    if (this.backing) this.setBitmap(start / SECTOR, bitmap);
     dynamic.bat[index] = start / SECTOR;
     dynamic.allocationEnd = end;
     log('%s: block %d allocated at %d', this.file.path, index, start);
+    return start / SECTOR;
   }
 
   /**
@@ -244,7 +275,7 @@ export class VpcImage implements FormatImage {
     return { clusterSize: this.dynamic?.header.blockSize, dirty: false, specific };
   }
 
-  private assertOpen(): void {
+  assertOpen(): void {
     if (this.closed) throw new BlockError(`${this.file.path}: image is closed`, osConstants.errno.EBADF);
   }
 }

@@ -2,7 +2,7 @@
  * The VHD ("vpc", qemu's name) format driver: fixed, dynamic and
  * differencing disks (docs/formats/vpc.md). Probe here, opening in open.ts,
  * the I/O path in image.ts, creating in create.ts. Differencing disks name
- * their parent (a VHD) through the generic backing chain and open read-only.
+ * their parent (a VHD) through the generic backing chain; `create -b` makes one.
  *
  * Concurrency: the probe is pure; see image.ts for the opened image.
  */

@@ -21,9 +21,6 @@ import { VpcImage } from './image.js';
 
 const log = createDebug('imgmount:vpc');
 
-/** Why differencing disks open read-only. */
-export const DIFFERENCING_READ_ONLY = 'writing differencing VHDs is not supported; they open read-only';
-
 /** The open options vpc takes (qemu's names). */
 export const OPEN_OPTIONS = ['force_size_calc'] as const;
 
@@ -92,7 +89,6 @@ export async function openVpc(file: Protocol, options: OpenOptions): Promise<For
   let backing: BackingReference | undefined;
   if (differencing) {
     backing = { filename: await parentName(file, header), format: 'vpc' };
-    if (!file.readOnly) (options.notice ?? ((line: string) => log(line)))(`${file.path}: opened read-only: ${DIFFERENCING_READ_ONLY}`);
   }
   return new VpcImage(file, footer, bytes, size, source, { header, bat, allocationEnd }, backing);
 }

@@ -1,0 +1,117 @@
+/**
+ * Writing a differencing VHD: guest bytes go into this image's blocks and the
+ * block's sector bitmap gets the bits of exactly the sectors written (a set
+ * bit reads this image, a clear one the parent). Writes are byte-granular, the
+ * bitmap is per sector: the untouched bytes of a partly written sector that
+ * this image does not own yet are copied up from the parent (never zeros), and
+ * those of a sector it owns are read back from this image.
+ *
+ * - Unallocated block: allocated as in a dynamic disk (image.ts allocateBlock:
+ *   footer at the new end, data, bitmap with only the written sectors' bits,
+ *   fdatasync, BAT entry), so a crash leaves the block wholly old or wholly new.
+ * - Allocated block: the sector-aligned data is written, and when it claims
+ *   sectors the bitmap did not have, fdatasync, then the changed bitmap
+ *   sectors. A crash before the bitmap reaches the disk reads the parent for
+ *   those sectors (old bytes), never unwritten data.
+ * - Zeroing writes zeros (they must hide the parent's bytes); discard is not
+ *   offered: freeing a sector would show the parent's bytes again.
+ *
+ * Concurrency: every write runs under the image's `allocationLock` (bitmap
+ * updates are read-modify-write), one block at a time; readers never take it
+ * (image.ts swaps in a new bitmap only once it is on disk).
+ */
+import createDebug from 'debug';
+import { constants as osConstants } from 'node:os';
+import { BlockError } from '../../block/errors.js';
+import { announce, flushToDisk } from '../../block/events.js';
+import { UNALLOCATED } from './dynamic-header.js';
+import { SECTOR } from './footer.js';
+import type { VpcImage } from './image.js';
+
+const log = createDebug('imgmount:vpc');
+
+/** Largest piece of zeros written at once by zeroDifferencing. */
+const ZERO_PIECE = 1024 * 1024;
+
+function hasBit(bitmap: Buffer | undefined, sector: number): boolean {
+  return bitmap !== undefined && (bitmap[sector >> 3]! & (0x80 >> (sector & 7))) !== 0;
+}
+
+export async function writeDifferencing(image: VpcImage, offset: number, data: Buffer): Promise<void> {
+  image.assertOpen();
+  if (data.length === 0) return;
+  const { blockSize } = image.dynamic!.header;
+  await image.allocationLock.runExclusive(async () => {
+    image.assertOpen();
+    const end = offset + data.length;
+    for (let pos = offset; pos < end; ) {
+      const index = Math.floor(pos / blockSize);
+      const blockEnd = Math.min(end, (index + 1) * blockSize);
+      await writeInBlock(image, index, pos, data.subarray(pos - offset, blockEnd - offset));
+      pos = blockEnd;
+    }
+  });
+}
+
+/** Zeroing: zeros are written (and their sectors owned), so the parent's bytes no longer show. */
+export async function zeroDifferencing(image: VpcImage, offset: number, length: number): Promise<void> {
+  const piece = Buffer.alloc(Math.min(length, ZERO_PIECE));
+  for (let pos = offset; pos < offset + length; pos += piece.length) {
+    await writeDifferencing(image, pos, piece.subarray(0, Math.min(piece.length, offset + length - pos)));
+  }
+}
+
+/** Writes `part` at guest offset `pos`, all inside block `index`. Under the allocation lock. */
+async function writeInBlock(image: VpcImage, index: number, pos: number, part: Buffer): Promise<void> {
+  const { file } = image;
+  const dynamic = image.dynamic!;
+  const { blockSize, bitmapBytes } = dynamic.header;
+  const blockStart = index * blockSize;
+  const first = Math.floor((pos - blockStart) / SECTOR);
+  const partEnd = pos + part.length - blockStart;
+  const last = Math.ceil(partEnd / SECTOR); // exclusive
+  const alignedStart = blockStart + first * SECTOR;
+  const buffer = Buffer.alloc((last - first) * SECTOR);
+  const entry = dynamic.bat[index]!;
+  const old = entry === UNALLOCATED ? undefined : await image.bitmap(entry);
+  const dataBase = entry * SECTOR + bitmapBytes;
+
+  // A partly written sector keeps the bytes it reads now: this image's if its bit is set, else the parent's.
+  const fill = async (sector: number): Promise<void> => {
+    const piece = buffer.subarray((sector - first) * SECTOR, (sector - first + 1) * SECTOR);
+    if (hasBit(old, sector)) {
+      await file.read(dataBase + sector * SECTOR, piece);
+      return;
+    }
+    if (!image.readBacking) throw new BlockError(`${file.path}: cannot write part of a sector of a differencing VHD without its parent open`, osConstants.errno.EIO);
+    await image.readBacking(blockStart + sector * SECTOR, piece);
+  };
+  const headPartial = pos > alignedStart;
+  const tailPartial = partEnd % SECTOR !== 0;
+  if (headPartial) await fill(first);
+  if (tailPartial && (last - 1 !== first || !headPartial)) await fill(last - 1);
+  part.copy(buffer, pos - alignedStart);
+
+  const bitmap = old ? Buffer.from(old) : Buffer.alloc(bitmapBytes);
+  let claimed = 0;
+  for (let sector = first; sector < last; sector++) {
+    if (hasBit(bitmap, sector)) continue;
+    bitmap[sector >> 3]! |= 0x80 >> (sector & 7);
+    claimed++;
+  }
+  if (entry === UNALLOCATED) {
+    await image.allocateBlock(index, first * SECTOR, buffer, bitmap);
+    return;
+  }
+  announce(file, 'write_aio');
+  await file.write(dataBase + first * SECTOR, buffer);
+  if (claimed === 0) return;
+  // The newly claimed sectors must be on disk before the bitmap points at them.
+  await flushToDisk(file);
+  const from = Math.floor((first >> 3) / SECTOR) * SECTOR;
+  const to = (Math.floor(((last - 1) >> 3) / SECTOR) + 1) * SECTOR;
+  announce(file, 'l2_update');
+  await file.write(entry * SECTOR + from, bitmap.subarray(from, to));
+  image.setBitmap(entry, bitmap);
+  log('%s: block %d claims %d more sectors from %d', file.path, index, claimed, first);
+}
