@@ -185,8 +185,8 @@ describe('differencing VHDs read like vhdimount and like the model', () => {
       const image = await openImage(childPath, { notice: (line) => notices.push(line) });
       try {
         expect(image.format).toBe('vpc');
-        expect(image.readOnly).toBe(true);
-        expect(notices.join('\n')).toContain('opened read-only: writing differencing VHDs is not supported');
+        expect(image.readOnly, 'differencing VHDs open read-write (test/vpc-differencing-write.test.ts)').toBe(false);
+        expect(notices).toEqual([]);
         expect(image.backing?.path).toBe(parentPath);
         expect(image.length).toBe(c.size);
         const ours = await readAll(image, 4097);
@@ -203,11 +203,10 @@ describe('differencing VHDs read like vhdimount and like the model', () => {
             else expect(inChild, `sector ${s}`).toBe(false);
           }
         }
-        await expect(image.write(0, Buffer.alloc(SECTOR, 1))).rejects.toMatchObject({ name: 'ReadOnlyError' });
       } finally {
         await image.close();
       }
-      expect((await readFile(childPath)).equals(childBefore), 'a read-write open changed nothing').toBe(true);
+      expect((await readFile(childPath)).equals(childBefore), 'a read-write open without writes changed nothing').toBe(true);
     });
   }
 });

@@ -40,7 +40,7 @@ export interface ParentIdentity {
 /** Reads the parent's footer and builds what the child's header says about it. */
 export async function parentIdentity(childPath: string, backingFile: string, backingFormat: string | undefined): Promise<ParentIdentity> {
   if (backingFormat !== undefined && backingFormat !== 'vpc') {
-    throw new InvalidArgumentError(`a differencing VHD's parent must be a VHD (vpc); ${backingFile} is ${backingFormat}`);
+    throw new InvalidArgumentError(`vpc images cannot be created with a backing file of format ${backingFormat} (${backingFile}): a differencing VHD's parent must be a VHD (vpc)`);
   }
   const parentPath = resolve(resolveBackingName(childPath, backingFile));
   if (parentPath.includes('\\')) {

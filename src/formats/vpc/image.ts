@@ -20,8 +20,9 @@
  * - Block allocation is serialized by `allocationLock`; under it the range is
  *   mapped again, so a block is never allocated twice.
  * - Order of an allocation (crash-safe, as the format allows): the footer is
- *   written at the new end of the file first (so the file always ends with a
- *   footer, and the copy at offset 0 stays untouched), then the guest data
+ *   written at the new end of the file first and flushed (so the file always
+ *   ends with a footer, which libvhdi and Windows read, and the copy at
+ *   offset 0 stays untouched), then the guest data
  *   and the block's bitmap (over the old trailing footer), fdatasync, then
  *   the BAT entry. A crash before the BAT entry leaves an unreferenced block
  *   past the last one, which the next allocation reuses; never a BAT entry
@@ -201,6 +202,8 @@ export class VpcImage implements FormatImage {
     const end = start + bitmapBytes + blockSize;
     announce(this.file, 'cluster_alloc');
     await this.file.write(end, this.footerBytes);
+    // Readers that take the footer at the end (libvhdi, Windows) need one there in every crash state.
+    await flushToDisk(this.file);
     announce(this.file, 'write_aio');
     await this.file.write(start + bitmapBytes + inBlock, data);
     await this.file.write(start, bitmap);
