@@ -1,15 +1,16 @@
 /**
  * Creating a differencing VHD over a VHD parent (`create -f vpc -b PARENT`),
- * which qemu cannot do. The dynamic header names the parent as Windows and
- * blktap's vhd-util do: parent_unique_id is the parent footer's UUID,
- * parent_timestamp the parent file's modification time (VHD epoch),
- * parent_unicode_name its file name (UTF-16BE), and three parent locators:
- * W2ku (absolute path, UTF-16LE, `\` separators), W2ru (relative to the
- * child's directory, `.\name`), and MacX (a UTF-8 `file://` URL of the
- * absolute path, as VirtualBox writes on POSIX hosts; the one readers on
- * Linux can take without guessing a drive letter). Each locator's data gets
- * whole sectors after the BAT; platform_data_space is stored in bytes, as
- * Windows does (the specification says sectors; readers use data_length).
+ * which qemu cannot do. The dynamic header names the parent as the
+ * specification says and Windows-compatible writers do: parent_unique_id is
+ * the parent footer's UUID, parent_timestamp the parent file's modification
+ * time (VHD epoch), parent_unicode_name its file name (UTF-16BE), and three
+ * parent locators: W2ku (absolute path, UTF-16LE, `\` separators), W2ru
+ * (relative to the child's directory, `.\name` or `..\dir\name`), and MacX
+ * (a UTF-8 `file://` URL of the absolute path: the specification's Mac
+ * locator, the one a POSIX reader follows without guessing a drive letter).
+ * Each locator's data gets whole sectors after the BAT; platform_data_space
+ * is stored in bytes, as Windows does (the specification says sectors;
+ * readers use data_length).
  *
  * Layout: footer copy at 0, dynamic header at 512, BAT at 1536, the locators'
  * data, the footer. Everything is read and validated before the file is
