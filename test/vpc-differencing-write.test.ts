@@ -15,13 +15,13 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { describe, expect, it } from 'vitest';
-import { BlockImage, createImage, openImage } from '../src/index.js';
+import { BlockImage, convertImage, createImage, openImage } from '../src/index.js';
 import { FileProtocol } from '../src/block/file.js';
 import { ImageFileGate } from '../src/block/gate.js';
 import type { Protocol } from '../src/block/types.js';
 import { vpc } from '../src/formats/vpc/index.js';
 import { IMGMOUNT as BIN } from './helpers/bundle.js';
-import { makeTempDir, qemuConvertToRaw, qemuImg, readAll, run } from './helpers/qemu.js';
+import { makeTempDir, qemuConvertToRaw, qemuImg, qemuIo, readAll, run } from './helpers/qemu.js';
 import { seededRandom } from './helpers/random.js';
 import { footerIdentity, SECTOR } from './helpers/vhd-layout.js';
 
@@ -213,6 +213,26 @@ describe('writing a differencing VHD made by create -b', () => {
     expect(ours.subarray(512, 1024).equals(parent.bytes.subarray(512, 1024).fill(0x01, 1000 - 512, 1001 - 512))).toBe(true);
     expect(await sha(parent.path)).toBe(parentSha);
   });
+
+  it('a child larger than its parent: partly written sectors past the parent\'s end keep zeros, below it the parent\'s bytes', TIMEOUT, async () => {
+    const dir = await makeTempDir();
+    const parent = await makeParent(dir, 'small.vhd', 3 * M, 7);
+    const child = join(dir, 'big.vhd');
+    await createImage(child, 'vpc', { backingFile: 'small.vhd', size: 5 * M });
+    const model = Buffer.alloc(5 * M);
+    parent.bytes.copy(model);
+    const image = await openImage(child);
+    expect(image.length).toBe(5 * M);
+    for (const [at, length] of [[3 * M - 300, 600], [4 * M + 77, 3], [2 * M - 5, 10]] as const) {
+      const data = Buffer.alloc(length, 0xee);
+      await image.write(at, data);
+      data.copy(model, at);
+    }
+    await image.close();
+    const reopened = await openImage(child, { readOnly: true });
+    expect((await readAll(reopened)).equals(model)).toBe(true);
+    await reopened.close();
+  });
 });
 
 interface Recorded {
@@ -351,6 +371,26 @@ describe('create -f vpc -b', () => {
     expect((await readAll(image)).equals(parent.bytes), 'a new child reads its parent').toBe(true);
     await image.write(5, Buffer.from('hello'));
     await image.close();
+    expect(await sha(parent.path)).toBe(parentSha);
+  });
+
+  it('convert -O vpc -B PARENT.vhd writes only what the top stores into a differencing VHD; vhdimount and qemu agree', TIMEOUT, async () => {
+    const dir = await makeTempDir();
+    const parent = await makeParent(dir, 'base.vhd', 6 * M, 41);
+    const parentSha = await sha(parent.path);
+    const top = join(dir, 'top.qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.vhd', '-F', 'vpc', top]);
+    await qemuIo(top, ['write -P 0x61 64k 192k', 'write -z 2M 64k', 'write -P 0x62 5M 1M'], 'qcow2');
+    const expected = await qemuConvertToRaw(top, dir, 'qcow2');
+    const dest = join(dir, 'dest.vhd');
+    await convertImage(top, dest, { targetFormat: 'vpc', backingFile: 'base.vhd', backingFormat: 'vpc' });
+    const image = await openImage(dest, { readOnly: true });
+    expect(image.backing?.path).toBe(parent.path);
+    expect((await readAll(image)).equals(expected), 'ours reads what qemu reads of the top').toBe(true);
+    const own = (await image.map()).filter((run) => run.depth === 0 && run.data).map((run) => [run.offset, run.length]);
+    await image.close();
+    expect(own).toEqual([[64 * 1024, 192 * 1024], [2 * M, 64 * 1024], [5 * M, M]]);
+    expect((await readThroughVhdimount(dest, dir)).equals(expected), 'vhdimount reads the same').toBe(true);
     expect(await sha(parent.path)).toBe(parentSha);
   });
 
