@@ -162,6 +162,16 @@ describe('writing a differencing VHD made by create -b', () => {
           return image.write(at, data);
         }),
       );
+      // concurrent writes again, into the gaps: some only into sectors the child owns now (unlocked),
+      // some claiming sectors next to owned ones (locked); no write may undo another's bytes
+      await Promise.all(
+        Array.from({ length: 12 }, (_, i) => {
+          const at = base + i * (aligned ? 8192 : 300) + (aligned ? 4096 : 200) - (i % 2 === 0 ? 0 : aligned ? 4096 : 150);
+          const data = Buffer.alloc(aligned ? 4096 : 100, 0xd0 + i);
+          data.copy(model, at);
+          return image.write(at, data);
+        }),
+      );
       expect((await readAll(image)).equals(model), 'ours reads the model before close').toBe(true);
       await image.close();
 

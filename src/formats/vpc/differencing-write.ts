@@ -3,8 +3,8 @@
  * block's sector bitmap gets the bits of exactly the sectors written (a set
  * bit reads this image, a clear one the parent). Writes are byte-granular, the
  * bitmap is per sector: the untouched bytes of a partly written sector that
- * this image does not own yet are copied up from the parent (never zeros), and
- * those of a sector it owns are read back from this image.
+ * this image does not own yet are copied up from the parent (never zeros); a
+ * sector it owns gets only the bytes written.
  *
  * - Unallocated block: allocated as in a dynamic disk (image.ts allocateBlock:
  *   footer at the new end, data, bitmap with only the written sectors' bits,
@@ -16,14 +16,20 @@
  * - Zeroing writes zeros (they must hide the parent's bytes); discard is not
  *   offered: freeing a sector would show the parent's bytes again.
  *
- * Concurrency: every write runs under the image's `allocationLock` (bitmap
- * updates are read-modify-write), one block at a time; readers never take it
- * (image.ts swaps in a new bitmap only once it is on disk).
+ * Concurrency: a write whose every sector this image owns already goes
+ * straight to the file, unlocked (bits are never cleared and a block never
+ * moves, so what it mapped stays true). Any other write runs under the
+ * image's `allocationLock` (bitmap updates are read-modify-write), one block
+ * at a time; it writes the bytes of owned sectors exactly (never a whole
+ * sector read back, which would undo a concurrent unlocked write into the
+ * same sector) and whole sectors only where it claims them. Readers never
+ * take the lock (image.ts swaps in a new bitmap only once it is on disk).
  */
 import createDebug from 'debug';
 import { constants as osConstants } from 'node:os';
 import { BlockError } from '../../block/errors.js';
 import { announce, flushToDisk } from '../../block/events.js';
+import { settleAll } from '../../block/settle.js';
 import { UNALLOCATED } from './dynamic-header.js';
 import { SECTOR } from './footer.js';
 import type { VpcImage } from './image.js';
@@ -40,6 +46,16 @@ function hasBit(bitmap: Buffer | undefined, sector: number): boolean {
 export async function writeDifferencing(image: VpcImage, offset: number, data: Buffer): Promise<void> {
   image.assertOpen();
   if (data.length === 0) return;
+  const runs = await image.map(offset, data.length);
+  if (runs.every((run) => run.kind === 'data')) {
+    await settleAll(
+      runs.map((run) => {
+        announce(image.file, 'write_aio');
+        return image.file.write(run.hostOffset, data.subarray(run.guestOffset - offset, run.guestOffset - offset + run.length));
+      }),
+    );
+    return;
+  }
   const { blockSize } = image.dynamic!.header;
   await image.allocationLock.runExclusive(async () => {
     image.assertOpen();
@@ -76,20 +92,16 @@ async function writeInBlock(image: VpcImage, index: number, pos: number, part: B
   const old = entry === UNALLOCATED ? undefined : await image.bitmap(entry);
   const dataBase = entry * SECTOR + bitmapBytes;
 
-  // A partly written sector keeps the bytes it reads now: this image's if its bit is set, else the parent's.
+  // A partly written sector that this write claims keeps the parent's other bytes (an owned one is written byte-exact).
   const fill = async (sector: number): Promise<void> => {
     const piece = buffer.subarray((sector - first) * SECTOR, (sector - first + 1) * SECTOR);
-    if (hasBit(old, sector)) {
-      await file.read(dataBase + sector * SECTOR, piece);
-      return;
-    }
     if (!image.readBacking) throw new BlockError(`${file.path}: cannot write part of a sector of a differencing VHD without its parent open`, osConstants.errno.EIO);
     await image.readBacking(blockStart + sector * SECTOR, piece);
   };
   const headPartial = pos > alignedStart;
   const tailPartial = partEnd % SECTOR !== 0;
-  if (headPartial) await fill(first);
-  if (tailPartial && (last - 1 !== first || !headPartial)) await fill(last - 1);
+  if (headPartial && !hasBit(old, first)) await fill(first);
+  if (tailPartial && !hasBit(old, last - 1) && (last - 1 !== first || !headPartial)) await fill(last - 1);
   part.copy(buffer, pos - alignedStart);
 
   const bitmap = old ? Buffer.from(old) : Buffer.alloc(bitmapBytes);
@@ -103,8 +115,19 @@ async function writeInBlock(image: VpcImage, index: number, pos: number, part: B
     await image.allocateBlock(index, first * SECTOR, buffer, bitmap);
     return;
   }
-  announce(file, 'write_aio');
-  await file.write(dataBase + first * SECTOR, buffer);
+  // Runs of owned sectors get exactly the bytes written; runs of claimed sectors whole sectors.
+  const writes: Array<Promise<void>> = [];
+  for (let sector = first; sector < last; ) {
+    const owned = hasBit(old, sector);
+    let end = sector + 1;
+    while (end < last && hasBit(old, end) === owned) end++;
+    const from = owned ? Math.max(pos, blockStart + sector * SECTOR) : blockStart + sector * SECTOR;
+    const to = owned ? Math.min(blockStart + partEnd, blockStart + end * SECTOR) : blockStart + end * SECTOR;
+    announce(file, 'write_aio');
+    writes.push(file.write(dataBase + (from - blockStart), buffer.subarray(from - alignedStart, to - alignedStart)));
+    sector = end;
+  }
+  await settleAll(writes);
   if (claimed === 0) return;
   // The newly claimed sectors must be on disk before the bitmap points at them.
   await flushToDisk(file);

@@ -14,8 +14,9 @@
  *   block it points to is durable and the entry is written; a cached sector
  *   bitmap is replaced (never changed in place) only after the sectors it
  *   newly claims are durable and the bitmap is written.
- * - Every write of a differencing disk runs under `allocationLock` (its
- *   bitmap updates are read-modify-write), one block at a time.
+ * - A differencing disk's write into sectors it owns goes straight to the
+ *   file; any other runs under `allocationLock` (its bitmap updates are
+ *   read-modify-write), one block at a time (differencing-write.ts).
  * - Writes into allocated blocks (and fixed disks) go straight to the file.
  * - Block allocation is serialized by `allocationLock`; under it the range is
  *   mapped again, so a block is never allocated twice.
