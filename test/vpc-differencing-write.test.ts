@@ -228,16 +228,24 @@ describe('writing a differencing VHD made by create -b', () => {
     const dir = await makeTempDir();
     const parent = await makeParent(dir, 'small.vhd', 3 * M, 7);
     const child = join(dir, 'big.vhd');
-    await createImage(child, 'vpc', { backingFile: 'small.vhd', size: 5 * M });
-    const model = Buffer.alloc(5 * M);
+    await createImage(child, 'vpc', { backingFile: 'small.vhd', size: 7 * M });
+    const model = Buffer.alloc(7 * M);
     parent.bytes.copy(model);
     const image = await openImage(child);
-    expect(image.length).toBe(5 * M);
+    expect(image.length).toBe(7 * M);
     for (const [at, length] of [[3 * M - 300, 600], [4 * M + 77, 3], [2 * M - 5, 10]] as const) {
       const data = Buffer.alloc(length, 0xee);
       await image.write(at, data);
       data.copy(model, at);
     }
+    // zeroing where the parent reads as zeros already (past its end: block 3) allocates nothing;
+    // zeroing over the parent's data (sectors of block 0 the child does not own) writes zeros there
+    const sizeBefore = (await stat(child)).size;
+    await image.zero(6 * M, M);
+    expect((await stat(child)).size, 'no block allocated for zeros over zeros').toBe(sizeBefore);
+    await image.zero(100, 1000);
+    model.fill(0, 100, 1100);
+    expect((await readAll(image)).equals(model), 'the zeroed parent bytes read as zeros').toBe(true);
     await image.close();
     const reopened = await openImage(child, { readOnly: true });
     expect((await readAll(reopened)).equals(model)).toBe(true);

@@ -13,8 +13,9 @@
  *   sectors the bitmap did not have, fdatasync, then the changed bitmap
  *   sectors. A crash before the bitmap reaches the disk reads the parent for
  *   those sectors (old bytes), never unwritten data.
- * - Zeroing writes zeros (they must hide the parent's bytes); discard is not
- *   offered: freeing a sector would show the parent's bytes again.
+ * - Zeroing writes zeros (they must hide the parent's bytes), except where the
+ *   parent reads as zeros already; discard is not offered: freeing a sector
+ *   would show the parent's bytes again.
  *
  * Concurrency: a write whose every sector this image owns already goes
  * straight to the file, unlocked (bits are never cleared and a block never
@@ -69,11 +70,25 @@ export async function writeDifferencing(image: VpcImage, offset: number, data: B
   });
 }
 
-/** Zeroing: zeros are written (and their sectors owned), so the parent's bytes no longer show. */
+/**
+ * Zeroing: zeros are written (and their sectors owned), so the parent's bytes
+ * no longer show; a range still read from the parent that reads as zeros there
+ * already (a sparse parent, past its end) is left alone, allocating nothing.
+ */
 export async function zeroDifferencing(image: VpcImage, offset: number, length: number): Promise<void> {
-  const piece = Buffer.alloc(Math.min(length, ZERO_PIECE));
-  for (let pos = offset; pos < offset + length; pos += piece.length) {
-    await writeDifferencing(image, pos, piece.subarray(0, Math.min(piece.length, offset + length - pos)));
+  image.assertOpen();
+  const zeros = Buffer.alloc(Math.min(length, ZERO_PIECE));
+  for (const run of await image.map(offset, length)) {
+    const runEnd = run.guestOffset + run.length;
+    for (let pos = run.guestOffset; pos < runEnd; pos += zeros.length) {
+      const piece = zeros.subarray(0, Math.min(zeros.length, runEnd - pos));
+      if (run.kind === 'backing' && image.readBacking) {
+        const below = Buffer.alloc(piece.length);
+        await image.readBacking(pos, below);
+        if (below.equals(piece)) continue;
+      }
+      await writeDifferencing(image, pos, piece);
+    }
   }
 }
 
