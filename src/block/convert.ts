@@ -160,7 +160,8 @@ export async function convertImage(source: string, dest: string, options: Conver
         throw new InvalidArgumentError(`convert -n: ${dest} (${output.length} bytes) is smaller than ${source} (${input.length} bytes)`);
       }
       const fresh = created && options.backingFile === undefined;
-      const cluster = options.compress ? await compressionCluster(output, target.name) : undefined;
+      // A destination that takes only compressed writes (a VMDK stream) is written compressed with or without -c, as qemu-img does.
+      const cluster = options.compress || output.compressedOnly ? await compressionCluster(output, target.name) : undefined;
       writing = true;
       const report = await copy(input, output, { ...settings, fresh, topOnly: options.backingFile !== undefined, progress: options.progress, cluster, signal: options.signal });
       const finished = output;
