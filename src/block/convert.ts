@@ -151,7 +151,14 @@ export async function convertImage(source: string, dest: string, options: Conver
         created = true;
       }
       const notices: string[] = [];
-      output = await openImage(dest, { formats: options.formats, format: target.name, notice: (line) => notices.push(line), allowFiles: options.allowFiles, idleCleanSeconds: 0 });
+      output = await openImage(dest, {
+        formats: options.formats,
+        format: target.name,
+        notice: (line) => notices.push(line),
+        allowFiles: options.allowFiles,
+        idleCleanSeconds: 0,
+        compressedWrites: true,
+      });
       if (output.readOnly) {
         throw new UnsupportedFeatureError(`convert: ${dest} cannot be written${notices.length > 0 ? ` (${notices.join('; ')})` : ` (${target.name} images open read-only here)`}`);
       }

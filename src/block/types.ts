@@ -182,6 +182,11 @@ export interface OpenOptions {
   snapshot?: string;
   /** Open options of this image's format (only names in the driver's `openOptions` reach it). */
   formatOptions?: Readonly<Record<string, string>>;
+  /**
+   * The opener writes only whole compressed clusters in guest order (convert): a format whose images
+   * take nothing else (a VMDK stream) opens them writable only then, read-only with a notice otherwise.
+   */
+  compressedWrites?: boolean;
 }
 
 export interface CreateOptions {

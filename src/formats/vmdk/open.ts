@@ -121,6 +121,10 @@ async function openMonolithic(file: Protocol, fileSize: number, options: OpenOpt
   log('%s: %s, %d sectors, %d-sector grains%s', file.path, createType, header.capacity, header.granularity, header.fromFooter ? ' (header from the footer)' : '');
   const parts: VmdkImageParts = { file, extents: [extent], descriptor, createType, backing: backingOf(descriptor) };
   if (options.readOnly) return new VmdkImage(parts);
+  if (extent.compressed && !options.compressedWrites) {
+    notice(options, `${file.path}: opened read-only: a stream-optimized VMDK image takes only whole compressed grains in increasing order, which only imgmount convert writes`);
+    return new VmdkImage(parts);
+  }
   // the CID update rewrites the descriptor area: at most qemu's 20 sectors of it
   const roomSectors = Math.min(header.descSize, EMBEDDED_DESCRIPTOR_BYTES / SECTOR);
   return writableOrNotice(file, parts, { offset: header.descOffset * SECTOR, room: roomSectors * SECTOR }, options, (extent.compressed ? streamRefusal([extent]) : undefined) ?? layoutProblem(header, roomSectors, gd), extent.compressed);

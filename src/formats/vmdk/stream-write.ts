@@ -7,7 +7,9 @@
  * written (qemu's vmdk_co_pwritev_compressed, what qemu-img convert does).
  * Grains must come in increasing guest order, as a stream is read; a grain
  * already written, an out-of-order grain, and every ordinary write or zero are
- * refused by name (ordinary writes with EROFS).
+ * refused by name (ordinary writes with EROFS). Only an opener that writes so
+ * (convert: OpenOptions.compressedWrites) gets this image; any other
+ * read-write open is read-only with a notice (open.ts).
  *
  * Like qemu, the grain table entry (primary, then redundant table) is written
  * after the grain's bytes, with no flush between them; flush / close make

@@ -48,7 +48,7 @@ export interface WritableParts extends VmdkImageParts {
 export function writeRefusal(extents: readonly Extent[], version: (extent: SparseExtent) => number): string | undefined {
   for (const extent of extents) {
     if (!(extent instanceof SparseExtent)) return 'writing flat VMDK extents is not supported yet';
-    if (extent.compressed) return 'stream-optimized (compressed) VMDK extents of a descriptor file are not written (a streamOptimized file is, through convert -c)';
+    if (extent.compressed) return 'writing stream-optimized (compressed) VMDK images is not supported';
     if (version(extent) === 3) return 'it is a VMDK version 3 image, which qemu also opens only read-only (changed block tracking)';
     if (extent.directory.some((sector) => sector === 0)) return 'a grain table is not allocated (writing would need to allocate one, which is not supported)';
   }
