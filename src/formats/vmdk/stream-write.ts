@@ -77,7 +77,9 @@ export class StreamVmdkImage extends WritableVmdkImage {
     const extent = this.extent;
     const grain = extent.grainSize;
     const expected = Math.min(grain, extent.length - offset);
-    if (offset % grain !== 0 || data.length !== expected) {
+    // the last grain may come short of the extent's whole sectors (an image whose size is no multiple of 512): zeros follow
+    const last = offset + grain >= extent.length;
+    if (offset % grain !== 0 || data.length > expected || (data.length < expected && !last) || data.length === 0) {
       return Promise.reject(new InvalidArgumentError(
         `${this.file.path}: a compressed VMDK write must cover one whole grain (${grain} bytes at a multiple of it, less only at the end), not ${data.length} bytes at ${offset}`,
       ));
@@ -88,7 +90,7 @@ export class StreamVmdkImage extends WritableVmdkImage {
       ));
     }
     this.last = offset;
-    const compressed = deflate(data);
+    const compressed = deflate(data.length === expected ? data : Buffer.concat([data, Buffer.alloc(expected - data.length)]));
     compressed.catch(() => undefined); // awaited in order below
     const placed = this.queue.then(() => this.placeGrain(offset, compressed));
     this.queue = placed.catch(() => undefined);
@@ -98,13 +100,14 @@ export class StreamVmdkImage extends WritableVmdkImage {
   private async placeGrain(offset: number, compressing: Promise<Buffer>): Promise<void> {
     const extent = this.extent;
     const compressed = await compressing;
-    await this.changing();
     await this.allocation.runExclusive(async () => {
       const { gdIndex, index } = this.entryOf(extent, offset);
       const entry = await this.entry(extent, gdIndex, index);
       if (entry !== 0 && !(entry === 1 && extent.zeroGrains)) {
         throw new InvalidArgumentError(`${this.file.path}: the grain at guest offset ${offset} is already written (sector ${entry}); a streamOptimized VMDK grain is written only once`);
       }
+      // the first change of this open gives the image a new CID, as qemu does (refusals above change nothing)
+      await this.changing();
       const record = Buffer.alloc(Math.ceil((MARKER_BYTES + compressed.length) / SECTOR) * SECTOR);
       record.writeBigUInt64LE(BigInt(offset / SECTOR), 0);
       record.writeUInt32LE(compressed.length, 8);
