@@ -185,5 +185,12 @@ describe.skipIf(skipWithoutQemu('vmdk streamOptimized writes'))('vmdk streamOpti
       await plain.close();
     }
     expect(await sha(path)).toBe(before);
+    // convert -n into a stream would have to overwrite or zero grains: refused before anything is written
+    const source = join(dir, 'one.raw');
+    await writeFile(source, Buffer.alloc(M, 1));
+    await expect(convertImage(source, path, { formats: defaultFormats, sourceFormat: 'raw', targetFormat: 'vmdk', existing: true })).rejects.toThrow(
+      `convert -n: ${path} takes only compressed clusters written once, in order (a vmdk stream); convert into a new DEST instead`,
+    );
+    expect(await sha(path)).toBe(before);
   });
 });

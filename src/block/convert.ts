@@ -166,6 +166,9 @@ export async function convertImage(source: string, dest: string, options: Conver
       if (output.length < input.length) {
         throw new InvalidArgumentError(`convert -n: ${dest} (${output.length} bytes) is smaller than ${source} (${input.length} bytes)`);
       }
+      if (options.existing && output.compressedOnly) {
+        throw new InvalidArgumentError(`convert -n: ${dest} takes only compressed clusters written once, in order (a ${target.name} stream); convert into a new DEST instead`);
+      }
       const fresh = created && options.backingFile === undefined;
       // A destination that takes only compressed writes (a VMDK stream) is written compressed with or without -c, as qemu-img does.
       const cluster = options.compress || output.compressedOnly ? await compressionCluster(output, target.name) : undefined;
