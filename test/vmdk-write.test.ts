@@ -272,7 +272,7 @@ describe.skipIf(skipWithoutQemu('vmdk writes'))('vmdk writes', () => {
       const dir = await makeTempDir();
       const path = join(dir, 'x.vmdk');
       const create = (options: Record<string, string>, more: { backingFile?: string; backingFormat?: string } = {}) => createImage(path, 'vmdk', { formats: defaultFormats, size: M, options, ...more });
-      await expect(create({ subformat: 'streamOptimized' })).rejects.toThrow('creating VMDK subformat streamOptimized is not supported yet (monolithicSparse is)');
+      await expect(create({ subformat: 'monolithicFlat' })).rejects.toThrow('creating VMDK subformat monolithicFlat is not supported yet (monolithicSparse and streamOptimized are)');
       await expect(create({ subformat: 'sparse' })).rejects.toThrow(/unknown VMDK subformat sparse/);
       await expect(create({ adapter_type: 'scsi' })).rejects.toThrow(/unknown VMDK adapter_type scsi/);
       await expect(create({ compat6: 'on', hwversion: '7' })).rejects.toThrow('VMDK compat6 cannot be enabled with hwversion set');

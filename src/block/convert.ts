@@ -151,7 +151,14 @@ export async function convertImage(source: string, dest: string, options: Conver
         created = true;
       }
       const notices: string[] = [];
-      output = await openImage(dest, { formats: options.formats, format: target.name, notice: (line) => notices.push(line), allowFiles: options.allowFiles, idleCleanSeconds: 0 });
+      output = await openImage(dest, {
+        formats: options.formats,
+        format: target.name,
+        notice: (line) => notices.push(line),
+        allowFiles: options.allowFiles,
+        idleCleanSeconds: 0,
+        compressedWrites: true,
+      });
       if (output.readOnly) {
         throw new UnsupportedFeatureError(`convert: ${dest} cannot be written${notices.length > 0 ? ` (${notices.join('; ')})` : ` (${target.name} images open read-only here)`}`);
       }
@@ -159,8 +166,12 @@ export async function convertImage(source: string, dest: string, options: Conver
       if (output.length < input.length) {
         throw new InvalidArgumentError(`convert -n: ${dest} (${output.length} bytes) is smaller than ${source} (${input.length} bytes)`);
       }
+      if (options.existing && output.compressedOnly) {
+        throw new InvalidArgumentError(`convert -n: ${dest} takes only compressed clusters written once, in order (a ${target.name} stream); convert into a new DEST instead`);
+      }
       const fresh = created && options.backingFile === undefined;
-      const cluster = options.compress ? await compressionCluster(output, target.name) : undefined;
+      // A destination that takes only compressed writes (a VMDK stream) is written compressed with or without -c, as qemu-img does.
+      const cluster = options.compress || output.compressedOnly ? await compressionCluster(output, target.name) : undefined;
       writing = true;
       const report = await copy(input, output, { ...settings, fresh, topOnly: options.backingFile !== undefined, progress: options.progress, cluster, signal: options.signal });
       const finished = output;

@@ -208,6 +208,11 @@ export class BlockImage {
     return this.image.writeCompressed !== undefined;
   }
 
+  /** True when the format takes only compressed writes (convert compresses into it without -c). */
+  get compressedOnly(): boolean {
+    return this.image.compressedOnly === true;
+  }
+
   /** Writes one whole cluster compressed (convert -c), into a cluster holding no data yet; EOPNOTSUPP when the format cannot. */
   writeCompressed(offset: GuestOffset, buffer: Buffer): Promise<void> {
     const compressed = this.image.writeCompressed?.bind(this.image);

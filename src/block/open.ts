@@ -63,6 +63,8 @@ export interface OpenImageOptions extends FilePolicy {
    * force_size_calc=chs|current_size); a name the format does not take is refused.
    */
   formatOptions?: Readonly<Record<string, string>>;
+  /** The top image is written only through writeCompressed, in guest order (convert; OpenOptions.compressedWrites). */
+  compressedWrites?: boolean;
 }
 
 /** Opens an image and its whole backing chain. */
@@ -137,6 +139,7 @@ async function openLayer(
       files: gate,
       snapshot,
       formatOptions,
+      compressedWrites: isTop ? options.compressedWrites : undefined,
     });
     try {
       if (image.backing && options.openBacking !== false) {

@@ -126,6 +126,8 @@ export interface FormatImage {
    * Missing: the format does not write compressed clusters.
    */
   writeCompressed?(offset: GuestOffset, data: Buffer): Promise<void>;
+  /** True when the image takes only `writeCompressed` (a VMDK stream): convert then compresses without -c. */
+  readonly compressedOnly?: boolean;
   /** Makes [offset, offset + length) read as zeros (range checked). Missing: EOPNOTSUPP, the image stays writable. */
   zero?(offset: GuestOffset, length: number): Promise<void>;
   /** Lets the format free [offset, offset + length); it then reads as zeros or as the backing file. Missing: EOPNOTSUPP. */
@@ -180,6 +182,11 @@ export interface OpenOptions {
   snapshot?: string;
   /** Open options of this image's format (only names in the driver's `openOptions` reach it). */
   formatOptions?: Readonly<Record<string, string>>;
+  /**
+   * The opener writes only whole compressed clusters in guest order (convert): a format whose images
+   * take nothing else (a VMDK stream) opens them writable only then, read-only with a notice otherwise.
+   */
+  compressedWrites?: boolean;
 }
 
 export interface CreateOptions {

@@ -1,7 +1,9 @@
 /**
- * Creating monolithicSparse VMDK images as qemu-img create -f vmdk does, with
- * its option names: subformat (monolithicSparse only, others refused by
- * name), adapter_type, hwversion, compat6, toolsversion, zeroed_grain, and a
+ * Creating monolithicSparse and streamOptimized VMDK images as qemu-img
+ * create -f vmdk does, with its option names: subformat (those two; others
+ * refused by name; a stream is qemu's sparse layout with version 3, the
+ * compressed and marker flags and deflate, its grains written by
+ * stream-write.ts), adapter_type, hwversion, compat6, toolsversion, zeroed_grain, and a
  * vmdk backing file (-b, -F vmdk; its CID becomes parentCID). The layout is
  * qemu's: header, descriptor (sectors 1-20), redundant grain directory and its
  * grain tables, primary grain directory and its tables, grains from the next
@@ -16,7 +18,7 @@ import { FileProtocol } from '../../block/file.js';
 import { ImageFileGate } from '../../block/gate.js';
 import type { CreateOptions } from '../../block/types.js';
 import { rejectUnknownOptions } from '../options.js';
-import { FLAG_NL_DETECT, FLAG_RGD, FLAG_ZERO_GRAIN, SECTOR, VMDK4_MAGIC } from './header.js';
+import { COMPRESSION_DEFLATE, FLAG_COMPRESS, FLAG_MARKER, FLAG_NL_DETECT, FLAG_RGD, FLAG_ZERO_GRAIN, SECTOR, VMDK4_MAGIC } from './header.js';
 import { openVmdk } from './open.js';
 
 export const CREATE_OPTIONS = ['subformat', 'adapter_type', 'hwversion', 'compat6', 'toolsversion', 'zeroed_grain'] as const;
@@ -38,6 +40,8 @@ function flag(options: Record<string, string>, name: string): boolean {
 
 interface Plan {
   sectors: number;
+  /** streamOptimized: compressed grains with markers (version 3), written only through convert -c. */
+  stream: boolean;
   zeroedGrain: boolean;
   descriptor: (cid: number, parentCid: number) => string;
 }
@@ -47,7 +51,10 @@ function plan(path: string, options: CreateOptions): Plan {
   rejectUnknownOptions('vmdk', o, CREATE_OPTIONS);
   const subformat = o['subformat'] ?? 'monolithicSparse';
   if (!SUBFORMATS.includes(subformat)) throw new InvalidArgumentError(`unknown VMDK subformat ${subformat} (one of ${SUBFORMATS.join(', ')})`);
-  if (subformat !== 'monolithicSparse') throw new UnsupportedFeatureError(`creating VMDK subformat ${subformat} is not supported yet (monolithicSparse is)`);
+  if (subformat !== 'monolithicSparse' && subformat !== 'streamOptimized') {
+    throw new UnsupportedFeatureError(`creating VMDK subformat ${subformat} is not supported yet (monolithicSparse and streamOptimized are)`);
+  }
+  const stream = subformat === 'streamOptimized';
   const adapter = o['adapter_type'] ?? 'ide';
   if (!ADAPTERS.includes(adapter)) throw new InvalidArgumentError(`unknown VMDK adapter_type ${adapter} (one of ${ADAPTERS.join(', ')})`);
   const compat6 = flag(o, 'compat6');
@@ -60,7 +67,7 @@ function plan(path: string, options: CreateOptions): Plan {
   }
   if (!Number.isSafeInteger(options.size) || options.size < 0) throw new InvalidArgumentError(`size ${options.size} is not a whole non-negative number of bytes`);
   const sectors = Math.ceil(options.size / SECTOR);
-  if (sectors > MAX_SECTORS) throw new InvalidArgumentError(`size ${options.size} is larger than a monolithicSparse VMDK can be (${MAX_SECTORS * SECTOR} bytes)`);
+  if (sectors > MAX_SECTORS) throw new InvalidArgumentError(`size ${options.size} is larger than a ${subformat} VMDK can be (${MAX_SECTORS * SECTOR} bytes)`);
   if (options.backingFormat !== undefined && options.backingFormat !== 'vmdk') {
     throw new InvalidArgumentError(`the backing file of a VMDK image must be a vmdk image, not ${options.backingFormat}`);
   }
@@ -71,13 +78,14 @@ function plan(path: string, options: CreateOptions): Plan {
   }
   return {
     sectors,
+    stream,
     zeroedGrain,
     descriptor: (cid, parentCid) =>
       '# Disk DescriptorFile\n' +
       'version=1\n' +
       `CID=${cid.toString(16)}\n` +
       `parentCID=${parentCid.toString(16)}\n` +
-      'createType="monolithicSparse"\n' +
+      `createType="${subformat}"\n` +
       (options.backingFile !== undefined ? `parentFileNameHint="${options.backingFile}"\n` : '') +
       '\n# Extent description\n' +
       `RW ${sectors} SPARSE "${name}"\n` +
@@ -106,7 +114,7 @@ async function parentCid(path: string, name: string): Promise<number> {
 }
 
 export async function createVmdk(path: string, options: CreateOptions): Promise<void> {
-  const { sectors, zeroedGrain, descriptor } = plan(path, options);
+  const { sectors, stream, zeroedGrain, descriptor } = plan(path, options);
   const parent = options.backingFile !== undefined ? await parentCid(path, options.backingFile) : 0xffffffff;
   const grains = Math.ceil(sectors / GRANULARITY);
   const gtSectors = Math.ceil((GTES_PER_GT * 4) / SECTOR);
@@ -118,8 +126,9 @@ export async function createVmdk(path: string, options: CreateOptions): Promise<
 
   const header = Buffer.alloc(SECTOR);
   VMDK4_MAGIC.copy(header, 0);
-  header.writeUInt32LE(zeroedGrain ? 2 : 1, 4);
-  header.writeUInt32LE(FLAG_RGD | FLAG_NL_DETECT | (zeroedGrain ? FLAG_ZERO_GRAIN : 0), 8);
+  // qemu's versions: 3 for a stream (written only compressed, so qemu opens it read-write), 2 with zeroed grains, else 1
+  header.writeUInt32LE(stream ? 3 : zeroedGrain ? 2 : 1, 4);
+  header.writeUInt32LE(FLAG_RGD | FLAG_NL_DETECT | (stream ? FLAG_COMPRESS | FLAG_MARKER : 0) | (zeroedGrain ? FLAG_ZERO_GRAIN : 0), 8);
   header.writeBigUInt64LE(BigInt(sectors), 12);
   header.writeBigUInt64LE(BigInt(GRANULARITY), 20);
   header.writeBigUInt64LE(BigInt(DESC_OFFSET), 28);
@@ -129,6 +138,7 @@ export async function createVmdk(path: string, options: CreateOptions): Promise<
   header.writeBigUInt64LE(BigInt(gdOffset), 56);
   header.writeBigUInt64LE(BigInt(grainOffset), 64);
   Buffer.from('\n \r\n', 'latin1').copy(header, 73);
+  if (stream) header.writeUInt16LE(COMPRESSION_DEFLATE, 77);
 
   const text = Buffer.from(descriptor(randomInt(0, 0x100000000), parent), 'utf8');
   if (text.length > DESC_SECTORS * SECTOR) throw new InvalidArgumentError(`the VMDK descriptor would be ${text.length} bytes, more than its ${DESC_SECTORS * SECTOR}`);

@@ -23,6 +23,7 @@ import {
 import { FlatExtent, SparseExtent, type Extent } from './extent.js';
 import { COMPRESSION_DEFLATE, FLAG_RGD, SECTOR, VMDK3_MAGIC, VMDK4_MAGIC, embeddedDescriptorOnly, readSparseHeader, type SparseHeader } from './header.js';
 import { VmdkImage, type VmdkImageParts } from './image.js';
+import { StreamVmdkImage, streamRefusal } from './stream-write.js';
 import { WritableVmdkImage, writeRefusal, type DescriptorPlace } from './writable.js';
 
 const log = createDebug('imgmount:vmdk');
@@ -71,8 +72,8 @@ function notice(options: OpenOptions, line: string): void {
 }
 
 /** A writable image when the extents allow it, otherwise the read-only one with a notice saying why. */
-async function writableOrNotice(file: Protocol, parts: VmdkImageParts, place: DescriptorPlace, options: OpenOptions, placeProblem?: string): Promise<FormatImage> {
-  const refusal = placeProblem ?? writeRefusal(parts.extents, (extent) => extent.header.version);
+async function writableOrNotice(file: Protocol, parts: VmdkImageParts, place: DescriptorPlace, options: OpenOptions, placeProblem?: string, stream = false): Promise<FormatImage> {
+  const refusal = placeProblem ?? (stream ? streamRefusal(parts.extents) : writeRefusal(parts.extents, (extent) => extent.header.version));
   if (refusal === undefined) {
     const redundant = new Map<SparseExtent, Uint32Array | undefined>();
     for (const extent of parts.extents) {
@@ -84,7 +85,8 @@ async function writableOrNotice(file: Protocol, parts: VmdkImageParts, place: De
       }
       redundant.set(extent, rgd);
     }
-    return new WritableVmdkImage({ ...parts, descriptorPlace: place, redundant });
+    const writable = { ...parts, descriptorPlace: place, redundant };
+    return stream ? new StreamVmdkImage(writable) : new WritableVmdkImage(writable);
   }
   notice(options, `${file.path}: opened read-only: ${refusal}`);
   return new VmdkImage(parts);
@@ -119,9 +121,13 @@ async function openMonolithic(file: Protocol, fileSize: number, options: OpenOpt
   log('%s: %s, %d sectors, %d-sector grains%s', file.path, createType, header.capacity, header.granularity, header.fromFooter ? ' (header from the footer)' : '');
   const parts: VmdkImageParts = { file, extents: [extent], descriptor, createType, backing: backingOf(descriptor) };
   if (options.readOnly) return new VmdkImage(parts);
+  if (extent.compressed && !options.compressedWrites) {
+    notice(options, `${file.path}: opened read-only: a stream-optimized VMDK image takes only whole compressed grains in increasing order, which only imgmount convert writes`);
+    return new VmdkImage(parts);
+  }
   // the CID update rewrites the descriptor area: at most qemu's 20 sectors of it
   const roomSectors = Math.min(header.descSize, EMBEDDED_DESCRIPTOR_BYTES / SECTOR);
-  return writableOrNotice(file, parts, { offset: header.descOffset * SECTOR, room: roomSectors * SECTOR }, options, layoutProblem(header, roomSectors, gd));
+  return writableOrNotice(file, parts, { offset: header.descOffset * SECTOR, room: roomSectors * SECTOR }, options, (extent.compressed ? streamRefusal([extent]) : undefined) ?? layoutProblem(header, roomSectors, gd), extent.compressed);
 }
 
 /**

@@ -59,9 +59,9 @@ export class WritableVmdkImage extends VmdkImage {
   private readonly place: DescriptorPlace;
   private readonly redundant: Map<SparseExtent, Uint32Array | undefined>;
   /** The next free sector of each sparse extent file (grain-aligned, as qemu allocates). */
-  private readonly nextSector = new Map<SparseExtent, number>();
+  protected readonly nextSector = new Map<SparseExtent, number>();
   /** Serializes allocating writes and zeroed-grain updates (async-mutex, as the other drivers). */
-  private readonly allocation = new Mutex();
+  protected readonly allocation = new Mutex();
   private backingReader: BackingReader | undefined;
   private cidUpdate: Promise<void> | undefined;
 
@@ -152,13 +152,13 @@ export class WritableVmdkImage extends VmdkImage {
   }
 
   /** Where grain `grainStart` of `extent` has its entry. */
-  private entryOf(extent: SparseExtent, grainStart: number): { gdIndex: number; index: number } {
+  protected entryOf(extent: SparseExtent, grainStart: number): { gdIndex: number; index: number } {
     const perTable = extent.header.numGtesPerGt;
     const grainNumber = grainStart / extent.grainSize;
     return { gdIndex: Math.floor(grainNumber / perTable), index: grainNumber % perTable };
   }
 
-  private async entry(extent: SparseExtent, gdIndex: number, index: number): Promise<number> {
+  protected async entry(extent: SparseExtent, gdIndex: number, index: number): Promise<number> {
     const table = extent.grainTable(gdIndex);
     if (!table) throw new CorruptImageError(`${extent.file.path}: VMDK grain directory entry ${gdIndex} is 0: no grain table to write into`);
     return (await table)[index]!;
@@ -234,7 +234,7 @@ export class WritableVmdkImage extends VmdkImage {
   }
 
   /** Writes a grain table entry in the primary table, then the redundant one, then the cache follows. */
-  private async setEntry(extent: SparseExtent, gdIndex: number, index: number, value: number): Promise<void> {
+  protected async setEntry(extent: SparseExtent, gdIndex: number, index: number, value: number): Promise<void> {
     const tables = [extent.directory[gdIndex]!, this.redundant.get(extent)?.[gdIndex]].filter((sector): sector is number => sector !== undefined);
     for (const tableSector of tables) {
       const at = tableSector * SECTOR + index * 4;
@@ -252,7 +252,7 @@ export class WritableVmdkImage extends VmdkImage {
   }
 
   /** The first change of this open: a new CID in the descriptor, durable before any data (as qemu). */
-  private changing(): Promise<void> {
+  protected changing(): Promise<void> {
     this.cidUpdate ??= this.updateCid().catch((error: unknown) => {
       this.cidUpdate = undefined;
       throw error;
