@@ -19,6 +19,7 @@ import { Qcow2Image } from './image.js';
 import { WritableQcow2Image } from './writable.js';
 import { MetadataClusters, readWords } from './metadata.js';
 import { findSnapshot, readSnapshots } from './snapshots.js';
+import { dataFileMappingRefusal } from './data-file.js';
 import { readBitmaps } from './bitmaps.js';
 import { checkQcow2, rebuildRefcounts } from './check.js';
 import { createQcow2 } from './create.js';
@@ -94,11 +95,16 @@ async function openQcow2(file: Protocol, options: OpenOptions, repaired = false)
   }
 
   let dataFile: Protocol | undefined;
+  let dataFileRefusal: string | undefined;
   if (header.incompatibleFeatures & INCOMPAT_DATA_FILE) {
     if (extensions.dataFile === undefined) {
       throw new UnsupportedFeatureError(`${file.path}: the qcow2 image keeps its data in an external data file but does not name it`);
     }
-    dataFile = await options.files.open(extensions.dataFile, 'external data file', { readOnly: true });
+    // Read-write only when this image will be written (the gate opens it read-only below the top image).
+    const wanted = !options.readOnly && options.snapshot === undefined && writeRefusal(header, geometry) === undefined;
+    if (wanted) dataFileRefusal = await dataFileMappingRefusal(file, geometry, l1, l1Entries, fileSize);
+    dataFile = await options.files.open(extensions.dataFile, 'external data file', { readOnly: !wanted || dataFileRefusal !== undefined });
+    if (wanted && dataFileRefusal === undefined && dataFile.readOnly) dataFileRefusal = `its external data file ${dataFile.path} opens read-only`;
   } else if (extensions.dataFile !== undefined) {
     throw new CorruptImageError(`${file.path}: qcow2 names an external data file (${extensions.dataFile}) without the external data file feature bit`);
   }
@@ -112,7 +118,7 @@ async function openQcow2(file: Protocol, options: OpenOptions, repaired = false)
     notice: options.notice,
   };
   if (options.readOnly || options.snapshot !== undefined) return new Qcow2Image(parts);
-  const refusal = writeRefusal(header, geometry);
+  const refusal = writeRefusal(header, geometry) ?? dataFileRefusal;
   if (refusal !== undefined) {
     notice(`${file.path}: opened read-only: ${refusal}`);
     return new Qcow2Image(parts);
@@ -126,7 +132,8 @@ function writeRefusal(header: Qcow2Header, geometry: Geometry): string | undefin
   if (header.incompatibleFeatures & INCOMPAT_DIRTY) {
     return 'it was not closed cleanly (dirty bit set) and its repair left problems; see imgmount check';
   }
-  if (geometry.hasDataFile) return 'writing qcow2 images with an external data file is not supported yet';
+  // qemu refuses to create snapshots there: their shared clusters could not be copied on write (host offset = guest offset).
+  if (geometry.hasDataFile && header.nbSnapshots > 0) return 'it has internal snapshots and an external data file, which qemu never writes together';
   return undefined;
 }
 
