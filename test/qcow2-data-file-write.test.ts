@@ -8,6 +8,8 @@
  *    (and, past the last flush of each file, only one file's writes), each
  *    checked by `qemu-img check` (no corruption) and read by `qemu-img
  *    convert`: what a guest flush acknowledged is there;
+ *  - extended L2: a zero over a zero subcluster and data ones zeroes them all
+ *    (it was skipped when the first touched subcluster already read as zeros);
  *  - an image whose entries do not map guest offset = data file offset opens
  *    read-only, naming the cluster.
  */
@@ -67,12 +69,21 @@ async function runOp(image: BlockImage, op: Op): Promise<void> {
 }
 
 /** An image with an external data file made by qemu-img, with some data already in it (so writes also go in place). */
-async function makeImage(dir: string, raw: boolean, relative = false): Promise<{ path: string; dataPath: string; model: Buffer }> {
+async function makeImage(dir: string, raw: boolean, relative = false, extra: { options?: string; backing?: boolean; clusterSize?: number } = {}): Promise<{ path: string; dataPath: string; model: Buffer }> {
   const path = join(dir, 'disk.qcow2');
   const dataPath = join(dir, 'disk.raw');
-  await qemuImg(['create', '-q', '-f', 'qcow2', '-o', `cluster_size=${CLUSTER},data_file=${relative ? 'disk.raw' : dataPath},data_file_raw=${raw ? 'on' : 'off'}`, path, String(SIZE)], { cwd: dir });
-  await qemuIo(path, ['write -q -P 0x5a 64k 64k', 'write -q -P 0x3c 300k 10k'], 'qcow2', { cwd: dir });
   const model = Buffer.alloc(SIZE);
+  const backingArgs: string[] = [];
+  if (extra.backing) {
+    const base = join(dir, 'base.qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', base, String(SIZE)]);
+    await qemuIo(base, ['write -q -P 0x77 0 512k'], 'qcow2');
+    model.fill(0x77, 0, 512 * 1024);
+    backingArgs.push('-b', base, '-F', 'qcow2');
+  }
+  const options = `cluster_size=${extra.clusterSize ?? CLUSTER},data_file=${relative ? 'disk.raw' : dataPath},data_file_raw=${raw ? 'on' : 'off'}${extra.options ? `,${extra.options}` : ''}`;
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-o', options, ...backingArgs, path, String(SIZE)], { cwd: dir });
+  await qemuIo(path, ['write -q -P 0x5a 64k 64k', 'write -q -P 0x3c 300k 10k'], 'qcow2', { cwd: dir });
   model.fill(0x5a, 64 * 1024, 128 * 1024);
   model.fill(0x3c, 300 * 1024, 310 * 1024);
   return { path, dataPath, model };
@@ -86,15 +97,21 @@ async function check(path: string, cwd?: string): Promise<{ code: number; corrup
 }
 
 describe.skipIf(skipWithoutQemu('qcow2 data file writes'))('qcow2 with an external data file: writes', () => {
-  for (const raw of [false, true]) {
-    it(`data_file_raw=${raw ? 'on' : 'off'}: seeded writes, zeroes and discards match a model (check clean, compare equal${raw ? ', data file = model' : ''})`, async () => {
+  for (const [name, raw, extra, seed] of [
+    ['data_file_raw=off', false, {}, 8],
+    ['data_file_raw=on', true, {}, 7],
+    ['extended_l2=on (32 KiB clusters)', false, { options: 'extended_l2=on', clusterSize: 32768 }, 10],
+    ['lazy_refcounts=on', false, { options: 'lazy_refcounts=on' }, 11],
+    ['over a qcow2 backing file', false, { backing: true }, 12],
+  ] as const) {
+    it(`${name}: seeded writes, zeroes and discards match a model (check clean, compare equal${raw ? ', data file = model' : ''})`, async () => {
       const dir = await makeTempDir();
-      const { path, dataPath, model } = await makeImage(dir, raw);
+      const { path, dataPath, model } = await makeImage(dir, raw, false, extra);
       const notices: string[] = [];
       const image = await openImage(path, { format: 'qcow2', notice: (line) => notices.push(line) });
       expect(notices).toEqual([]);
       expect(image.readOnly).toBe(false);
-      for (const op of randomOps(raw ? 7 : 8, 300)) {
+      for (const op of randomOps(seed, 300)) {
         await runOp(image, op);
         applyToModel(model, op);
       }
@@ -128,6 +145,22 @@ describe.skipIf(skipWithoutQemu('qcow2 data file writes'))('qcow2 with an extern
     expect((await check(path)).code).toBe(0);
     expect((await qemuConvertToRaw(path, dir, 'qcow2')).equals(model)).toBe(true);
   }, 60_000);
+
+  it('extended L2 (no data file too): zeroing a range whose first subcluster is already zero also zeroes the data subclusters after it', async () => {
+    for (const withDataFile of [false, true]) {
+      const dir = await makeTempDir();
+      const path = join(dir, 'sub.qcow2');
+      const dataOption = withDataFile ? `,data_file=${join(dir, 'sub.raw')}` : '';
+      await qemuImg(['create', '-q', '-f', 'qcow2', '-o', `cluster_size=32768,extended_l2=on${dataOption}`, path, String(SIZE)]);
+      await qemuIo(path, ['write -q -P 0x11 0 32k', 'write -q -z 0 1k'], 'qcow2');
+      const image = await openImage(path, { format: 'qcow2' });
+      await image.zero(512, 2048);
+      await image.close();
+      const expected = Buffer.alloc(SIZE);
+      expected.fill(0x11, 2560, 32768);
+      expect((await qemuConvertToRaw(path, dir, 'qcow2')).equals(expected), `data file: ${withDataFile}`).toBe(true);
+    }
+  });
 
   it('entries that do not map a cluster to its own offset in the data file: read-only, naming the cluster', async () => {
     const dir = await makeTempDir();

@@ -246,8 +246,8 @@ export class WritableQcow2Image extends Qcow2Image {
     const metadata: Slot[] = [];
     try {
       for (const slot of slots) {
-        const kind = this.kindOf(slot);
-        if (kind === Kind.Zero || (kind === Kind.Unallocated && !this.readBacking)) continue;
+        // Every subcluster the range touches, not only the first (extended L2: a zero one before data ones).
+        if (this.readsAsZeros(slot)) continue;
         if (this.actionFor(slot) === Action.InPlace) {
           const hostOffset = offsetBits(slot.high, slot.low) + (slot.from - slot.clusterStart);
           parts.push(this.clearHostRange(hostOffset, slot.to - slot.from));
@@ -375,6 +375,14 @@ export class WritableQcow2Image extends Qcow2Image {
 
   private subclusterOf(slot: Slot, offset: number): number {
     return Math.floor((offset - slot.clusterStart) / this.geometry.subclusterSize);
+  }
+
+  /** True when the guest sees zeros in every subcluster [from, to) touches. */
+  private readsAsZeros(slot: Slot): boolean {
+    for (let sub = this.subclusterOf(slot, slot.from); sub <= this.subclusterOf(slot, slot.to - 1); sub++) {
+      if (!this.zerosBefore(classify(this.geometry, slot.high, slot.low, slot.zeroBits, slot.allocBits, sub))) return false;
+    }
+    return true;
   }
 
   /** True when every subcluster [from, to) touches is of `kind`. */
