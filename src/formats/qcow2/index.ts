@@ -3,7 +3,8 @@
  * what is supported here: docs/formats/qcow2.md): probe and open. Open reads and validates the header, its extensions, the
  * L1 table (the active one or a snapshot's), the refcount table (to know
  * where metadata lives) and the snapshot table, and opens an external data
- * file through the gate. Reading lives in image.ts; a read-write open of an
+ * file through the gate (read-write only when the image will be written,
+ * after data-file.ts checked its mapping). Reading lives in image.ts; a read-write open of an
  * image it can write returns writable.ts's image, any other gets a notice and
  * a read-only one.
  */
