@@ -7,7 +7,9 @@
  *  - crash states: every prefix of the I/O the image and its data file got
  *    (and, past the last flush of each file, only one file's writes), each
  *    checked by `qemu-img check` (no corruption) and read by `qemu-img
- *    convert`: what a guest flush acknowledged is there;
+ *    convert`: every byte holds what a guest flush acknowledged or what a
+ *    later request wrote there (never a third value, such as zeros where the
+ *    backing file showed through);
  *  - extended L2: a zero over a zero subcluster and data ones zeroes them all
  *    (it was skipped when the first touched subcluster already read as zeros);
  *  - an image whose entries do not map guest offset = data file offset opens
@@ -205,6 +207,18 @@ function recording(inner: Protocol, file: 0 | 1, log: Record_[]): Protocol {
   };
 }
 
+/** The first byte of `actual` that is neither `acked` nor what one of the `later` requests put there; -1 if none. */
+function firstUnexplained(actual: Buffer, acked: Buffer, later: readonly Exclude<Op, { kind: 'flush' }>[]): number {
+  for (let b = 0; b < acked.length; b++) {
+    if (actual[b] === acked[b]) continue;
+    const explained = later.some((op) =>
+      op.kind === 'write' ? b >= op.offset && b < op.offset + op.data.length && op.data[b - op.offset] === actual[b] : b >= op.offset && b < op.offset + op.length && actual[b] === 0,
+    );
+    if (!explained) return b;
+  }
+  return -1;
+}
+
 /** The gate openImage uses, with the data file's I/O recorded into the same log as the image file's. */
 class RecordingGate extends ImageFileGate {
   constructor(
@@ -238,30 +252,34 @@ function crashState(originals: [Buffer, Buffer], log: Record_[], at: number, kee
 }
 
 describe.skipIf(skipWithoutQemu('qcow2 data file crash states'))('qcow2 with an external data file: crash states', () => {
-  for (const raw of [false, true]) {
-    it(`data_file_raw=${raw ? 'on' : 'off'}: no crash state is corrupt, none loses a write a flush acknowledged`, async () => {
+  for (const [raw, lazy, backing] of [[false, false, false], [true, false, false], [false, true, true]] as const) {
+    const name = lazy ? 'lazy_refcounts=on over a backing file (each crash state repaired by a read-write open here first)' : `data_file_raw=${raw ? 'on' : 'off'}`;
+    it(`${name}: no crash state is corrupt; each byte holds what a flush acknowledged or what a later request wrote there`, async () => {
       const dir = await makeTempDir();
-      const { path, dataPath, model } = await makeImage(dir, raw, true);
+      const { path, dataPath, model } = await makeImage(dir, raw, true, lazy ? { options: 'lazy_refcounts=on', backing } : {});
+      const backingImage = backing ? await openImage(join(dir, 'base.qcow2'), { readOnly: true }) : undefined;
       const originals: [Buffer, Buffer] = [await readFile(path), await readFile(dataPath)];
       const log: Record_[] = [];
       const file = recording(await FileProtocol.open(path, false), 0, log);
       const gate = new RecordingGate(path, log);
       const driverImage = await qcow2.open(file, { readOnly: false, files: gate });
       expect(gate.opened.map((p) => p.readOnly)).toEqual([false]);
-      const image = new BlockImageClass({ path, format: 'qcow2', file, image: driverImage, gate });
+      const image = new BlockImageClass({ path, format: 'qcow2', file, image: driverImage, gate, backing: backingImage });
       // After each guest flush: the record count and the model it acknowledged; and each later request's range.
       const acks: { at: number; model: Buffer }[] = [{ at: 0, model: Buffer.from(model) }];
-      const touched: { at: number; from: number; to: number }[] = [];
-      for (const op of randomOps(raw ? 21 : 22, 36)) {
-        if (op.kind !== 'flush') touched.push({ at: log.length, from: op.offset, to: op.offset + (op.kind === 'write' ? op.data.length : op.length) });
+      const touched: { at: number; op: Exclude<Op, { kind: 'flush' }> }[] = [];
+      for (const op of randomOps(raw ? 21 : lazy ? 23 : 22, 36)) {
+        if (op.kind !== 'flush') touched.push({ at: log.length, op });
         await runOp(image, op);
         applyToModel(model, op);
         if (op.kind === 'flush') acks.push({ at: log.length, model: Buffer.from(model) });
       }
       await image.close();
+      await backingImage?.close();
 
       const seen = new Set<string>();
       let states = 0;
+      let dirtyStates = 0;
       for (let at = 0; at <= log.length; at++) {
         for (const keep of [() => true, (f: 0 | 1) => f === 0, (f: 0 | 1) => f === 1, () => false]) {
           const state = crashState(originals, log, at, keep);
@@ -274,26 +292,30 @@ describe.skipIf(skipWithoutQemu('qcow2 data file crash states'))('qcow2 with an 
           const crashPath = join(crashDir, 'disk.qcow2');
           await writeFile(crashPath, state.files[0]);
           await writeFile(join(crashDir, 'disk.raw'), state.files[1]);
+          if (state.files[0].readBigUInt64BE(72) & 1n) dirtyStates++;
+          if (lazy) {
+            // A dirty image's refcounts are stale by design: the repair at a read-write open (as qemu's) comes first.
+            const repaired = await openImage(crashPath, { format: 'qcow2', idleCleanSeconds: 0, notice: () => undefined });
+            await repaired.close();
+          }
           const result = await check(crashPath, crashDir);
           expect(result.corruptions, `crash at record ${at}/${log.length} (${state.key}): ${result.text}`).toBe(0);
-          expect([0, 3], `crash at record ${at}: ${result.text}`).toContain(result.code);
+          expect(lazy ? [0] : [0, 3], `crash at record ${at}: ${result.text}`).toContain(result.code);
           const guestPath = join(crashDir, 'guest.raw');
           const converted = await run('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', crashPath, guestPath], { cwd: crashDir });
           expect(converted.code, converted.stderr).toBe(0);
           const guest = await readFile(guestPath);
-          const later = touched.filter((t) => t.at >= ack.at);
-          const dataFile = Buffer.concat([state.files[1], Buffer.alloc(Math.max(0, SIZE - state.files[1].length))]);
-          for (let pos = 0; pos < SIZE; pos += CLUSTER) {
-            const end = pos + CLUSTER;
-            // Only ranges no request after the acknowledging flush touched must hold exactly what it acknowledged.
-            if (later.some((t) => t.from < end && t.to > pos)) continue;
-            expect(guest.subarray(pos, end).equals(ack.model.subarray(pos, end)), `crash at record ${at}: guest cluster at ${pos}`).toBe(true);
-            if (raw) expect(dataFile.subarray(pos, end).equals(ack.model.subarray(pos, end)), `crash at record ${at}: data file at ${pos}`).toBe(true);
+          const later = touched.filter((t) => t.at >= ack.at).map((t) => t.op);
+          expect(firstUnexplained(guest, ack.model, later), `crash at record ${at}: the guest's first byte neither acknowledged nor written later`).toBe(-1);
+          if (raw) {
+            const dataFile = Buffer.concat([state.files[1], Buffer.alloc(Math.max(0, SIZE - state.files[1].length))]).subarray(0, SIZE);
+            expect(firstUnexplained(dataFile, ack.model, later), `crash at record ${at}: the data file's first byte neither acknowledged nor written later`).toBe(-1);
           }
         }
       }
-      if (process.env.DF_DEBUG) console.log(`records ${log.length} states ${states}`);
       expect(states).toBeGreaterThan(10);
+      // With lazy refcounts the crash states include dirty images (their repair is what is tested).
+      if (lazy) expect(dirtyStates).toBeGreaterThan(0);
     }, 300_000);
   }
 });
