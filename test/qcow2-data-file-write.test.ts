@@ -226,14 +226,14 @@ function firstUnexplained(actual: Buffer, acked: Buffer, later: readonly Exclude
 /** The gate openImage uses, with the data file's I/O recorded into the same log as the image file's. */
 class RecordingGate extends ImageFileGate {
   constructor(
-    private readonly imagePath: string,
+    private readonly top: string,
     private readonly log: Record_[],
   ) {
-    super(imagePath, {}, true);
+    super(top, {}, true);
   }
 
   override async open(name: string, _role: string, options: { readOnly: boolean }): Promise<Protocol> {
-    const opened = recording(await FileProtocol.open(resolve(dirname(this.imagePath), name), options.readOnly), 1, this.log);
+    const opened = recording(await FileProtocol.open(resolve(dirname(this.top), name), options.readOnly), 1, this.log);
     this.opened.push(opened);
     return opened;
   }
