@@ -168,6 +168,18 @@ describe.skipIf(skipWithoutQemu('qcow2 data file writes'))('qcow2 with an extern
     }
   });
 
+  it('an image that names itself as its external data file is refused by name, read-only or not', async () => {
+    const dir = await makeTempDir();
+    const path = join(dir, 'x.qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'data_file=y.qcow2', path, '1M'], { cwd: dir });
+    const bytes = await readFile(path);
+    bytes.write('x.qcow2', bytes.indexOf('y.qcow2'), 'latin1');
+    await writeFile(path, bytes);
+    for (const readOnly of [true, false]) {
+      await expect(openImage(path, { format: 'qcow2', readOnly })).rejects.toThrow(/x\.qcow2: the qcow2 image names itself as its external data file \(x\.qcow2\)/);
+    }
+  });
+
   it('entries that do not map a cluster to its own offset in the data file: read-only, naming the cluster', async () => {
     const dir = await makeTempDir();
     const { path } = await makeImage(dir, false);

@@ -8,7 +8,9 @@
  * image it can write returns writable.ts's image, any other gets a notice and
  * a read-only one.
  */
+import { resolve } from 'node:path';
 import createDebug from 'debug';
+import { resolveBackingName } from '../../block/backing-name.js';
 import { CorruptImageError, UnsupportedFeatureError } from '../../block/errors.js';
 import type { FormatDriver, FormatImage, OpenOptions, ProbeSample, Protocol } from '../../block/types.js';
 import { describeBits, parseExtensions } from './extensions.js';
@@ -100,6 +102,10 @@ async function openQcow2(file: Protocol, options: OpenOptions, repaired = false)
   if (header.incompatibleFeatures & INCOMPAT_DATA_FILE) {
     if (extensions.dataFile === undefined) {
       throw new UnsupportedFeatureError(`${file.path}: the qcow2 image keeps its data in an external data file but does not name it`);
+    }
+    // Written at guest offsets, it would overwrite the image's own metadata (a read-write open fails on the lock anyway).
+    if (resolve(resolveBackingName(file.path, extensions.dataFile, 'external data file')) === resolve(file.path)) {
+      throw new CorruptImageError(`${file.path}: the qcow2 image names itself as its external data file (${extensions.dataFile})`);
     }
     // Read-write only when this image will be written (the gate opens it read-only below the top image).
     const wanted = !options.readOnly && options.snapshot === undefined && writeRefusal(header, geometry) === undefined;
