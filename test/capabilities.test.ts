@@ -5,6 +5,7 @@
  * format that cannot write opens read-only with a notice (EROFS for writes);
  * a format without internal snapshots refuses `snapshot` by name.
  */
+import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { constants } from 'node:os';
 import { describe, expect, it } from 'vitest';
@@ -57,7 +58,7 @@ describe.skipIf(skipWithoutQemu('optional abilities of formats'))('optional abil
     expect(bytes.subarray(0, 10).equals(Buffer.alloc(10, 1))).toBe(true);
   });
 
-  it('qcow2: write, zero and discard work; an image with an external data file stays read-only with a notice and EROFS', async () => {
+  it('qcow2: write, zero and discard work; and on an image with an external data file too (qemu-img convert reads them back); one marked corrupt stays read-only with a notice and EROFS', async () => {
     const dir = await makeTempDir();
     const path = join(dir, 'disk.qcow2');
     await qemuImg(['create', '-q', '-f', 'qcow2', path, '1M']);
@@ -82,9 +83,34 @@ describe.skipIf(skipWithoutQemu('optional abilities of formats'))('optional abil
     const extended = join(dir, 'with-data-file.qcow2');
     await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'data_file=with-data-file.data', extended, '1M'], { cwd: dir });
     notices.length = 0;
-    const readOnly = await openImage(extended, { readOnly: false, notice: (line) => notices.push(line) });
+    const withDataFile = await openImage(extended, { readOnly: false, notice: (line) => notices.push(line) });
     try {
-      expect(notices).toEqual([`${extended}: opened read-only: writing qcow2 images with an external data file is not supported yet`]);
+      expect(notices).toEqual([]);
+      expect(withDataFile.readOnly).toBe(false);
+      await withDataFile.write(0, Buffer.alloc(4096, 0xbb));
+      await withDataFile.zero(512, 512);
+      await withDataFile.discard(2048, 1024);
+    } finally {
+      await withDataFile.close();
+    }
+    const expected = Buffer.alloc(4096, 0xbb);
+    expected.fill(0, 512, 1024);
+    expected.fill(0, 2048, 3072);
+    const out = join(dir, 'with-data-file.raw');
+    await qemuImg(['convert', '-f', 'qcow2', '-O', 'raw', extended, out], { cwd: dir });
+    expect((await readFile(out)).subarray(0, 4096).equals(expected)).toBe(true);
+
+    // One qcow2 image it will not write: marked corrupt (incompatible feature bit 1).
+    const corrupt = join(dir, 'corrupt.qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', corrupt, '1M']);
+    const bytes = await readFile(corrupt);
+    bytes.writeBigUInt64BE(bytes.readBigUInt64BE(72) | 2n, 72);
+    await writeFile(corrupt, bytes);
+    notices.length = 0;
+    const readOnly = await openImage(corrupt, { readOnly: false, notice: (line) => notices.push(line) });
+    try {
+      expect(readOnly.readOnly).toBe(true);
+      expect(notices.join('\n')).toMatch(/marked corrupt/);
       for (const request of [readOnly.zero(0, 512), readOnly.discard(0, 512), readOnly.write(0, Buffer.alloc(512))]) {
         await expect(request).rejects.toMatchObject({ errno: EROFS });
       }

@@ -305,15 +305,23 @@ describe('convert failures', () => {
     }
   });
 
-  it('removes a data file it created with DEST (qcow2 -o data_file=, which is written read-only here)', TIMEOUT, async () => {
+  it('converts into a qcow2 with an external data file (-o data_file=): qemu-img compare equal; a failure removes both files it created', TIMEOUT, async () => {
     const dir = await makeTempDir('imgmount-convert-');
     const source = await qemuQcow2(dir);
     const dest = join(dir, 'dest.qcow2');
-    await expect(convertImage(source, dest, { targetFormat: 'qcow2', options: { data_file: 'dest.data' } })).rejects.toThrow(
-      /^convert failed: convert: .*dest\.qcow2 cannot be written \(.*opened read-only: .*\); .*dest\.qcow2 and .*dest\.data, which it had created, were removed$/,
+    await convertImage(source, dest, { targetFormat: 'qcow2', options: { data_file: 'dest.data' } });
+    // qemu resolves the relative data file name against its working directory.
+    const compared = await run('qemu-img', ['compare', '-f', 'qcow2', '-F', 'qcow2', source, dest], { cwd: dir });
+    expect(compared.code, compared.stdout + compared.stderr).toBe(0);
+    expect((await run('qemu-img', ['check', '-f', 'qcow2', dest], { cwd: dir })).code).toBe(0);
+    expect((await stat(join(dir, 'dest.data'))).size).toBeGreaterThan(0);
+
+    const failing = join(dir, 'failing.qcow2');
+    await expect(convertImage(source, failing, { targetFormat: 'qcow2', options: { data_file: 'failing.data' }, filters: readError, parallel: 1, bufferSize: 64 * KiB })).rejects.toThrow(
+      /^convert failed: .*; .*failing\.qcow2 and .*failing\.data, which it had created, were removed$/,
     );
-    await expect(stat(dest)).rejects.toThrow(/ENOENT/);
-    await expect(stat(join(dir, 'dest.data'))).rejects.toThrow(/ENOENT/);
+    await expect(stat(failing)).rejects.toThrow(/ENOENT/);
+    await expect(stat(join(dir, 'failing.data'))).rejects.toThrow(/ENOENT/);
   });
 
   it('after -n, says DEST was left partly converted', TIMEOUT, async () => {

@@ -71,21 +71,31 @@ describe.skipIf(skipWithoutQemu("QEMU's image locks"))("QEMU's image locks", () 
     }
   });
 
-  it('an image its format will not write (qcow2 with an external data file) asked for read-write keeps only read locks: qemu-img and a second writer open it', async () => {
+  it('a qcow2 with an external data file held read-write: the data file is write-locked too (qemu-io cannot write it, qemu-img reads only with -U), and free again after close', async () => {
     const dir = await makeTempDir();
     const path = join(dir, 'disk.qcow2');
+    const dataPath = join(dir, 'disk.data');
     await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'data_file=disk.data', path, '4M'], { cwd: dir });
     const notices: string[] = [];
     const image = await openImage(path, { notice: (line) => notices.push(line) });
     try {
-      expect(image.readOnly).toBe(true);
-      expect(notices.join('\n')).toMatch(/opened read-only: writing qcow2 images with an external data file is not supported yet/);
-      const info = await run('qemu-img', ['info', path], { cwd: dir });
-      expect(info.code, info.stderr).toBe(0);
-      const second = await openImage(path, { notice: () => undefined });
-      await second.close();
+      expect(image.readOnly).toBe(false);
+      expect(notices).toEqual([]);
+      await image.write(0, Buffer.alloc(512, 0x11));
+      const write = await run('qemu-io', ['-f', 'raw', '-c', 'write 0 512', dataPath]);
+      expect(write.code).not.toBe(0);
+      expect(write.stderr).toMatch(/Failed to get "write" lock/);
+      expect((await run('qemu-img', ['info', path], { cwd: dir })).code).not.toBe(0);
+      expect((await run('qemu-img', ['info', '-U', path], { cwd: dir })).code).toBe(0);
     } finally {
       await image.close();
+    }
+    expect((await run('qemu-io', ['-f', 'raw', '-c', 'write 512 512', dataPath])).code).toBe(0);
+    const readOnly = await openImage(path, { readOnly: true });
+    try {
+      expect((await run('qemu-io', ['-f', 'qcow2', '-c', 'write 0 512', path], { cwd: dir })).code).toBe(0);
+    } finally {
+      await readOnly.close();
     }
   });
 });

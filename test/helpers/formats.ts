@@ -308,7 +308,6 @@ function qcow2Shape(plan: Qcow2Plan, prepare?: (dir: string) => Promise<Qcow2Pla
     name: plan.name,
     description: plan.description,
     snapshots: plan.snapshots,
-    readOnly: plan.dataFile ? /external data file/ : undefined,
     async build(dir) {
       const backing = prepare ? await prepare(dir) : plan.backing;
       const path = join(dir, `${plan.name}.qcow2`);

@@ -3,11 +3,14 @@
  * what is supported here: docs/formats/qcow2.md): probe and open. Open reads and validates the header, its extensions, the
  * L1 table (the active one or a snapshot's), the refcount table (to know
  * where metadata lives) and the snapshot table, and opens an external data
- * file through the gate. Reading lives in image.ts; a read-write open of an
+ * file through the gate (read-write only when the image will be written,
+ * after data-file.ts checked its mapping). Reading lives in image.ts; a read-write open of an
  * image it can write returns writable.ts's image, any other gets a notice and
  * a read-only one.
  */
+import { resolve } from 'node:path';
 import createDebug from 'debug';
+import { resolveBackingName } from '../../block/backing-name.js';
 import { CorruptImageError, UnsupportedFeatureError } from '../../block/errors.js';
 import type { FormatDriver, FormatImage, OpenOptions, ProbeSample, Protocol } from '../../block/types.js';
 import { describeBits, parseExtensions } from './extensions.js';
@@ -19,6 +22,7 @@ import { Qcow2Image } from './image.js';
 import { WritableQcow2Image } from './writable.js';
 import { MetadataClusters, readWords } from './metadata.js';
 import { findSnapshot, readSnapshots } from './snapshots.js';
+import { dataFileMappingRefusal } from './data-file.js';
 import { readBitmaps } from './bitmaps.js';
 import { checkQcow2, rebuildRefcounts } from './check.js';
 import { createQcow2 } from './create.js';
@@ -94,11 +98,20 @@ async function openQcow2(file: Protocol, options: OpenOptions, repaired = false)
   }
 
   let dataFile: Protocol | undefined;
+  let dataFileRefusal: string | undefined;
   if (header.incompatibleFeatures & INCOMPAT_DATA_FILE) {
     if (extensions.dataFile === undefined) {
       throw new UnsupportedFeatureError(`${file.path}: the qcow2 image keeps its data in an external data file but does not name it`);
     }
-    dataFile = await options.files.open(extensions.dataFile, 'external data file', { readOnly: true });
+    // Written at guest offsets, it would overwrite the image's own metadata (a read-write open fails on the lock anyway).
+    if (resolve(resolveBackingName(file.path, extensions.dataFile, 'external data file')) === resolve(file.path)) {
+      throw new CorruptImageError(`${file.path}: the qcow2 image names itself as its external data file (${extensions.dataFile})`);
+    }
+    // Read-write only when this image will be written (the gate opens it read-only below the top image).
+    const wanted = !options.readOnly && options.snapshot === undefined && writeRefusal(header, geometry) === undefined;
+    if (wanted) dataFileRefusal = await dataFileMappingRefusal(file, geometry, l1, l1Entries, fileSize);
+    dataFile = await options.files.open(extensions.dataFile, 'external data file', { readOnly: !wanted || dataFileRefusal !== undefined });
+    if (wanted && dataFileRefusal === undefined && dataFile.readOnly) dataFileRefusal = `its external data file ${dataFile.path} opens read-only`;
   } else if (extensions.dataFile !== undefined) {
     throw new CorruptImageError(`${file.path}: qcow2 names an external data file (${extensions.dataFile}) without the external data file feature bit`);
   }
@@ -112,7 +125,7 @@ async function openQcow2(file: Protocol, options: OpenOptions, repaired = false)
     notice: options.notice,
   };
   if (options.readOnly || options.snapshot !== undefined) return new Qcow2Image(parts);
-  const refusal = writeRefusal(header, geometry);
+  const refusal = writeRefusal(header, geometry) ?? dataFileRefusal;
   if (refusal !== undefined) {
     notice(`${file.path}: opened read-only: ${refusal}`);
     return new Qcow2Image(parts);
@@ -126,7 +139,8 @@ function writeRefusal(header: Qcow2Header, geometry: Geometry): string | undefin
   if (header.incompatibleFeatures & INCOMPAT_DIRTY) {
     return 'it was not closed cleanly (dirty bit set) and its repair left problems; see imgmount check';
   }
-  if (geometry.hasDataFile) return 'writing qcow2 images with an external data file is not supported yet';
+  // qemu refuses to create snapshots there: their shared clusters could not be copied on write (host offset = guest offset).
+  if (geometry.hasDataFile && header.nbSnapshots > 0) return 'it has internal snapshots and an external data file, which qemu never writes together';
   return undefined;
 }
 

@@ -33,6 +33,15 @@
  * could still reach); other clusters become zero clusters (v3) or are
  * overwritten with zeros (v2), so the range always reads as zeros afterwards.
  *
+ * External data file (qemu's has_data_file): guest data lives in the data
+ * file at host offset = guest offset, as qemu allocates it (no refcounts for
+ * data clusters, which the qcow2 file does not hold); every allocated entry
+ * carries COPIED, and a write is in place or links the cluster at its guest
+ * offset. The data file is flushed before an entry that links it is written.
+ * With data_file_raw, zeroing and discard also zero the data file's range, so
+ * it stays a raw image of the guest disk. open() refuses (read-only) an image
+ * whose entries do not map 1:1: a new cluster could land on another's data.
+ *
  * Damaged metadata met while writing sets the corrupt bit (v3); from then on
  * writes fail with EIO and reads go on.
  *
@@ -46,7 +55,7 @@ import { constants as osConstants } from 'node:os';
 import createDebug from 'debug';
 import { BlockError, CorruptImageError } from '../../block/errors.js';
 import { settleAll } from '../../block/settle.js';
-import type { BackingReader, OpenOptions } from '../../block/types.js';
+import type { BackingReader, OpenOptions, Protocol } from '../../block/types.js';
 import type { TableHandle } from '../../cache/table-cache.js';
 import { classify, Kind, L2E_COMPRESSED_HIGH, L2E_COPIED_HIGH, L2E_ZERO_LOW, offsetBits, wordAt } from './geometry.js';
 import { AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from './header.js';
@@ -121,6 +130,35 @@ export class WritableQcow2Image extends Qcow2Image {
     this.pending = new PendingLinks(this.geometry.l2EntryBytes);
     this.lazy = this.header.version === 3 && (this.header.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n;
     this.notify = parts.notice ?? ((line: string) => log(line));
+  }
+
+  /** Where guest data clusters live: the external data file, or the image file itself. */
+  private get data(): Protocol {
+    return this.dataFile ?? this.file;
+  }
+
+  /** Whether the entry points at a host cluster (with a data file, host offset 0 counts when COPIED is set). */
+  private hasHost(high: number, low: number): boolean {
+    return offsetBits(high, low) > 0 || (this.dataFile !== undefined && (high & L2E_COPIED_HIGH) !== 0 && (high & L2E_COMPRESSED_HIGH) === 0);
+  }
+
+  /** Makes guest data durable: the data file too when there is one. */
+  private async flushData(): Promise<void> {
+    if (this.dataFile) await flushToDisk(this.dataFile);
+    await flushToDisk(this.file);
+  }
+
+  /** Host clusters for `count` new data clusters from guest cluster `guestStart`: at the guest offset with a data file. */
+  private async allocateData(guestStart: number, count: number): Promise<number> {
+    if (this.dataFile) return guestStart;
+    const hostOffset = await this.refcounts.allocate(count);
+    this.fileSize = Math.max(this.fileSize, this.refcounts.endOffset);
+    return hostOffset;
+  }
+
+  /** Clusters just allocated that read as zeros until written (never in a data file, which may hold old bytes). */
+  private isFresh(hostOffset: number): boolean {
+    return this.dataFile === undefined && this.refcounts.isFresh(hostOffset);
   }
 
   /** Opens the image for writing; clears autoclear bits it does not maintain (a header write only when one is set). */
@@ -201,13 +239,15 @@ export class WritableQcow2Image extends Qcow2Image {
 
   async zero(offset: number, length: number): Promise<void> {
     this.assertWritable();
+    // data_file_raw: the data file stays a raw image of the disk, whatever the entries say (as qemu, first).
+    if (this.dataFile && this.header.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) await this.clearHostRange(offset, length);
     const slots = await this.lookup(offset, length);
     const parts: Promise<void>[] = [];
     const metadata: Slot[] = [];
     try {
       for (const slot of slots) {
-        const kind = this.kindOf(slot);
-        if (kind === Kind.Zero || (kind === Kind.Unallocated && !this.readBacking)) continue;
+        // Every subcluster the range touches, not only the first (extended L2: a zero one before data ones).
+        if (this.readsAsZeros(slot)) continue;
         if (this.actionFor(slot) === Action.InPlace) {
           const hostOffset = offsetBits(slot.high, slot.low) + (slot.from - slot.clusterStart);
           parts.push(this.clearHostRange(hostOffset, slot.to - slot.from));
@@ -255,7 +295,7 @@ export class WritableQcow2Image extends Qcow2Image {
   override async flush(): Promise<void> {
     if (this.closed) return;
     await this.allocationLock.runExclusive(() => this.persistLinks());
-    await flushToDisk(this.file);
+    await this.flushData();
   }
 
   /**
@@ -269,7 +309,7 @@ export class WritableQcow2Image extends Qcow2Image {
     await this.allocationLock.runExclusive(async () => {
       if (this.closed || this.brokenBy !== undefined) return;
       await this.persistLinks();
-      await flushToDisk(this.file);
+      await this.flushData();
       if (!this.dirtyMarked) return;
       // Unmarked first: if the header write fails, the next change sets the bit again.
       this.dirtyMarked = false;
@@ -284,12 +324,12 @@ export class WritableQcow2Image extends Qcow2Image {
       try {
         await this.persistLinks();
         if (this.dirtyMarked) {
-          await flushToDisk(this.file);
+          await this.flushData();
           await this.setIncompatible(this.header.incompatibleFeatures & ~INCOMPAT_DIRTY);
           this.dirtyMarked = false;
           log('%s: dirty bit cleared on close', this.file.path);
         } else {
-          await flushToDisk(this.file);
+          await this.flushData();
         }
       } finally {
         await super.close();
@@ -337,6 +377,14 @@ export class WritableQcow2Image extends Qcow2Image {
     return Math.floor((offset - slot.clusterStart) / this.geometry.subclusterSize);
   }
 
+  /** True when the guest sees zeros in every subcluster [from, to) touches. */
+  private readsAsZeros(slot: Slot): boolean {
+    for (let sub = this.subclusterOf(slot, slot.from); sub <= this.subclusterOf(slot, slot.to - 1); sub++) {
+      if (!this.zerosBefore(classify(this.geometry, slot.high, slot.low, slot.zeroBits, slot.allocBits, sub))) return false;
+    }
+    return true;
+  }
+
   /** True when every subcluster [from, to) touches is of `kind`. */
   private allSubclusters(slot: Slot, kind: Kind): boolean {
     for (let sub = this.subclusterOf(slot, slot.from); sub <= this.subclusterOf(slot, slot.to - 1); sub++) {
@@ -347,7 +395,7 @@ export class WritableQcow2Image extends Qcow2Image {
 
   private actionFor(slot: Slot): Action {
     const kind = this.kindOf(slot);
-    const owned = slot.tableOwned && (slot.high & L2E_COPIED_HIGH) !== 0 && offsetBits(slot.high, slot.low) > 0;
+    const owned = slot.tableOwned && (slot.high & L2E_COPIED_HIGH) !== 0 && this.hasHost(slot.high, slot.low);
     if (this.geometry.extendedL2) {
       if (owned && this.allSubclusters(slot, Kind.Normal)) {
         this.validDataCluster(slot.high, slot.low, slot.clusterStart);
@@ -440,25 +488,24 @@ export class WritableQcow2Image extends Qcow2Image {
       if (head > 0 || tail > 0) copied = (await this.fillFromBefore(slot, cluster, head, tail)) || copied;
       data.copy(cluster, head, slot.from - offset, slot.to - offset);
     }
-    const hostOffset = await this.refcounts.allocate(run.length);
-    this.fileSize = Math.max(this.fileSize, this.refcounts.endOffset);
+    const hostOffset = await this.allocateData(run[0]!.clusterStart, run.length);
     announce(this.file, copied ? 'cow_write' : 'write_aio');
-    if (!copied && this.refcounts.isFresh(hostOffset)) {
+    if (!copied && this.isFresh(hostOffset)) {
       // The untouched head and tail are zeros, and so are fresh clusters until written: write the data only.
       const first = run[0]!;
       const last = run[run.length - 1]!;
       const from = first.from - first.clusterStart;
       const to = (run.length - 1) * clusterSize + (last.to - last.clusterStart);
-      await this.file.write(hostOffset + from, buffer.subarray(from, to));
+      await this.data.write(hostOffset + from, buffer.subarray(from, to));
     } else {
-      await this.file.write(hostOffset, buffer);
+      await this.data.write(hostOffset, buffer);
     }
     const entries = run.map((_, i): Entry => {
       const [high, low] = entryFor(hostOffset + i * clusterSize);
       return this.geometry.extendedL2 ? [high, low, 0, ALL_SUBCLUSTERS] : [high, low];
     });
     // Fresh clusters read as zeros until written: as the guest saw them before only where that was zeros too.
-    const readsAsBefore = !copied && this.refcounts.isFresh(hostOffset) && run.every((slot) => this.zerosBefore(this.kindOf(slot)));
+    const readsAsBefore = !copied && this.isFresh(hostOffset) && run.every((slot) => this.zerosBefore(this.kindOf(slot)));
     await this.link(table, run[0]!.l2Index, entries, run.map((slot) => () => this.release(slot)), !readsAsBefore);
   }
 
@@ -477,7 +524,7 @@ export class WritableQcow2Image extends Qcow2Image {
    */
   private async link(table: { offset: number; handle: TableHandle<Buffer> }, first: number, entries: Entry[], releases: (() => Promise<void>)[], dataFirst: boolean): Promise<void> {
     if (this.lazy) {
-      if (dataFirst) await flushToDisk(this.file);
+      if (dataFirst) await this.flushData();
       await this.setEntries(table, first, entries);
       for (const release of releases) await release();
       return;
@@ -502,7 +549,7 @@ export class WritableQcow2Image extends Qcow2Image {
     this.linkTimer = undefined;
     await this.refcounts.writeBack();
     if (this.pending.empty) return;
-    await flushToDisk(this.file);
+    await this.flushData();
     await this.pending.drain((offset, bytes) => {
       announce(this.file, 'l2_update');
       return this.file.write(offset, bytes);
@@ -522,8 +569,9 @@ export class WritableQcow2Image extends Qcow2Image {
     const g = this.geometry;
     const { clusterSize, subclusterSize } = g;
     const oldHost = offsetBits(slot.high, slot.low);
-    if (oldHost !== 0) this.validDataCluster(slot.high, slot.low, slot.clusterStart);
-    const owned = slot.tableOwned && (slot.high & L2E_COPIED_HIGH) !== 0 && oldHost > 0;
+    const hadHost = this.hasHost(slot.high, slot.low);
+    if (hadHost) this.validDataCluster(slot.high, slot.low, slot.clusterStart);
+    const owned = slot.tableOwned && (slot.high & L2E_COPIED_HIGH) !== 0 && hadHost;
     const first = this.subclusterOf(slot, slot.from);
     const last = this.subclusterOf(slot, slot.to - 1);
     const cluster = Buffer.alloc(clusterSize);
@@ -541,7 +589,7 @@ export class WritableQcow2Image extends Qcow2Image {
       // A partly written subcluster keeps the rest of what the guest saw; a copied cluster keeps its allocated ones.
       if (kind === Kind.Normal) {
         announce(this.file, 'cow_read');
-        await this.file.read(oldHost + start, piece);
+        await this.data.read(oldHost + start, piece);
         copied = true;
       } else if (kind === Kind.Unallocated && this.readBacking) {
         await this.readBackingClamped(slot.clusterStart + start, piece);
@@ -554,20 +602,19 @@ export class WritableQcow2Image extends Qcow2Image {
     let target = oldHost;
     announce(this.file, copied ? 'cow_write' : 'write_aio');
     if (owned) {
-      await this.file.write(oldHost + first * subclusterSize, cluster.subarray(first * subclusterSize, (last + 1) * subclusterSize));
+      await this.data.write(oldHost + first * subclusterSize, cluster.subarray(first * subclusterSize, (last + 1) * subclusterSize));
     } else {
-      target = await this.refcounts.allocate(1);
-      this.fileSize = Math.max(this.fileSize, this.refcounts.endOffset);
-      await this.file.write(target, cluster);
+      target = await this.allocateData(slot.clusterStart, 1);
+      await this.data.write(target, cluster);
     }
-    const keptAlloc = owned ? slot.allocBits : slot.allocBits & (oldHost > 0 ? ALL_SUBCLUSTERS : 0);
+    const keptAlloc = owned ? slot.allocBits : slot.allocBits & (hadHost ? ALL_SUBCLUSTERS : 0);
     const [high, low] = entryFor(target);
     const entry: Entry = [high, low, (slot.zeroBits & ~touchedMask) >>> 0, (keptAlloc | touchedMask) >>> 0];
-    const releases = !owned && oldHost > 0 ? [() => this.refcounts.decrement(oldHost, clusterSize).then(() => undefined)] : [];
+    const releases = !owned && oldHost > 0 && !this.dataFile ? [() => this.refcounts.decrement(oldHost, clusterSize).then(() => undefined)] : [];
     // Through link() even when owned: the cluster may be one allocated since the last flush, whose
     // entry is still pending (its refcount not on disk yet); writing the entry now would put it
     // on disk ahead of that refcount. An owned cluster's untouched bytes may be anything: data first.
-    const readsAsBefore = !copied && !owned && touchedWereZeros && this.refcounts.isFresh(target);
+    const readsAsBefore = !copied && !owned && touchedWereZeros && this.isFresh(target);
     await this.link(table, slot.l2Index, [entry], releases, !readsAsBefore);
   }
 
@@ -595,8 +642,8 @@ export class WritableQcow2Image extends Qcow2Image {
       case Kind.Normal: {
         const hostCluster = this.validDataCluster(slot.high, slot.low, start);
         announce(this.file, 'cow_read');
-        if (head > 0) await this.file.read(hostCluster, cluster.subarray(0, head));
-        if (tail > 0) await this.file.read(hostCluster + clusterSize - tail, cluster.subarray(clusterSize - tail));
+        if (head > 0) await this.data.read(hostCluster, cluster.subarray(0, head));
+        if (tail > 0) await this.data.read(hostCluster + clusterSize - tail, cluster.subarray(clusterSize - tail));
         return true;
       }
       case Kind.Compressed: {
@@ -618,6 +665,8 @@ export class WritableQcow2Image extends Qcow2Image {
 
   /** Drops the reference the slot's old entry held (after the new entry is on disk). */
   private async release(slot: Slot): Promise<void> {
+    // Data file clusters carry no refcount in the qcow2 file (qemu's qcow2_free_any_cluster only discards them).
+    if (this.dataFile) return;
     const kind = this.kindOf(slot);
     if (kind === Kind.Compressed) {
       this.compressed?.forget();
@@ -731,8 +780,9 @@ export class WritableQcow2Image extends Qcow2Image {
   }
 
   private async clearHostRange(hostOffset: number, length: number): Promise<void> {
-    if (this.file.punchHole) await this.file.punchHole(hostOffset, length);
-    else await this.file.write(hostOffset, Buffer.alloc(length));
+    const data = this.data;
+    if (data.punchHole) await data.punchHole(hostOffset, length);
+    else await data.write(hostOffset, Buffer.alloc(length));
   }
 
   // --- header bits and failure ---
@@ -786,7 +836,7 @@ export class WritableQcow2Image extends Qcow2Image {
   /** Guest data into clusters this image owns. */
   private writeData(hostOffset: number, data: Buffer): Promise<void> {
     announce(this.file, 'write_aio');
-    return this.file.write(hostOffset, data);
+    return this.data.write(hostOffset, data);
   }
 
   private assertWritable(): void {
