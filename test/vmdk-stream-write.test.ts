@@ -74,7 +74,7 @@ async function withStream<T>(path: string, body: (image: BlockImage) => Promise<
   }
 }
 
-const refusal = (promise: Promise<unknown>) => promise.then(() => new Error('no refusal'), (error: unknown) => error as Error & { errno?: number });
+const refusal = (promise: Promise<unknown>): Promise<Error & { errno?: number }> => promise.then(() => new Error('no refusal'), (error: unknown) => error as Error & { errno?: number });
 
 describe.skipIf(skipWithoutQemu('vmdk streamOptimized writes'))('vmdk streamOptimized writes', () => {
   it('imgmount create -o subformat=streamOptimized makes the file qemu-img create makes (but the CID): version 3, compressed and marker flags, deflate, tables preallocated', TIMEOUT, async () => {
