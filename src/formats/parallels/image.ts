@@ -12,6 +12,7 @@
 import { CorruptImageError } from '../../block/errors.js';
 import type { BackingReference, FormatImage, FormatInfo, Mapping, Protocol } from '../../block/types.js';
 import { entrySector, type ParallelsHeader } from './header.js';
+import { appendRun } from '../../block/mapping.js';
 
 export class ParallelsImage implements FormatImage {
   readonly virtualSize: number;
@@ -35,7 +36,7 @@ export class ParallelsImage implements FormatImage {
       const clusterEnd = Math.min(end, (index + 1) * clusterSize);
       const entry = index < this.header.batEntries ? this.bat.readUInt32LE(4 * index) : 0;
       if (entry === 0) {
-        pushRun(runs, { kind: 'backing', guestOffset: pos, length: clusterEnd - pos });
+        appendRun(runs, { kind: 'backing', guestOffset: pos, length: clusterEnd - pos });
       } else {
         const host = entrySector(this.header, entry) * 512;
         if (host < this.header.headerBytes) {
@@ -43,7 +44,7 @@ export class ParallelsImage implements FormatImage {
             `${this.file.path}: parallels BAT entry ${index} (guest bytes ${index * clusterSize}..) points to sector ${host / 512}, on the header or the catalog (${this.header.headerBytes} bytes)`,
           );
         }
-        pushRun(runs, { kind: 'data', guestOffset: pos, length: clusterEnd - pos, hostOffset: host + (pos - index * clusterSize) });
+        appendRun(runs, { kind: 'data', guestOffset: pos, length: clusterEnd - pos, hostOffset: host + (pos - index * clusterSize) });
       }
       pos = clusterEnd;
     }
@@ -64,15 +65,4 @@ export class ParallelsImage implements FormatImage {
     // qemu-img shows neither a cluster size nor a dirty flag for parallels.
     return {};
   }
-}
-
-function pushRun(runs: Mapping[], run: Mapping): void {
-  const last = runs[runs.length - 1];
-  if (last && last.kind === run.kind && last.guestOffset + last.length === run.guestOffset) {
-    if (last.kind !== 'data' || (run.kind === 'data' && last.hostOffset + last.length === run.hostOffset)) {
-      last.length += run.length;
-      return;
-    }
-  }
-  runs.push(run);
 }

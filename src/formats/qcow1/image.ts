@@ -20,6 +20,7 @@ import { CorruptImageError } from '../../block/errors.js';
 import type { BackingReference, EncodedCluster, FormatImage, FormatInfo, Mapping, OpenOptions, Protocol } from '../../block/types.js';
 import { TableCache } from '../../cache/table-cache.js';
 import { HEADER_BYTES, virtualSize, type QcowHeader } from './header.js';
+import { appendRun } from '../../block/mapping.js';
 
 const log = createDebug('imgmount:qcow');
 
@@ -74,7 +75,7 @@ export class QcowImage implements FormatImage {
       const spanEnd = Math.min(end, (l1Index + 1) * this.l2Span);
       const l2Offset = this.l1.readBigUInt64BE(l1Index * 8);
       if (l2Offset === 0n) {
-        pushRun(runs, { kind: 'backing', guestOffset: pos, length: spanEnd - pos });
+        appendRun(runs, { kind: 'backing', guestOffset: pos, length: spanEnd - pos });
       } else {
         const at = this.checkedTable(l2Offset, l1Index);
         const from = pos;
@@ -105,12 +106,12 @@ export class QcowImage implements FormatImage {
       const length = clusterEnd - pos;
       const entry = table.readBigUInt64BE(((clusterStart % this.l2Span) / c) * 8);
       if (entry === 0n) {
-        pushRun(runs, { kind: 'backing', guestOffset: pos, length });
+        appendRun(runs, { kind: 'backing', guestOffset: pos, length });
       } else if (entry & COMPRESSED) {
         runs.push({ kind: 'encoded', guestOffset: pos, length, cluster: this.compressedCluster(entry, clusterStart) });
       } else {
         const host = this.checkedData(entry, clusterStart);
-        pushRun(runs, { kind: 'data', guestOffset: pos, length, hostOffset: host + (pos - clusterStart) });
+        appendRun(runs, { kind: 'data', guestOffset: pos, length, hostOffset: host + (pos - clusterStart) });
       }
       pos = clusterEnd;
     }
@@ -185,20 +186,4 @@ export class QcowImage implements FormatImage {
     // qcow has no dirty state; qemu-img shows "dirty-flag": false for it all the same.
     return { clusterSize: this.clusterSize, dirty: false };
   }
-}
-
-/** Appends a run, joining it to the previous one when it continues it (encoded runs are never joined). */
-function pushRun(runs: Mapping[], run: Mapping): void {
-  const last = runs[runs.length - 1];
-  if (last && run.kind !== 'encoded' && last.kind === run.kind && last.guestOffset + last.length === run.guestOffset) {
-    if (run.kind === 'data' && last.kind === 'data') {
-      if (last.hostOffset + last.length !== run.hostOffset) {
-        runs.push(run);
-        return;
-      }
-    }
-    last.length += run.length;
-    return;
-  }
-  runs.push(run);
 }

@@ -27,6 +27,7 @@ import type { Qcow2Extensions } from './extensions.js';
 import type { MetadataClusters } from './metadata.js';
 import type { Qcow2Snapshot } from './snapshots.js';
 import type { BitmapInfo } from './bitmaps.js';
+import { appendRun } from '../../block/mapping.js';
 
 const log = createDebug('imgmount:qcow2');
 
@@ -106,7 +107,7 @@ export class Qcow2Image implements FormatImage {
       const spanEnd = Math.min(end, (l1Index + 1) * this.geometry.l2Span);
       const l2Offset = this.l2TableOffset(l1Index);
       if (l2Offset === 0) {
-        pushRun(runs, { kind: 'backing', guestOffset: pos, length: spanEnd - pos });
+        appendRun(runs, { kind: 'backing', guestOffset: pos, length: spanEnd - pos });
       } else {
         const from = pos;
         await this.l2Cache.read(l2Offset, (table) => this.mapInTable(table, from, spanEnd, runs));
@@ -170,14 +171,14 @@ export class Qcow2Image implements FormatImage {
           run.hostOffset = hostCluster + (from - clusterStart);
           if (this.dataFile) run.file = this.dataFile;
         }
-        pushRun(runs, run);
+        appendRun(runs, run);
         return;
       }
       case Kind.Normal: {
         const hostCluster = this.validDataCluster(high, low, clusterStart);
         const run: Mapping = { kind: 'data', guestOffset: from, length, hostOffset: hostCluster + (from - clusterStart) };
         if (this.dataFile) run.file = this.dataFile;
-        pushRun(runs, run);
+        appendRun(runs, run);
         return;
       }
       case Kind.Compressed:
@@ -264,21 +265,4 @@ export class Qcow2Image implements FormatImage {
       snapshots: this.parts.snapshots.length > 0 ? this.parts.snapshots.map(({ l1TableOffset: _l1, l1Size: _size, ...snapshot }) => snapshot) : undefined,
     };
   }
-}
-
-/** Appends a run, joining it to the previous one when it continues it (encoded runs are never joined). */
-function pushRun(runs: Mapping[], run: Mapping): void {
-  const last = runs[runs.length - 1];
-  if (last && last.kind === run.kind && run.kind !== 'encoded' && last.kind !== 'encoded' && last.guestOffset + last.length === run.guestOffset) {
-    const lastHost = 'hostOffset' in last ? last.hostOffset : undefined;
-    const runHost = 'hostOffset' in run ? run.hostOffset : undefined;
-    const lastFile = 'file' in last ? last.file : undefined;
-    const runFile = 'file' in run ? run.file : undefined;
-    const sameHostShape = lastHost === undefined ? runHost === undefined : runHost !== undefined && lastFile === runFile && lastHost + last.length === runHost;
-    if (sameHostShape) {
-      last.length += run.length;
-      return;
-    }
-  }
-  runs.push(run);
 }

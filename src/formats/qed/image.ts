@@ -29,6 +29,7 @@ import { TableCache } from '../../cache/table-cache.js';
 import { Geometry, getEntry, setEntry, ZERO_CLUSTER, type Table } from './geometry.js';
 import { describeFeatures, QED_F_NEED_CHECK, type QedHeader } from './header.js';
 import { readTable, updateEntries, writeHeader } from './tables.js';
+import { appendRun } from '../../block/mapping.js';
 
 const log = createDebug('imgmount:qed');
 
@@ -95,7 +96,7 @@ export class QedImage implements FormatImage {
       const spanEnd = Math.min(end, (l1Index + 1) * this.geometry.l2Span);
       const l2Offset = getEntry(this.l1, l1Index);
       if (l2Offset === 0) {
-        pushRun(runs, { kind: 'backing', guestOffset: pos, length: spanEnd - pos });
+        appendRun(runs, { kind: 'backing', guestOffset: pos, length: spanEnd - pos });
       } else {
         if (!this.isValidTable(l2Offset)) {
           throw new CorruptImageError(
@@ -118,15 +119,15 @@ export class QedImage implements FormatImage {
       const entry = getEntry(table, this.geometry.l2Index(pos));
       const length = clusterEnd - pos;
       if (entry === 0) {
-        pushRun(runs, { kind: 'backing', guestOffset: pos, length });
+        appendRun(runs, { kind: 'backing', guestOffset: pos, length });
       } else if (entry === ZERO_CLUSTER) {
-        pushRun(runs, { kind: 'zero', guestOffset: pos, length });
+        appendRun(runs, { kind: 'zero', guestOffset: pos, length });
       } else if (!this.isValidCluster(entry)) {
         throw new CorruptImageError(
           `${this.file.path}: the L2 entry for guest offset ${this.geometry.clusterStart(pos)} points to ${entry === -1 ? 'an offset above 2^53' : entry}, which is misaligned, outside the file or on the L1 table; run 'imgmount check -r'`,
         );
       } else {
-        pushRun(runs, { kind: 'data', guestOffset: pos, length, hostOffset: entry + (pos % clusterSize) });
+        appendRun(runs, { kind: 'data', guestOffset: pos, length, hostOffset: entry + (pos % clusterSize) });
       }
       pos = clusterEnd;
     }
@@ -398,16 +399,4 @@ export class QedImage implements FormatImage {
   private assertOpen(): void {
     if (this.closed) throw new BlockError(`${this.file.path}: image is closed`, osConstants.errno.EBADF);
   }
-}
-
-/** Appends a run, joining it to the previous one when it continues it. */
-function pushRun(runs: Mapping[], run: Mapping): void {
-  const last = runs[runs.length - 1];
-  if (last && last.kind === run.kind && last.guestOffset + last.length === run.guestOffset) {
-    if (last.kind !== 'data' || (run.kind === 'data' && last.hostOffset + last.length === run.hostOffset)) {
-      last.length += run.length;
-      return;
-    }
-  }
-  runs.push(run);
 }

@@ -41,6 +41,7 @@ import { settleAll } from '../../block/settle.js';
 import type { FormatImage, FormatInfo, Mapping, Protocol } from '../../block/types.js';
 import { blockOffset, entryProblem, isAllocated, type BlockMap } from './bmap.js';
 import { headerWithBlocksAllocated, type VdiHeader } from './header.js';
+import { appendRun } from '../../block/mapping.js';
 
 const log = createDebug('imgmount:vdi');
 
@@ -116,13 +117,13 @@ export class VdiImage implements FormatImage {
       const runEnd = Math.min(end, (block + 1) * blockSize);
       const entry = this.bmap.get(block);
       if (!isAllocated(entry)) {
-        pushRun(runs, { kind: 'zero', guestOffset: pos, length: runEnd - pos });
+        appendRun(runs, { kind: 'zero', guestOffset: pos, length: runEnd - pos });
       } else {
         const problem = entryProblem(this.header, block, entry, this.validEnd);
         if (problem !== undefined) {
           throw new CorruptImageError(`${this.file.path}: VDI block map entry ${block} (guest bytes ${block * blockSize}..${(block + 1) * blockSize}): ${problem}; run 'imgmount check'`);
         }
-        pushRun(runs, { kind: 'data', guestOffset: pos, length: runEnd - pos, hostOffset: blockOffset(this.header, entry) + (pos - block * blockSize) });
+        appendRun(runs, { kind: 'data', guestOffset: pos, length: runEnd - pos, hostOffset: blockOffset(this.header, entry) + (pos - block * blockSize) });
       }
       pos = runEnd;
     }
@@ -268,16 +269,4 @@ export class VdiImage implements FormatImage {
   private assertOpen(): void {
     if (this.closed) throw new BlockError(`${this.file.path}: image is closed`, osConstants.errno.EBADF);
   }
-}
-
-/** Appends a run, joining it to the previous one when it continues it. */
-function pushRun(runs: Mapping[], run: Mapping): void {
-  const last = runs[runs.length - 1];
-  if (last && last.kind === run.kind && last.guestOffset + last.length === run.guestOffset) {
-    if (last.kind !== 'data' || (run.kind === 'data' && last.hostOffset + last.length === run.hostOffset)) {
-      last.length += run.length;
-      return;
-    }
-  }
-  runs.push(run);
 }

@@ -19,6 +19,7 @@ import {
 } from './bat.js';
 import { guidText, MiB, type RegionTable, type VhdxHeader } from './header.js';
 import type { VhdxMetadata } from './metadata.js';
+import { appendRun } from '../../block/mapping.js';
 
 const log = createDebug('imgmount:vhdx');
 
@@ -93,23 +94,23 @@ export class VhdxImage implements FormatImage {
       const describe = () => `payload block ${block} (guest bytes ${blockStart}..${blockStart + blockLength})`;
       switch (state) {
         case NOT_PRESENT:
-          push(runs, { kind: 'backing', guestOffset: pos, length: blockEnd - pos });
+          appendRun(runs, { kind: 'backing', guestOffset: pos, length: blockEnd - pos });
           break;
         case UNDEFINED:
         case UNMAPPED:
         case UNMAPPED_V095:
           // Contents the writer gave up: qemu reads zeros; a differencing image reads its parent (see docs/formats/vhdx.md).
-          push(runs, this.parts.metadata.hasParent ? { kind: 'backing', guestOffset: pos, length: blockEnd - pos } : { kind: 'zero', guestOffset: pos, length: blockEnd - pos });
+          appendRun(runs, this.parts.metadata.hasParent ? { kind: 'backing', guestOffset: pos, length: blockEnd - pos } : { kind: 'zero', guestOffset: pos, length: blockEnd - pos });
           break;
         case ZERO:
-          push(runs, { kind: 'zero', guestOffset: pos, length: blockEnd - pos });
+          appendRun(runs, { kind: 'zero', guestOffset: pos, length: blockEnd - pos });
           break;
         case FULLY_PRESENT:
         case PARTIALLY_PRESENT: {
           const problem = blockProblem(hostOffset, blockLength, this.parts.fileSize, this.reserved);
           if (problem) throw new CorruptImageError(`${this.file.path}: the BAT entry of ${describe()} is ${STATE_NAMES[state]} at ${problem}`);
           if (state === FULLY_PRESENT) {
-            push(runs, { kind: 'data', guestOffset: pos, length: blockEnd - pos, hostOffset: hostOffset! + (pos - blockStart), file: this.dataFile });
+            appendRun(runs, { kind: 'data', guestOffset: pos, length: blockEnd - pos, hostOffset: hostOffset! + (pos - blockStart), file: this.dataFile });
           } else {
             if (!this.parts.metadata.hasParent) {
               throw new CorruptImageError(`${this.file.path}: the BAT entry of ${describe()} is PARTIALLY_PRESENT, which only a differencing image may use`);
@@ -142,7 +143,7 @@ export class VhdxImage implements FormatImage {
         const bit = firstBit + sector;
         const present = (bitmap[bit >> 3]! >> (bit & 7)) & 1;
         const runEnd = Math.min(to, blockStart + (sector + 1) * sectorSize);
-        push(
+        appendRun(
           runs,
           present
             ? { kind: 'data', guestOffset: pos, length: runEnd - pos, hostOffset: hostOffset + (pos - blockStart), file: this.dataFile }
@@ -176,21 +177,4 @@ export class VhdxImage implements FormatImage {
       },
     };
   }
-}
-
-/** Appends a run, joining it to the previous one when it continues it. */
-function push(runs: Mapping[], run: Mapping): void {
-  const last = runs[runs.length - 1];
-  if (last && last.kind === run.kind && last.guestOffset + last.length === run.guestOffset) {
-    if (last.kind === 'data' && run.kind === 'data') {
-      if (last.file === run.file && last.hostOffset + last.length === run.hostOffset) {
-        last.length += run.length;
-        return;
-      }
-    } else if (last.kind !== 'data' && last.kind !== 'encoded') {
-      last.length += run.length;
-      return;
-    }
-  }
-  runs.push(run);
 }

@@ -23,6 +23,7 @@ import { LRUCache } from 'lru-cache';
 import { CorruptImageError } from '../../block/errors.js';
 import type { EncodedCluster, Mapping, Protocol } from '../../block/types.js';
 import { FLAG_MARKER, FLAG_ZERO_GRAIN, COMPRESSION_DEFLATE, SECTOR, type SparseHeader } from './header.js';
+import { appendRun } from '../../block/mapping.js';
 
 /** Grain tables cached per sparse extent by default (4 MiB of 512-entry tables). */
 const DEFAULT_GT_CACHE_BYTES = 4 * 1024 * 1024;
@@ -161,7 +162,7 @@ export class SparseExtent implements Extent {
       const tableEnd = Math.min(end, (gdIndex + 1) * this.gtCoverage);
       const table = this.table(gdIndex);
       if (!table) {
-        push(runs, { kind: 'backing', guestOffset: base + at, length: tableEnd - at });
+        appendRun(runs, { kind: 'backing', guestOffset: base + at, length: tableEnd - at });
         at = tableEnd;
         continue;
       }
@@ -170,7 +171,7 @@ export class SparseExtent implements Extent {
         const grainStart = at - (at % this.grainSize);
         const runEnd = Math.min(tableEnd, grainStart + this.grainSize);
         const entry = entries[Math.floor((at % this.gtCoverage) / this.grainSize)]!;
-        push(runs, this.grainRun(entry, grainStart, at, runEnd - at, base, gdIndex));
+        appendRun(runs, this.grainRun(entry, grainStart, at, runEnd - at, base, gdIndex));
         at = runEnd;
       }
     }
@@ -263,20 +264,4 @@ export class SparseExtent implements Extent {
     const table = this.tables.get(gdIndex);
     if (table) (await table)[index] = value;
   }
-}
-
-/** Appends `run`, joining it to the previous run when both are the same kind of storage and contiguous. */
-function push(runs: Mapping[], run: Mapping): void {
-  const last = runs[runs.length - 1];
-  if (last && last.kind === run.kind && last.guestOffset + last.length === run.guestOffset) {
-    if (run.kind === 'zero' || run.kind === 'backing') {
-      last.length += run.length;
-      return;
-    }
-    if (run.kind === 'data' && last.kind === 'data' && last.file === run.file && last.hostOffset + last.length === run.hostOffset) {
-      last.length += run.length;
-      return;
-    }
-  }
-  runs.push(run);
 }

@@ -40,6 +40,7 @@ import type { BackingReader, BackingReference, FormatImage, FormatInfo, Mapping,
 import { UNALLOCATED, type DynamicHeader } from './dynamic-header.js';
 import { writeDifferencing, zeroDifferencing } from './differencing-write.js';
 import { DISK_DIFFERENCING, diskTypeName, SECTOR, uuidText, type SizeSource, type VhdFooter } from './footer.js';
+import { appendRun } from '../../block/mapping.js';
 
 const log = createDebug('imgmount:vpc');
 
@@ -100,11 +101,11 @@ export class VpcImage implements FormatImage {
       const blockEnd = Math.min(end, (index + 1) * blockSize);
       const entry = dynamic.bat[index]!;
       if (entry === UNALLOCATED) {
-        pushRun(runs, { kind: this.backing ? 'backing' : 'zero', guestOffset: pos, length: blockEnd - pos });
+        appendRun(runs, { kind: this.backing ? 'backing' : 'zero', guestOffset: pos, length: blockEnd - pos });
       } else {
         const data = entry * SECTOR + bitmapBytes - index * blockSize;
         if (this.backing) await this.mapBySectors(index, entry, pos, blockEnd, data, runs);
-        else pushRun(runs, { kind: 'data', guestOffset: pos, length: blockEnd - pos, hostOffset: data + pos });
+        else appendRun(runs, { kind: 'data', guestOffset: pos, length: blockEnd - pos, hostOffset: data + pos });
       }
       pos = blockEnd;
     }
@@ -120,7 +121,7 @@ export class VpcImage implements FormatImage {
       const sectorEnd = Math.min(end, blockStart + (sector + 1) * SECTOR);
       const present = (bitmap[sector >> 3]! & (0x80 >> (sector & 7))) !== 0;
       const length = sectorEnd - pos;
-      pushRun(runs, present ? { kind: 'data', guestOffset: pos, length, hostOffset: hostBase + pos } : { kind: 'backing', guestOffset: pos, length });
+      appendRun(runs, present ? { kind: 'data', guestOffset: pos, length, hostOffset: hostBase + pos } : { kind: 'backing', guestOffset: pos, length });
       pos = sectorEnd;
     }
   }
@@ -282,16 +283,4 @@ export class VpcImage implements FormatImage {
   assertOpen(): void {
     if (this.closed) throw new BlockError(`${this.file.path}: image is closed`, osConstants.errno.EBADF);
   }
-}
-
-/** Appends a run, joining it to the previous one when it continues it. */
-function pushRun(runs: Mapping[], run: Mapping): void {
-  const last = runs[runs.length - 1];
-  if (last && last.kind === run.kind && last.guestOffset + last.length === run.guestOffset) {
-    if (last.kind !== 'data' || (run.kind === 'data' && last.hostOffset + last.length === run.hostOffset)) {
-      last.length += run.length;
-      return;
-    }
-  }
-  runs.push(run);
 }

@@ -1,0 +1,26 @@
+/**
+ * Building a driver's map() answer: runs are appended in guest order, and a
+ * run that continues the previous one the same way is joined to it, so a
+ * caller sees one run per stretch of same storage. Pure function, no state.
+ */
+import type { Mapping } from './types.js';
+
+/**
+ * Appends `run` to `runs`, joining it to the last run when both are of the same
+ * kind, contiguous in the guest, and either both without a host offset or both
+ * in the same file at contiguous host offsets. Encoded runs are never joined:
+ * each names its own encoded cluster.
+ */
+export function appendRun(runs: Mapping[], run: Mapping): void {
+  const last = runs[runs.length - 1];
+  if (last && last.kind === run.kind && run.kind !== 'encoded' && last.kind !== 'encoded' && last.guestOffset + last.length === run.guestOffset) {
+    const lastHost = last.hostOffset;
+    const runHost = run.hostOffset;
+    const sameStorage = lastHost === undefined ? runHost === undefined : runHost !== undefined && last.file === run.file && lastHost + last.length === runHost;
+    if (sameStorage) {
+      last.length += run.length;
+      return;
+    }
+  }
+  runs.push(run);
+}
