@@ -9,8 +9,9 @@
  *   twoGbMaxExtentFlat / Sparse, vmfs): each extent file is opened through
  *   the gate, confined to the image's directory unless the user allowed
  *   other directories (CVE-2022-47951: a descriptor naming arbitrary host
- *   files). VMDK3 ("COWD", vmfsSparse) and seSparse extents are refused by
- *   name, as is a sparse extent that is itself a descriptor.
+ *   files). VMDK3 ("COWD", vmfsSparse: cowd.ts) and seSparse (sesparse.ts)
+ *   extents are read-only; a sparse extent that is itself a descriptor is
+ *   refused, as is a "COWD" file opened directly (qemu fails it too).
  *
  * Everything is read once here; the image is immutable afterwards.
  */
@@ -21,6 +22,8 @@ import {
   DESCRIPTOR_FILE_MAX_BYTES, EMBEDDED_DESCRIPTOR_BYTES, descriptorText, parseDescriptorFile, parseEmbeddedDescriptor, type Descriptor, type ExtentLine,
 } from './descriptor.js';
 import { FlatExtent, SparseExtent, type Extent } from './extent.js';
+import { CowdExtent, openCowd } from './cowd.js';
+import { SeSparseExtent, openSeSparse } from './sesparse.js';
 import { COMPRESSION_DEFLATE, FLAG_RGD, SECTOR, VMDK3_MAGIC, VMDK4_MAGIC, embeddedDescriptorOnly, readSparseHeader, type SparseHeader } from './header.js';
 import { VmdkImage, type VmdkImageParts } from './image.js';
 import { StreamVmdkImage, streamRefusal } from './stream-write.js';
@@ -41,7 +44,15 @@ export async function readSparse(file: Protocol, fileSize: number): Promise<{ he
 }
 
 function refuseVmdk3(path: string): never {
-  throw new UnsupportedFeatureError(`${path}: VMDK3 ("COWD", ESX vmfsSparse) extents are not supported`);
+  // qemu opens it too, then fails to find a CID at offset 512 (EINVAL)
+  throw new UnsupportedFeatureError(`${path}: a VMDK3 ("COWD", ESX vmfsSparse) file opens only through the descriptor file naming it (a VMFSSPARSE extent line)`);
+}
+
+/** Why a descriptor file's image opens read-only, naming the extent type when it is one qemu cannot write either. */
+function descriptorRefusal(extents: readonly Extent[]): string {
+  if (extents.some((extent) => extent instanceof SeSparseExtent)) return 'writing VMDK seSparse extents is not supported (qemu opens them read-only too)';
+  if (extents.some((extent) => extent instanceof CowdExtent)) return 'writing VMDK3 ("COWD", vmfsSparse) extents is not supported';
+  return 'writing VMDK images made of extent files (a descriptor file) is not supported yet';
 }
 
 export async function openVmdk(file: Protocol, options: OpenOptions): Promise<FormatImage> {
@@ -62,8 +73,8 @@ export async function openVmdk(file: Protocol, options: OpenOptions): Promise<Fo
     if (!options.readOnly) notice(options, `${file.path}: opened read-only: writing a VMDK descriptor kept inside a sparse header is not supported`);
     return image;
   }
-  const { image } = await openDescriptorFile(file, fileSize, 0, { ...options, readOnly: true });
-  if (!options.readOnly) notice(options, `${file.path}: opened read-only: writing VMDK images made of extent files (a descriptor file) is not supported yet`);
+  const { image, parts } = await openDescriptorFile(file, fileSize, 0, { ...options, readOnly: true });
+  if (!options.readOnly) notice(options, `${file.path}: opened read-only: ${descriptorRefusal(parts.extents)}`);
   return image;
 }
 
@@ -181,16 +192,17 @@ async function openDescriptorFile(file: Protocol, fileSize: number, at: number, 
 }
 
 async function openExtent(image: Protocol, line: ExtentLine, index: number, options: OpenOptions): Promise<Extent> {
-  if (line.type === 'SESPARSE') throw new UnsupportedFeatureError(`${image.path}: VMDK seSparse extents are not supported (extent "${line.fileName}")`);
   const file = await options.files.open(line.fileName, 'VMDK extent', { readOnly: true, confined: true });
   if (line.type === 'FLAT' || line.type === 'VMFS') return new FlatExtent(file, line.sectors * SECTOR, line.flatOffset * SECTOR, line.type, false);
   const fileSize = await file.size();
   if (fileSize < 4) throw new CorruptImageError(`${file.path}: VMDK extent of ${image.path} is ${fileSize} bytes, too small for a sparse extent`);
   const head = Buffer.alloc(SECTOR);
   await file.read(0, head);
+  if (line.type === 'SESPARSE') return openSeSparse(file, head, fileSize, options.metadataCacheBytes);
   const magic = head.subarray(0, 4);
-  if (magic.equals(VMDK3_MAGIC)) refuseVmdk3(file.path);
-  if (!magic.equals(VMDK4_MAGIC)) throw new CorruptImageError(`${file.path}: VMDK ${line.type} extent of ${image.path} does not start with "KDMV"`);
+  // as in qemu, SPARSE and VMFSSPARSE lines both take a "COWD" or a "KDMV" file
+  if (magic.equals(VMDK3_MAGIC)) return openCowd(file, head, fileSize, options.metadataCacheBytes);
+  if (!magic.equals(VMDK4_MAGIC)) throw new CorruptImageError(`${file.path}: VMDK ${line.type} extent of ${image.path} starts with neither "KDMV" nor "COWD"`);
   if (embeddedDescriptorOnly(head)) throw new UnsupportedFeatureError(`${file.path}: VMDK extent of ${image.path} is itself a descriptor; nested descriptors are not supported`);
   // as in qemu, the size of a sparse extent is its header's capacity, not the descriptor line's
   const { header, gd } = await readSparse(file, fileSize);
