@@ -6,15 +6,20 @@
  * (compressed grains with markers), monolithicFlat (a descriptor file and one
  * flat extent), and a differencing image over a sparse parent. Multi-extent
  * forms (twoGbMaxExtent*) are in test/vmdk.test.ts: the matrix knows one data
- * file per image.
+ * file per image. VMDK3 ("COWD", vmfsSparse) and seSparse extents, which
+ * qemu-img cannot create, are made by vmdk-old-writer.ts from a byte model;
+ * the suite's oracle is still qemu (convert, map, info of those files), and
+ * the 'is what its name says' test checks qemu reads them as the model.
  *
  * This module is imported by formats.ts and imports functions from it: it
  * uses them only inside build(), never while the modules load.
  */
 import { rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { seededRandom } from './random.js';
 import { mixedContent, type BuiltImage, type FormatEntry, type Shape } from './formats.js';
-import { qemuImg, qemuIo } from './qemu.js';
+import { qemuImg, qemuInfo, qemuIo, qemuConvertToRaw } from './qemu.js';
+import { buildCowd, buildSeSparse, descriptorFile, makeModel, type GrainKind, type OldVmdkModel } from './vmdk-old-writer.js';
 
 const K = 1024;
 const M = 1024 * K;
@@ -147,5 +152,105 @@ const shapes: Shape[] = [
     },
   },
 ];
+
+/** Writes the descriptor and extent of `model`, and checks that qemu reads it as the model says (over `parent` where one is given). */
+async function writeOld(dir: string, name: string, kind: 'cowd' | 'sesparse', model: OldVmdkModel, parent?: { file: string; bytes: Buffer }): Promise<string> {
+  const path = join(dir, `${name}.vmdk`);
+  const extentFile = `${name}-${kind === 'cowd' ? 'delta' : 'sesparse'}.vmdk`;
+  await writeFile(join(dir, extentFile), kind === 'cowd' ? buildCowd(model).file : buildSeSparse(model).file);
+  const parentCid = parent ? ((await qemuInfo(join(dir, parent.file), 'vmdk'))['format-specific'] as { data: { cid: number } }).data.cid : undefined;
+  await writeFile(path, descriptorFile({
+    createType: kind === 'cowd' ? 'vmfsSparse' : 'seSparse',
+    extentType: kind === 'cowd' ? 'VMFSSPARSE' : 'SESPARSE',
+    extentFile,
+    sectors: model.size / 512,
+    parentCid,
+    parentFileNameHint: parent?.file,
+  }));
+  // the model, as qemu must read it: this layer's grains, the parent's (or zeros) where unallocated, zeros for zero grains
+  const expected = Buffer.alloc(model.size);
+  model.kinds.forEach((grainKind, i) => {
+    const start = i * model.grain;
+    const end = Math.min(model.size, start + model.grain);
+    if (grainKind === 'data') model.content.copy(expected, start, start, end);
+    else if (grainKind === 'unallocated' && parent) parent.bytes.copy(expected, start, start, end);
+  });
+  if (!(await qemuConvertToRaw(path, dir, 'vmdk')).equals(expected)) throw new Error(`${path}: qemu-img convert does not read what vmdk-old-writer meant`);
+  return path;
+}
+
+/** Grain kinds: seeded at random from `kinds`, but the guest range [holeStart, holeEnd) unallocated (a whole grain table left out). */
+function kindsWithHole(grain: number, holeStart: number, holeEnd: number, seed: number, kinds: GrainKind[]): (index: number) => GrainKind {
+  const random = seededRandom(seed);
+  return (index) => (index * grain >= holeStart && index * grain < holeEnd ? 'unallocated' : kinds[random.int(0, kinds.length - 1)]!);
+}
+
+/** A monolithicSparse parent made by qemu-img, filled with mixed content; its bytes. */
+async function sparseParent(dir: string, name: string, size: number, seed: number): Promise<Buffer> {
+  const path = join(dir, name);
+  await qemuImg(['create', '-q', '-f', 'vmdk', path, String(size)]);
+  await fill(path, size, seed, dir, name);
+  return mixedContent(size, seed);
+}
+
+const oldShapes: Shape[] = [
+  {
+    name: 'cowd',
+    readOnly: /writing VMDK3 \("COWD", vmfsSparse\) extents is not supported/,
+    description: 'vmfsSparse: a descriptor file and a VMDK3 ("COWD") extent (vmdk-old-writer), 1 KiB grains (a grain table covers 4 MiB), 9 MiB + 1536, data grains in reverse host order, one grain table unallocated',
+    async build(dir) {
+      const size = 9 * M + 1536;
+      const model = makeModel(size, 1024, 0xc0d, kindsWithHole(1024, 4 * M, 8 * M, 0xc0e, ['data', 'unallocated', 'data']));
+      const path = await writeOld(dir, 'cowd', 'cowd', model);
+      return built(path, this.description, { map: ['unallocated'], mapNot: ['zero'], info: info('vmfsSparse', { 'cluster-size': 1024 }) }, { clusterSize: 1024, dataFile: join(dir, 'cowd-delta.vmdk') });
+    },
+  },
+  {
+    name: 'cowd-backing',
+    readOnly: /writing VMDK3 \("COWD", vmfsSparse\) extents is not supported/,
+    description: 'a vmfsSparse redo log (COWD extent, 64 KiB grains, parentFileNameHint and parentCID) over a monolithicSparse parent qemu-img made, 3 MiB + 2560',
+    async build(dir) {
+      const size = 3 * M + 2560;
+      const parent = await sparseParent(dir, 'cowd-base.vmdk', size, 0xc0f);
+      const model = makeModel(size, GRAIN, 0xc10);
+      const path = await writeOld(dir, 'cowd-backing', 'cowd', model, { file: 'cowd-base.vmdk', bytes: parent });
+      return built(
+        path,
+        this.description,
+        { map: ['backing-data'], mapNot: ['zero'], info: info('vmfsSparse', { 'backing-filename': 'cowd-base.vmdk', 'backing-filename-format': 'vmdk' }) },
+        { layers: ['vmdk', 'vmdk'], dataFile: join(dir, 'cowd-backing-delta.vmdk') },
+      );
+    },
+  },
+  {
+    name: 'sesparse',
+    readOnly: /writing VMDK seSparse extents is not supported/,
+    description: 'seSparse: a descriptor file and an seSparse extent (vmdk-old-writer), 40 MiB + 512: three grain tables (the middle one unallocated), allocated grains past index 4096 (the split index), zero and unmapped grains',
+    async build(dir) {
+      const size = 40 * M + 512;
+      const model = makeModel(size, 4096, 0x5e5, kindsWithHole(4096, 16 * M, 32 * M, 0x5e6, ['data', 'data', 'data', 'unallocated', 'zero', 'unmapped']));
+      const path = await writeOld(dir, 'sesparse', 'sesparse', model);
+      return built(path, this.description, { map: ['unallocated', 'zero'], info: info('seSparse', { 'cluster-size': 4096 }) }, { clusterSize: 4096, dataFile: join(dir, 'sesparse-sesparse.vmdk') });
+    },
+  },
+  {
+    name: 'sesparse-backing',
+    readOnly: /writing VMDK seSparse extents is not supported/,
+    description: 'an ESXi snapshot: an seSparse delta (parentFileNameHint, parentCID) over a monolithicSparse parent qemu-img made, 5 MiB + 1024: zero and unmapped grains hide the parent',
+    async build(dir) {
+      const size = 5 * M + 1024;
+      const parent = await sparseParent(dir, 'sesparse-base.vmdk', size, 0x5e7);
+      const model = makeModel(size, 4096, 0x5e8, undefined, ['data', 'unallocated', 'unallocated', 'zero', 'unmapped']);
+      const path = await writeOld(dir, 'sesparse-backing', 'sesparse', model, { file: 'sesparse-base.vmdk', bytes: parent });
+      return built(
+        path,
+        this.description,
+        { map: ['backing-data', 'zero'], info: info('seSparse', { 'backing-filename': 'sesparse-base.vmdk', 'backing-filename-format': 'vmdk' }) },
+        { layers: ['vmdk', 'vmdk'], clusterSize: 4096, dataFile: join(dir, 'sesparse-backing-sesparse.vmdk') },
+      );
+    },
+  },
+];
+shapes.push(...oldShapes);
 
 export const vmdkEntry: FormatEntry = { name: 'vmdk', extension: '.vmdk', writable: true, checkable: true, snapshots: false, shapes, chains: [] };
