@@ -45,6 +45,12 @@ export async function checkVmdk(file: Protocol, options: CheckOptions): Promise<
       for (const extent of extents) {
         await checkTables({ file: extent.file, header: extent.header, gd: extent.directory, fileSize: extent.fileBytes, label: `${extent.file.path}: ` }, result, options);
       }
+      // COWD and seSparse extents: every entry a read would refuse
+      for (const extent of image instanceof VmdkImage ? image.tableExtents() : []) {
+        const lines = await extent.problems(options.progress);
+        result.corruptions += lines.length;
+        result.messages.push(...lines);
+      }
     } finally {
       await gate.closeAll();
     }

@@ -14,6 +14,7 @@ import { CorruptImageError } from '../../block/errors.js';
 import type { BackingReference, EncodedCluster, FormatImage, FormatInfo, Mapping, Protocol } from '../../block/types.js';
 import type { Descriptor } from './descriptor.js';
 import { SparseExtent, type Extent } from './extent.js';
+import { TableExtent } from './table-extent.js';
 
 export interface VmdkImageParts {
   /** The image's own file (the sparse file, or the descriptor file). */
@@ -117,6 +118,11 @@ export class VmdkImage implements FormatImage {
   async close(): Promise<void> {
     // extent files other than the image's own are closed by the generic layer (the gate)
     await this.file.close();
+  }
+
+  /** The COWD and seSparse extents, for check. */
+  tableExtents(): TableExtent[] {
+    return this.extents.filter((extent): extent is TableExtent => extent instanceof TableExtent);
   }
 
   /** The sparse extents, for check. */

@@ -11,6 +11,7 @@
  * changes after open.
  */
 import { LRUCache } from 'lru-cache';
+import { CorruptImageError } from '../../block/errors.js';
 import { appendRun } from '../../block/mapping.js';
 import type { Mapping, Protocol } from '../../block/types.js';
 import type { Extent, ExtentInfo } from './extent.js';
@@ -105,6 +106,40 @@ export abstract class TableExtent implements Extent {
       }
     }
     return runs;
+  }
+
+  /**
+   * For check: one line per grain directory entry or grain table entry that
+   * fails (outside the file, an unknown type), as a read of its range would.
+   */
+  async problems(progress?: (done: number, total: number) => void): Promise<string[]> {
+    const lines: string[] = [];
+    const tables = Math.ceil(this.length / this.coverage);
+    for (let gdIndex = 0; gdIndex < tables; gdIndex++) {
+      progress?.(gdIndex, tables);
+      let table: Buffer | undefined;
+      try {
+        const offset = this.tableOffset(gdIndex);
+        if (offset === undefined) continue;
+        table = Buffer.alloc(this.tableBytes);
+        await this.file.read(offset, table);
+      } catch (error) {
+        if (!(error instanceof CorruptImageError)) throw error;
+        lines.push(error.message);
+        continue;
+      }
+      const grains = Math.min(this.tableEntries, Math.ceil((this.length - gdIndex * this.coverage) / this.grainSize));
+      for (let i = 0; i < grains; i++) {
+        try {
+          this.grainAt(table, i, gdIndex, gdIndex * this.coverage + i * this.grainSize);
+        } catch (error) {
+          if (!(error instanceof CorruptImageError)) throw error;
+          lines.push(error.message);
+        }
+      }
+    }
+    progress?.(tables, tables);
+    return lines;
   }
 
   info(): ExtentInfo {
