@@ -19,7 +19,7 @@ import { describe, expect, it } from 'vitest';
 import { BlockError, checkImage, openImage } from '../src/index.js';
 import { makeTempDir, qemuCheck, qemuConvertToRaw, qemuImg, qemuInfo, qemuIo, readAll, run, skipWithoutQemu } from './helpers/qemu.js';
 import { buildCowd, buildSeSparse, descriptorFile, makeModel, SECTOR } from './helpers/vmdk-old-writer.js';
-import { imgmount } from './fuse/fuse-helpers.js';
+import { IMGMOUNT, imgmount } from './fuse/fuse-helpers.js';
 
 const K = 1024;
 const M = 1024 * K;
@@ -241,6 +241,10 @@ describe.skipIf(skipWithoutQemu('vmdk-old'))('vmdk: VMDK3 (COWD) and seSparse ex
       for (const key of ['virtual-size', 'format', 'cluster-size', 'actual-size', 'format-specific', 'dirty-flag']) {
         expect(ours[key], key).toEqual(theirs[key]);
       }
+      // opened by a relative name: qemu names the extent relative to it too
+      const relative = JSON.parse((await run(IMGMOUNT, ['info', '--output=json', 'x.vmdk'], { cwd: made.dir })).stdout) as Record<string, unknown>;
+      const qemuRelative = JSON.parse((await run('qemu-img', ['info', '--output=json', '-f', 'vmdk', 'x.vmdk'], { cwd: made.dir })).stdout) as Record<string, unknown>;
+      expect(relative['format-specific']).toEqual(qemuRelative['format-specific']);
     }
   });
 

@@ -21,10 +21,13 @@
  *
  * Concurrency: see table-extent.ts (immutable after open, cached tables).
  */
+import createDebug from 'debug';
 import { CorruptImageError, UnsupportedFeatureError } from '../../block/errors.js';
 import type { Protocol } from '../../block/types.js';
 import { MAX_GD_ENTRIES, MAX_GRAIN_SECTORS, SECTOR } from './header.js';
 import { TableExtent, type GrainAt } from './table-extent.js';
+
+const log = createDebug('imgmount:vmdk');
 
 /** Entries of a COWD grain table (qemu's constant). */
 export const COWD_GT_ENTRIES = 4096;
@@ -101,5 +104,6 @@ export async function openCowd(file: Protocol, head: Buffer, fileSize: number, c
   await file.read(header.gdOffset * SECTOR, bytes);
   const gd = new Uint32Array(header.gdEntries);
   for (let i = 0; i < gd.length; i++) gd[i] = bytes.readUInt32LE(i * 4);
+  log('%s: COWD extent, %d sectors, %d-sector grains, %d grain directory entries', file.path, header.capacity, header.granularity, header.gdEntries);
   return new CowdExtent(file, header, gd, fileSize, cacheBytes);
 }

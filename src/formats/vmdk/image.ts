@@ -13,7 +13,7 @@
 import { CorruptImageError } from '../../block/errors.js';
 import type { BackingReference, EncodedCluster, FormatImage, FormatInfo, Mapping, Protocol } from '../../block/types.js';
 import type { Descriptor } from './descriptor.js';
-import { SparseExtent, type Extent } from './extent.js';
+import { SparseExtent, type Extent, type ExtentInfo } from './extent.js';
 import { TableExtent } from './table-extent.js';
 
 export interface VmdkImageParts {
@@ -139,6 +139,19 @@ export class VmdkImage implements FormatImage {
     return total;
   }
 
+  /**
+   * One extent for info. qemu names an extent of a descriptor file as it opened it: the
+   * descriptor's directory as the user wrote it (up to its last '/') and the line's name
+   * ("disk-flat.vmdk" for "disk.vmdk", "/srv/disk-flat.vmdk" for "/srv/disk.vmdk"); so does this.
+   */
+  private extentInfo(extent: Extent, index: number): ExtentInfo {
+    const info = extent.info();
+    const line = this.descriptor.extents[index];
+    if (extent.file === this.file || line === undefined || this.descriptor.extents.length !== this.extents.length) return info;
+    const name = line.fileName.startsWith('/') ? line.fileName : this.file.path.slice(0, this.file.path.lastIndexOf('/') + 1) + line.fileName;
+    return { ...info, filename: name };
+  }
+
   info(): FormatInfo {
     const first = this.extents[0];
     // qemu gives a cluster size when every extent is sparse with the same grain and compression
@@ -150,7 +163,7 @@ export class VmdkImage implements FormatImage {
         cid: this.descriptor.cid,
         'parent-cid': this.descriptor.parentCid,
         'create-type': this.createType,
-        extents: this.extents.map((extent) => extent.info()),
+        extents: this.extents.map((extent, i) => this.extentInfo(extent, i)),
       },
     };
   }

@@ -24,10 +24,13 @@
  * Every u64 is read as a bigint and bounded before it becomes an offset.
  * Concurrency: see table-extent.ts (immutable after open, cached tables).
  */
+import createDebug from 'debug';
 import { CorruptImageError, UnsupportedFeatureError } from '../../block/errors.js';
 import type { Protocol } from '../../block/types.js';
 import { MAX_GD_ENTRIES, SECTOR } from './header.js';
 import { TableExtent, type GrainAt } from './table-extent.js';
+
+const log = createDebug('imgmount:vmdk');
 
 const CONST_MAGIC = 0xcafebaben;
 const VOLATILE_MAGIC = 0xcafecafen;
@@ -166,5 +169,6 @@ export async function openSeSparse(file: Protocol, head: Buffer, fileSize: numbe
   await file.read(header.gdOffset * SECTOR, bytes);
   const gd = new BigUint64Array(header.gdEntries);
   for (let i = 0; i < gd.length; i++) gd[i] = bytes.readBigUInt64LE(i * 8);
+  log('%s: seSparse extent, %d sectors, %d grain directory entries', file.path, header.capacity, header.gdEntries);
   return new SeSparseExtent(file, header, gd, fileSize, cacheBytes);
 }
