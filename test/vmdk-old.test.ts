@@ -17,8 +17,8 @@ import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { BlockError, checkImage, openImage } from '../src/index.js';
-import { makeTempDir, qemuCheck, qemuConvertToRaw, qemuImg, qemuInfo, qemuIo, readAll, run, skipWithoutQemu } from './helpers/qemu.js';
-import { buildCowd, buildSeSparse, descriptorFile, makeModel, SECTOR } from './helpers/vmdk-old-writer.js';
+import { makeTempDir, qemuCheck, qemuConvertToRaw, qemuImg, qemuInfo, qemuIo, qemuMap, readAll, run, skipWithoutQemu } from './helpers/qemu.js';
+import { buildCowd, buildSeSparse, descriptorFile, makeModel, mapDisagreements, SECTOR, type OldVmdkModel } from './helpers/vmdk-old-writer.js';
 import { IMGMOUNT, imgmount } from './fuse/fuse-helpers.js';
 
 const K = 1024;
@@ -52,6 +52,7 @@ interface Made {
   path: string;
   extent: string;
   model: Buffer;
+  modelOf: OldVmdkModel;
 }
 
 /** A vmfsSparse image: 2 MiB + 512, 8 KiB grains, half of them data. */
@@ -64,7 +65,7 @@ async function cowd(patches: Array<[number, Buffer]> = []): Promise<Made & { lay
   await writeFile(extent, layout.file);
   const path = join(dir, 'x.vmdk');
   await writeFile(path, descriptorFile({ createType: 'vmfsSparse', extentType: 'VMFSSPARSE', extentFile: 'x-delta.vmdk', sectors: model.size / SECTOR }));
-  return { dir, path, extent, model: model.content, layout };
+  return { dir, path, extent, model: model.content, modelOf: model, layout };
 }
 
 /** An seSparse image: 20 MiB + 1024 (two grain tables), data, zero, unmapped and unallocated grains. */
@@ -77,7 +78,7 @@ async function seSparse(patches: Array<[number, Buffer]> = []): Promise<Made & {
   await writeFile(extent, layout.file);
   const path = join(dir, 'x.vmdk');
   await writeFile(path, descriptorFile({ createType: 'seSparse', extentType: 'SESPARSE', extentFile: 'x-sesparse.vmdk', sectors: model.size / SECTOR }));
-  return { dir, path, extent, model: model.content, layout };
+  return { dir, path, extent, model: model.content, modelOf: model, layout };
 }
 
 async function qemuOpens(path: string): Promise<boolean> {
@@ -99,6 +100,14 @@ describe.skipIf(skipWithoutQemu('vmdk-old'))('vmdk: VMDK3 (COWD) and seSparse ex
       }
       expect((await qemuCheck(made.path, 'vmdk')).code).toBe(0);
       expect(await checkImage(made.path)).toMatchObject({ corruptions: 0 });
+      // qemu-img map shows the model's grains at the writer's offsets; a model that says otherwise is caught
+      const runs = await qemuMap(made.path, 'vmdk');
+      expect(mapDisagreements(made.modelOf, made.layout.hostOffsets, runs)).toEqual([]);
+      const first = made.modelOf.kinds.indexOf('data');
+      const wrong = { ...made.modelOf, kinds: made.modelOf.kinds.map((kind, i) => (i === first ? 'unallocated' : kind)) };
+      expect(mapDisagreements(wrong, made.layout.hostOffsets, runs)).toEqual([`grain ${first}: qemu-img map says data, the model unallocated`]);
+      const moved = made.layout.hostOffsets.map((offset, i) => (i === first ? offset + SECTOR : offset));
+      expect(mapDisagreements(made.modelOf, moved, runs)).toHaveLength(1);
     }
   });
 

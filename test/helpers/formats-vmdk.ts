@@ -18,8 +18,8 @@ import { rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { seededRandom } from './random.js';
 import { mixedContent, type BuiltImage, type FormatEntry, type Shape } from './formats.js';
-import { qemuImg, qemuInfo, qemuIo, qemuConvertToRaw } from './qemu.js';
-import { buildCowd, buildSeSparse, descriptorFile, makeModel, type GrainKind, type OldVmdkModel } from './vmdk-old-writer.js';
+import { qemuImg, qemuInfo, qemuIo, qemuConvertToRaw, qemuMap } from './qemu.js';
+import { buildCowd, buildSeSparse, descriptorFile, makeModel, mapDisagreements, type GrainKind, type OldVmdkModel } from './vmdk-old-writer.js';
 
 const K = 1024;
 const M = 1024 * K;
@@ -157,7 +157,8 @@ const shapes: Shape[] = [
 async function writeOld(dir: string, name: string, kind: 'cowd' | 'sesparse', model: OldVmdkModel, parent?: { file: string; bytes: Buffer }): Promise<string> {
   const path = join(dir, `${name}.vmdk`);
   const extentFile = `${name}-${kind === 'cowd' ? 'delta' : 'sesparse'}.vmdk`;
-  await writeFile(join(dir, extentFile), kind === 'cowd' ? buildCowd(model).file : buildSeSparse(model).file);
+  const layout = kind === 'cowd' ? buildCowd(model) : buildSeSparse(model);
+  await writeFile(join(dir, extentFile), layout.file);
   const parentCid = parent ? ((await qemuInfo(join(dir, parent.file), 'vmdk'))['format-specific'] as { data: { cid: number } }).data.cid : undefined;
   await writeFile(path, descriptorFile({
     createType: kind === 'cowd' ? 'vmfsSparse' : 'seSparse',
@@ -176,6 +177,8 @@ async function writeOld(dir: string, name: string, kind: 'cowd' | 'sesparse', mo
     else if (grainKind === 'unallocated' && parent) parent.bytes.copy(expected, start, start, end);
   });
   if (!(await qemuConvertToRaw(path, dir, 'vmdk')).equals(expected)) throw new Error(`${path}: qemu-img convert does not read what vmdk-old-writer meant`);
+  const problems = mapDisagreements(model, layout.hostOffsets, await qemuMap(path, 'vmdk'));
+  if (problems.length > 0) throw new Error(`${path}: qemu-img map does not show what vmdk-old-writer meant: ${problems.join('; ')}`);
   return path;
 }
 

@@ -73,6 +73,40 @@ export interface DescriptorOptions {
   parentFileNameHint?: string;
 }
 
+/** One run of `qemu-img map --output=json`. */
+export interface MapRunLike {
+  start: number;
+  length: number;
+  depth: number;
+  present: boolean;
+  zero: boolean;
+  data: boolean;
+  offset?: number;
+}
+
+/**
+ * Where `qemu-img map` of the image disagrees with the model (depth-0 runs only): data runs must
+ * be data grains at the offsets the writer chose, zero runs zero or unmapped grains, runs not
+ * present unallocated grains. An empty list when they agree.
+ */
+export function mapDisagreements(model: OldVmdkModel, hostOffsets: readonly number[], runs: readonly MapRunLike[]): string[] {
+  const problems: string[] = [];
+  for (const run of runs) {
+    for (let at = run.start; at < run.start + run.length; at = (Math.floor(at / model.grain) + 1) * model.grain) {
+      const index = Math.floor(at / model.grain);
+      const kind = model.kinds[index];
+      const says = run.depth === 0 && run.data ? 'data' : run.depth === 0 && run.present && run.zero ? 'zero' : 'unallocated';
+      const meant = kind === 'unmapped' ? 'zero' : kind;
+      if (says !== meant) problems.push(`grain ${index}: qemu-img map says ${says}, the model ${kind}`);
+      else if (says === 'data' && run.offset! + (at - run.start) !== hostOffsets[index]! + (at - index * model.grain)) {
+        problems.push(`grain ${index}: qemu-img map gives offset ${run.offset! + (at - run.start)}, the writer put it at ${hostOffsets[index]}`);
+      }
+      if (problems.length > 10) return problems;
+    }
+  }
+  return problems;
+}
+
 /** The text descriptor file naming the one extent. */
 export function descriptorFile(options: DescriptorOptions): Buffer {
   const hex = (value: number) => value.toString(16).padStart(8, '0');
@@ -104,6 +138,8 @@ export interface CowdLayout {
   gdEntries: number;
   /** Byte offset of the first grain table. */
   firstTable: number;
+  /** Where each grain's bytes are in the file (-1: not stored). */
+  hostOffsets: number[];
 }
 
 /** A COWD extent file holding `model` (zero kinds are not expressible: they are written as unallocated). */
@@ -141,14 +177,16 @@ export function buildCowd(model: OldVmdkModel): CowdLayout {
   for (let t = 0; t < gdEntries; t++) file.writeUInt32LE(tableOf[t]!, gdOffset * SECTOR + t * 4);
   // grains are stored in reverse guest order, so host offsets do not follow guest ones
   let grainSector = next + (dataGrains - 1) * granularity;
+  const hostOffsets = model.kinds.map(() => -1);
   model.kinds.forEach((kind, i) => {
     if (kind !== 'data') return;
+    hostOffsets[i] = grainSector * SECTOR;
     const table = tableOf[Math.floor(i / COWD_GT_ENTRIES)]!;
     file.writeUInt32LE(grainSector, table * SECTOR + (i % COWD_GT_ENTRIES) * 4);
     model.content.copy(file, grainSector * SECTOR, i * model.grain, Math.min(model.size, (i + 1) * model.grain));
     grainSector -= granularity;
   });
-  return { file, gdOffset, gdEntries, firstTable: (gdOffset + gdSectors) * SECTOR };
+  return { file, gdOffset, gdEntries, firstTable: (gdOffset + gdSectors) * SECTOR, hostOffsets };
 }
 
 export interface SeSparseLayout {
@@ -157,6 +195,8 @@ export interface SeSparseLayout {
   gdSectors: number;
   tablesOffset: number;
   grainsOffset: number;
+  /** Where each grain's bytes are in the file (-1: not stored). */
+  hostOffsets: number[];
 }
 
 const SE_CONST_MAGIC = 0xcafebaben;
@@ -218,6 +258,7 @@ export function buildSeSparse(model: OldVmdkModel): SeSparseLayout {
   }
   // grains in reverse guest order (host offsets do not follow guest ones); 5000+ grains exercise the split index
   let slot = dataGrains - 1;
+  const hostOffsets = model.kinds.map(() => -1);
   model.kinds.forEach((kind, i) => {
     if (kind === 'unallocated') return;
     const table = tableIndex[Math.floor(i / SESPARSE_GT_ENTRIES)]!;
@@ -227,8 +268,9 @@ export function buildSeSparse(model: OldVmdkModel): SeSparseLayout {
       return;
     }
     file.writeBigUInt64LE(seSparseGrainEntry(slot), at);
+    hostOffsets[i] = (grainsOffset + slot * 8) * SECTOR;
     model.content.copy(file, (grainsOffset + slot * 8) * SECTOR, i * model.grain, Math.min(model.size, (i + 1) * model.grain));
     slot -= 1;
   });
-  return { file, gdOffset, gdSectors, tablesOffset, grainsOffset };
+  return { file, gdOffset, gdSectors, tablesOffset, grainsOffset, hostOffsets };
 }
