@@ -221,6 +221,22 @@ describe.skipIf(skipWithoutQemu('vmdk-old'))('vmdk: VMDK3 (COWD) and seSparse ex
     }
   });
 
+  it('a SPARSE extent line naming a "COWD" file reads as qemu reads it (qemu takes either magic for SPARSE and VMFSSPARSE)', TIMEOUT, async () => {
+    const made = await cowd();
+    await writeFile(made.path, (await readFile(made.path, 'latin1')).replace(' VMFSSPARSE ', ' SPARSE '), 'latin1');
+    const expected = await qemuConvertToRaw(made.path, made.dir, 'vmdk');
+    expect(expected.equals(made.model)).toBe(true);
+    const image = await openImage(made.path, { readOnly: true });
+    try {
+      expect((await readAll(image)).equals(expected)).toBe(true);
+      const theirs = (await qemuInfo(made.path, 'vmdk'))['format-specific'] as { data: { extents: Array<{ format: string }> } };
+      expect(theirs.data.extents[0]!.format).toBe('SPARSE');
+      expect((await image.info()).formatSpecific).toEqual(theirs.data);
+    } finally {
+      await image.close();
+    }
+  });
+
   it('a "COWD" file opened directly is refused (qemu finds no CID in it and refuses it too)', TIMEOUT, async () => {
     const made = await cowd();
     expect((await refusal(openImage(made.extent, { readOnly: true }))).message).toBe(

@@ -69,8 +69,8 @@ export class CowdExtent extends TableExtent {
   private readonly gd: Uint32Array;
   private readonly fileSize: number;
 
-  constructor(file: Protocol, header: CowdHeader, gd: Uint32Array, fileSize: number, cacheBytes?: number) {
-    super({ file, length: header.capacity * SECTOR, grainSize: header.granularity * SECTOR, tableEntries: COWD_GT_ENTRIES, entryBytes: 4, type: 'VMFSSPARSE', cacheBytes });
+  constructor(file: Protocol, header: CowdHeader, gd: Uint32Array, fileSize: number, type: string, cacheBytes?: number) {
+    super({ file, length: header.capacity * SECTOR, grainSize: header.granularity * SECTOR, tableEntries: COWD_GT_ENTRIES, entryBytes: 4, type, cacheBytes });
     this.header = header;
     this.gd = gd;
     this.fileSize = fileSize;
@@ -97,13 +97,13 @@ export class CowdExtent extends TableExtent {
   }
 }
 
-/** Opens a COWD extent file: its header and grain directory, checked. */
-export async function openCowd(file: Protocol, head: Buffer, fileSize: number, cacheBytes?: number): Promise<CowdExtent> {
+/** Opens a COWD extent file: its header and grain directory, checked; `type` is the descriptor line's (VMFSSPARSE or SPARSE), as info shows it. */
+export async function openCowd(file: Protocol, head: Buffer, fileSize: number, type: string, cacheBytes?: number): Promise<CowdExtent> {
   const header = parseCowdHeader(head, fileSize, file.path);
   const bytes = Buffer.alloc(header.gdEntries * 4);
   await file.read(header.gdOffset * SECTOR, bytes);
   const gd = new Uint32Array(header.gdEntries);
   for (let i = 0; i < gd.length; i++) gd[i] = bytes.readUInt32LE(i * 4);
   log('%s: COWD extent, %d sectors, %d-sector grains, %d grain directory entries', file.path, header.capacity, header.granularity, header.gdEntries);
-  return new CowdExtent(file, header, gd, fileSize, cacheBytes);
+  return new CowdExtent(file, header, gd, fileSize, type, cacheBytes);
 }

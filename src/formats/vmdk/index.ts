@@ -1,7 +1,7 @@
 /**
  * The VMDK format driver (what is supported: docs/formats/vmdk.md): probe,
  * open (open.ts: sparse files, stream-optimized files, descriptor files with
- * flat and sparse extents; writable.ts writes monolithicSparse files,
+ * flat and sparse extents, VMDK3 "COWD" (cowd.ts) and seSparse (sesparse.ts) ones; writable.ts writes monolithicSparse files,
  * stream-write.ts the compressed grains of streamOptimized files for convert),
  * check, create (create.ts, monolithicSparse and streamOptimized).
  * Other forms opened read-write become read-only, with a notice saying why.

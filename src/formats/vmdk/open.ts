@@ -201,7 +201,7 @@ async function openExtent(image: Protocol, line: ExtentLine, index: number, opti
   if (line.type === 'SESPARSE') return openSeSparse(file, head, fileSize, options.metadataCacheBytes);
   const magic = head.subarray(0, 4);
   // as in qemu, SPARSE and VMFSSPARSE lines both take a "COWD" or a "KDMV" file
-  if (magic.equals(VMDK3_MAGIC)) return openCowd(file, head, fileSize, options.metadataCacheBytes);
+  if (magic.equals(VMDK3_MAGIC)) return openCowd(file, head, fileSize, line.type, options.metadataCacheBytes);
   if (!magic.equals(VMDK4_MAGIC)) throw new CorruptImageError(`${file.path}: VMDK ${line.type} extent of ${image.path} starts with neither "KDMV" nor "COWD"`);
   if (embeddedDescriptorOnly(head)) throw new UnsupportedFeatureError(`${file.path}: VMDK extent of ${image.path} is itself a descriptor; nested descriptors are not supported`);
   // as in qemu, the size of a sparse extent is its header's capacity, not the descriptor line's
