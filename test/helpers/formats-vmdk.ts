@@ -9,7 +9,7 @@
  * file per image. VMDK3 ("COWD", vmfsSparse) and seSparse extents, which
  * qemu-img cannot create, are made by vmdk-old-writer.ts from a byte model;
  * the suite's oracle is still qemu (convert, map, info of those files), and
- * the 'is what its name says' test checks qemu reads them as the model.
+ * building one fails unless qemu-img convert and map of it show the model.
  *
  * This module is imported by formats.ts and imports functions from it: it
  * uses them only inside build(), never while the modules load.
