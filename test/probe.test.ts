@@ -481,7 +481,7 @@ describe('probing formats qemu-img cannot create (files built from their layouts
     const esx = await file('esx.vmdk', cowdImage());
     for (const readOnly of [false, true]) {
       const error = await rejection(openImage(esx, { readOnly }));
-      expect(error.message).toBe(`${esx}: VMDK3 ("COWD", ESX vmfsSparse) extents are not supported`);
+      expect(error.message).toBe(`${esx}: a VMDK3 ("COWD", ESX vmfsSparse) file opens only through the descriptor file naming it (a VMFSSPARSE extent line)`);
       expect(error.errno).toBe(ENOTSUP);
     }
     // descriptors that probe as vmdk, each refused by what is wrong with it (never read as raw)
