@@ -479,6 +479,25 @@ export class WritableQcow2Image extends Qcow2Image {
   private async allocateClusters(run: Slot[], offset: number, data: Buffer, table: { offset: number; handle: TableHandle<Buffer> }): Promise<void> {
     const { clusterSize } = this.geometry;
     await this.markDirty();
+    const first = run[0]!;
+    const last = run[run.length - 1]!;
+    if (run.every((slot) => this.zerosBefore(this.kindOf(slot)) || (slot.from === slot.clusterStart && slot.to === slot.clusterStart + clusterSize))) {
+      // Nothing to copy: the guest saw zeros wherever the request leaves a cluster untouched.
+      const hostOffset = await this.allocateData(first.clusterStart, run.length);
+      if (this.isFresh(hostOffset)) {
+        // Fresh clusters read as zeros until written: write the request's bytes only, from its own buffer.
+        announce(this.file, 'write_aio');
+        await this.data.write(hostOffset + (first.from - first.clusterStart), data.subarray(first.from - offset, last.to - offset));
+        await this.linkNew(run, hostOffset, table, run.every((slot) => this.zerosBefore(this.kindOf(slot))));
+        return;
+      }
+      const buffer = Buffer.alloc(run.length * clusterSize);
+      data.copy(buffer, first.from - first.clusterStart, first.from - offset, last.to - offset);
+      announce(this.file, 'write_aio');
+      await this.data.write(hostOffset, buffer);
+      await this.linkNew(run, hostOffset, table, false);
+      return;
+    }
     const buffer = Buffer.alloc(run.length * clusterSize);
     let copied = false;
     for (const [i, slot] of run.entries()) {
@@ -488,25 +507,24 @@ export class WritableQcow2Image extends Qcow2Image {
       if (head > 0 || tail > 0) copied = (await this.fillFromBefore(slot, cluster, head, tail)) || copied;
       data.copy(cluster, head, slot.from - offset, slot.to - offset);
     }
-    const hostOffset = await this.allocateData(run[0]!.clusterStart, run.length);
+    const hostOffset = await this.allocateData(first.clusterStart, run.length);
     announce(this.file, copied ? 'cow_write' : 'write_aio');
-    if (!copied && this.isFresh(hostOffset)) {
-      // The untouched head and tail are zeros, and so are fresh clusters until written: write the data only.
-      const first = run[0]!;
-      const last = run[run.length - 1]!;
-      const from = first.from - first.clusterStart;
-      const to = (run.length - 1) * clusterSize + (last.to - last.clusterStart);
-      await this.data.write(hostOffset + from, buffer.subarray(from, to));
-    } else {
-      await this.data.write(hostOffset, buffer);
-    }
+    await this.data.write(hostOffset, buffer);
+    await this.linkNew(run, hostOffset, table, false);
+  }
+
+  /**
+   * Links the run's clusters, just written at `hostOffset`, and releases what they replace.
+   * `readsAsBefore`: unwritten, the new clusters read as what the guest saw there before
+   * (fresh clusters over zeros), so with lazy refcounts the data need not be flushed first.
+   */
+  private linkNew(run: Slot[], hostOffset: number, table: { offset: number; handle: TableHandle<Buffer> }, readsAsBefore: boolean): Promise<void> {
+    const { clusterSize } = this.geometry;
     const entries = run.map((_, i): Entry => {
       const [high, low] = entryFor(hostOffset + i * clusterSize);
       return this.geometry.extendedL2 ? [high, low, 0, ALL_SUBCLUSTERS] : [high, low];
     });
-    // Fresh clusters read as zeros until written: as the guest saw them before only where that was zeros too.
-    const readsAsBefore = !copied && this.isFresh(hostOffset) && run.every((slot) => this.zerosBefore(this.kindOf(slot)));
-    await this.link(table, run[0]!.l2Index, entries, run.map((slot) => () => this.release(slot)), !readsAsBefore);
+    return this.link(table, run[0]!.l2Index, entries, run.map((slot) => () => this.release(slot)), !readsAsBefore);
   }
 
   /**
