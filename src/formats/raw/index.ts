@@ -61,7 +61,7 @@ class RawImage implements FormatImage {
   }
 
   info() {
-    return {};
+    return { dirty: false }; // raw has no dirty state; qemu-img info shows dirty-flag false
   }
 }
 

@@ -263,7 +263,7 @@ export class VdiImage implements FormatImage {
   }
 
   info(): FormatInfo {
-    return { clusterSize: this.header.blockSize };
+    return { clusterSize: this.header.blockSize, dirty: false }; // VDI has no dirty state; qemu-img info shows dirty-flag false
   }
 
   private assertOpen(): void {
