@@ -260,6 +260,13 @@ describe('damaged differencing VHDs', () => {
     await expectRefused(path, /parent locator 0 \(W2ru\): 24 bytes at 1099511627776 are not inside the \d+-byte file/, EIO);
   });
 
+  it('a BAT entry putting a block on a parent locator\'s data (a write there would overwrite the parent\'s name)', TIMEOUT, async () => {
+    const path = await child([{ code: 'W2ru', text: '.\\parent.vhd' }]);
+    // The writer puts locator 0's data at 1536 and the BAT after it, at 2048.
+    await patchRaw(path, 2048, u32(1536 / SECTOR));
+    await expectRefused(path, /BAT entry 0 puts block 0 at 1536, on parent locator 0's data at 1536/, EIO);
+  });
+
   it('no parent locator and an empty parent_unicode_name', TIMEOUT, async () => {
     const path = await child([], '');
     await expectRefused(path, /differencing VHD names no parent: no W2ru, MacX or W2ku parent locator and an empty parent_unicode_name/, EIO);

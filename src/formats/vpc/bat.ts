@@ -12,7 +12,7 @@
  */
 import { CorruptImageError } from '../../block/errors.js';
 import type { Protocol } from '../../block/types.js';
-import { overlaps, UNALLOCATED, type DynamicHeader } from './dynamic-header.js';
+import { isPathLocator, overlaps, UNALLOCATED, type DynamicHeader } from './dynamic-header.js';
 import { FOOTER_BYTES, FOOTER_COOKIE, SECTOR } from './footer.js';
 
 export async function readBat(file: Protocol, header: DynamicHeader): Promise<Uint32Array> {
@@ -23,13 +23,26 @@ export async function readBat(file: Protocol, header: DynamicHeader): Promise<Ui
   return bat;
 }
 
-/** The metadata areas a block must not overlap: the footer copy at 0, the dynamic header, the BAT. */
-export function metadataAreas(header: DynamicHeader, headerOffset: number, headerBytes: number): Array<[number, number, string]> {
-  return [
+/**
+ * The metadata areas a block must not overlap, in file order: the footer copy at 0, the dynamic
+ * header, the BAT and, for a differencing disk, the data of its path locators (its parent's name:
+ * a write to a block lying on it would overwrite it). Other locators' fields are not checked at
+ * open, so their data is not an area here.
+ */
+export function metadataAreas(header: DynamicHeader, headerOffset: number, headerBytes: number, differencing: boolean): Array<[number, number, string]> {
+  const areas: Array<[number, number, string]> = [
     [0, FOOTER_BYTES, 'the footer copy at offset 0'],
     [headerOffset, headerBytes, `the dynamic header at ${headerOffset}`],
     [header.tableOffset, header.maxTableEntries * 4, `the BAT at ${header.tableOffset}`],
   ];
+  if (differencing) {
+    header.locators.forEach((locator, i) => {
+      if (isPathLocator(locator.platform) && locator.dataLength > 0) {
+        areas.push([locator.dataOffset, locator.dataLength, `parent locator ${i}'s data at ${locator.dataOffset}`]);
+      }
+    });
+  }
+  return areas.sort(([a], [b]) => a - b);
 }
 
 /**

@@ -82,7 +82,7 @@ export async function openVpc(file: Protocol, options: OpenOptions): Promise<For
   const headerOffset = footer.dataOffset!;
   const header = parseDynamicHeader(await readAt(file, headerOffset, DYNAMIC_HEADER_BYTES), headerOffset, fileSize, size, differencing, file.path);
   const bat = await readBat(file, header);
-  const areas = metadataAreas(header, headerOffset, DYNAMIC_HEADER_BYTES);
+  const areas = metadataAreas(header, headerOffset, DYNAMIC_HEADER_BYTES, differencing);
   const blocksEnd = checkBat(bat, header, areas, fileSize, file.path);
   const tail = await readAt(file, fileSize - FOOTER_BYTES, FOOTER_BYTES);
   const allocationEnd = firstFreeOffset(areas, blocksEnd, fileSize, tail);
