@@ -18,18 +18,19 @@
 import { CorruptImageError } from '../../block/errors.js';
 import type { BackingReference, EncodedCluster, FormatImage, FormatInfo, Mapping, Protocol } from '../../block/types.js';
 import { UNALLOCATED, type BochsHeader } from './header.js';
+import { ReadOnlyImage } from '../read-only-image.js';
 
-export class BochsImage implements FormatImage {
+export class BochsImage extends ReadOnlyImage implements FormatImage {
   readonly virtualSize: number;
   readonly backing: BackingReference | undefined = undefined;
-  private closed = false;
 
   constructor(
-    private readonly file: Protocol,
+    file: Protocol,
     private readonly header: BochsHeader,
     private readonly catalog: Buffer,
     private readonly fileSize: number,
   ) {
+    super(file);
     this.virtualSize = header.diskBytes;
   }
 
@@ -80,16 +81,6 @@ export class BochsImage implements FormatImage {
       stored.copy(out, 512 * sector, 512 * sector, 512 * (sector + 1));
     }
     return out;
-  }
-
-  async flush(): Promise<void> {
-    // Read-only: nothing to make durable.
-  }
-
-  async close(): Promise<void> {
-    if (this.closed) return;
-    this.closed = true;
-    await this.file.close();
   }
 
   info(): FormatInfo {

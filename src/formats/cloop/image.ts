@@ -12,18 +12,19 @@ import { inflateSync } from 'node:zlib';
 import { CorruptImageError } from '../../block/errors.js';
 import type { BackingReference, EncodedCluster, FormatImage, FormatInfo, Mapping, Protocol } from '../../block/types.js';
 import type { CloopHeader } from './header.js';
+import { ReadOnlyImage } from '../read-only-image.js';
 
-export class CloopImage implements FormatImage {
+export class CloopImage extends ReadOnlyImage implements FormatImage {
   readonly virtualSize: number;
   readonly backing: BackingReference | undefined = undefined;
-  private closed = false;
 
   constructor(
-    private readonly file: Protocol,
+    file: Protocol,
     private readonly header: CloopHeader,
     private readonly offsets: Float64Array,
     private readonly fileSize: number,
   ) {
+    super(file);
     this.virtualSize = header.blocks * header.blockSize;
   }
 
@@ -61,16 +62,6 @@ export class CloopImage implements FormatImage {
     }
     if (out.length !== cluster.decodedLength) throw new CorruptImageError(`${where} inflates to ${out.length} bytes, not the block size ${cluster.decodedLength}`);
     return out;
-  }
-
-  async flush(): Promise<void> {
-    // Read-only: nothing to make durable.
-  }
-
-  async close(): Promise<void> {
-    if (this.closed) return;
-    this.closed = true;
-    await this.file.close();
   }
 
   info(): FormatInfo {

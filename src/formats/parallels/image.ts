@@ -13,17 +13,18 @@ import { CorruptImageError } from '../../block/errors.js';
 import type { BackingReference, FormatImage, FormatInfo, Mapping, Protocol } from '../../block/types.js';
 import { entrySector, type ParallelsHeader } from './header.js';
 import { appendRun } from '../../block/mapping.js';
+import { ReadOnlyImage } from '../read-only-image.js';
 
-export class ParallelsImage implements FormatImage {
+export class ParallelsImage extends ReadOnlyImage implements FormatImage {
   readonly virtualSize: number;
   readonly backing: BackingReference | undefined = undefined;
-  private closed = false;
 
   constructor(
-    private readonly file: Protocol,
+    file: Protocol,
     private readonly header: ParallelsHeader,
     private readonly bat: Buffer,
   ) {
+    super(file);
     this.virtualSize = header.totalSectors * 512;
   }
 
@@ -49,16 +50,6 @@ export class ParallelsImage implements FormatImage {
       pos = clusterEnd;
     }
     return runs;
-  }
-
-  async flush(): Promise<void> {
-    // Read-only: nothing to make durable.
-  }
-
-  async close(): Promise<void> {
-    if (this.closed) return;
-    this.closed = true;
-    await this.file.close();
   }
 
   info(): FormatInfo {

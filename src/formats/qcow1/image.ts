@@ -21,6 +21,7 @@ import type { BackingReference, EncodedCluster, FormatImage, FormatInfo, Mapping
 import { TableCache } from '../../cache/table-cache.js';
 import { HEADER_BYTES, virtualSize, type QcowHeader } from './header.js';
 import { appendRun } from '../../block/mapping.js';
+import { ReadOnlyImage } from '../read-only-image.js';
 
 const log = createDebug('imgmount:qcow');
 
@@ -29,23 +30,23 @@ export const DEFAULT_L2_CACHE_BYTES = 4 * 1024 * 1024;
 
 const COMPRESSED = 1n << 63n;
 
-export class QcowImage implements FormatImage {
+export class QcowImage extends ReadOnlyImage implements FormatImage {
   readonly virtualSize: number;
   readonly clusterSize: number;
   private readonly l2Bytes: number;
   private readonly l2Span: number;
   private readonly l2Cache: TableCache<Buffer>;
   private readonly metadataEnd: number;
-  private closed = false;
 
   constructor(
-    private readonly file: Protocol,
+    file: Protocol,
     private readonly header: QcowHeader,
     private readonly l1: Buffer,
     private readonly fileSize: number,
     readonly backing: BackingReference | undefined,
     options: OpenOptions,
   ) {
+    super(file);
     this.virtualSize = virtualSize(header);
     this.clusterSize = 2 ** header.clusterBits;
     this.l2Bytes = 8 * 2 ** header.l2Bits;
@@ -170,16 +171,6 @@ export class QcowImage implements FormatImage {
       );
     }
     return out;
-  }
-
-  async flush(): Promise<void> {
-    // Read-only: nothing to make durable.
-  }
-
-  async close(): Promise<void> {
-    if (this.closed) return;
-    this.closed = true;
-    await this.file.close();
   }
 
   info(): FormatInfo {
