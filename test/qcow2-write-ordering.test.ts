@@ -22,32 +22,11 @@ import { open, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { openImage } from '../src/index.js';
-import { parseWriteLog, type WriteLog, type WriteLogRecord } from '../src/block/filters/write-log.js';
+import { parseWriteLog, type WriteLog } from '../src/block/filters/write-log.js';
+import { expectDataFlushedFirst, flushBetween } from './helpers/write-order.js';
 import { makeTempDir, qemuImg, qemuIo, seededBytes, skipWithoutQemu } from './helpers/qemu.js';
 
 const CLUSTER = 4096;
-
-/** The first write whose data holds the big-endian L2 entry for `hostOffset` (COPIED set), 8-byte aligned. */
-function entryWrite(log: WriteLog, hostOffset: number): WriteLogRecord | undefined {
-  const entry = Buffer.alloc(8);
-  entry.writeBigUInt64BE(BigInt(hostOffset) | (1n << 63n));
-  return log.records.find((r) => {
-    if (r.kind !== 'write' || r.phase !== 'issued' || !r.data) return false;
-    for (let at = (8 - (r.offset % 8)) % 8; at + 8 <= r.data.length; at += 8) if (r.data.subarray(at, at + 8).equals(entry)) return true;
-    return false;
-  });
-}
-
-/** Whether a flush issued after `dataEnd` ended before record `before`. */
-function flushBetween(log: WriteLog, dataEnd: number, before: number): boolean {
-  const issued = new Map<number, number>();
-  for (const r of log.records.slice(dataEnd + 1, before)) {
-    if (r.kind !== 'flush') continue;
-    if (r.phase === 'issued') issued.set(r.id, r.index);
-    else if (r.phase === 'ended' && issued.has(r.id)) return true;
-  }
-  return false;
-}
 
 /** Writes `data` at guest `offset` through log-writes; returns the log and where the cluster landed. */
 async function writeLogged(path: string, dir: string, offset: number, data: Buffer): Promise<{ log: WriteLog; hostOffset: number }> {
@@ -58,17 +37,6 @@ async function writeLogged(path: string, dir: string, offset: number, data: Buff
   await image.close();
   expect(run!.hostOffset).toBeDefined();
   return { log: parseWriteLog(await readFile(logPath)), hostOffset: run!.hostOffset! };
-}
-
-/** The data write's end record, and the entry write: the first must precede a flush that ends before the second. */
-function expectDataFlushedFirst(log: WriteLog, hostOffset: number): void {
-  const data = log.records.find((r) => r.kind === 'write' && r.phase === 'issued' && r.offset <= hostOffset && hostOffset < r.offset + r.length && r.length >= 512);
-  expect(data, 'the data write').toBeDefined();
-  const dataEnd = log.records.find((r) => r.kind === 'write' && r.phase === 'ended' && r.id === data!.id)!;
-  const entry = entryWrite(log, hostOffset);
-  expect(entry, 'the L2 entry write').toBeDefined();
-  expect(entry!.index).toBeGreaterThan(dataEnd.index);
-  expect(flushBetween(log, dataEnd.index, entry!.index), `a flush between the data (record ${dataEnd.index}) and its L2 entry (record ${entry!.index})`).toBe(true);
 }
 
 describe.skipIf(skipWithoutQemu('qcow2 write ordering'))('qcow2 write ordering (log-writes)', () => {
