@@ -262,7 +262,7 @@ async function writeCompressedClusters(output: BlockImage, buffer: Buffer, offse
   for (let at = 0; at < buffer.length; at += cluster) {
     const piece = buffer.subarray(at, Math.min(buffer.length, at + cluster));
     // The clusters of one buffer compress at the same time (zlib's thread pool); the format places them one at a time.
-    writes.push(piece.equals(zero.subarray(0, piece.length)) ? zeros(offset + at, piece.length) : output.writeCompressed(offset + at, piece));
+    writes.push(isZero(buffer, at, at + piece.length, zero) ? zeros(offset + at, piece.length) : output.writeCompressed(offset + at, piece));
   }
   await settleAll(writes);
 }
@@ -279,14 +279,23 @@ function sparseParts(buffer: Buffer, offset: number, sparseSize: number): { offs
   const end = offset + buffer.length;
   for (let at = offset; at < end; ) {
     const next = Math.min(end, (Math.floor(at / sparseSize) + 1) * sparseSize);
-    const slice = buffer.subarray(at - offset, next - offset);
-    const zero = slice.equals(zeros.subarray(0, slice.length));
+    const zero = isZero(buffer, at - offset, next - offset, zeros);
     const last = parts[parts.length - 1];
     if (last && last.zero === zero) last.length += next - at;
     else parts.push({ offset: at, length: next - at, zero });
     at = next;
   }
   return parts;
+}
+
+/**
+ * Whether buffer[start, end) holds only zeros: its first and last bytes first (a block of
+ * data nearly always fails there), then a compare in place (no subarray per block: at 4 KiB
+ * per block, their allocation showed in profiles of a 512 MiB conversion).
+ */
+function isZero(buffer: Buffer, start: number, end: number, zeros: Buffer): boolean {
+  if (buffer[start] !== 0 || buffer[end - 1] !== 0) return false;
+  return buffer.compare(zeros, 0, end - start, start, end) === 0;
 }
 
 let zeroBytes: Buffer = Buffer.alloc(0);
