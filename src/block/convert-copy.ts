@@ -12,8 +12,8 @@
  *
  * Concurrency: up to `parallel` reads of at most `bufferSize` bytes are in flight;
  * as each read completes in guest order its writes are issued (so formats allocate
- * in order) and up to `parallel` steps' writes run at the same time. Memory stays
- * bounded by 2 x parallel x bufferSize. Steps never overlap, so writes never race.
+ * in order) and up to min(parallel, WRITES_IN_FLIGHT) steps' writes run at the same
+ * time. Memory stays bounded by 2 x parallel x bufferSize. Steps never overlap, so writes never race.
  * Every WRITE_BACK_EVERY bytes written, one fdatasync of the destination's files
  * (BlockImage.writeBack, never two at once) starts beside the writes; the copy
  * waits for the last one before returning, and the caller then flushes.
@@ -32,6 +32,14 @@ export const DEFAULT_BUFFER_SIZE = 2 * 1024 * 1024;
  * 512 MiB conversion into a raw file.
  */
 export const WRITE_BACK_EVERY = 32 * 1024 * 1024;
+/**
+ * Steps whose writes run at the same time (at most -m): two, one in the kernel and the next
+ * one queued, so the thread pool's round trip is hidden. More only had the writers of one
+ * host file wait for each other on its inode lock (ext4 takes it for every buffered write,
+ * and its waiters spin): 8 instead of 2 nearly doubled the CPU time of a 512 MiB
+ * conversion into a raw file (docs/convert.md, Speed).
+ */
+const WRITES_IN_FLIGHT = 2;
 /** How much of the source one `map` call describes. */
 const MAP_WINDOW = 256 * 1024 * 1024;
 
@@ -131,7 +139,8 @@ async function* steps(input: BlockImage, settings: CopySettings): AsyncGenerator
 /**
  * Copies the source into the destination: up to `parallel` reads in flight; each
  * buffer's writes are issued in guest order as its read completes (so the format
- * allocates in order), and up to `parallel` of them run at the same time.
+ * allocates in order), and up to min(parallel, WRITES_IN_FLIGHT) of them run at the
+ * same time.
  */
 export async function copy(input: BlockImage, output: BlockImage, settings: CopySettings): Promise<{ bytesWritten: number; bytesZeroed: number }> {
   const reads: { step: Step; read: Promise<Buffer | undefined> }[] = [];
@@ -239,7 +248,7 @@ export async function copy(input: BlockImage, output: BlockImage, settings: Copy
       check();
       reads.push({ step, read: start(step) });
       while (reads.length >= settings.parallel) await issueOldest();
-      while (writes.size >= settings.parallel) await Promise.race(writes);
+      while (writes.size >= Math.min(settings.parallel, WRITES_IN_FLIGHT)) await Promise.race(writes);
     }
     while (reads.length > 0) {
       check();
