@@ -13,7 +13,8 @@
  * Concurrency: up to `parallel` reads of at most `bufferSize` bytes are in flight;
  * as each read completes in guest order its writes are issued (so formats allocate
  * in order) and up to min(parallel, WRITES_IN_FLIGHT) steps' writes run at the same
- * time. Memory stays bounded by 2 x parallel x bufferSize. Steps never overlap, so writes never race.
+ * time. Memory stays bounded by 2 x parallel x bufferSize. Steps never overlap, so
+ * writes never race.
  * Every WRITE_BACK_EVERY bytes written, one fdatasync of the destination's files
  * (BlockImage.writeBack, never two at once) starts beside the writes; the copy
  * waits for the last one before returning, and the caller then flushes.

@@ -71,7 +71,7 @@ export interface ConvertImageOptions extends FilePolicy {
   backingFile?: string;
   /** The format of `backingFile` (-F). */
   backingFormat?: string;
-  /** Requests in flight (-m, 1..16). */
+  /** Reads in flight (-m, 1..16); at most two of them are being written at a time (convert-copy.ts). */
   parallel?: number;
   /** Bytes per request. */
   bufferSize?: number;
