@@ -12,8 +12,12 @@
  *
  * Concurrency: up to `parallel` reads of at most `bufferSize` bytes are in flight;
  * as each read completes in guest order its writes are issued (so formats allocate
- * in order) and up to `parallel` steps' writes run at the same time. Memory stays
- * bounded by 2 x parallel x bufferSize. Steps never overlap, so writes never race.
+ * in order) and up to min(parallel, WRITES_IN_FLIGHT) steps' writes run at the same
+ * time. Memory stays bounded by 2 x parallel x bufferSize. Steps never overlap, so
+ * writes never race.
+ * Every WRITE_BACK_EVERY bytes written, one fdatasync of the destination's files
+ * (BlockImage.writeBack, never two at once) starts beside the writes; the copy
+ * waits for the last one before returning, and the caller then flushes.
  */
 import { constants as osConstants } from 'node:os';
 import { BlockError } from './errors.js';
@@ -22,6 +26,21 @@ import { settleAll } from './settle.js';
 
 /** Bytes per request (qemu-img's default buffer is 2 MiB too). */
 export const DEFAULT_BUFFER_SIZE = 2 * 1024 * 1024;
+/**
+ * How many bytes written make convert start writing the destination's files to disk
+ * (one fdatasync at a time, on the thread pool, while the copy goes on): without it the
+ * whole destination sat in the page cache until the final flush, about a third of a
+ * 512 MiB conversion into a raw file.
+ */
+export const WRITE_BACK_EVERY = 32 * 1024 * 1024;
+/**
+ * Steps whose writes run at the same time (at most -m): two, one in the kernel and the next
+ * one queued, so the thread pool's round trip is hidden. More only had the writers of one
+ * host file wait for each other on its inode lock (ext4 takes it for every buffered write,
+ * and its waiters spin): 8 instead of 2 nearly doubled the CPU time of a 512 MiB
+ * conversion into a raw file (docs/convert.md, Speed).
+ */
+const WRITES_IN_FLIGHT = 2;
 /** How much of the source one `map` call describes. */
 const MAP_WINDOW = 256 * 1024 * 1024;
 
@@ -43,6 +62,8 @@ export interface CopySettings {
   /** -c: compress whole clusters of this size; copied ranges grow to cluster boundaries. */
   cluster?: number;
   signal?: AbortSignal;
+  /** Start writing the destination's files to disk (BlockImage.writeBack) each time this many bytes were written since the last one started; 0 or missing: never. */
+  writeBackEvery?: number;
 }
 
 /** What a run of the source's map becomes in the destination. */
@@ -119,7 +140,8 @@ async function* steps(input: BlockImage, settings: CopySettings): AsyncGenerator
 /**
  * Copies the source into the destination: up to `parallel` reads in flight; each
  * buffer's writes are issued in guest order as its read completes (so the format
- * allocates in order), and up to `parallel` of them run at the same time.
+ * allocates in order), and up to min(parallel, WRITES_IN_FLIGHT) of them run at the
+ * same time.
  */
 export async function copy(input: BlockImage, output: BlockImage, settings: CopySettings): Promise<{ bytesWritten: number; bytesZeroed: number }> {
   const reads: { step: Step; read: Promise<Buffer | undefined> }[] = [];
@@ -130,6 +152,25 @@ export async function copy(input: BlockImage, output: BlockImage, settings: Copy
   let done = 0;
   const total = input.length;
   settings.progress?.(0, total);
+
+  // Early writeback: an fdatasync of the destination's files (no flush of the format: no metadata,
+  // no lock) runs while the copy goes on, so the page cache drains during the copy and the final
+  // flush finds little left. One at a time; its failure fails the conversion like a write's.
+  let flushing: Promise<void> | undefined;
+  let unflushed = 0;
+  const writeBackSoon = (length: number): void => {
+    unflushed += length;
+    if (!settings.writeBackEvery || flushing || unflushed < settings.writeBackEvery) return;
+    unflushed = 0;
+    flushing = output.writeBack().then(
+      () => {
+        flushing = undefined;
+      },
+      (error: unknown) => {
+        failure ??= { error };
+      },
+    );
+  };
 
   // Buffers go back to a pool once their writes have settled (the block layer resolves a write only
   // after all I/O on its buffer finished): a fresh 2 MiB buffer per read cost a page fault per 4 KiB,
@@ -182,6 +223,7 @@ export async function copy(input: BlockImage, output: BlockImage, settings: Copy
       () => {
         done = Math.max(done, step.offset + step.length);
         settings.progress?.(done, total);
+        if (step.kind === 'copy' || step.kind === 'fill') writeBackSoon(step.length);
       },
       (error: unknown) => {
         failure ??= { error };
@@ -207,16 +249,17 @@ export async function copy(input: BlockImage, output: BlockImage, settings: Copy
       check();
       reads.push({ step, read: start(step) });
       while (reads.length >= settings.parallel) await issueOldest();
-      while (writes.size >= settings.parallel) await Promise.race(writes);
+      while (writes.size >= Math.min(settings.parallel, WRITES_IN_FLIGHT)) await Promise.race(writes);
     }
     while (reads.length > 0) {
       check();
       await issueOldest();
     }
     await Promise.allSettled([...writes]);
+    await flushing;
     check();
   } catch (error) {
-    await Promise.allSettled([...reads.map((entry) => entry.read), ...writes]);
+    await Promise.allSettled([...reads.map((entry) => entry.read), ...writes, flushing]);
     throw failure?.error ?? error;
   }
   return { bytesWritten, bytesZeroed };
@@ -229,7 +272,7 @@ async function writeCompressedClusters(output: BlockImage, buffer: Buffer, offse
   for (let at = 0; at < buffer.length; at += cluster) {
     const piece = buffer.subarray(at, Math.min(buffer.length, at + cluster));
     // The clusters of one buffer compress at the same time (zlib's thread pool); the format places them one at a time.
-    writes.push(piece.equals(zero.subarray(0, piece.length)) ? zeros(offset + at, piece.length) : output.writeCompressed(offset + at, piece));
+    writes.push(isZero(buffer, at, at + piece.length, zero) ? zeros(offset + at, piece.length) : output.writeCompressed(offset + at, piece));
   }
   await settleAll(writes);
 }
@@ -246,14 +289,23 @@ function sparseParts(buffer: Buffer, offset: number, sparseSize: number): { offs
   const end = offset + buffer.length;
   for (let at = offset; at < end; ) {
     const next = Math.min(end, (Math.floor(at / sparseSize) + 1) * sparseSize);
-    const slice = buffer.subarray(at - offset, next - offset);
-    const zero = slice.equals(zeros.subarray(0, slice.length));
+    const zero = isZero(buffer, at - offset, next - offset, zeros);
     const last = parts[parts.length - 1];
     if (last && last.zero === zero) last.length += next - at;
     else parts.push({ offset: at, length: next - at, zero });
     at = next;
   }
   return parts;
+}
+
+/**
+ * Whether buffer[start, end) holds only zeros: its first and last bytes first (a block of
+ * data nearly always fails there), then a compare in place (no subarray per block: at 4 KiB
+ * per block, their allocation showed in profiles of a 512 MiB conversion).
+ */
+function isZero(buffer: Buffer, start: number, end: number, zeros: Buffer): boolean {
+  if (buffer[start] !== 0 || buffer[end - 1] !== 0) return false;
+  return buffer.compare(zeros, 0, end - start, start, end) === 0;
 }
 
 let zeroBytes: Buffer = Buffer.alloc(0);

@@ -31,7 +31,7 @@ import { FileProtocol, pathExists } from './file.js';
 import { resolveBackingName } from './backing-name.js';
 import type { FilePolicy } from './gate.js';
 import type { BlockImage, ImageInfo } from './image.js';
-import { copy, DEFAULT_BUFFER_SIZE, type CopySettings } from './convert-copy.js';
+import { copy, DEFAULT_BUFFER_SIZE, WRITE_BACK_EVERY, type CopySettings } from './convert-copy.js';
 import { createImage, openImage } from './open.js';
 import { sampleFile, type FormatList } from './probe.js';
 import type { FilterSpec } from './filters/index.js';
@@ -71,7 +71,7 @@ export interface ConvertImageOptions extends FilePolicy {
   backingFile?: string;
   /** The format of `backingFile` (-F). */
   backingFormat?: string;
-  /** Requests in flight (-m, 1..16). */
+  /** Reads in flight (-m, 1..16); at most two of them are being written at a time (convert-copy.ts). */
   parallel?: number;
   /** Bytes per request. */
   bufferSize?: number;
@@ -173,7 +173,7 @@ export async function convertImage(source: string, dest: string, options: Conver
       // A destination that takes only compressed writes (a VMDK stream) is written compressed with or without -c, as qemu-img does.
       const cluster = options.compress || output.compressedOnly ? await compressionCluster(output, target.name) : undefined;
       writing = true;
-      const report = await copy(input, output, { ...settings, fresh, topOnly: options.backingFile !== undefined, progress: options.progress, cluster, signal: options.signal });
+      const report = await copy(input, output, { ...settings, fresh, topOnly: options.backingFile !== undefined, progress: options.progress, cluster, signal: options.signal, writeBackEvery: WRITE_BACK_EVERY });
       const finished = output;
       output = undefined;
       await finished.flush();

@@ -261,6 +261,19 @@ export class BlockImage {
     for (const filter of this.filters) await filter.afterFlush?.();
   }
 
+  /**
+   * Starts writing to disk what was written so far into the image's host files: an fdatasync of
+   * its own file and of the writable files it opened through the gate, without the format (no
+   * metadata written, no ordering, no lock taken), so it is no flush: only `flush` makes the image
+   * durable. convert calls it while copying, so the page cache drains during the copy and the
+   * final flush finds little left.
+   */
+  writeBack(): Promise<void> {
+    if (this.readOnly) return Promise.resolve();
+    const files = [this.file, ...(this.gate?.opened ?? [])].filter((file) => !file.readOnly);
+    return this.track(() => settleAll(files.map((file) => file.flush())));
+  }
+
   /** Describes [offset, offset + length) like `qemu-img map`, following the backing chain. */
   async map(offset: GuestOffset = 0, length: number = this.length - offset): Promise<MapRun[]> {
     this.checkRange('map', offset, length);
