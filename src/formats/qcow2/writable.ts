@@ -500,11 +500,13 @@ export class WritableQcow2Image extends Qcow2Image {
     if (run.every((slot) => this.zerosBefore(this.kindOf(slot)) || (slot.from === slot.clusterStart && slot.to === slot.clusterStart + clusterSize))) {
       // Nothing to copy: the guest saw zeros wherever the request leaves a cluster untouched.
       const hostOffset = await this.allocateData(first.clusterStart, run.length);
-      if (this.isFresh(hostOffset)) {
-        // Fresh clusters read as zeros until written: write the request's bytes only, from its own buffer.
+      const fresh = this.isFresh(hostOffset);
+      if (fresh || (first.from === first.clusterStart && last.to === last.clusterStart + clusterSize)) {
+        // Whole clusters, or fresh ones (they read as zeros until written): the request's bytes are
+        // all there is to write, from its own buffer.
         announce(this.file, 'write_aio');
         await this.data.write(hostOffset + (first.from - first.clusterStart), data.subarray(first.from - offset, last.to - offset));
-        await this.linkNew(run, hostOffset, table, run.every((slot) => this.zerosBefore(this.kindOf(slot))));
+        await this.linkNew(run, hostOffset, table, fresh && run.every((slot) => this.zerosBefore(this.kindOf(slot))));
         return;
       }
       const buffer = Buffer.alloc(run.length * clusterSize);
