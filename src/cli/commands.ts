@@ -136,7 +136,7 @@ export function program(formats: FormatNames = { readable: '', creatable: '' }):
           { name: 'snapshot', alias: 'l', type: 'string', describe: 'convert this internal snapshot: snapshot.name=NAME, snapshot.id=ID, or an id or name' },
           { name: 'backing', alias: 'B', type: 'string', describe: "create dest over this backing file (same content as the source's backing chain): only the source's top image is copied" },
           { name: 'backing-format', alias: 'F', type: 'string', describe: `format of the -B backing file (${readable})` },
-          { name: 'parallel', alias: 'm', type: 'string', describe: 'requests in flight, 1..16 (default 8)' },
+          { name: 'parallel', alias: 'm', type: 'string', describe: 'reads in flight, 1..16 (default 8; two buffers are written at a time)' },
           { name: 'force', type: 'boolean', default: false, describe: 'overwrite an existing dest (qemu-img does so silently)' },
           { name: 'allow-files', type: 'string', describe: ALLOW_FILES_HELP },
           { name: 'filter', type: 'string', describe: FILTER_HELP },
