@@ -14,6 +14,7 @@ import { BlockError, CorruptImageError, openImage } from '../src/index.js';
 import { convertedBochs } from './helpers/formats-bochs.js';
 import { makeTempDir, qemuConvertToRaw, run, seededBytes, skipWithoutQemu } from './helpers/qemu.js';
 import { fuzzDamage, le32, le64, patchedCopy } from './helpers/small-fuzz.js';
+import { openRefusal } from './helpers/refusal.js';
 
 const MiB = 1024 * 1024;
 const TIMEOUT = { timeout: 120_000 };
@@ -30,16 +31,8 @@ async function candidate(): Promise<{ dir: string; path: string }> {
   return { dir, path };
 }
 
-async function refusal(path: string): Promise<BlockError> {
-  const error = await openImage(path, { format: 'bochs' }).then(
-    async (image) => {
-      await image.close();
-      throw new Error(`${path} opened`);
-    },
-    (caught: unknown) => caught,
-  );
-  expect(error).toBeInstanceOf(BlockError);
-  return error as BlockError;
+function refusal(path: string): Promise<BlockError> {
+  return openRefusal(path, 'bochs');
 }
 
 async function qemuRefuses(path: string): Promise<boolean> {

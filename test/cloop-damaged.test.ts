@@ -15,6 +15,7 @@ import { mixedContent } from './helpers/formats.js';
 import { makeCloop } from './helpers/formats-cloop.js';
 import { makeTempDir, qemuConvertToRaw, run, skipWithoutQemu } from './helpers/qemu.js';
 import { be32, be64, fuzzDamage, patchedCopy } from './helpers/small-fuzz.js';
+import { openRefusal } from './helpers/refusal.js';
 
 const KiB = 1024;
 const TIMEOUT = { timeout: 120_000 };
@@ -29,16 +30,8 @@ async function candidate(): Promise<{ dir: string; path: string; offsets: bigint
   return { dir, path, offsets };
 }
 
-async function refusal(path: string): Promise<BlockError> {
-  const error = await openImage(path, { format: 'cloop' }).then(
-    async (image) => {
-      await image.close();
-      throw new Error(`${path} opened`);
-    },
-    (caught: unknown) => caught,
-  );
-  expect(error).toBeInstanceOf(BlockError);
-  return error as BlockError;
+function refusal(path: string): Promise<BlockError> {
+  return openRefusal(path, 'cloop');
 }
 
 async function qemuRefuses(path: string): Promise<boolean> {

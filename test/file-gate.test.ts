@@ -7,21 +7,11 @@
 import { mkdir, rename, symlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { BlockError, openImage } from '../src/index.js';
+import { openImage } from '../src/index.js';
 import { makeTempDir, qemuConvertToRaw, qemuImg, qemuIo, readAll, skipWithoutQemu } from './helpers/qemu.js';
 import { imgmount } from './fuse/fuse-helpers.js';
 import { readAt, writeAt } from './helpers/qcow2-layout.js';
-
-async function refusal(promise: Promise<unknown>): Promise<BlockError> {
-  const error = await promise.then(
-    () => {
-      throw new Error('opened, but should have been refused');
-    },
-    (caught: unknown) => caught,
-  );
-  expect(error).toBeInstanceOf(BlockError);
-  return error as BlockError;
-}
+import { refusal } from './helpers/refusal.js';
 
 /** A qcow2 in `dir/images` whose external data file is `dataName` (as stored), written by qemu-io. */
 async function withDataFile(dataName: string, cwd: string): Promise<{ image: string }> {

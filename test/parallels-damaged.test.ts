@@ -18,6 +18,7 @@ import { BlockError, checkImage, CorruptImageError, openImage } from '../src/ind
 import { addDirtyBitmapExtension, toV1 } from './helpers/formats-parallels.js';
 import { makeTempDir, qemuConvertToRaw, qemuImg, qemuIo, run, skipWithoutQemu } from './helpers/qemu.js';
 import { fuzzDamage, le32, le64, patchedCopy } from './helpers/small-fuzz.js';
+import { openRefusal } from './helpers/refusal.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -33,16 +34,8 @@ async function candidate(options = 'cluster_size=65536'): Promise<{ dir: string;
   return { dir, path };
 }
 
-async function refusal(path: string): Promise<BlockError> {
-  const error = await openImage(path, { format: 'parallels' }).then(
-    async (image) => {
-      await image.close();
-      throw new Error(`${path} opened`);
-    },
-    (caught: unknown) => caught,
-  );
-  expect(error).toBeInstanceOf(BlockError);
-  return error as BlockError;
+function refusal(path: string): Promise<BlockError> {
+  return openRefusal(path, 'parallels');
 }
 
 async function qemuRefuses(path: string): Promise<boolean> {

@@ -15,6 +15,7 @@ import { describe, expect, it } from 'vitest';
 import { BlockError, CorruptImageError, openImage, UnsupportedFeatureError } from '../src/index.js';
 import { makeTempDir, qemuConvertToRaw, qemuImg, qemuIo, run, skipWithoutQemu } from './helpers/qemu.js';
 import { be32, be64, fuzzDamage, patchedCopy } from './helpers/small-fuzz.js';
+import { openRefusal } from './helpers/refusal.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -37,16 +38,8 @@ async function l2EntryAt(path: string, guest: number): Promise<{ l1: number; l2:
   return { l1, l2, entry: l2 + (Math.floor(guest / 4096) % 512) * 8 };
 }
 
-async function refusal(path: string): Promise<BlockError> {
-  const error = await openImage(path, { format: 'qcow' }).then(
-    async (image) => {
-      await image.close();
-      throw new Error(`${path} opened`);
-    },
-    (caught: unknown) => caught,
-  );
-  expect(error).toBeInstanceOf(BlockError);
-  return error as BlockError;
+function refusal(path: string): Promise<BlockError> {
+  return openRefusal(path, 'qcow');
 }
 
 async function readError(path: string, offset: number, length: number): Promise<BlockError> {

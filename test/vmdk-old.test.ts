@@ -16,25 +16,15 @@
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { BlockError, checkImage, openImage } from '../src/index.js';
+import { checkImage, openImage } from '../src/index.js';
 import { makeTempDir, qemuCheck, qemuConvertToRaw, qemuImg, qemuInfo, qemuIo, qemuMap, readAll, run, skipWithoutQemu } from './helpers/qemu.js';
 import { buildCowd, buildSeSparse, descriptorFile, makeModel, mapDisagreements, SECTOR, type OldVmdkModel } from './helpers/vmdk-old-writer.js';
 import { IMGMOUNT, imgmount } from './fuse/fuse-helpers.js';
+import { refusal } from './helpers/refusal.js';
 
 const K = 1024;
 const M = 1024 * K;
 const TIMEOUT = { timeout: 120_000 };
-
-async function refusal(promise: Promise<unknown>): Promise<BlockError> {
-  const error = await promise.then(
-    () => {
-      throw new Error('opened (or read), but should have been refused');
-    },
-    (caught: unknown) => caught,
-  );
-  expect(error).toBeInstanceOf(BlockError);
-  return error as BlockError;
-}
 
 const u32 = (value: number) => {
   const b = Buffer.alloc(4);

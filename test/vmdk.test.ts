@@ -15,27 +15,17 @@
 import { mkdir, readFile, rm, symlink, writeFile, rename, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { BlockError, openImage, checkImage, defaultFormats } from '../src/index.js';
+import { openImage, checkImage, defaultFormats } from '../src/index.js';
 import type { BlockImage } from '../src/index.js';
 import { mapForComparison } from './helpers/formats.js';
 import { makeTempDir, qemuConvertToRaw, qemuImg, qemuInfo, qemuIo, qemuMap, readAll, run, skipWithoutQemu } from './helpers/qemu.js';
 import { imgmount } from './fuse/fuse-helpers.js';
+import { refusal } from './helpers/refusal.js';
 
 const K = 1024;
 const M = 1024 * K;
 const G = 1024 * M;
 const TIMEOUT = { timeout: 120_000 };
-
-async function refusal(promise: Promise<unknown>): Promise<BlockError> {
-  const error = await promise.then(
-    () => {
-      throw new Error('opened (or read), but should have been refused');
-    },
-    (caught: unknown) => caught,
-  );
-  expect(error).toBeInstanceOf(BlockError);
-  return error as BlockError;
-}
 
 async function withImage<T>(path: string, options: Parameters<typeof openImage>[1], body: (image: BlockImage) => Promise<T>): Promise<T> {
   const image = await openImage(path, options);
