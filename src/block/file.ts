@@ -27,7 +27,8 @@
  * request's latency. ext4 refuses RWF_NOWAIT for buffered writes
  * (EOPNOTSUPP, measured on Linux 6.18), so such a write may block (dirty-page
  * throttling); with I/O already in flight, writes go to the pool, so a
- * blocked write never holds up I/O that could run beside it.
+ * blocked write never holds up I/O that could run beside it, and after a
+ * write that took over 2 ms every write goes to the pool for a second.
  */
 import { open, realpath, stat, type FileHandle } from 'node:fs/promises';
 import { constants as fsConstants, read as readCallback, write as writeCallback, writeSync } from 'node:fs';
@@ -73,6 +74,8 @@ export class FileProtocol implements Protocol {
 
   /** This file's reads, writes and flushes now waiting in the thread pool. */
   private pending = 0;
+  /** When small writes may be made on the calling thread again (performance.now()), after one that waited. */
+  private inlineAgainAt = 0;
 
   /** Opens an existing host file; never creates one. */
   static async open(path: string, readOnly: boolean): Promise<FileProtocol> {
@@ -124,8 +127,15 @@ export class FileProtocol implements Protocol {
   }
 
   async write(offset: HostOffset, buffer: Buffer): Promise<void> {
-    if (this.pending === 0 && buffer.length <= INLINE_WRITE_MAX) {
+    if (this.pending === 0 && buffer.length <= INLINE_WRITE_MAX && performance.now() >= this.inlineAgainAt) {
+      const started = performance.now();
       writeFullyNow(this.handle.fd, buffer, offset, this.path);
+      const took = performance.now() - started;
+      if (took > INLINE_BLOCKED_MS) {
+        // The write waited (dirty-page throttling, a busy disk): the thread pool's for a while.
+        this.inlineAgainAt = started + took + INLINE_PAUSE_MS;
+        log('%s: a %d-byte write took %s ms on the main thread; writes go to the thread pool for %d ms', this.path, buffer.length, took.toFixed(1), INLINE_PAUSE_MS);
+      }
       return;
     }
     this.pending++;
@@ -272,6 +282,10 @@ function noProgress(at: number, path: string, written: number, wanted: number): 
 
 /** The largest write made on the calling thread (see the top of this file). */
 const INLINE_WRITE_MAX = 64 * 1024;
+/** A write on the calling thread that took longer than this waited for something (copying 64 KiB takes about 20 µs)... */
+const INLINE_BLOCKED_MS = 2;
+/** ...and writes then go to the thread pool for this long. */
+const INLINE_PAUSE_MS = 1000;
 
 /** writeFully with synchronous pwrites, on the calling thread. */
 function writeFullyNow(fd: number, buffer: Buffer, offset: HostOffset, path: string): void {
