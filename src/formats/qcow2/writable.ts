@@ -45,6 +45,12 @@
  * Damaged metadata met while writing sets the corrupt bit (v3); from then on
  * writes fail with EIO and reads go on.
  *
+ * Clusters freed while the image is open are handed out again once their
+ * decrement and the change that freed them are durable and every request
+ * (read, write, zero) that began before the free has finished: reads are
+ * counted through `beginRead`/`endRead` (the generic layer calls them around
+ * map() and the reads it leads to), writes and zeroing here (quarantine.ts).
+ *
  * Concurrency: in-place writes run concurrently and without a lock; every
  * metadata change (allocation, zero flags, the dirty bit) runs under
  * `allocationLock`, which looks the range up again once held.
@@ -62,6 +68,7 @@ import { AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCO
 import { Qcow2Image, type Qcow2Parts } from './image.js';
 import { PendingLinks } from './pending-links.js';
 import { Refcounts } from './refcounts.js';
+import { RequestEpochs } from './quarantine.js';
 import { dropBitmaps } from './bitmap-release.js';
 import { CompressedWriter } from './compressed-write.js';
 
@@ -124,6 +131,8 @@ export class WritableQcow2Image extends Qcow2Image {
   private constructor(
     parts: Qcow2Parts,
     private readonly refcounts: Refcounts,
+    /** Requests in flight, for the quarantine of freed clusters. */
+    private readonly epochs: RequestEpochs,
   ) {
     super(parts);
     refcounts.deferWrites = true;
@@ -145,7 +154,21 @@ export class WritableQcow2Image extends Qcow2Image {
   /** Makes guest data durable: the data file too when there is one. */
   private async flushData(): Promise<void> {
     if (this.dataFile) await flushToDisk(this.dataFile);
-    await flushToDisk(this.file);
+    await this.refcounts.flushed(() => flushToDisk(this.file));
+  }
+
+  /** A read begins (the generic layer, before map()): clusters freed from now on wait until it ends. */
+  beginRead(): number {
+    return this.epochs.begin();
+  }
+
+  endRead(token: number): void {
+    this.epochs.end(token);
+  }
+
+  /** Compressed clusters' cache key: a host cluster handed out again holds other bytes. */
+  protected override hostGeneration(offset: number): number {
+    return this.refcounts.generation(offset);
   }
 
   /** Host clusters for `count` new data clusters from guest cluster `guestStart`: at the guest offset with a data file. */
@@ -165,14 +188,16 @@ export class WritableQcow2Image extends Qcow2Image {
   static async open(parts: Qcow2Parts, options: OpenOptions): Promise<WritableQcow2Image> {
     const { header } = parts;
     const lazy = header.version === 3 && (header.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n;
+    const epochs = new RequestEpochs();
     const refcounts = await Refcounts.load(
       parts.file,
       { clusterBits: header.clusterBits, refcountOrder: header.refcountOrder, tableOffset: header.refcountTableOffset, tableClusters: header.refcountTableClusters },
       parts.fileSize,
       parts.metadata,
       lazy,
+      epochs,
     );
-    const image = new WritableQcow2Image({ ...parts, notice: options.notice ?? parts.notice }, refcounts);
+    const image = new WritableQcow2Image({ ...parts, notice: options.notice ?? parts.notice }, refcounts, epochs);
     await image.clearAutoclearBits();
     return image;
   }
@@ -207,6 +232,16 @@ export class WritableQcow2Image extends Qcow2Image {
 
   async write(offset: number, data: Buffer): Promise<void> {
     this.assertWritable();
+    // In-place writes go to host offsets looked up here: freed clusters wait until this ends.
+    const epoch = this.epochs.begin();
+    try {
+      await this.writeNow(offset, data);
+    } finally {
+      this.epochs.end(epoch);
+    }
+  }
+
+  private async writeNow(offset: number, data: Buffer): Promise<void> {
     const slots = await this.lookup(offset, data.length);
     const parts: Promise<void>[] = [];
     let slow: Slot[] = [];
@@ -238,7 +273,28 @@ export class WritableQcow2Image extends Qcow2Image {
   }
 
   async zero(offset: number, length: number): Promise<void> {
+    await this.zeroOrDiscard(offset, length, false);
+  }
+
+  /** `unmap` (discard): whole clusters this image owns are freed too (v3), as qemu's discard does. */
+  private async zeroOrDiscard(offset: number, length: number, unmap: boolean): Promise<void> {
     this.assertWritable();
+    // In-place punches go to host offsets looked up here: as in write.
+    const epoch = this.epochs.begin();
+    try {
+      await this.zeroNow(offset, length, unmap);
+    } finally {
+      this.epochs.end(epoch);
+    }
+  }
+
+  /** Whether a discard frees the slot's cluster (a whole one this image owns, v3, in the image file, standard L2) rather than punching it. */
+  private freesOnDiscard(slot: Slot): boolean {
+    const whole = slot.from === slot.clusterStart && slot.to === slot.clusterStart + this.geometry.clusterSize;
+    return whole && this.header.version === 3 && !this.dataFile && !this.geometry.extendedL2 && offsetBits(slot.high, slot.low) > 0;
+  }
+
+  private async zeroNow(offset: number, length: number, unmap: boolean): Promise<void> {
     // data_file_raw: the data file stays a raw image of the disk, whatever the entries say (as qemu, first).
     if (this.dataFile && this.header.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) await this.clearHostRange(offset, length);
     const slots = await this.lookup(offset, length);
@@ -246,6 +302,11 @@ export class WritableQcow2Image extends Qcow2Image {
     const metadata: Slot[] = [];
     try {
       for (const slot of slots) {
+        if (unmap && this.freesOnDiscard(slot) && (this.actionFor(slot) !== Action.Allocate || this.kindOf(slot) === Kind.Zero)) {
+          // A cluster this image owns, holding data or zeros ("zero, allocated"): its entry becomes a zero cluster, the cluster is freed.
+          metadata.push(slot);
+          continue;
+        }
         // Every subcluster the range touches, not only the first (extended L2: a zero one before data ones).
         if (this.readsAsZeros(slot)) continue;
         if (this.actionFor(slot) === Action.InPlace) {
@@ -261,7 +322,7 @@ export class WritableQcow2Image extends Qcow2Image {
       await Promise.allSettled(parts); // as in write
       throw error;
     }
-    if (metadata.length > 0) parts.push(this.zeroUnderLock(metadata));
+    if (metadata.length > 0) parts.push(this.zeroUnderLock(metadata, unmap));
     await settleAll(parts);
   }
 
@@ -289,13 +350,15 @@ export class WritableQcow2Image extends Qcow2Image {
 
   /** Discard reads as zeros afterwards here, as a punched hole must: the same as zero. */
   async discard(offset: number, length: number): Promise<void> {
-    await this.zero(offset, length);
+    await this.zeroOrDiscard(offset, length, true);
   }
 
   override async flush(): Promise<void> {
     if (this.closed) return;
     await this.allocationLock.runExclusive(() => this.persistLinks());
     await this.flushData();
+    // Freed clusters whose free this flush made durable: punched now, so the file's allocated size shrinks.
+    if (this.refcounts.reclaimable) await this.allocationLock.runExclusive(() => this.refcounts.reclaim());
   }
 
   /**
@@ -556,6 +619,7 @@ export class WritableQcow2Image extends Qcow2Image {
     });
     // The decrements go to disk now too (after their entries; a crash before leaves leaks only).
     await this.refcounts.writeBack();
+    if (this.refcounts.reclaimable) await this.refcounts.reclaim();
   }
 
   /**
@@ -711,7 +775,8 @@ export class WritableQcow2Image extends Qcow2Image {
       await this.file.write(this.header.l1TableOffset + l1Index * 8, entry);
       // In memory only once on disk: after a failed write the next try allocates again.
       entry.copy(this.l1, l1Index * 8);
-      if (current !== 0) await this.refcounts.decrement(current, clusterSize);
+      // The snapshot usually keeps the old table; when this was its last reference it is no longer metadata.
+      if (current !== 0 && (await this.refcounts.decrement(current, clusterSize)).length > 0) this.metadata.removeRange(current, clusterSize);
     } catch (error) {
       handle.release();
       throw error;
@@ -748,8 +813,13 @@ export class WritableQcow2Image extends Qcow2Image {
 
   // --- zeroing ---
 
-  /** Zeroes clusters whose entries must change: whole clusters become zero clusters (v3), the rest is written as zeros. */
-  private async zeroUnderLock(slots: Slot[]): Promise<void> {
+  /**
+   * Zeroes clusters whose entries must change: whole clusters become zero clusters (v3), the
+   * rest is written as zeros. With `unmap` (discard), whole clusters this image owns are freed
+   * too (their reference dropped once the zero entry is written; the quarantine keeps the
+   * cluster from new owners until that is durable and no earlier request can still reach it).
+   */
+  private async zeroUnderLock(slots: Slot[], unmap: boolean): Promise<void> {
     const { clusterSize } = this.geometry;
     const writes: Slot[] = [];
     await this.underLock(async () => {
@@ -757,9 +827,10 @@ export class WritableQcow2Image extends Qcow2Image {
         const [slot] = await this.lookup(first.from, first.to - first.from);
         if (!slot) continue;
         const kind = this.kindOf(slot);
-        if (kind === Kind.Zero || (kind === Kind.Unallocated && !this.readBacking)) continue;
+        const frees = unmap && this.freesOnDiscard(slot) && (kind === Kind.Zero || this.actionFor(slot) !== Action.Allocate);
+        if (!frees && (kind === Kind.Zero || (kind === Kind.Unallocated && !this.readBacking))) continue;
         const whole = slot.from === slot.clusterStart && slot.to === slot.clusterStart + clusterSize;
-        if (!whole || this.header.version !== 3 || this.actionFor(slot) !== Action.Allocate) {
+        if (!frees && (!whole || this.header.version !== 3 || this.actionFor(slot) !== Action.Allocate)) {
           writes.push(slot);
           continue;
         }
