@@ -26,6 +26,8 @@ import { seededRandom } from './helpers/random.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
+/** Slack for the file system's own blocks in st_blocks (ext4 extent tree blocks), far below one 64 KiB cluster. */
+const EXTENT_BLOCKS = 16 * KiB;
 
 /** A big-endian u64 of the file (qcow2 fields). */
 async function readU64(path: string, offset: number): Promise<bigint> {
@@ -102,7 +104,8 @@ describe.skipIf(skipWithoutQemu('qcow2 cluster reuse'))('qcow2: freed clusters a
           await image.flush();
           const after = await sizes(path);
           expect(after.size, `round ${round}: file size`).toBeLessThanOrEqual(high.size);
-          expect(after.du, `round ${round}: du`).toBeLessThanOrEqual(high.du);
+          // ext4 counts extent tree blocks in st_blocks: punched holes split the file into more extents (4 KiB each, a few at most here).
+          expect(after.du, `round ${round}: du`).toBeLessThanOrEqual(high.du + EXTENT_BLOCKS);
         }
         const got = Buffer.alloc(model.length);
         await image.read(0, got);

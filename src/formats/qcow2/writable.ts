@@ -71,6 +71,7 @@ import { Refcounts } from './refcounts.js';
 import { RequestEpochs } from './quarantine.js';
 import { dropBitmaps } from './bitmap-release.js';
 import { CompressedWriter } from './compressed-write.js';
+import { ALL_SUBCLUSTERS, planSubclusterZero } from './subcluster-zero.js';
 
 const log = createDebug('imgmount:qcow2');
 
@@ -100,9 +101,6 @@ interface Slot {
 
 /** An L2 entry to store: the standard descriptor, and with extended L2 the bitmap (zero half, allocation half). */
 type Entry = [high: number, low: number] | [high: number, low: number, zeroBits: number, allocBits: number];
-
-/** Every subcluster of a cluster allocated (extended L2). */
-const ALL_SUBCLUSTERS = 0xffffffff;
 
 const enum Action {
   /** Written where it is. */
@@ -300,8 +298,14 @@ export class WritableQcow2Image extends Qcow2Image {
     const slots = await this.lookup(offset, length);
     const parts: Promise<void>[] = [];
     const metadata: Slot[] = [];
+    const subclusters: Slot[] = [];
     try {
       for (const slot of slots) {
+        // Extended L2 in the image file: zero bits, as qemu (subcluster-zero.ts).
+        if (this.geometry.extendedL2 && !this.dataFile) {
+          if (!this.readsAsZeros(slot)) subclusters.push(slot);
+          continue;
+        }
         if (unmap && this.freesOnDiscard(slot) && (this.actionFor(slot) !== Action.Allocate || this.kindOf(slot) === Kind.Zero)) {
           // A cluster this image owns, holding data or zeros ("zero, allocated"): its entry becomes a zero cluster, the cluster is freed.
           metadata.push(slot);
@@ -323,6 +327,7 @@ export class WritableQcow2Image extends Qcow2Image {
       throw error;
     }
     if (metadata.length > 0) parts.push(this.zeroUnderLock(metadata, unmap));
+    if (subclusters.length > 0) parts.push(this.zeroSubclusters(subclusters));
     await settleAll(parts);
   }
 
@@ -848,6 +853,44 @@ export class WritableQcow2Image extends Qcow2Image {
     });
     // Outside the lock: these are ordinary writes (they take it themselves when they allocate).
     for (const slot of writes) await this.write(slot.from, Buffer.alloc(slot.to - slot.from));
+  }
+
+  /**
+   * Extended L2 (no data file): sets zero bits, or frees whole clusters, as planned by
+   * subcluster-zero.ts; an entry that keeps its host cluster goes through link() (it may
+   * name a cluster whose refcount is not on disk yet), one that loses it is written at
+   * once and the reference dropped after. Partial subclusters are then written as zeros.
+   */
+  private async zeroSubclusters(slots: Slot[]): Promise<void> {
+    const bytes = this.geometry.l2EntryBytes;
+    const writes: [number, number][] = [];
+    await this.underLock(async () => {
+      for (const first of slots) {
+        const [looked] = await this.lookup(first.from, first.to - first.from);
+        if (!looked || this.readsAsZeros(looked)) continue;
+        const table = await this.ownedTable(looked.l1Index);
+        try {
+          // The table may have been copied: its entries are the ones to use now.
+          const [high, low] = wordAt(table.handle.table, looked.l2Index * bytes);
+          const [zeroBits, allocBits] = wordAt(table.handle.table, looked.l2Index * bytes + 8);
+          const slot = { ...looked, high, low, zeroBits, allocBits, tableOwned: true };
+          const plan = planSubclusterZero(this.geometry, slot, (kind) => this.zerosBefore(kind), (sub) => this.corrupt(slot.clusterStart, `has an impossible subcluster bitmap (subcluster ${sub})`));
+          writes.push(...plan.writes);
+          if (plan.free) {
+            await this.markDirty();
+            await this.setEntries(table, slot.l2Index, [[0, 0, ALL_SUBCLUSTERS, 0]]);
+            await this.release(slot);
+          } else if (plan.bits) {
+            await this.markDirty();
+            await this.link(table, slot.l2Index, [[high, low, plan.bits.zeroBits, plan.bits.allocBits]], [], false);
+          }
+        } finally {
+          table.handle.release();
+        }
+      }
+    });
+    // Outside the lock: ordinary writes (they take it themselves when they allocate).
+    for (const [from, to] of writes) await this.write(from, Buffer.alloc(to - from));
   }
 
   private async clearHostRange(hostOffset: number, length: number): Promise<void> {
