@@ -24,8 +24,10 @@
  * zeroes them (the generic layer, src/block/open.ts).
  *
  * Refused by name: v2 images with internal snapshots (as qemu 7.2), v3
- * snapshots without a recorded disk size, images marked corrupt, extended L2
- * entries, external data files, persistent dirty bitmaps, encryption. An
+ * snapshots without a recorded disk size, images marked corrupt, external
+ * data files, persistent dirty bitmaps, encryption. With extended L2 entries
+ * (16 bytes each) the entries past the new end lose their subcluster bitmaps
+ * too, as qemu's full discard clears them. An
  * image left dirty (lazy refcounts) is repaired first (rebuildRefcounts, as a
  * read-write open does), with a notice.
  */
@@ -36,7 +38,7 @@ import { rebuildRefcounts } from './check.js';
 import { parseExtensions } from './extensions.js';
 import { Geometry, L2E_COMPRESSED_HIGH, L2E_COPIED_HIGH, offsetBits, wordAt } from './geometry.js';
 import {
-  AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTENDED_L2, KNOWN_INCOMPAT, MAX_L1_BYTES, parseHeader,
+  AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, KNOWN_INCOMPAT, MAX_L1_BYTES, parseHeader,
   type Qcow2Header,
 } from './header.js';
 import { MetadataClusters, readWords } from './metadata.js';
@@ -112,7 +114,6 @@ async function refuseUnsupported(file: Protocol, header: Qcow2Header): Promise<v
   if (header.incompatibleFeatures & INCOMPAT_CORRUPT) {
     throw new CorruptImageError(`${file.path}: the qcow2 image is marked corrupt; repair it first (imgmount check -r all)`);
   }
-  if (header.incompatibleFeatures & INCOMPAT_EXTENDED_L2) refuse('qcow2 images with extended L2 entries (subclusters)');
   if (header.incompatibleFeatures & INCOMPAT_DATA_FILE) refuse('qcow2 images with an external data file');
   if (extensions.bitmaps && header.autoclearFeatures & AUTOCLEAR_BITMAPS) refuse('qcow2 images with persistent dirty bitmaps (qemu-img resize resizes the bitmaps too)');
   if (header.nbSnapshots > 0) {
@@ -188,7 +189,7 @@ async function punchFreed(file: Protocol, clusters: number[], clusterSize: numbe
 // --- shrinking ---
 
 async function shrink(file: Protocol, header: Qcow2Header, geometry: Geometry, refcounts: Refcounts, newSize: number, newL1Size: number): Promise<void> {
-  const { clusterSize, l2Span, l2Entries } = geometry;
+  const { clusterSize, l2Span, l2Entries, l2EntryBytes } = geometry;
   const fileSize = await file.size();
   const l1 = await readWords(file, header.l1TableOffset, header.l1Size);
   const firstDropped = Math.ceil(newSize / clusterSize) * clusterSize;
@@ -208,16 +209,16 @@ async function shrink(file: Protocol, header: Qcow2Header, geometry: Geometry, r
   const partialOffset = partialFrom < l2Entries ? l2At(partialIndex) : 0;
   let partial: { table: Buffer; references: Reference[]; owned: boolean } | undefined;
   if (partialOffset !== 0) {
-    const table = await readWords(file, partialOffset, l2Entries);
+    const table = await readL2(file, geometry, partialOffset);
     const references = referencesOf(file.path, geometry, table, partialFrom, fileSize);
-    const changed = table.subarray(partialFrom * 8).some((byte) => byte !== 0);
+    const changed = table.subarray(partialFrom * l2EntryBytes).some((byte) => byte !== 0);
     if (changed) partial = { table, references, owned: (l1.readUInt32BE(partialIndex * 8) & L2E_COPIED_HIGH) !== 0 };
   }
   const dropped: { offset: number; references: Reference[] }[] = [];
   for (let l1Index = newL1Size; l1Index < header.l1Size; l1Index++) {
     const offset = l2At(l1Index);
     if (offset === 0) continue;
-    dropped.push({ offset, references: referencesOf(file.path, geometry, await readWords(file, offset, l2Entries), 0, fileSize) });
+    dropped.push({ offset, references: referencesOf(file.path, geometry, await readL2(file, geometry, offset), 0, fileSize) });
   }
 
   const freed: number[] = [];
@@ -227,9 +228,10 @@ async function shrink(file: Protocol, header: Qcow2Header, geometry: Geometry, r
 
   // 2. The table holding the new end: its entries past the end go (in a copy if a snapshot shares it).
   if (partial) {
-    partial.table.fill(0, partialFrom * 8);
+    // With extended L2 entries the subcluster bitmaps go too (as qemu's full discard).
+    partial.table.fill(0, partialFrom * l2EntryBytes);
     if (partial.owned) {
-      await file.write(partialOffset + partialFrom * 8, partial.table.subarray(partialFrom * 8));
+      await file.write(partialOffset + partialFrom * l2EntryBytes, partial.table.subarray(partialFrom * l2EntryBytes));
       await file.flush();
     } else {
       const copy = await refcounts.allocate(1);
@@ -281,9 +283,9 @@ async function shrink(file: Protocol, header: Qcow2Header, geometry: Geometry, r
 /** The host ranges the L2 entries [from, end) of `table` hold references to, each checked to lie in the file. */
 function referencesOf(path: string, geometry: Geometry, table: Buffer, from: number, fileSize: number): Reference[] {
   const references: Reference[] = [];
-  const { clusterSize } = geometry;
+  const { clusterSize, l2EntryBytes } = geometry;
   for (let index = from; index < geometry.l2Entries; index++) {
-    const [high, low] = wordAt(table, index * 8);
+    const [high, low] = wordAt(table, index * l2EntryBytes);
     if (high === 0 && low === 0) continue;
     let reference: Reference;
     if (high & L2E_COMPRESSED_HIGH) {
@@ -303,6 +305,11 @@ function referencesOf(path: string, geometry: Geometry, table: Buffer, from: num
     references.push(reference);
   }
   return references;
+}
+
+/** An L2 table (one cluster: 8-byte entries, or 16-byte ones with extended L2). */
+function readL2(file: Protocol, geometry: Geometry, offset: number): Promise<Buffer> {
+  return readWords(file, offset, geometry.clusterSize / 8);
 }
 
 /** Bytes up to the end of the last cluster whose refcount is not 0 (at most the file size rounded up to a cluster). */
