@@ -279,4 +279,6 @@ export interface ResizeOptions {
   shrink: boolean;
   /** Lines the user should see (a repair done first). */
   notice: (message: string) => void;
+  /** Opens the other files the image names, read-write (a qcow2 external data file, resized with it). */
+  files?: FileGate;
 }

@@ -24,21 +24,32 @@
  * zeroes them (the generic layer, src/block/open.ts).
  *
  * Refused by name: v2 images with internal snapshots (as qemu 7.2), v3
- * snapshots without a recorded disk size, images marked corrupt, external
- * data files, persistent dirty bitmaps, encryption. With extended L2 entries
+ * snapshots without a recorded disk size, images marked corrupt, persistent
+ * dirty bitmaps, encryption, an external data file together with internal
+ * snapshots.
+ *
+ * External data file (qemu's qcow2_co_truncate): opened through the gate
+ * (ResizeOptions.files); it takes the new size too, growing before the header
+ * does and shrinking after the entries past the end are gone; its data
+ * clusters carry no refcount in the image file, so dropping them frees
+ * nothing there. With data_file_raw the grown area's clusters are mapped at
+ * their guest offset, as qemu does, new L2 tables flushed before the L1
+ * entries name them. With extended L2 entries
  * (16 bytes each) the entries past the new end lose their subcluster bitmaps
  * too, as qemu's full discard clears them. An
  * image left dirty (lazy refcounts) is repaired first (rebuildRefcounts, as a
  * read-write open does), with a notice.
  */
+import { resolve } from 'node:path';
 import createDebug from 'debug';
+import { resolveBackingName } from '../../block/backing-name.js';
 import { CorruptImageError, InvalidArgumentError, UnsupportedFeatureError } from '../../block/errors.js';
 import type { Protocol, ResizeOptions } from '../../block/types.js';
 import { rebuildRefcounts } from './check.js';
 import { parseExtensions } from './extensions.js';
 import { Geometry, L2E_COMPRESSED_HIGH, L2E_COPIED_HIGH, offsetBits, wordAt } from './geometry.js';
 import {
-  AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, KNOWN_INCOMPAT, MAX_L1_BYTES, parseHeader,
+  AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, KNOWN_INCOMPAT, MAX_L1_BYTES, parseHeader,
   type Qcow2Header,
 } from './header.js';
 import { MetadataClusters, readWords } from './metadata.js';
@@ -59,7 +70,7 @@ interface Reference {
 
 export async function resizeQcow2(file: Protocol, newSize: number, options: ResizeOptions): Promise<void> {
   let header = await readHeader(file);
-  await refuseUnsupported(file, header);
+  const dataFileName = await refuseUnsupported(file, header);
   if ((header.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n) {
     const { result } = await rebuildRefcounts(file);
     options.notice(
@@ -90,9 +101,26 @@ export async function resizeQcow2(file: Protocol, newSize: number, options: Resi
     new MetadataClusters(header.clusterBits),
     false,
   );
-  if (newSize > header.size) await grow(file, header, geometry, refcounts, newSize, newL1Size);
-  else if (newSize < header.size) await shrink(file, header, geometry, refcounts, newSize, newL1Size);
+  const data = dataFileName === undefined ? undefined : await openDataFile(file, dataFileName, options);
+  if (newSize > header.size) await grow(file, header, geometry, refcounts, newSize, newL1Size, data);
+  else if (newSize < header.size) await shrink(file, header, geometry, refcounts, newSize, newL1Size, data);
   log('%s: resized from %d to %d', file.path, header.size, newSize);
+}
+
+/** The external data file, and whether it is raw (data_file_raw: every cluster mapped at its guest offset). */
+interface DataFile {
+  file: Protocol;
+  raw: boolean;
+}
+
+async function openDataFile(file: Protocol, name: string, options: ResizeOptions): Promise<DataFile> {
+  if (!options.files) throw new UnsupportedFeatureError(`${file.path}: resizing it needs its external data file ${name}, which this caller cannot open`);
+  if (resolve(resolveBackingName(file.path, name, 'external data file')) === resolve(file.path)) {
+    throw new CorruptImageError(`${file.path}: the qcow2 image names itself as its external data file (${name})`);
+  }
+  const data = await options.files.open(name, 'external data file', { readOnly: false });
+  const header = await readHeader(file);
+  return { file: data, raw: (header.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n };
 }
 
 async function readHeader(file: Protocol): Promise<Qcow2Header> {
@@ -101,8 +129,8 @@ async function readHeader(file: Protocol): Promise<Qcow2Header> {
   return parseHeader(start, await file.size(), file.path);
 }
 
-/** What resizing does not handle, refused by name before anything is written. */
-async function refuseUnsupported(file: Protocol, header: Qcow2Header): Promise<void> {
+/** What resizing does not handle, refused by name before anything is written; returns the data file's name, if any. */
+async function refuseUnsupported(file: Protocol, header: Qcow2Header): Promise<string | undefined> {
   const refuse = (what: string): never => {
     throw new UnsupportedFeatureError(`${file.path}: resizing ${what} is not supported`);
   };
@@ -114,7 +142,11 @@ async function refuseUnsupported(file: Protocol, header: Qcow2Header): Promise<v
   if (header.incompatibleFeatures & INCOMPAT_CORRUPT) {
     throw new CorruptImageError(`${file.path}: the qcow2 image is marked corrupt; repair it first (imgmount check -r all)`);
   }
-  if (header.incompatibleFeatures & INCOMPAT_DATA_FILE) refuse('qcow2 images with an external data file');
+  const hasDataFile = (header.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n;
+  if (hasDataFile && extensions.dataFile === undefined) {
+    throw new UnsupportedFeatureError(`${file.path}: the qcow2 image keeps its data in an external data file but does not name it`);
+  }
+  if (hasDataFile && header.nbSnapshots > 0) refuse('a qcow2 image with internal snapshots and an external data file (qemu never writes them together)');
   if (extensions.bitmaps && header.autoclearFeatures & AUTOCLEAR_BITMAPS) refuse('qcow2 images with persistent dirty bitmaps (qemu-img resize resizes the bitmaps too)');
   if (header.nbSnapshots > 0) {
     // As qemu 7.2: a v2 snapshot need not record its disk size, which then follows the image's.
@@ -123,12 +155,14 @@ async function refuseUnsupported(file: Protocol, header: Qcow2Header): Promise<v
     const unsized = snapshots.find((snapshot) => snapshot.diskSize === undefined);
     if (unsized) refuse(`a qcow2 image whose snapshot ${unsized.id} records no disk size`);
   }
+  return hasDataFile ? extensions.dataFile : undefined;
 }
 
 // --- growing ---
 
-async function grow(file: Protocol, header: Qcow2Header, geometry: Geometry, refcounts: Refcounts, newSize: number, newL1Size: number): Promise<void> {
+async function grow(file: Protocol, header: Qcow2Header, geometry: Geometry, refcounts: Refcounts, newSize: number, newL1Size: number, data: DataFile | undefined): Promise<void> {
   const { clusterSize } = geometry;
+  let l1Offset = header.l1TableOffset;
   if (newL1Size > header.l1Size) {
     const oldBytes = header.l1Size * 8;
     const oldClusters = Math.ceil(oldBytes / clusterSize);
@@ -146,11 +180,57 @@ async function grow(file: Protocol, header: Qcow2Header, geometry: Geometry, ref
       await refcounts.barrier();
       await file.flush();
       await writeL1Pointer(file, newL1Size, offset);
+      l1Offset = offset;
       if (oldClusters > 0) await freeClusters(file, refcounts, header.l1TableOffset, oldClusters * clusterSize, clusterSize);
       log('%s: L1 table of %d entries moved to %d', file.path, newL1Size, offset);
     }
   }
+  if (data) {
+    // As qemu: the data file takes the new size (first, so no entry ever points past its end).
+    await data.file.truncate(newSize);
+    await data.file.flush();
+    if (data.raw) await mapGrownClusters(file, geometry, refcounts, l1Offset, Math.max(header.l1Size, newL1Size), header.size, newSize);
+  }
   await writeSize(file, newSize);
+}
+
+/**
+ * data_file_raw: the clusters of the grown area are mapped at their guest offset in the
+ * data file, as qemu-img resize and create do (the L2 tables of the new area allocated,
+ * written and flushed before the L1 entries point to them; extended L2 entries with an
+ * empty bitmap, as create writes them).
+ */
+async function mapGrownClusters(file: Protocol, geometry: Geometry, refcounts: Refcounts, l1Offset: number, l1Size: number, oldSize: number, newSize: number): Promise<void> {
+  const { clusterSize, l2Span, l2EntryBytes } = geometry;
+  const l1 = await readWords(file, l1Offset, l1Size);
+  const first = Math.ceil(oldSize / clusterSize) * clusterSize;
+  for (let at = first; at < newSize; ) {
+    const l1Index = geometry.l1Index(at);
+    const end = Math.min(newSize, (l1Index + 1) * l2Span);
+    const [high, low] = wordAt(l1, l1Index * 8);
+    const existing = offsetBits(high, low);
+    const table = existing !== 0 ? await readL2(file, geometry, existing) : Buffer.alloc(clusterSize);
+    const from = geometry.l2Index(at);
+    let to = from;
+    for (let guest = at; guest < end; guest += clusterSize, to++) {
+      // An entry already there (none should be: a shrink clears them) is kept.
+      if (table.readBigUInt64BE(to * l2EntryBytes) === 0n) table.writeBigUInt64BE(BigInt(guest) | (1n << 63n), to * l2EntryBytes);
+    }
+    if (existing !== 0) {
+      await file.write(existing + from * l2EntryBytes, table.subarray(from * l2EntryBytes, to * l2EntryBytes));
+      await file.flush();
+    } else {
+      const offset = await refcounts.allocate(1);
+      await file.write(offset, table);
+      await refcounts.barrier();
+      await file.flush();
+      const entry = Buffer.alloc(8);
+      entry.writeBigUInt64BE(BigInt(offset) | (1n << 63n), 0);
+      await file.write(l1Offset + l1Index * 8, entry);
+      await file.flush();
+    }
+    at = end;
+  }
 }
 
 /** Points the header at an L1 table (l1_size and l1_table_offset in one write) and flushes. */
@@ -188,7 +268,7 @@ async function punchFreed(file: Protocol, clusters: number[], clusterSize: numbe
 
 // --- shrinking ---
 
-async function shrink(file: Protocol, header: Qcow2Header, geometry: Geometry, refcounts: Refcounts, newSize: number, newL1Size: number): Promise<void> {
+async function shrink(file: Protocol, header: Qcow2Header, geometry: Geometry, refcounts: Refcounts, newSize: number, newL1Size: number, data: DataFile | undefined): Promise<void> {
   const { clusterSize, l2Span, l2Entries, l2EntryBytes } = geometry;
   const fileSize = await file.size();
   const l1 = await readWords(file, header.l1TableOffset, header.l1Size);
@@ -268,6 +348,11 @@ async function shrink(file: Protocol, header: Qcow2Header, geometry: Geometry, r
     if (oldClusters > keptClusters) await release(header.l1TableOffset + keptClusters * clusterSize, (oldClusters - keptClusters) * clusterSize);
   }
   await file.flush();
+  // As qemu: the data file ends at the new size too (nothing names the bytes past it any more).
+  if (data) {
+    await data.file.truncate(newSize);
+    await data.file.flush();
+  }
 
   // 5. Freed clusters are punched; the file ends after its last cluster in use.
   const end = await lastUsedEnd(refcounts, Math.max(fileSize, refcounts.endOffset), clusterSize);
@@ -289,14 +374,16 @@ function referencesOf(path: string, geometry: Geometry, table: Buffer, from: num
     if (high === 0 && low === 0) continue;
     let reference: Reference;
     if (high & L2E_COMPRESSED_HIGH) {
+      if (geometry.hasDataFile) throw new CorruptImageError(`${path}: an L2 entry is compressed, which images with an external data file cannot be; repair it first (imgmount check -r all)`);
       const { hostOffset, length } = geometry.compressedExtent(high, low);
       reference = { offset: hostOffset - (hostOffset % 512), bytes: length + (hostOffset % 512) };
     } else {
       const offset = offsetBits(high, low);
-      if (offset === 0) continue; // a zero cluster without host space
       if (offset < 0 || offset % clusterSize !== 0) {
         throw new CorruptImageError(`${path}: an L2 entry points to ${offset}, which is not a cluster; repair it first (imgmount check -r all)`);
       }
+      // A zero cluster without host space; with a data file, a data cluster (no refcount in the image file).
+      if (offset === 0 || geometry.hasDataFile) continue;
       reference = { offset, bytes: clusterSize };
     }
     if (reference.offset + reference.bytes > Math.ceil(fileSize / clusterSize) * clusterSize) {
