@@ -24,9 +24,11 @@
  * zeroes them (the generic layer, src/block/open.ts).
  *
  * Refused by name: v2 images with internal snapshots (as qemu 7.2), v3
- * snapshots without a recorded disk size, images marked corrupt, persistent
- * dirty bitmaps, encryption, an external data file together with internal
- * snapshots.
+ * snapshots without a recorded disk size, images marked corrupt, encryption,
+ * an external data file together with internal snapshots, bitmaps that
+ * bitmap-resize.ts cannot resize (in use, unknown type). Persistent dirty
+ * bitmaps are resized with the image (bitmap-resize.ts): before the header's
+ * size when growing, after it when shrinking.
  *
  * External data file (qemu's qcow2_co_truncate): opened through the gate
  * (ResizeOptions.files); it takes the new size too, growing before the header
@@ -46,7 +48,8 @@ import { resolveBackingName } from '../../block/backing-name.js';
 import { CorruptImageError, InvalidArgumentError, UnsupportedFeatureError } from '../../block/errors.js';
 import type { Protocol, ResizeOptions } from '../../block/types.js';
 import { rebuildRefcounts } from './check.js';
-import { parseExtensions } from './extensions.js';
+import { growBitmaps, loadBitmaps, shrinkBitmaps } from './bitmap-resize.js';
+import { parseExtensions, type BitmapsExtension } from './extensions.js';
 import { Geometry, L2E_COMPRESSED_HIGH, L2E_COPIED_HIGH, offsetBits, wordAt } from './geometry.js';
 import {
   AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, KNOWN_INCOMPAT, MAX_L1_BYTES, parseHeader,
@@ -70,7 +73,7 @@ interface Reference {
 
 export async function resizeQcow2(file: Protocol, newSize: number, options: ResizeOptions): Promise<void> {
   let header = await readHeader(file);
-  const dataFileName = await refuseUnsupported(file, header);
+  const { dataFileName, bitmapsExtension } = await refuseUnsupported(file, header);
   if ((header.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n) {
     const { result } = await rebuildRefcounts(file);
     options.notice(
@@ -101,9 +104,14 @@ export async function resizeQcow2(file: Protocol, newSize: number, options: Resi
     new MetadataClusters(header.clusterBits),
     false,
   );
+  // Persistent dirty bitmaps (valid while the bitmaps autoclear bit is set) are resized too, as qemu does.
+  const bitmaps = bitmapsExtension ? await loadBitmaps(file, geometry.clusterSize, bitmapsExtension, await file.size()) : [];
   const data = dataFileName === undefined ? undefined : await openDataFile(file, dataFileName, options);
-  if (newSize > header.size) await grow(file, header, geometry, refcounts, newSize, newL1Size, data);
-  else if (newSize < header.size) await shrink(file, header, geometry, refcounts, newSize, newL1Size, data);
+  if (newSize > header.size) {
+    await grow(file, header, geometry, refcounts, newSize, newL1Size, data, () => growBitmaps(file, refcounts, geometry.clusterSize, bitmaps, header.size, newSize));
+  } else if (newSize < header.size) {
+    await shrink(file, header, geometry, refcounts, newSize, newL1Size, data, () => shrinkBitmaps(file, refcounts, geometry.clusterSize, bitmaps, newSize));
+  }
   log('%s: resized from %d to %d', file.path, header.size, newSize);
 }
 
@@ -129,8 +137,8 @@ async function readHeader(file: Protocol): Promise<Qcow2Header> {
   return parseHeader(start, await file.size(), file.path);
 }
 
-/** What resizing does not handle, refused by name before anything is written; returns the data file's name, if any. */
-async function refuseUnsupported(file: Protocol, header: Qcow2Header): Promise<string | undefined> {
+/** What resizing does not handle, refused by name before anything is written; returns the data file's name and the bitmaps, if any. */
+async function refuseUnsupported(file: Protocol, header: Qcow2Header): Promise<{ dataFileName: string | undefined; bitmapsExtension: BitmapsExtension | undefined }> {
   const refuse = (what: string): never => {
     throw new UnsupportedFeatureError(`${file.path}: resizing ${what} is not supported`);
   };
@@ -147,7 +155,6 @@ async function refuseUnsupported(file: Protocol, header: Qcow2Header): Promise<s
     throw new UnsupportedFeatureError(`${file.path}: the qcow2 image keeps its data in an external data file but does not name it`);
   }
   if (hasDataFile && header.nbSnapshots > 0) refuse('a qcow2 image with internal snapshots and an external data file (qemu never writes them together)');
-  if (extensions.bitmaps && header.autoclearFeatures & AUTOCLEAR_BITMAPS) refuse('qcow2 images with persistent dirty bitmaps (qemu-img resize resizes the bitmaps too)');
   if (header.nbSnapshots > 0) {
     // As qemu 7.2: a v2 snapshot need not record its disk size, which then follows the image's.
     if (header.version === 2) throw new UnsupportedFeatureError(`${file.path}: Can't resize a v2 image which has snapshots`);
@@ -155,12 +162,15 @@ async function refuseUnsupported(file: Protocol, header: Qcow2Header): Promise<s
     const unsized = snapshots.find((snapshot) => snapshot.diskSize === undefined);
     if (unsized) refuse(`a qcow2 image whose snapshot ${unsized.id} records no disk size`);
   }
-  return hasDataFile ? extensions.dataFile : undefined;
+  const bitmapsValid = extensions.bitmaps !== undefined && (header.autoclearFeatures & AUTOCLEAR_BITMAPS) !== 0n;
+  return { dataFileName: hasDataFile ? extensions.dataFile : undefined, bitmapsExtension: bitmapsValid ? extensions.bitmaps : undefined };
 }
 
 // --- growing ---
 
-async function grow(file: Protocol, header: Qcow2Header, geometry: Geometry, refcounts: Refcounts, newSize: number, newL1Size: number, data: DataFile | undefined): Promise<void> {
+async function grow(
+  file: Protocol, header: Qcow2Header, geometry: Geometry, refcounts: Refcounts, newSize: number, newL1Size: number, data: DataFile | undefined, resizeBitmaps: () => Promise<void>,
+): Promise<void> {
   const { clusterSize } = geometry;
   let l1Offset = header.l1TableOffset;
   if (newL1Size > header.l1Size) {
@@ -191,6 +201,8 @@ async function grow(file: Protocol, header: Qcow2Header, geometry: Geometry, ref
     await data.file.flush();
     if (data.raw) await mapGrownClusters(file, geometry, refcounts, l1Offset, Math.max(header.l1Size, newL1Size), header.size, newSize);
   }
+  // Bitmap tables large enough for the new size before the header says it.
+  await resizeBitmaps();
   await writeSize(file, newSize);
 }
 
@@ -268,7 +280,9 @@ async function punchFreed(file: Protocol, clusters: number[], clusterSize: numbe
 
 // --- shrinking ---
 
-async function shrink(file: Protocol, header: Qcow2Header, geometry: Geometry, refcounts: Refcounts, newSize: number, newL1Size: number, data: DataFile | undefined): Promise<void> {
+async function shrink(
+  file: Protocol, header: Qcow2Header, geometry: Geometry, refcounts: Refcounts, newSize: number, newL1Size: number, data: DataFile | undefined, resizeBitmaps: () => Promise<void>,
+): Promise<void> {
   const { clusterSize, l2Span, l2Entries, l2EntryBytes } = geometry;
   const fileSize = await file.size();
   const l1 = await readWords(file, header.l1TableOffset, header.l1Size);
@@ -348,6 +362,8 @@ async function shrink(file: Protocol, header: Qcow2Header, geometry: Geometry, r
     if (oldClusters > keptClusters) await release(header.l1TableOffset + keptClusters * clusterSize, (oldClusters - keptClusters) * clusterSize);
   }
   await file.flush();
+  // Bitmap tables shrink once the header says the new size (their freed clusters count for the cut below).
+  await resizeBitmaps();
   // As qemu: the data file ends at the new size too (nothing names the bytes past it any more).
   if (data) {
     await data.file.truncate(newSize);
