@@ -14,7 +14,8 @@
  *   and a flush that began after both ended (else a crash could leave two
  *   entries naming one cluster);
  * - compressed clusters' host clusters are reused too, and reading the new
- *   compressed data there never returns the old decoded cluster.
+ *   compressed data there never returns the old decoded cluster;
+ * - without a guest flush, the idle clean gives discarded clusters' space back.
  */
 import { readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -237,6 +238,28 @@ describe.skipIf(skipWithoutQemu('qcow2 cluster reuse'))('qcow2: freed clusters a
     } finally {
       await image.close();
     }
+    await expectCleanAndEqual(path, model, dir);
+  });
+
+  it('discarded clusters are punched by the idle clean when the guest never flushes', async () => {
+    const dir = await makeTempDir();
+    const path = join(dir, 'disk.qcow2');
+    const cluster = 64 * KiB;
+    await qemuImg(['create', '-q', '-f', 'qcow2', path, '4M']);
+    const image = await openImage(path, { format: 'qcow2', idleCleanSeconds: 1 });
+    try {
+      await image.write(0, seededBytes(31, 8 * cluster));
+      await image.flush();
+      const before = await sizes(path);
+      await image.discard(2 * cluster, 4 * cluster);
+      await new Promise((resolve) => setTimeout(resolve, 2500));
+      expect((await sizes(path)).du, 'du once the image was idle').toBeLessThanOrEqual(before.du - 3 * cluster);
+    } finally {
+      await image.close();
+    }
+    const model = Buffer.alloc(4 * MiB);
+    seededBytes(31, 8 * cluster).copy(model);
+    model.fill(0, 2 * cluster, 6 * cluster);
     await expectCleanAndEqual(path, model, dir);
   });
 });

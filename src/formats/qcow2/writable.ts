@@ -378,6 +378,8 @@ export class WritableQcow2Image extends Qcow2Image {
       if (this.closed || this.brokenBy !== undefined) return;
       await this.persistLinks();
       await this.flushData();
+      // The frees this flush made durable: punched now, so an idle image gives their space back.
+      if (this.refcounts.reclaimable) await this.refcounts.reclaim();
       if (!this.dirtyMarked) return;
       // Unmarked first: if the header write fails, the next change sets the bit again.
       this.dirtyMarked = false;
@@ -616,14 +618,16 @@ export class WritableQcow2Image extends Qcow2Image {
     if (this.linkTimer) clearTimeout(this.linkTimer);
     this.linkTimer = undefined;
     await this.refcounts.writeBack();
-    if (this.pending.empty) return;
-    await this.flushData();
-    await this.pending.drain((offset, bytes) => {
-      announce(this.file, 'l2_update');
-      return this.file.write(offset, bytes);
-    });
-    // The decrements go to disk now too (after their entries; a crash before leaves leaks only).
-    await this.refcounts.writeBack();
+    if (!this.pending.empty) {
+      await this.flushData();
+      await this.pending.drain((offset, bytes) => {
+        announce(this.file, 'l2_update');
+        return this.file.write(offset, bytes);
+      });
+      // The decrements go to disk now too (after their entries; a crash before leaves leaks only).
+      await this.refcounts.writeBack();
+    }
+    // Freed clusters an earlier flush made durable: punched and reusable now.
     if (this.refcounts.reclaimable) await this.refcounts.reclaim();
   }
 
