@@ -74,9 +74,9 @@ export class Quarantine {
   /** Decrement in memory only. */
   private unwritten: Freed[] = [];
   /** Decrement written, waiting for a flush that began after `seq`. */
-  private written: Freed[] = [];
+  private readonly written: Freed[] = [];
   /** Durable, waiting for older requests to finish. */
-  private durable: Freed[] = [];
+  private readonly durable: Freed[] = [];
   private seq = 0;
 
   constructor(private readonly epochs: RequestEpochs | undefined) {}
@@ -110,12 +110,12 @@ export class Quarantine {
     return this.seq;
   }
 
-  /** A flush that began at `covered` ended. */
+  /** A flush that began at `covered` ended. (Each list is in the order of the frees: seq and epoch only grow.) */
   flushed(covered: number): void {
-    if (this.written.length === 0) return;
-    const still: Freed[] = [];
-    for (const freed of this.written) (freed.seq <= covered ? this.durable : still).push(freed);
-    this.written = still;
+    let count = 0;
+    while (count < this.written.length && this.written[count]!.seq <= covered) count++;
+    if (count === 0) return;
+    this.durable.push(...this.written.splice(0, count));
   }
 
   /** True when some cluster is durable and may be reclaimable now. */
@@ -127,17 +127,10 @@ export class Quarantine {
   takeReclaimable(): number[] {
     if (this.durable.length === 0) return [];
     const oldest = this.epochs?.oldest() ?? Infinity;
-    const taken: number[] = [];
-    const still: Freed[] = [];
-    for (const freed of this.durable) {
-      if (freed.epoch <= oldest) {
-        taken.push(freed.cluster);
-        this.held.delete(freed.cluster);
-      } else {
-        still.push(freed);
-      }
-    }
-    this.durable = still;
+    let count = 0;
+    while (count < this.durable.length && this.durable[count]!.epoch <= oldest) count++;
+    const taken = this.durable.splice(0, count).map((freed) => freed.cluster);
+    for (const cluster of taken) this.held.delete(cluster);
     return taken;
   }
 }

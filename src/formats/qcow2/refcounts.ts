@@ -88,7 +88,9 @@ export class Refcounts {
   private readonly freshFrom: number;
   /** Clusters past `freshFrom` freed since the open: written once, so no longer fresh. */
   private readonly usedFresh = new Set<number>();
-  /** Times each cluster was reclaimed (handed out again) since the open: part of the decoded-cluster cache key. */
+  /** Clusters freed that held compressed data, until reclaimed. */
+  private readonly compressedFreed = new Set<number>();
+  /** Times each cluster that held compressed data was handed out again since the open: part of the decoded-cluster cache key. */
   private readonly reclaims = new Map<number, number>();
 
   private constructor(
@@ -143,7 +145,7 @@ export class Refcounts {
     return cluster >= this.freshFrom && !this.usedFresh.has(cluster);
   }
 
-  /** How many times the cluster holding `offset` was handed out again since the open (0 almost always). */
+  /** How many times the cluster holding `offset` was handed out again since the open after holding compressed data (0 almost always). */
   generation(offset: number): number {
     return this.reclaims.size === 0 ? 0 : (this.reclaims.get(Math.floor(offset / this.clusterSize)) ?? 0);
   }
@@ -196,7 +198,9 @@ export class Refcounts {
       }
       i = j;
     }
-    for (const cluster of free) this.reclaims.set(cluster, (this.reclaims.get(cluster) ?? 0) + 1);
+    for (const cluster of free) {
+      if (this.compressedFreed.delete(cluster)) this.reclaims.set(cluster, (this.reclaims.get(cluster) ?? 0) + 1);
+    }
     if (free.length > 0) {
       this.freeHint = Math.min(this.freeHint, free[0]!);
       this.runHint = Math.min(this.runHint, free[0]!);
@@ -259,10 +263,16 @@ export class Refcounts {
     await this.change(first, count, +1);
   }
 
-  /** Drops one reference from each cluster of [offset, offset + bytes); returns the clusters that became free. */
-  async decrement(offset: number, bytes: number): Promise<number[]> {
+  /**
+   * Drops one reference from each cluster of [offset, offset + bytes); returns the clusters
+   * that became free. `compressed`: the range held compressed data (decoded copies of it may
+   * be cached, keyed by `generation`).
+   */
+  async decrement(offset: number, bytes: number, compressed = false): Promise<number[]> {
     const [first, count] = this.clustersOf(offset, bytes);
-    return this.change(first, count, -1);
+    const freed = await this.change(first, count, -1);
+    if (compressed) for (const cluster of freed) this.compressedFreed.add(cluster);
+    return freed;
   }
 
   private clustersOf(offset: number, bytes: number): [number, number] {

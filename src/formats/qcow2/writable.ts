@@ -744,7 +744,7 @@ export class WritableQcow2Image extends Qcow2Image {
     if (kind === Kind.Compressed) {
       this.compressed?.forget();
       const { hostOffset, length } = this.geometry.compressedExtent(slot.high, slot.low);
-      await this.refcounts.decrement(hostOffset - (hostOffset % 512), length + (hostOffset % 512));
+      await this.refcounts.decrement(hostOffset - (hostOffset % 512), length + (hostOffset % 512), true);
     } else if ((kind === Kind.Normal || kind === Kind.Zero || this.geometry.extendedL2) && offsetBits(slot.high, slot.low) > 0) {
       await this.refcounts.decrement(offsetBits(slot.high, slot.low), this.geometry.clusterSize);
     }
