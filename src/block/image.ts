@@ -151,6 +151,17 @@ export class BlockImage {
   private async readNow(offset: GuestOffset, buffer: Buffer): Promise<void> {
     this.checkRange('read', offset, buffer.length);
     if (buffer.length === 0) return;
+    if (!this.image.beginRead) return this.readMapped(offset, buffer);
+    // The format may not hand out the host clusters mapped here again before the read ends.
+    const token = this.image.beginRead();
+    try {
+      await this.readMapped(offset, buffer);
+    } finally {
+      this.image.endRead?.(token);
+    }
+  }
+
+  private async readMapped(offset: GuestOffset, buffer: Buffer): Promise<void> {
     const runs = await this.image.map(offset, buffer.length);
     await settleAll(
       runs.map((run) => {

@@ -350,11 +350,13 @@ export async function resizeImage(path: string, target: ResizeTarget, options: R
   }
   if (newSize !== oldSize) {
     const file = await FileProtocol.open(path, false);
+    // Files the image names (a qcow2 data file) open through the gate, read-write, and close after.
+    const files = new ImageFileGate(path, {}, true);
     try {
-      await format.resize(file, newSize, { shrink: options.shrink ?? false, notice });
+      await format.resize(file, newSize, { shrink: options.shrink ?? false, notice, files });
       await file.flush();
     } finally {
-      await file.close();
+      await files.closeAll().finally(() => file.close());
     }
     log('%s: resized from %d to %d bytes', path, oldSize, newSize);
   }

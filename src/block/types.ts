@@ -115,6 +115,14 @@ export interface FormatImage {
   /** Decodes an encoded cluster a `map` returned into `decodedLength` bytes; required when `map` returns encoded runs. */
   decode?(cluster: EncodedCluster): Promise<Buffer>;
   /**
+   * Optional, with `endRead`: the generic layer calls `beginRead` before the `map` of a
+   * read and `endRead(token)` once every byte it mapped was read (or failed), so a format
+   * that frees host clusters while open (qcow2) hands none out again under a read
+   * that may still be reading it. Both are synchronous and cheap.
+   */
+  beginRead?(): number;
+  endRead?(token: number): void;
+  /**
    * Writes guest bytes (range already checked). Allocating formats fill the
    * untouched part of a new cluster through the backing reader (or zeros without one).
    * Missing: the format cannot write, and its images open read-only.
@@ -271,4 +279,6 @@ export interface ResizeOptions {
   shrink: boolean;
   /** Lines the user should see (a repair done first). */
   notice: (message: string) => void;
+  /** Opens the other files the image names, read-write (a qcow2 external data file, resized with it). */
+  files?: FileGate;
 }

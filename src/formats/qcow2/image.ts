@@ -200,13 +200,18 @@ export class Qcow2Image implements FormatImage {
     return offset;
   }
 
+  /** How many times the host cluster at `offset` was handed out again while open (writable.ts); 0 for a reader. */
+  protected hostGeneration(_offset: number): number {
+    return 0;
+  }
+
   protected compressedCluster(high: number, low: number, clusterStart: number): EncodedCluster {
     if (this.dataFile) throw this.corrupt(clusterStart, 'is compressed, which images with an external data file cannot be');
     const { hostOffset, length } = this.geometry.compressedExtent(high, low);
     if (hostOffset >= this.fileSize) throw this.corrupt(clusterStart, `is compressed at ${hostOffset}, past the end of the file (${this.fileSize} bytes)`);
     if (this.metadata.contains(hostOffset)) throw this.corrupt(clusterStart, `is compressed at ${hostOffset}, which holds the image's metadata`);
     return {
-      key: `${hostOffset}+${length}`,
+      key: `${hostOffset}+${length}#${this.hostGeneration(hostOffset)}`,
       guestStart: clusterStart,
       decodedLength: this.geometry.clusterSize,
       hostOffset,

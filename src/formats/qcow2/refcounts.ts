@@ -4,12 +4,13 @@
  * allocation of clusters, refcount changes, and growth of the refcount
  * structure (new refcount blocks, a larger refcount table).
  *
- * Where clusters come from: free clusters (refcount 0) inside the file that
- * were free when the image was opened are reused first; everything else is
- * appended at the end of the file. A cluster freed while the image is open
- * is not handed out again before the next open: a read that looked up the
- * old L2 entry may still be reading it, and must never get another guest
- * offset's new data.
+ * Where clusters come from: free clusters (refcount 0) inside the file are
+ * reused first; everything else is appended at the end of the file. A
+ * cluster freed while the image is open waits in quarantine (quarantine.ts)
+ * until its decrement and the change that dropped the reference are durable
+ * and no request that began before the free is in flight; then `reclaim`
+ * punches its host range (the file's allocated size shrinks, as qemu's
+ * discard of freed clusters does) and it can be handed out again.
  *
  * On-disk ordering (a kill -9 at any point leaves at most leaked clusters;
  * after the flushes named here, so does a power loss):
@@ -34,6 +35,7 @@ import { TableCache, type TableHandle } from '../../cache/table-cache.js';
 import { offsetBits, wordAt } from './geometry.js';
 import type { MetadataClusters } from './metadata.js';
 import { getRefcount, maxRefcount, refcountByteRange, refcountsPerBlock, setRefcount } from './refcount-entries.js';
+import { Quarantine, type RequestEpochs } from './quarantine.js';
 
 const log = createDebug('imgmount:qcow2');
 
@@ -80,10 +82,16 @@ export class Refcounts {
    * depends on them reaches the disk. Off: every change is written at once.
    */
   deferWrites = false;
-  /** Clusters freed since the open: never handed out again before the next open. */
-  private readonly freedSinceOpen = new Set<number>();
+  /** Clusters freed since the open, until they may be handed out again. */
+  private readonly quarantine: Quarantine;
   /** Clusters from here on lay past the end of the file at open: never written before this open allocated them. */
   private readonly freshFrom: number;
+  /** Clusters past `freshFrom` freed since the open: written once, so no longer fresh. */
+  private readonly usedFresh = new Set<number>();
+  /** Clusters freed that held compressed data, until reclaimed. */
+  private readonly compressedFreed = new Set<number>();
+  /** Times each cluster that held compressed data was handed out again since the open: part of the decoded-cluster cache key. */
+  private readonly reclaims = new Map<number, number>();
 
   private constructor(
     private readonly file: Protocol,
@@ -93,7 +101,9 @@ export class Refcounts {
     private readonly metadata: MetadataClusters,
     /** Lazy refcounts (the dirty bit is set): no flush is needed before linking. */
     private readonly lazy: boolean,
+    epochs: RequestEpochs | undefined,
   ) {
+    this.quarantine = new Quarantine(epochs);
     this.clusterSize = 2 ** layout.clusterBits;
     this.perBlock = refcountsPerBlock(this.clusterSize, layout.refcountOrder);
     this.max = maxRefcount(layout.refcountOrder);
@@ -113,10 +123,11 @@ export class Refcounts {
     });
   }
 
-  static async load(file: Protocol, layout: RefcountLayout, fileSize: number, metadata: MetadataClusters, lazy: boolean): Promise<Refcounts> {
+  /** `epochs`: the image's in-flight requests (none for offline users such as resize). */
+  static async load(file: Protocol, layout: RefcountLayout, fileSize: number, metadata: MetadataClusters, lazy: boolean, epochs?: RequestEpochs): Promise<Refcounts> {
     const table = Buffer.alloc(layout.tableClusters * 2 ** layout.clusterBits);
     await file.read(layout.tableOffset, table);
-    return new Refcounts(file, layout, table, fileSize, metadata, lazy);
+    return new Refcounts(file, layout, table, fileSize, metadata, lazy, epochs);
   }
 
   /** Bytes up to the end of the last cluster in use: the file size the image's metadata may reference. */
@@ -125,11 +136,76 @@ export class Refcounts {
   }
 
   /**
-   * True when the cluster at `offset` lies past the end the file had at open: it reads
-   * as zeros until written (clusters freed since the open are never handed out again).
+   * True when the cluster at `offset` (the first of a run `allocate` returned) lies past
+   * the end the file had at open and was never freed since: it reads as zeros until
+   * written. (A run reused from the free clusters starts with a cluster freed before.)
    */
   isFresh(offset: number): boolean {
-    return offset >= this.freshFrom * this.clusterSize;
+    const cluster = Math.floor(offset / this.clusterSize);
+    return cluster >= this.freshFrom && !this.usedFresh.has(cluster);
+  }
+
+  /** How many times the cluster holding `offset` was handed out again since the open after holding compressed data (0 almost always). */
+  generation(offset: number): number {
+    return this.reclaims.size === 0 ? 0 : (this.reclaims.get(Math.floor(offset / this.clusterSize)) ?? 0);
+  }
+
+  /** Clusters freed since the open that may not be handed out yet. */
+  get quarantined(): number {
+    return this.quarantine.size;
+  }
+
+  /**
+   * Runs `flush` (an fdatasync of the file, the caller's) and records it: refcount
+   * writes made before it began are durable once it ended (quarantine.ts).
+   */
+  async flushed(flush: () => Promise<void>): Promise<void> {
+    const covered = this.quarantine.flushStarting();
+    await flush();
+    this.quarantine.flushed(covered);
+  }
+
+  private flushFile(): Promise<void> {
+    return this.flushed(() => flushToDisk(this.file));
+  }
+
+  /** True when `reclaim` may have clusters to hand back. */
+  get reclaimable(): boolean {
+    return this.quarantine.anyDurable;
+  }
+
+  /**
+   * Makes the quarantined clusters that are safe now allocatable again, after punching
+   * their host range (with PUNCH_HOLE|KEEP_SIZE where the file supports it; a failed
+   * punch only leaves the bytes there). Under the allocation lock.
+   */
+  async reclaim(): Promise<void> {
+    const clusters = this.quarantine.takeReclaimable();
+    if (clusters.length === 0) return;
+    const free: number[] = [];
+    // Still free (nothing may take a quarantined cluster, but a damaged image is not trusted).
+    for (const cluster of clusters) if ((await this.get(cluster * this.clusterSize)) === 0) free.push(cluster);
+    free.sort((a, b) => a - b);
+    for (let i = 0; i < free.length; ) {
+      let j = i + 1;
+      while (j < free.length && free[j] === free[j - 1]! + 1) j++;
+      if (this.file.punchHole) {
+        try {
+          await this.file.punchHole(free[i]! * this.clusterSize, (j - i) * this.clusterSize);
+        } catch (error) {
+          log('%s: punching freed clusters %d+%d failed: %s', this.file.path, free[i], j - i, (error as Error).message);
+        }
+      }
+      i = j;
+    }
+    for (const cluster of free) {
+      if (this.compressedFreed.delete(cluster)) this.reclaims.set(cluster, (this.reclaims.get(cluster) ?? 0) + 1);
+    }
+    if (free.length > 0) {
+      this.freeHint = Math.min(this.freeHint, free[0]!);
+      this.runHint = Math.min(this.runHint, free[0]!);
+      log('%s: %d freed cluster(s) reusable again', this.file.path, free.length);
+    }
   }
 
   /** Makes the refcounts written so far durable before something links to them (a no-op with lazy refcounts). */
@@ -137,14 +213,14 @@ export class Refcounts {
     await this.writeBack();
     if (!this.unflushed) return;
     this.unflushed = false;
-    if (!this.lazy) await flushToDisk(this.file);
+    if (!this.lazy) await this.flushFile();
   }
 
   /** Writes every deferred refcount change (not flushed: the caller flushes). */
   async writeBack(): Promise<void> {
     if (this.decrementsWaiting && this.dirtyBlocks.size > 0 && !this.lazy) {
       this.decrementsWaiting = false;
-      await flushToDisk(this.file);
+      await this.flushFile();
     }
     for (const [offset, dirty] of [...this.dirtyBlocks]) {
       // On failure the rest stays dirty, for the next call to try again.
@@ -154,6 +230,7 @@ export class Refcounts {
       dirty.handle.release();
       this.unflushed = true;
     }
+    this.quarantine.allWritten();
   }
 
   /** The refcount of the cluster holding host byte `offset` (0 where no refcount block covers it). */
@@ -167,6 +244,7 @@ export class Refcounts {
   /** Allocates `count` contiguous clusters with refcount 1 and returns the host offset of the first. */
   async allocate(count: number): Promise<number> {
     announce(this.file, 'cluster_alloc');
+    if (this.quarantine.anyDurable) await this.reclaim();
     const reused = await this.findFree(count);
     if (reused !== undefined) {
       await this.change(reused, count, +1);
@@ -185,10 +263,16 @@ export class Refcounts {
     await this.change(first, count, +1);
   }
 
-  /** Drops one reference from each cluster of [offset, offset + bytes); returns the clusters that became free. */
-  async decrement(offset: number, bytes: number): Promise<number[]> {
+  /**
+   * Drops one reference from each cluster of [offset, offset + bytes); returns the clusters
+   * that became free. `compressed`: the range held compressed data (decoded copies of it may
+   * be cached, keyed by `generation`).
+   */
+  async decrement(offset: number, bytes: number, compressed = false): Promise<number[]> {
     const [first, count] = this.clustersOf(offset, bytes);
-    return this.change(first, count, -1);
+    const freed = await this.change(first, count, -1);
+    if (compressed) for (const cluster of freed) this.compressedFreed.add(cluster);
+    return freed;
   }
 
   private clustersOf(offset: number, bytes: number): [number, number] {
@@ -212,7 +296,7 @@ export class Refcounts {
     return offset;
   }
 
-  /** The first run of `count` free clusters below the end that were free at open; undefined when there is none. */
+  /** The first run of `count` free clusters below the end, none of them quarantined; undefined when there is none. */
   private async findFree(count: number): Promise<number | undefined> {
     const from = count === 1 ? this.freeHint : Math.max(this.freeHint, this.runHint);
     let runStart = from;
@@ -230,7 +314,7 @@ export class Refcounts {
       const found = await this.blocks.read(blockOffset, (block) => {
         for (; cluster < blockEnd; cluster++) {
           // A metadata cluster whose refcount a damaged block says 0 is never handed out (qemu's overlap check).
-          if (getRefcount(block, cluster % this.perBlock, this.layout.refcountOrder) !== 0 || this.freedSinceOpen.has(cluster) || this.metadata.contains(cluster * this.clusterSize)) {
+          if (getRefcount(block, cluster % this.perBlock, this.layout.refcountOrder) !== 0 || this.quarantine.has(cluster) || this.metadata.contains(cluster * this.clusterSize)) {
             runStart = cluster + 1;
           } else if (cluster + 1 - runStart >= count) {
             return runStart;
@@ -301,12 +385,12 @@ export class Refcounts {
       for (const [blockIndex, { cluster }] of blockAt) writeWord(table, blockIndex * 8, cluster * this.clusterSize);
       const tableOffset = tableCluster * this.clusterSize;
       await this.file.write(tableOffset, table);
-      await flushToDisk(this.file);
+      await this.flushFile();
       const pointer = Buffer.alloc(12);
       pointer.writeBigUInt64BE(BigInt(tableOffset), 0);
       pointer.writeUInt32BE(newTableClusters, 8);
       await this.file.write(HEADER_REFCOUNT_TABLE_AT, pointer);
-      await flushToDisk(this.file);
+      await this.flushFile();
       const old = { offset: this.layout.tableOffset, bytes: this.table.length };
       this.table = table;
       this.layout = { ...this.layout, tableOffset, tableClusters: newTableClusters };
@@ -373,7 +457,10 @@ export class Refcounts {
           setRefcount(block, index, order, value);
           if (value === 0) {
             freed.push(c);
-            if (delta === -1) this.freedSinceOpen.add(c);
+            if (delta === -1) {
+              this.quarantine.freed(c);
+              if (c >= this.freshFrom) this.usedFresh.add(c);
+            }
           }
         }
         const { start, end } = refcountByteRange(firstIndex, until - cluster, order);
@@ -389,6 +476,7 @@ export class Refcounts {
           announce(this.file, 'refblock_update');
           await this.file.write(blockOffset + start, block.subarray(start, end));
           this.unflushed = true;
+          this.quarantine.allWritten();
         }
       } finally {
         handle.release();

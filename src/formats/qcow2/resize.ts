@@ -24,19 +24,35 @@
  * zeroes them (the generic layer, src/block/open.ts).
  *
  * Refused by name: v2 images with internal snapshots (as qemu 7.2), v3
- * snapshots without a recorded disk size, images marked corrupt, extended L2
- * entries, external data files, persistent dirty bitmaps, encryption. An
+ * snapshots without a recorded disk size, images marked corrupt, encryption,
+ * an external data file together with internal snapshots, bitmaps that
+ * bitmap-resize.ts cannot resize (in use, unknown type). Persistent dirty
+ * bitmaps are resized with the image (bitmap-resize.ts): before the header's
+ * size when growing, after it when shrinking.
+ *
+ * External data file (qemu's qcow2_co_truncate): opened through the gate
+ * (ResizeOptions.files); it takes the new size too, growing before the header
+ * does and shrinking after the entries past the end are gone; its data
+ * clusters carry no refcount in the image file, so dropping them frees
+ * nothing there. With data_file_raw the grown area's clusters are mapped at
+ * their guest offset, as qemu does, new L2 tables flushed before the L1
+ * entries name them. With extended L2 entries
+ * (16 bytes each) the entries past the new end lose their subcluster bitmaps
+ * too, as qemu's full discard clears them. An
  * image left dirty (lazy refcounts) is repaired first (rebuildRefcounts, as a
  * read-write open does), with a notice.
  */
+import { resolve } from 'node:path';
 import createDebug from 'debug';
+import { resolveBackingName } from '../../block/backing-name.js';
 import { CorruptImageError, InvalidArgumentError, UnsupportedFeatureError } from '../../block/errors.js';
 import type { Protocol, ResizeOptions } from '../../block/types.js';
 import { rebuildRefcounts } from './check.js';
-import { parseExtensions } from './extensions.js';
+import { growBitmaps, loadBitmaps, shrinkBitmaps } from './bitmap-resize.js';
+import { parseExtensions, type BitmapsExtension } from './extensions.js';
 import { Geometry, L2E_COMPRESSED_HIGH, L2E_COPIED_HIGH, offsetBits, wordAt } from './geometry.js';
 import {
-  AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTENDED_L2, KNOWN_INCOMPAT, MAX_L1_BYTES, parseHeader,
+  AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, KNOWN_INCOMPAT, MAX_L1_BYTES, parseHeader,
   type Qcow2Header,
 } from './header.js';
 import { MetadataClusters, readWords } from './metadata.js';
@@ -57,7 +73,7 @@ interface Reference {
 
 export async function resizeQcow2(file: Protocol, newSize: number, options: ResizeOptions): Promise<void> {
   let header = await readHeader(file);
-  await refuseUnsupported(file, header);
+  const { dataFileName, bitmapsExtension } = await refuseUnsupported(file, header);
   if ((header.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n) {
     const { result } = await rebuildRefcounts(file);
     options.notice(
@@ -88,9 +104,31 @@ export async function resizeQcow2(file: Protocol, newSize: number, options: Resi
     new MetadataClusters(header.clusterBits),
     false,
   );
-  if (newSize > header.size) await grow(file, header, geometry, refcounts, newSize, newL1Size);
-  else if (newSize < header.size) await shrink(file, header, geometry, refcounts, newSize, newL1Size);
+  // Persistent dirty bitmaps (valid while the bitmaps autoclear bit is set) are resized too, as qemu does.
+  const bitmaps = bitmapsExtension ? await loadBitmaps(file, geometry.clusterSize, bitmapsExtension, await file.size()) : [];
+  const data = dataFileName === undefined ? undefined : await openDataFile(file, dataFileName, options);
+  if (newSize > header.size) {
+    await grow(file, header, geometry, refcounts, newSize, newL1Size, data, () => growBitmaps(file, refcounts, geometry.clusterSize, bitmaps, header.size, newSize));
+  } else if (newSize < header.size) {
+    await shrink(file, header, geometry, refcounts, newSize, newL1Size, data, () => shrinkBitmaps(file, refcounts, geometry.clusterSize, bitmaps, newSize));
+  }
   log('%s: resized from %d to %d', file.path, header.size, newSize);
+}
+
+/** The external data file, and whether it is raw (data_file_raw: every cluster mapped at its guest offset). */
+interface DataFile {
+  file: Protocol;
+  raw: boolean;
+}
+
+async function openDataFile(file: Protocol, name: string, options: ResizeOptions): Promise<DataFile> {
+  if (!options.files) throw new UnsupportedFeatureError(`${file.path}: resizing it needs its external data file ${name}, which this caller cannot open`);
+  if (resolve(resolveBackingName(file.path, name, 'external data file')) === resolve(file.path)) {
+    throw new CorruptImageError(`${file.path}: the qcow2 image names itself as its external data file (${name})`);
+  }
+  const data = await options.files.open(name, 'external data file', { readOnly: false });
+  const header = await readHeader(file);
+  return { file: data, raw: (header.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n };
 }
 
 async function readHeader(file: Protocol): Promise<Qcow2Header> {
@@ -99,8 +137,8 @@ async function readHeader(file: Protocol): Promise<Qcow2Header> {
   return parseHeader(start, await file.size(), file.path);
 }
 
-/** What resizing does not handle, refused by name before anything is written. */
-async function refuseUnsupported(file: Protocol, header: Qcow2Header): Promise<void> {
+/** What resizing does not handle, refused by name before anything is written; returns the data file's name and the bitmaps, if any. */
+async function refuseUnsupported(file: Protocol, header: Qcow2Header): Promise<{ dataFileName: string | undefined; bitmapsExtension: BitmapsExtension | undefined }> {
   const refuse = (what: string): never => {
     throw new UnsupportedFeatureError(`${file.path}: resizing ${what} is not supported`);
   };
@@ -112,9 +150,11 @@ async function refuseUnsupported(file: Protocol, header: Qcow2Header): Promise<v
   if (header.incompatibleFeatures & INCOMPAT_CORRUPT) {
     throw new CorruptImageError(`${file.path}: the qcow2 image is marked corrupt; repair it first (imgmount check -r all)`);
   }
-  if (header.incompatibleFeatures & INCOMPAT_EXTENDED_L2) refuse('qcow2 images with extended L2 entries (subclusters)');
-  if (header.incompatibleFeatures & INCOMPAT_DATA_FILE) refuse('qcow2 images with an external data file');
-  if (extensions.bitmaps && header.autoclearFeatures & AUTOCLEAR_BITMAPS) refuse('qcow2 images with persistent dirty bitmaps (qemu-img resize resizes the bitmaps too)');
+  const hasDataFile = (header.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n;
+  if (hasDataFile && extensions.dataFile === undefined) {
+    throw new UnsupportedFeatureError(`${file.path}: the qcow2 image keeps its data in an external data file but does not name it`);
+  }
+  if (hasDataFile && header.nbSnapshots > 0) refuse('a qcow2 image with internal snapshots and an external data file (qemu never writes them together)');
   if (header.nbSnapshots > 0) {
     // As qemu 7.2: a v2 snapshot need not record its disk size, which then follows the image's.
     if (header.version === 2) throw new UnsupportedFeatureError(`${file.path}: Can't resize a v2 image which has snapshots`);
@@ -122,12 +162,17 @@ async function refuseUnsupported(file: Protocol, header: Qcow2Header): Promise<v
     const unsized = snapshots.find((snapshot) => snapshot.diskSize === undefined);
     if (unsized) refuse(`a qcow2 image whose snapshot ${unsized.id} records no disk size`);
   }
+  const bitmapsValid = extensions.bitmaps !== undefined && (header.autoclearFeatures & AUTOCLEAR_BITMAPS) !== 0n;
+  return { dataFileName: hasDataFile ? extensions.dataFile : undefined, bitmapsExtension: bitmapsValid ? extensions.bitmaps : undefined };
 }
 
 // --- growing ---
 
-async function grow(file: Protocol, header: Qcow2Header, geometry: Geometry, refcounts: Refcounts, newSize: number, newL1Size: number): Promise<void> {
+async function grow(
+  file: Protocol, header: Qcow2Header, geometry: Geometry, refcounts: Refcounts, newSize: number, newL1Size: number, data: DataFile | undefined, resizeBitmaps: () => Promise<void>,
+): Promise<void> {
   const { clusterSize } = geometry;
+  let l1Offset = header.l1TableOffset;
   if (newL1Size > header.l1Size) {
     const oldBytes = header.l1Size * 8;
     const oldClusters = Math.ceil(oldBytes / clusterSize);
@@ -145,11 +190,59 @@ async function grow(file: Protocol, header: Qcow2Header, geometry: Geometry, ref
       await refcounts.barrier();
       await file.flush();
       await writeL1Pointer(file, newL1Size, offset);
+      l1Offset = offset;
       if (oldClusters > 0) await freeClusters(file, refcounts, header.l1TableOffset, oldClusters * clusterSize, clusterSize);
       log('%s: L1 table of %d entries moved to %d', file.path, newL1Size, offset);
     }
   }
+  if (data) {
+    // As qemu: the data file takes the new size (first, so no entry ever points past its end).
+    await data.file.truncate(newSize);
+    await data.file.flush();
+    if (data.raw) await mapGrownClusters(file, geometry, refcounts, l1Offset, Math.max(header.l1Size, newL1Size), header.size, newSize);
+  }
+  // Bitmap tables large enough for the new size before the header says it.
+  await resizeBitmaps();
   await writeSize(file, newSize);
+}
+
+/**
+ * data_file_raw: the clusters of the grown area are mapped at their guest offset in the
+ * data file, as qemu-img resize and create do (the L2 tables of the new area allocated,
+ * written and flushed before the L1 entries point to them; extended L2 entries with an
+ * empty bitmap, as create writes them).
+ */
+async function mapGrownClusters(file: Protocol, geometry: Geometry, refcounts: Refcounts, l1Offset: number, l1Size: number, oldSize: number, newSize: number): Promise<void> {
+  const { clusterSize, l2Span, l2EntryBytes } = geometry;
+  const l1 = await readWords(file, l1Offset, l1Size);
+  const first = Math.ceil(oldSize / clusterSize) * clusterSize;
+  for (let at = first; at < newSize; ) {
+    const l1Index = geometry.l1Index(at);
+    const end = Math.min(newSize, (l1Index + 1) * l2Span);
+    const [high, low] = wordAt(l1, l1Index * 8);
+    const existing = offsetBits(high, low);
+    const table = existing !== 0 ? await readL2(file, geometry, existing) : Buffer.alloc(clusterSize);
+    const from = geometry.l2Index(at);
+    let to = from;
+    for (let guest = at; guest < end; guest += clusterSize, to++) {
+      // An entry already there (none should be: a shrink clears them) is kept.
+      if (table.readBigUInt64BE(to * l2EntryBytes) === 0n) table.writeBigUInt64BE(BigInt(guest) | (1n << 63n), to * l2EntryBytes);
+    }
+    if (existing !== 0) {
+      await file.write(existing + from * l2EntryBytes, table.subarray(from * l2EntryBytes, to * l2EntryBytes));
+      await file.flush();
+    } else {
+      const offset = await refcounts.allocate(1);
+      await file.write(offset, table);
+      await refcounts.barrier();
+      await file.flush();
+      const entry = Buffer.alloc(8);
+      entry.writeBigUInt64BE(BigInt(offset) | (1n << 63n), 0);
+      await file.write(l1Offset + l1Index * 8, entry);
+      await file.flush();
+    }
+    at = end;
+  }
 }
 
 /** Points the header at an L1 table (l1_size and l1_table_offset in one write) and flushes. */
@@ -187,8 +280,10 @@ async function punchFreed(file: Protocol, clusters: number[], clusterSize: numbe
 
 // --- shrinking ---
 
-async function shrink(file: Protocol, header: Qcow2Header, geometry: Geometry, refcounts: Refcounts, newSize: number, newL1Size: number): Promise<void> {
-  const { clusterSize, l2Span, l2Entries } = geometry;
+async function shrink(
+  file: Protocol, header: Qcow2Header, geometry: Geometry, refcounts: Refcounts, newSize: number, newL1Size: number, data: DataFile | undefined, resizeBitmaps: () => Promise<void>,
+): Promise<void> {
+  const { clusterSize, l2Span, l2Entries, l2EntryBytes } = geometry;
   const fileSize = await file.size();
   const l1 = await readWords(file, header.l1TableOffset, header.l1Size);
   const firstDropped = Math.ceil(newSize / clusterSize) * clusterSize;
@@ -208,16 +303,16 @@ async function shrink(file: Protocol, header: Qcow2Header, geometry: Geometry, r
   const partialOffset = partialFrom < l2Entries ? l2At(partialIndex) : 0;
   let partial: { table: Buffer; references: Reference[]; owned: boolean } | undefined;
   if (partialOffset !== 0) {
-    const table = await readWords(file, partialOffset, l2Entries);
+    const table = await readL2(file, geometry, partialOffset);
     const references = referencesOf(file.path, geometry, table, partialFrom, fileSize);
-    const changed = table.subarray(partialFrom * 8).some((byte) => byte !== 0);
+    const changed = table.subarray(partialFrom * l2EntryBytes).some((byte) => byte !== 0);
     if (changed) partial = { table, references, owned: (l1.readUInt32BE(partialIndex * 8) & L2E_COPIED_HIGH) !== 0 };
   }
   const dropped: { offset: number; references: Reference[] }[] = [];
   for (let l1Index = newL1Size; l1Index < header.l1Size; l1Index++) {
     const offset = l2At(l1Index);
     if (offset === 0) continue;
-    dropped.push({ offset, references: referencesOf(file.path, geometry, await readWords(file, offset, l2Entries), 0, fileSize) });
+    dropped.push({ offset, references: referencesOf(file.path, geometry, await readL2(file, geometry, offset), 0, fileSize) });
   }
 
   const freed: number[] = [];
@@ -227,9 +322,10 @@ async function shrink(file: Protocol, header: Qcow2Header, geometry: Geometry, r
 
   // 2. The table holding the new end: its entries past the end go (in a copy if a snapshot shares it).
   if (partial) {
-    partial.table.fill(0, partialFrom * 8);
+    // With extended L2 entries the subcluster bitmaps go too (as qemu's full discard).
+    partial.table.fill(0, partialFrom * l2EntryBytes);
     if (partial.owned) {
-      await file.write(partialOffset + partialFrom * 8, partial.table.subarray(partialFrom * 8));
+      await file.write(partialOffset + partialFrom * l2EntryBytes, partial.table.subarray(partialFrom * l2EntryBytes));
       await file.flush();
     } else {
       const copy = await refcounts.allocate(1);
@@ -266,6 +362,13 @@ async function shrink(file: Protocol, header: Qcow2Header, geometry: Geometry, r
     if (oldClusters > keptClusters) await release(header.l1TableOffset + keptClusters * clusterSize, (oldClusters - keptClusters) * clusterSize);
   }
   await file.flush();
+  // Bitmap tables shrink once the header says the new size (their freed clusters count for the cut below).
+  await resizeBitmaps();
+  // As qemu: the data file ends at the new size too (nothing names the bytes past it any more).
+  if (data) {
+    await data.file.truncate(newSize);
+    await data.file.flush();
+  }
 
   // 5. Freed clusters are punched; the file ends after its last cluster in use.
   const end = await lastUsedEnd(refcounts, Math.max(fileSize, refcounts.endOffset), clusterSize);
@@ -281,20 +384,22 @@ async function shrink(file: Protocol, header: Qcow2Header, geometry: Geometry, r
 /** The host ranges the L2 entries [from, end) of `table` hold references to, each checked to lie in the file. */
 function referencesOf(path: string, geometry: Geometry, table: Buffer, from: number, fileSize: number): Reference[] {
   const references: Reference[] = [];
-  const { clusterSize } = geometry;
+  const { clusterSize, l2EntryBytes } = geometry;
   for (let index = from; index < geometry.l2Entries; index++) {
-    const [high, low] = wordAt(table, index * 8);
+    const [high, low] = wordAt(table, index * l2EntryBytes);
     if (high === 0 && low === 0) continue;
     let reference: Reference;
     if (high & L2E_COMPRESSED_HIGH) {
+      if (geometry.hasDataFile) throw new CorruptImageError(`${path}: an L2 entry is compressed, which images with an external data file cannot be; repair it first (imgmount check -r all)`);
       const { hostOffset, length } = geometry.compressedExtent(high, low);
       reference = { offset: hostOffset - (hostOffset % 512), bytes: length + (hostOffset % 512) };
     } else {
       const offset = offsetBits(high, low);
-      if (offset === 0) continue; // a zero cluster without host space
       if (offset < 0 || offset % clusterSize !== 0) {
         throw new CorruptImageError(`${path}: an L2 entry points to ${offset}, which is not a cluster; repair it first (imgmount check -r all)`);
       }
+      // A zero cluster without host space; with a data file, a data cluster (no refcount in the image file).
+      if (offset === 0 || geometry.hasDataFile) continue;
       reference = { offset, bytes: clusterSize };
     }
     if (reference.offset + reference.bytes > Math.ceil(fileSize / clusterSize) * clusterSize) {
@@ -303,6 +408,11 @@ function referencesOf(path: string, geometry: Geometry, table: Buffer, from: num
     references.push(reference);
   }
   return references;
+}
+
+/** An L2 table (one cluster: 8-byte entries, or 16-byte ones with extended L2). */
+function readL2(file: Protocol, geometry: Geometry, offset: number): Promise<Buffer> {
+  return readWords(file, offset, geometry.clusterSize / 8);
 }
 
 /** Bytes up to the end of the last cluster whose refcount is not 0 (at most the file size rounded up to a cluster). */

@@ -50,6 +50,12 @@
  * Damaged metadata met while writing sets the corrupt bit (v3); from then on
  * writes fail with EIO and reads go on.
  *
+ * Clusters freed while the image is open are handed out again once their
+ * decrement and the change that freed them are durable and every request
+ * (read, write, zero) that began before the free has finished: reads are
+ * counted through `beginRead`/`endRead` (the generic layer calls them around
+ * map() and the reads it leads to), writes and zeroing here (quarantine.ts).
+ *
  * Concurrency: in-place writes run concurrently and without a lock; every
  * metadata change (allocation, zero flags, the dirty bit) runs under
  * `allocationLock`, which looks the range up again once held.
@@ -67,8 +73,10 @@ import { AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCO
 import { Qcow2Image, type Qcow2Parts } from './image.js';
 import { PendingLinks, type DetachedLinks } from './pending-links.js';
 import { Refcounts } from './refcounts.js';
+import { RequestEpochs } from './quarantine.js';
 import { dropBitmaps } from './bitmap-release.js';
 import { CompressedWriter } from './compressed-write.js';
+import { ALL_SUBCLUSTERS, planSubclusterZero } from './subcluster-zero.js';
 
 const log = createDebug('imgmount:qcow2');
 
@@ -98,9 +106,6 @@ interface Slot {
 
 /** An L2 entry to store: the standard descriptor, and with extended L2 the bitmap (zero half, allocation half). */
 type Entry = [high: number, low: number] | [high: number, low: number, zeroBits: number, allocBits: number];
-
-/** Every subcluster of a cluster allocated (extended L2). */
-const ALL_SUBCLUSTERS = 0xffffffff;
 
 const enum Action {
   /** Written where it is. */
@@ -135,6 +140,8 @@ export class WritableQcow2Image extends Qcow2Image {
   private constructor(
     parts: Qcow2Parts,
     private readonly refcounts: Refcounts,
+    /** Requests in flight, for the quarantine of freed clusters. */
+    private readonly epochs: RequestEpochs,
   ) {
     super(parts);
     refcounts.deferWrites = true;
@@ -156,7 +163,21 @@ export class WritableQcow2Image extends Qcow2Image {
   /** Makes guest data durable: the data file too when there is one. */
   private async flushData(): Promise<void> {
     if (this.dataFile) await flushToDisk(this.dataFile);
-    await flushToDisk(this.file);
+    await this.refcounts.flushed(() => flushToDisk(this.file));
+  }
+
+  /** A read begins (the generic layer, before map()): clusters freed from now on wait until it ends. */
+  beginRead(): number {
+    return this.epochs.begin();
+  }
+
+  endRead(token: number): void {
+    this.epochs.end(token);
+  }
+
+  /** Compressed clusters' cache key: a host cluster handed out again holds other bytes. */
+  protected override hostGeneration(offset: number): number {
+    return this.refcounts.generation(offset);
   }
 
   /** Host clusters for `count` new data clusters from guest cluster `guestStart`: at the guest offset with a data file. */
@@ -176,14 +197,16 @@ export class WritableQcow2Image extends Qcow2Image {
   static async open(parts: Qcow2Parts, options: OpenOptions): Promise<WritableQcow2Image> {
     const { header } = parts;
     const lazy = header.version === 3 && (header.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n;
+    const epochs = new RequestEpochs();
     const refcounts = await Refcounts.load(
       parts.file,
       { clusterBits: header.clusterBits, refcountOrder: header.refcountOrder, tableOffset: header.refcountTableOffset, tableClusters: header.refcountTableClusters },
       parts.fileSize,
       parts.metadata,
       lazy,
+      epochs,
     );
-    const image = new WritableQcow2Image({ ...parts, notice: options.notice ?? parts.notice }, refcounts);
+    const image = new WritableQcow2Image({ ...parts, notice: options.notice ?? parts.notice }, refcounts, epochs);
     await image.clearAutoclearBits();
     return image;
   }
@@ -218,6 +241,16 @@ export class WritableQcow2Image extends Qcow2Image {
 
   async write(offset: number, data: Buffer): Promise<void> {
     this.assertWritable();
+    // In-place writes go to host offsets looked up here: freed clusters wait until this ends.
+    const epoch = this.epochs.begin();
+    try {
+      await this.writeNow(offset, data);
+    } finally {
+      this.epochs.end(epoch);
+    }
+  }
+
+  private async writeNow(offset: number, data: Buffer): Promise<void> {
     const slots = await this.lookup(offset, data.length);
     const parts: Promise<void>[] = [];
     let slow: Slot[] = [];
@@ -249,14 +282,46 @@ export class WritableQcow2Image extends Qcow2Image {
   }
 
   async zero(offset: number, length: number): Promise<void> {
+    await this.zeroOrDiscard(offset, length, false);
+  }
+
+  /** `unmap` (discard): whole clusters this image owns are freed too (v3), as qemu's discard does. */
+  private async zeroOrDiscard(offset: number, length: number, unmap: boolean): Promise<void> {
     this.assertWritable();
+    // In-place punches go to host offsets looked up here: as in write.
+    const epoch = this.epochs.begin();
+    try {
+      await this.zeroNow(offset, length, unmap);
+    } finally {
+      this.epochs.end(epoch);
+    }
+  }
+
+  /** Whether a discard frees the slot's cluster (a whole one this image owns, v3, in the image file, standard L2) rather than punching it. */
+  private freesOnDiscard(slot: Slot): boolean {
+    const whole = slot.from === slot.clusterStart && slot.to === slot.clusterStart + this.geometry.clusterSize;
+    return whole && this.header.version === 3 && !this.dataFile && !this.geometry.extendedL2 && offsetBits(slot.high, slot.low) > 0;
+  }
+
+  private async zeroNow(offset: number, length: number, unmap: boolean): Promise<void> {
     // data_file_raw: the data file stays a raw image of the disk, whatever the entries say (as qemu, first).
     if (this.dataFile && this.header.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) await this.clearHostRange(offset, length);
     const slots = await this.lookup(offset, length);
     const parts: Promise<void>[] = [];
     const metadata: Slot[] = [];
+    const subclusters: Slot[] = [];
     try {
       for (const slot of slots) {
+        // Extended L2 in the image file: zero bits, as qemu (subcluster-zero.ts).
+        if (this.geometry.extendedL2 && !this.dataFile) {
+          if (!this.readsAsZeros(slot)) subclusters.push(slot);
+          continue;
+        }
+        if (unmap && this.freesOnDiscard(slot) && (this.actionFor(slot) !== Action.Allocate || this.kindOf(slot) === Kind.Zero)) {
+          // A cluster this image owns, holding data or zeros ("zero, allocated"): its entry becomes a zero cluster, the cluster is freed.
+          metadata.push(slot);
+          continue;
+        }
         // Every subcluster the range touches, not only the first (extended L2: a zero one before data ones).
         if (this.readsAsZeros(slot)) continue;
         if (this.actionFor(slot) === Action.InPlace) {
@@ -272,7 +337,8 @@ export class WritableQcow2Image extends Qcow2Image {
       await Promise.allSettled(parts); // as in write
       throw error;
     }
-    if (metadata.length > 0) parts.push(this.zeroUnderLock(metadata));
+    if (metadata.length > 0) parts.push(this.zeroUnderLock(metadata, unmap));
+    if (subclusters.length > 0) parts.push(this.zeroSubclusters(subclusters));
     await settleAll(parts);
   }
 
@@ -300,13 +366,15 @@ export class WritableQcow2Image extends Qcow2Image {
 
   /** Discard reads as zeros afterwards here, as a punched hole must: the same as zero. */
   async discard(offset: number, length: number): Promise<void> {
-    await this.zero(offset, length);
+    await this.zeroOrDiscard(offset, length, true);
   }
 
   override async flush(): Promise<void> {
     if (this.closed) return;
     await this.persistSoon();
     await this.flushData();
+    // Freed clusters whose free this flush made durable: punched now, so the file's allocated size shrinks.
+    if (this.refcounts.reclaimable) await this.allocationLock.runExclusive(() => this.refcounts.reclaim());
   }
 
   /**
@@ -324,6 +392,8 @@ export class WritableQcow2Image extends Qcow2Image {
       if (!this.pending.empty) return; // written to since: not idle after all
       await this.refcounts.writeBack();
       await this.flushData();
+      // The frees this flush made durable: punched now, so an idle image gives their space back.
+      if (this.refcounts.reclaimable) await this.refcounts.reclaim();
       if (!this.dirtyMarked) return;
       // Unmarked first: if the header write fails, the next change sets the bit again.
       this.dirtyMarked = false;
@@ -635,14 +705,17 @@ export class WritableQcow2Image extends Qcow2Image {
     if (this.linkTimer) clearTimeout(this.linkTimer);
     this.linkTimer = undefined;
     await this.refcounts.writeBack();
-    if (this.pending.empty) return;
-    await this.flushData();
-    await this.pending.drain((offset, bytes) => {
-      announce(this.file, 'l2_update');
-      return this.file.write(offset, bytes);
-    });
-    // The decrements go to disk now too (after their entries; a crash before leaves leaks only).
-    await this.refcounts.writeBack();
+    if (!this.pending.empty) {
+      await this.flushData();
+      await this.pending.drain((offset, bytes) => {
+        announce(this.file, 'l2_update');
+        return this.file.write(offset, bytes);
+      });
+      // The decrements go to disk now too (after their entries; a crash before leaves leaks only).
+      await this.refcounts.writeBack();
+    }
+    // Freed clusters an earlier flush made durable: punched and reusable now.
+    if (this.refcounts.reclaimable) await this.refcounts.reclaim();
   }
 
   /**
@@ -758,7 +831,7 @@ export class WritableQcow2Image extends Qcow2Image {
     if (kind === Kind.Compressed) {
       this.compressed?.forget();
       const { hostOffset, length } = this.geometry.compressedExtent(slot.high, slot.low);
-      await this.refcounts.decrement(hostOffset - (hostOffset % 512), length + (hostOffset % 512));
+      await this.refcounts.decrement(hostOffset - (hostOffset % 512), length + (hostOffset % 512), true);
     } else if ((kind === Kind.Normal || kind === Kind.Zero || this.geometry.extendedL2) && offsetBits(slot.high, slot.low) > 0) {
       await this.refcounts.decrement(offsetBits(slot.high, slot.low), this.geometry.clusterSize);
     }
@@ -798,7 +871,8 @@ export class WritableQcow2Image extends Qcow2Image {
       await this.file.write(this.header.l1TableOffset + l1Index * 8, entry);
       // In memory only once on disk: after a failed write the next try allocates again.
       entry.copy(this.l1, l1Index * 8);
-      if (current !== 0) await this.refcounts.decrement(current, clusterSize);
+      // The snapshot usually keeps the old table; when this was its last reference it is no longer metadata.
+      if (current !== 0 && (await this.refcounts.decrement(current, clusterSize)).length > 0) this.metadata.removeRange(current, clusterSize);
     } catch (error) {
       handle.release();
       throw error;
@@ -835,8 +909,13 @@ export class WritableQcow2Image extends Qcow2Image {
 
   // --- zeroing ---
 
-  /** Zeroes clusters whose entries must change: whole clusters become zero clusters (v3), the rest is written as zeros. */
-  private async zeroUnderLock(slots: Slot[]): Promise<void> {
+  /**
+   * Zeroes clusters whose entries must change: whole clusters become zero clusters (v3), the
+   * rest is written as zeros. With `unmap` (discard), whole clusters this image owns are freed
+   * too (their reference dropped once the zero entry is written; the quarantine keeps the
+   * cluster from new owners until that is durable and no earlier request can still reach it).
+   */
+  private async zeroUnderLock(slots: Slot[], unmap: boolean): Promise<void> {
     const { clusterSize } = this.geometry;
     const writes: Slot[] = [];
     await this.underLock(async () => {
@@ -844,9 +923,10 @@ export class WritableQcow2Image extends Qcow2Image {
         const [slot] = await this.lookup(first.from, first.to - first.from);
         if (!slot) continue;
         const kind = this.kindOf(slot);
-        if (kind === Kind.Zero || (kind === Kind.Unallocated && !this.readBacking)) continue;
+        const frees = unmap && this.freesOnDiscard(slot) && (kind === Kind.Zero || this.actionFor(slot) !== Action.Allocate);
+        if (!frees && (kind === Kind.Zero || (kind === Kind.Unallocated && !this.readBacking))) continue;
         const whole = slot.from === slot.clusterStart && slot.to === slot.clusterStart + clusterSize;
-        if (!whole || this.header.version !== 3 || this.actionFor(slot) !== Action.Allocate) {
+        if (!frees && (!whole || this.header.version !== 3 || this.actionFor(slot) !== Action.Allocate)) {
           writes.push(slot);
           continue;
         }
@@ -864,6 +944,44 @@ export class WritableQcow2Image extends Qcow2Image {
     });
     // Outside the lock: these are ordinary writes (they take it themselves when they allocate).
     for (const slot of writes) await this.write(slot.from, Buffer.alloc(slot.to - slot.from));
+  }
+
+  /**
+   * Extended L2 (no data file): sets zero bits, or frees whole clusters, as planned by
+   * subcluster-zero.ts; an entry that keeps its host cluster goes through link() (it may
+   * name a cluster whose refcount is not on disk yet), one that loses it is written at
+   * once and the reference dropped after. Partial subclusters are then written as zeros.
+   */
+  private async zeroSubclusters(slots: Slot[]): Promise<void> {
+    const bytes = this.geometry.l2EntryBytes;
+    const writes: [number, number][] = [];
+    await this.underLock(async () => {
+      for (const first of slots) {
+        const [looked] = await this.lookup(first.from, first.to - first.from);
+        if (!looked || this.readsAsZeros(looked)) continue;
+        const table = await this.ownedTable(looked.l1Index);
+        try {
+          // The table may have been copied: its entries are the ones to use now.
+          const [high, low] = wordAt(table.handle.table, looked.l2Index * bytes);
+          const [zeroBits, allocBits] = wordAt(table.handle.table, looked.l2Index * bytes + 8);
+          const slot = { ...looked, high, low, zeroBits, allocBits, tableOwned: true };
+          const plan = planSubclusterZero(this.geometry, slot, (kind) => this.zerosBefore(kind), (sub) => this.corrupt(slot.clusterStart, `has an impossible subcluster bitmap (subcluster ${sub})`));
+          writes.push(...plan.writes);
+          if (plan.free) {
+            await this.markDirty();
+            await this.setEntries(table, slot.l2Index, [[0, 0, ALL_SUBCLUSTERS, 0]]);
+            await this.release(slot);
+          } else if (plan.bits) {
+            await this.markDirty();
+            await this.link(table, slot.l2Index, [[high, low, plan.bits.zeroBits, plan.bits.allocBits]], [], false);
+          }
+        } finally {
+          table.handle.release();
+        }
+      }
+    });
+    // Outside the lock: ordinary writes (they take it themselves when they allocate).
+    for (const [from, to] of writes) await this.write(from, Buffer.alloc(to - from));
   }
 
   private async clearHostRange(hostOffset: number, length: number): Promise<void> {
