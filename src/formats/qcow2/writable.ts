@@ -692,6 +692,8 @@ export class WritableQcow2Image extends Qcow2Image {
       }, this.pending);
       // The decrements go to disk now too (after their entries; a crash before leaves leaks only).
       await this.refcounts.writeBack();
+      // Freed clusters an earlier flush made durable: punched and reusable now.
+      if (this.refcounts.reclaimable) await this.refcounts.reclaim();
     });
   }
 
