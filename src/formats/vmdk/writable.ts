@@ -20,11 +20,12 @@
  * run concurrently. Flush is fdatasync of the file.
  */
 import { randomInt } from 'node:crypto';
+import { constants } from 'node:os';
 import { Mutex } from 'async-mutex';
 import { CorruptImageError, InvalidArgumentError } from '../../block/errors.js';
-import type { BackingReader } from '../../block/types.js';
+import type { BackingReader, Protocol } from '../../block/types.js';
 import { descriptorText } from './descriptor.js';
-import { SparseExtent, type Extent } from './extent.js';
+import { FlatExtent, SparseExtent, type Extent } from './extent.js';
 import { SECTOR } from './header.js';
 import { VmdkImage, type VmdkImageParts } from './image.js';
 
@@ -47,7 +48,8 @@ export interface WritableParts extends VmdkImageParts {
 /** Why an image opened read-write must stay read-only, or undefined when it can be written. */
 export function writeRefusal(extents: readonly Extent[], version: (extent: SparseExtent) => number): string | undefined {
   for (const extent of extents) {
-    if (!(extent instanceof SparseExtent)) return 'writing flat VMDK extents is not supported yet';
+    if (extent instanceof FlatExtent) continue;
+    if (!(extent instanceof SparseExtent)) return 'writing this kind of VMDK extent is not supported';
     if (extent.compressed) return 'writing stream-optimized (compressed) VMDK images is not supported';
     if (version(extent) === 3) return 'it is a VMDK version 3 image, which qemu also opens only read-only (changed block tracking)';
     if (extent.directory.some((sector) => sector === 0)) return 'a grain table is not allocated (writing would need to allocate one, which is not supported)';
@@ -63,6 +65,8 @@ export class WritableVmdkImage extends VmdkImage {
   /** Serializes allocating writes and zeroed-grain updates (async-mutex, as the other drivers). */
   protected readonly allocation = new Mutex();
   private backingReader: BackingReader | undefined;
+  /** Extent files written (or about to be) since the last flush. */
+  private readonly dirty = new Set<Protocol>();
   private cidUpdate: Promise<void> | undefined;
 
   constructor(parts: WritableParts) {
@@ -93,9 +97,11 @@ export class WritableVmdkImage extends VmdkImage {
     await this.eachExtent(offset, length, async (extent, at, start, done) => {
       const part = Math.min(extent.length - at, length - done);
       if (extent instanceof SparseExtent && extent.zeroGrains) {
+        this.dirty.add(extent.file);
         await this.zeroSparse(extent, at, part, start);
         return;
       }
+      if (extent instanceof FlatExtent && (await this.punch(extent, at, part))) return;
       // zeros written, a bounded buffer at a time
       const zeros = Buffer.alloc(Math.min(part, ZERO_CHUNK));
       for (let written = 0; written < part; written += zeros.length) {
@@ -104,9 +110,30 @@ export class WritableVmdkImage extends VmdkImage {
     });
   }
 
+  /** Frees a flat extent's range (it then reads as zeros); false when the host file cannot punch holes. */
+  private async punch(extent: FlatExtent, at: number, length: number): Promise<boolean> {
+    if (!extent.file.punchHole) return false;
+    this.dirty.add(extent.file);
+    try {
+      await extent.file.punchHole(extent.flatOffset + at, length);
+      return true;
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code === 'EOPNOTSUPP' || Math.abs((error as { errno?: number }).errno ?? 0) === constants.errno.EOPNOTSUPP) return false;
+      throw error;
+    }
+  }
+
+  /** The image's own file and every extent file written since the last flush. */
   override async flush(): Promise<void> {
     await this.allocation.waitForUnlock();
-    for (const file of new Set([this.file, ...this.extents.map((extent) => extent.file)])) await file.flush();
+    const files = new Set([this.file, ...this.dirty]);
+    this.dirty.clear();
+    try {
+      for (const file of files) await file.flush();
+    } catch (error) {
+      for (const file of files) this.dirty.add(file);
+      throw error;
+    }
   }
 
   override async close(): Promise<void> {
@@ -135,8 +162,15 @@ export class WritableVmdkImage extends VmdkImage {
   }
 
   private async writeExtent(extent: Extent, at: number, data: Buffer, start: number): Promise<void> {
-    if (!(extent instanceof SparseExtent)) throw new InvalidArgumentError(`${extent.file.path}: only sparse VMDK extents are written`);
+    if (extent instanceof FlatExtent) {
+      // a flat extent is raw: written in place
+      this.dirty.add(extent.file);
+      await extent.file.write(extent.flatOffset + at, data);
+      return;
+    }
+    if (!(extent instanceof SparseExtent)) throw new InvalidArgumentError(`${extent.file.path}: only flat and sparse VMDK extents are written`);
     const sparse = extent;
+    this.dirty.add(sparse.file);
     const grain = sparse.grainSize;
     const parts: Promise<void>[] = [];
     for (let done = 0; done < data.length; ) {
