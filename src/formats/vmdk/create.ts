@@ -138,7 +138,8 @@ function plan(path: string, options: CreateOptions): Plan {
       `CID=${cid.toString(16)}\n` +
       `parentCID=${parentCid.toString(16)}\n` +
       `createType="${subformat}"\n` +
-      (options.backingFile !== undefined ? `parentFileNameHint="${options.backingFile}"\n` : '') +
+      // qemu's template: the hint line takes the place of the blank line before the extents
+      (options.backingFile !== undefined ? `parentFileNameHint="${options.backingFile}"` : '') +
       '\n# Extent description\n' +
       lines +
       '\n# The Disk Data Base\n#DDB\n\n' +

@@ -15,7 +15,7 @@
  *
  * Everything is read once here; the image is immutable afterwards.
  */
-import { resolve } from 'node:path';
+import { dirname, resolve } from 'node:path';
 import createDebug from 'debug';
 import { CorruptImageError, UnsupportedFeatureError } from '../../block/errors.js';
 import type { FormatImage, OpenOptions, Protocol } from '../../block/types.js';
@@ -220,7 +220,9 @@ async function openDescriptorFile(file: Protocol, fileSize: number, at: number, 
 }
 
 async function openExtent(image: Protocol, line: ExtentLine, index: number, options: OpenOptions, write: boolean): Promise<Extent> {
-  const writable = write && (line.type === 'FLAT' || line.type === 'VMFS' || line.type === 'SPARSE');
+  // the descriptor file itself named as an extent stays read-only (selfExtent refuses writing then)
+  const itself = resolve(dirname(image.path), line.fileName) === resolve(image.path);
+  const writable = write && !itself && (line.type === 'FLAT' || line.type === 'VMFS' || line.type === 'SPARSE');
   const file = await options.files.open(line.fileName, 'VMDK extent', { readOnly: !writable, confined: true });
   if (line.type === 'FLAT' || line.type === 'VMFS') return new FlatExtent(file, line.sectors * SECTOR, line.flatOffset * SECTOR, line.type, false);
   const fileSize = await file.size();
