@@ -11,7 +11,10 @@
  *   other directories (CVE-2022-47951: a descriptor naming arbitrary host
  *   files). VMDK3 ("COWD", vmfsSparse: cowd.ts) and seSparse (sesparse.ts)
  *   extents are read-only; a sparse extent that is itself a descriptor is
- *   refused, as is a "COWD" file opened directly (qemu fails it too).
+ *   refused, as is a "COWD" file opened directly (qemu fails it too). For a
+ *   read-write open, FLAT, VMFS and SPARSE extent files open read-write
+ *   (through the same confined gate) and the image is writable when every
+ *   extent is (writable.ts: writeRefusal, the layout checks here).
  *
  * Everything is read once here; the image is immutable afterwards.
  */

@@ -1,7 +1,11 @@
 /**
  * Writing monolithicSparse VMDK images (one uncompressed sparse file, every
- * grain table allocated: what qemu-img create makes): in place where a grain
- * is allocated, else a new grain at the end of the file.
+ * grain table allocated: what qemu-img create makes) and descriptor files
+ * whose extents are flat or such sparse files (monolithicFlat,
+ * twoGbMaxExtentFlat / Sparse, vmfs): a request is split at extent
+ * boundaries; a flat extent is raw, written in place (zero requests punch a
+ * hole, else write zeros); a sparse extent is written in place where a grain
+ * is allocated, else a new grain at the end of that extent's file.
  *
  * The order of an allocating write keeps the image consistent at every
  * moment, as qemu's "write the grain itself first": the whole new grain (the
@@ -17,7 +21,8 @@
  *
  * Concurrency: allocating writes (and zeroed-grain updates) are serialized by
  * one lock, and each re-reads its entry under it; in-place writes and reads
- * run concurrently. Flush is fdatasync of the file.
+ * run concurrently. Flush is fdatasync of the image's file and of every
+ * extent file written since the last flush.
  */
 import { randomInt } from 'node:crypto';
 import { constants } from 'node:os';
