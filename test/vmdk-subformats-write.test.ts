@@ -80,6 +80,8 @@ describe.skipIf(skipWithoutQemu('vmdk descriptor-file writes'))('vmdk descriptor
       const model = join(dir, 'model.raw');
       const size = subformat === 'monolithicFlat' ? 9 * M + 512 : 5 * G - 512;
       await createImage(path, 'vmdk', { formats: defaultFormats, size, options: { subformat } });
+      const cid = ((await qemuInfo(path, 'vmdk'))['format-specific'] as { data: { cid: number } }).data.cid;
+      const original = await readFile(path, 'utf8');
       await writeFile(model, '');
       await truncate(model, size);
       const random = seededRandom(0x5eed + subformat.length);
@@ -120,9 +122,12 @@ describe.skipIf(skipWithoutQemu('vmdk descriptor-file writes'))('vmdk descriptor
       expect(check.code, check.stdout + check.stderr).toBe(0);
       const compare = await qemuCompare(path, 'vmdk', model, 'raw');
       expect(compare.code, compare.stdout + compare.stderr).toBe(0);
-      // the descriptor got a new CID and is still qemu's descriptor otherwise
+      // the descriptor got a new CID (as qemu gives one on the first write) and is still qemu's descriptor otherwise
       const info = await qemuInfo(path, 'vmdk');
-      expect((info['format-specific'] as { data: { 'create-type': string } }).data['create-type']).toBe(subformat);
+      const data = (info['format-specific'] as { data: { 'create-type': string; cid: number } }).data;
+      expect(data['create-type']).toBe(subformat);
+      expect(data.cid).not.toBe(cid);
+      expect(withoutCid((await readFile(path, 'utf8')).replace(/\0+$/, ''))).toBe(withoutCid(original));
     });
   }
 
