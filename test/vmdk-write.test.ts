@@ -7,7 +7,7 @@
  * comparison with qemu-img check / compare is in the conformance suite.
  */
 import { createHash } from 'node:crypto';
-import { mkdir, readFile, stat, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, stat, symlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { BlockImage as BlockImageClass, createImage, defaultFormats, openImage } from '../src/index.js';
@@ -187,7 +187,14 @@ describe.skipIf(skipWithoutQemu('vmdk writes'))('vmdk writes', () => {
         const text = '# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType="monolithicFlat"\n\nRW 8 FLAT "self.vmdk" 0\n';
         await writeFile(path, text.padEnd(4096, '#'));
         return path;
-      }, /a flat extent is the descriptor file itself/],
+      }, /the extent self\.vmdk is the descriptor file itself \(writes would overwrite the descriptor\)/],
+      ['twoGbMaxExtentSparse whose second extent line names the first file through a symbolic link (allocations in one would overwrite the other\'s grains)', async (dir) => {
+        const path = await sparse(dir, 'twice.vmdk', 4 * M, ['-o', 'subformat=twoGbMaxExtentSparse']);
+        await symlink('twice-s001.vmdk', join(dir, 'again.vmdk'));
+        const text = (await readFile(path, 'utf8')).replace(/^(RW \d+ SPARSE "twice-s001.vmdk")$/m, '$1\nRW 8192 SPARSE "again.vmdk"');
+        await writeFile(path, text);
+        return path;
+      }, /the extent file again\.vmdk is named by more than one extent line \(writes through one would overwrite the other\)/],
     ];
     for (const [what, make, notice] of cases) {
       it(what, TIMEOUT, async () => {

@@ -18,6 +18,7 @@
  *
  * Everything is read once here; the image is immutable afterwards.
  */
+import { realpath } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
 import createDebug from 'debug';
 import { CorruptImageError, UnsupportedFeatureError } from '../../block/errors.js';
@@ -77,9 +78,9 @@ export async function openVmdk(file: Protocol, options: OpenOptions): Promise<Fo
     if (!options.readOnly) notice(options, `${file.path}: opened read-only: writing a VMDK descriptor kept inside a sparse header is not supported`);
     return image;
   }
-  const { image, parts } = await openDescriptorFile(file, fileSize, 0, { ...options, readOnly: true }, !options.readOnly);
+  const { image, parts, shared } = await openDescriptorFile(file, fileSize, 0, { ...options, readOnly: true }, !options.readOnly);
   if (options.readOnly) return image;
-  const refusal = descriptorRefusal(parts.extents) ?? selfExtent(file, parts);
+  const refusal = descriptorRefusal(parts.extents) ?? shared;
   if (refusal !== undefined) {
     notice(options, `${file.path}: opened read-only: ${refusal}`);
     return image;
@@ -91,13 +92,6 @@ export async function openVmdk(file: Protocol, options: OpenOptions): Promise<Fo
     .map((extent) => extentLayoutProblem(extent))
     .find((found) => found !== undefined);
   return writableOrNotice(file, parts, { offset: 0, room }, options, problem);
-}
-
-/** A flat extent that is the descriptor file itself: guest writes would overwrite the descriptor. */
-function selfExtent(file: Protocol, parts: VmdkImageParts): string | undefined {
-  const own = resolve(file.path);
-  const found = parts.extents.find((extent) => extent instanceof FlatExtent && resolve(extent.file.path) === own);
-  return found === undefined ? undefined : 'a flat extent is the descriptor file itself (writes would overwrite the descriptor)';
 }
 
 /** Why a sparse extent of a descriptor file cannot be written (its tables must lie before its grains), if it cannot. */
@@ -206,26 +200,47 @@ function backingOf(descriptor: Descriptor): { filename: string; format: string }
 }
 
 /** `writeExtents`: FLAT, VMFS and SPARSE extent files are opened read-write (the image may be written). */
-async function openDescriptorFile(file: Protocol, fileSize: number, at: number, options: OpenOptions, writeExtents = false): Promise<{ image: FormatImage; parts: VmdkImageParts }> {
+async function openDescriptorFile(
+  file: Protocol, fileSize: number, at: number, options: OpenOptions, writeExtents = false,
+): Promise<{ image: FormatImage; parts: VmdkImageParts; shared?: string }> {
   const bytes = Buffer.alloc(Math.min(fileSize - at, DESCRIPTOR_FILE_MAX_BYTES));
   await file.read(at, bytes);
   const descriptor = parseDescriptorFile(descriptorText(bytes), file.path);
   if (descriptor.extents.length === 0) throw new CorruptImageError(`${file.path}: the VMDK descriptor lists no extent qemu would open (RW, a known type, a positive size)`);
+  // a file named twice (or the descriptor named as an extent): every extent opens read-only, the image too
+  const shared = writeExtents ? await sharedFile(file.path, descriptor.extents) : undefined;
   const extents: Extent[] = [];
-  for (const line of descriptor.extents) extents.push(await openExtent(file, line, extents.length, options, writeExtents));
+  for (const line of descriptor.extents) extents.push(await openExtent(file, line, extents.length, options, writeExtents && shared === undefined));
   const total = extents.reduce((sum, extent) => sum + extent.length, 0);
   if (!Number.isSafeInteger(total)) throw new CorruptImageError(`${file.path}: the VMDK extents add up to more than ${Number.MAX_SAFE_INTEGER} bytes`);
   // qemu's quirk: a compressed extent makes the image's create type streamOptimized
   const createType = extents.some((extent) => extent.compressed) ? 'streamOptimized' : descriptor.createType!;
   log('%s: %s descriptor with %d extent(s)', file.path, createType, extents.length);
   const parts: VmdkImageParts = { file, extents, descriptor, createType, backing: backingOf(descriptor) };
-  return { image: new VmdkImage(parts), parts };
+  return { image: new VmdkImage(parts), parts, shared };
+}
+
+/**
+ * Why the extents cannot be written when two lines name one file (symbolic links followed), or a
+ * line names the descriptor file: a write through one would overwrite the other's bytes or grains.
+ * Names that do not resolve are left to the gate, which refuses them with its own message.
+ */
+async function sharedFile(imagePath: string, lines: readonly ExtentLine[]): Promise<string | undefined> {
+  const real = async (path: string) => realpath(path).catch(() => undefined);
+  const own = await real(imagePath);
+  const seen = new Set<string>();
+  for (const line of lines) {
+    const path = await real(resolve(dirname(imagePath), line.fileName));
+    if (path === undefined) continue;
+    if (path === own) return `the extent ${line.fileName} is the descriptor file itself (writes would overwrite the descriptor)`;
+    if (seen.has(path)) return `the extent file ${line.fileName} is named by more than one extent line (writes through one would overwrite the other)`;
+    seen.add(path);
+  }
+  return undefined;
 }
 
 async function openExtent(image: Protocol, line: ExtentLine, index: number, options: OpenOptions, write: boolean): Promise<Extent> {
-  // the descriptor file itself named as an extent stays read-only (selfExtent refuses writing then)
-  const itself = resolve(dirname(image.path), line.fileName) === resolve(image.path);
-  const writable = write && !itself && (line.type === 'FLAT' || line.type === 'VMFS' || line.type === 'SPARSE');
+  const writable = write && (line.type === 'FLAT' || line.type === 'VMFS' || line.type === 'SPARSE');
   const file = await options.files.open(line.fileName, 'VMDK extent', { readOnly: !writable, confined: true });
   if (line.type === 'FLAT' || line.type === 'VMFS') return new FlatExtent(file, line.sectors * SECTOR, line.flatOffset * SECTOR, line.type, false);
   const fileSize = await file.size();
