@@ -8,10 +8,12 @@
  * model written alongside, convert writes them, and the refusals are one line.
  */
 import { mkdir, open as openFile, readFile, readdir, stat, truncate, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { convertImage, createImage, defaultFormats, openImage } from '../src/index.js';
-import { makeTempDir, qemuCheck, qemuCompare, qemuImg, qemuInfo, run, skipWithoutQemu } from './helpers/qemu.js';
+import { ImageFileGate } from '../src/block/gate.js';
+import { vmdk } from '../src/formats/vmdk/index.js';
+import { makeTempDir, qemuCheck, qemuCompare, qemuImg, qemuInfo, run, skipWithoutQemu, spyProtocol } from './helpers/qemu.js';
 import { seededRandom } from './helpers/random.js';
 
 const K = 1024;
@@ -181,6 +183,45 @@ describe.skipIf(skipWithoutQemu('vmdk descriptor-file writes'))('vmdk descriptor
     const child = JSON.parse((await qemuImg(['map', '-f', 'vmdk', '--output=json', join(dir, 'ours.vmdk')])).stdout) as Array<{ start: number; length: number; depth: number; data: boolean }>;
     const own = child.filter((r) => r.depth === 0 && r.data);
     expect([own[0]?.start, own.reduce((sum, r) => sum + r.length, 0)]).toEqual([edge - 2 * 64 * K, 4 * 64 * K]);
+  });
+
+  it('twoGbMaxExtentSparse: the CID goes to the descriptor file first, then the grain of the second extent and its fdatasync, then its entries; flush syncs only the files written', TIMEOUT, async () => {
+    const dir = await makeTempDir();
+    const path = join(dir, 'disk.vmdk');
+    await createImage(path, 'vmdk', { formats: defaultFormats, size: 5 * G, options: { subformat: 'twoGbMaxExtentSparse' } });
+    const events: string[] = [];
+    const spied = async (file: string, readOnly: boolean) => {
+      const spy = await spyProtocol(file, readOnly);
+      const name = basename(file);
+      return { ...spy, write: (o: number, b: Buffer) => (events.push(`${name} write ${o} ${b.length}`), spy.write(o, b)), flush: () => (events.push(`${name} flush`), spy.flush()) };
+    };
+    const files = new ImageFileGate(path, {}, true);
+    const opened: Array<{ close(): Promise<void> }> = [];
+    const gate = {
+      async open(name: string, role: string, options: { readOnly: boolean; confined?: boolean }) {
+        const real = await files.open(name, role, options);
+        await real.close();
+        const spy = await spied(real.path, options.readOnly);
+        opened.push(spy);
+        return spy;
+      },
+    };
+    const own = await spied(path, false);
+    const image = await vmdk.open(own, { readOnly: false, files: gate });
+    const s002Size = (await stat(join(dir, 'disk-s002.vmdk'))).size;
+    try {
+      await image.write!(2 * G + 3 * 64 * K + 100, Buffer.alloc(200, 0x44));
+      await image.flush!();
+      expect(events[0]).toMatch(/^disk\.vmdk write 0 512$/); // the new CID: the descriptor's sector
+      expect(events[1]).toBe('disk.vmdk flush');
+      expect(events.slice(2, 4)).toEqual([`disk-s002.vmdk write ${s002Size} ${64 * K}`, 'disk-s002.vmdk flush']);
+      // the entry in the primary table, then the redundant one (each its 512-byte sector)
+      expect(events.slice(4, 6).every((e) => /^disk-s002\.vmdk write \d+ 512$/.test(e))).toBe(true);
+      expect(events.slice(6).sort()).toEqual(['disk-s002.vmdk flush', 'disk.vmdk flush']);
+    } finally {
+      await image.close!();
+      await Promise.all(opened.map((file) => file.close()));
+    }
   });
 
   for (const subformat of SPLIT_FORMS) {

@@ -70,7 +70,7 @@ export class WritableVmdkImage extends VmdkImage {
   /** Serializes allocating writes and zeroed-grain updates (async-mutex, as the other drivers). */
   protected readonly allocation = new Mutex();
   private backingReader: BackingReader | undefined;
-  /** Extent files written (or about to be) since the last flush. */
+  /** Extent files written since the last flush began (marked before a write and again when it ends). */
   private readonly dirty = new Set<Protocol>();
   private cidUpdate: Promise<void> | undefined;
 
@@ -151,17 +151,21 @@ export class WritableVmdkImage extends VmdkImage {
     let index = this.extentAt(offset);
     let done = 0;
     const pieces: Promise<void>[] = [];
+    const touched: Extent[] = [];
     while (done < length) {
       const extent = this.extents[index]!;
       const start = this.starts[index]!;
       const at = offset + done - start;
       if (at < extent.length) {
+        touched.push(extent);
         pieces.push(body(extent, at, start, done));
         done += Math.min(extent.length - at, length - done);
       }
       index += 1;
     }
     const results = await Promise.allSettled(pieces);
+    // again once done: a flush that ran meanwhile may have taken the mark before these bytes landed
+    for (const extent of touched) this.dirty.add(extent.file);
     const failed = results.find((result): result is PromiseRejectedResult => result.status === 'rejected');
     if (failed) throw failed.reason;
   }
