@@ -6,6 +6,9 @@
  * requests across extent boundaries of 5 GiB images (sparse host files: no
  * disk cost) leave qemu-img check clean and qemu-img compare equal to a raw
  * model written alongside, convert writes them, and the refusals are one line.
+ * Also: which files an allocating write and a flush touch, in which order; a
+ * twoGbMaxExtentSparse child over a parent (partial grains at the boundary);
+ * an ESX vmfs descriptor (VMFS flat extent) written in place.
  */
 import { mkdir, open as openFile, readFile, readdir, stat, truncate, writeFile } from 'node:fs/promises';
 import { basename, join } from 'node:path';
@@ -222,6 +225,28 @@ describe.skipIf(skipWithoutQemu('vmdk descriptor-file writes'))('vmdk descriptor
       await image.close!();
       await Promise.all(opened.map((file) => file.close()));
     }
+  });
+
+  it('vmfs (a VMFS flat extent, ESX): written in place as qemu writes it; qemu-img compare equals the model', TIMEOUT, async () => {
+    const dir = await makeTempDir();
+    const path = join(dir, 'esx.vmdk');
+    await writeFile(path, '# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="vmfs"\n\n# Extent description\nRW 4096 VMFS "esx-flat.vmdk"\n');
+    await writeFile(join(dir, 'esx-flat.vmdk'), Buffer.alloc(2 * M, 0x11));
+    const model = Buffer.alloc(2 * M, 0x11);
+    const image = await openImage(path, { formats: defaultFormats, readOnly: false });
+    try {
+      expect(image.readOnly).toBe(false);
+      await image.write(M - 7, Buffer.alloc(5000, 0x22));
+      Buffer.alloc(5000, 0x22).copy(model, M - 7);
+      await image.zero(100, 70 * K);
+      model.fill(0, 100, 100 + 70 * K);
+    } finally {
+      await image.close();
+    }
+    await writeFile(join(dir, 'model.raw'), model);
+    const compare = await qemuCompare(path, 'vmdk', join(dir, 'model.raw'), 'raw');
+    expect(compare.code, compare.stdout + compare.stderr).toBe(0);
+    expect((await stat(join(dir, 'esx-flat.vmdk'))).size).toBe(2 * M);
   });
 
   for (const subformat of SPLIT_FORMS) {
