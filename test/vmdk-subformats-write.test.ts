@@ -275,6 +275,13 @@ describe.skipIf(skipWithoutQemu('vmdk descriptor-file writes'))('vmdk descriptor
       expect(await readFile(join(dir, 'disk-s002.vmdk'), 'utf8')).toBe('precious');
     });
 
+    it('a create that fails after the extent files (FILE is a directory) removes the extent files it made', async () => {
+      const dir = await makeTempDir();
+      await mkdir(join(dir, 'disk.vmdk'));
+      await expect(createImage(join(dir, 'disk.vmdk'), 'vmdk', { formats: defaultFormats, size: 5 * G, force: true, options: { subformat: 'twoGbMaxExtentSparse' } })).rejects.toThrow(/cannot create .*disk\.vmdk: /);
+      expect(await readdir(dir)).toEqual(['disk.vmdk']);
+    });
+
     it('bad subformat, zeroed grains or a backing file on a flat image, size 0', async () => {
       const dir = await makeTempDir();
       const path = join(dir, 'disk.vmdk');

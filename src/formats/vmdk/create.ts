@@ -207,17 +207,23 @@ async function writeSparse(path: string, sectors: number, stream: boolean, zeroe
     const gd = directory(gdOffset);
     await handle.write(gd, 0, gd.length, gdOffset * SECTOR);
     await handle.datasync();
+  } catch (error) {
+    if (mode === 'wx') await rm(path, { force: true }).catch(() => undefined);
+    throw error;
   } finally {
     await handle.close();
   }
 }
 
-/** A flat extent: a sparse file of its size (qemu-img's preallocation=off). */
+/** A flat extent: a new sparse file of its size (qemu-img's preallocation=off); removed again when that fails. */
 async function writeFlat(path: string, sectors: number): Promise<void> {
   const handle = await open(path, 'wx');
   try {
     await handle.truncate(sectors * SECTOR);
     await handle.datasync();
+  } catch (error) {
+    await rm(path, { force: true }).catch(() => undefined);
+    throw error;
   } finally {
     await handle.close();
   }
@@ -253,9 +259,10 @@ export async function createVmdk(path: string, options: CreateOptions): Promise<
   try {
     for (const extent of extents) {
       current = extent.path;
-      created.push(extent.path);
+      // each removes its own file when it fails after creating it; never a file it did not create
       if (flat) await writeFlat(extent.path, extent.sectors);
       else await writeSparse(extent.path, extent.sectors, false, zeroedGrain, undefined, 'wx');
+      created.push(extent.path);
     }
     // the descriptor last: until it exists, nothing names the extents
     current = path;
