@@ -1,11 +1,12 @@
 /**
  * The VMDK entry of the conformance matrix (formats.ts): shapes qemu-img and
- * qemu-io make; the monolithicSparse ones are written by the random write tests (the
- * stream-optimized and the flat one open read-only, with a notice). monolithicSparse with and without zeroed
+ * qemu-io make; the monolithicSparse and descriptor-file ones are written by the random write tests (the
+ * stream-optimized one opens read-only, with a notice). monolithicSparse with and without zeroed
  * grains (sizes that are not a multiple of the 64 KiB grain), streamOptimized
  * (compressed grains with markers), monolithicFlat (a descriptor file and one
- * flat extent), and a differencing image over a sparse parent. Multi-extent
- * forms (twoGbMaxExtent*) are in test/vmdk.test.ts: the matrix knows one data
+ * flat extent), twoGbMaxExtentSparse / Flat under 2 GiB (one extent each), and a
+ * differencing image over a sparse parent. Several extents (2 GiB each) are in
+ * test/vmdk.test.ts and test/vmdk-subformats-write.test.ts: the matrix knows one data
  * file per image. VMDK3 ("COWD", vmfsSparse) and seSparse extents, which
  * qemu-img cannot create, are made by vmdk-old-writer.ts from a byte model;
  * the suite's oracle is still qemu (convert, map, info of those files), and
@@ -122,7 +123,6 @@ const shapes: Shape[] = [
   },
   {
     name: 'flat',
-    readOnly: /a descriptor file\) is not supported yet/,
     description: 'monolithicFlat: a descriptor file and one flat extent (flat-flat.vmdk) under a relative name, 3 MiB, pattern writes and write -z',
     async build(dir) {
       const path = join(dir, 'flat.vmdk');
@@ -130,6 +130,29 @@ const shapes: Shape[] = [
       await qemuImg(['create', '-q', '-f', 'vmdk', '-o', 'subformat=monolithicFlat', path, String(size)]);
       await qemuIo(path, [...writes(size, 0x51), `write -z ${GRAIN} 5000`], 'vmdk');
       return built(path, this.description, { map: ['data-over-host-hole'], info: info('monolithicFlat') }, { dataFile: join(dir, 'flat-flat.vmdk') });
+    },
+  },
+  {
+    name: 'split-sparse',
+    description: 'twoGbMaxExtentSparse under 2 GiB (a descriptor file and one sparse extent, split-sparse-s001.vmdk), 5 MiB + 512, mixed content, pattern writes, write -z',
+    async build(dir) {
+      const path = join(dir, 'split-sparse.vmdk');
+      const size = 5 * M + 512;
+      await qemuImg(['create', '-q', '-f', 'vmdk', '-o', 'subformat=twoGbMaxExtentSparse', path, String(size)]);
+      await fill(path, size, 703, dir, 'split-sparse');
+      await qemuIo(path, [...writes(size, 0x61), `write -z ${4 * GRAIN} ${GRAIN}`], 'vmdk');
+      return built(path, this.description, { mapNot: ['zero'], info: info('twoGbMaxExtentSparse', { 'cluster-size': GRAIN }) }, { dataFile: join(dir, 'split-sparse-s001.vmdk') });
+    },
+  },
+  {
+    name: 'split-flat',
+    description: 'twoGbMaxExtentFlat under 2 GiB (a descriptor file and one flat extent, split-flat-f001.vmdk), 2 MiB + 1024, pattern writes',
+    async build(dir) {
+      const path = join(dir, 'split-flat.vmdk');
+      const size = 2 * M + 1024;
+      await qemuImg(['create', '-q', '-f', 'vmdk', '-o', 'subformat=twoGbMaxExtentFlat', path, String(size)]);
+      await qemuIo(path, writes(size, 0x71), 'vmdk');
+      return built(path, this.description, { map: ['data-over-host-hole'], info: info('twoGbMaxExtentFlat') }, { dataFile: join(dir, 'split-flat-f001.vmdk') });
     },
   },
   {

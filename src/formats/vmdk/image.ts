@@ -4,7 +4,8 @@
  * a differencing image names (and whether it is still the image this one
  * was made over: verifyBacking). map() splits a request at extent boundaries
  * and asks each extent; decode() hands a compressed grain to the extent that
- * mapped it. Writing is writable.ts (monolithicSparse only).
+ * mapped it. Writing is writable.ts (monolithicSparse, flat and sparse extents
+ * of descriptor files) and stream-write.ts.
  *
  * Concurrency: no state changes after open (verifyBacking runs before any
  * request); the extents' grain-table caches are safe under concurrent

@@ -1,9 +1,10 @@
 /**
  * The VMDK format driver (what is supported: docs/formats/vmdk.md): probe,
  * open (open.ts: sparse files, stream-optimized files, descriptor files with
- * flat and sparse extents, VMDK3 "COWD" (cowd.ts) and seSparse (sesparse.ts) ones; writable.ts writes monolithicSparse files,
+ * flat and sparse extents, VMDK3 "COWD" (cowd.ts) and seSparse (sesparse.ts) ones; writable.ts writes monolithicSparse files
+ * and descriptor files of flat and sparse extents,
  * stream-write.ts the compressed grains of streamOptimized files for convert),
- * check, create (create.ts, monolithicSparse and streamOptimized).
+ * check, create (create.ts: monolithicSparse, streamOptimized, monolithicFlat, twoGbMaxExtentFlat / Sparse).
  * Other forms opened read-write become read-only, with a notice saying why.
  */
 import type { FormatDriver, ProbeSample } from '../../block/types.js';

@@ -11,10 +11,15 @@
  *   other directories (CVE-2022-47951: a descriptor naming arbitrary host
  *   files). VMDK3 ("COWD", vmfsSparse: cowd.ts) and seSparse (sesparse.ts)
  *   extents are read-only; a sparse extent that is itself a descriptor is
- *   refused, as is a "COWD" file opened directly (qemu fails it too).
+ *   refused, as is a "COWD" file opened directly (qemu fails it too). For a
+ *   read-write open, FLAT, VMFS and SPARSE extent files open read-write
+ *   (through the same confined gate) and the image is writable when every
+ *   extent is (writable.ts: writeRefusal, the layout checks here).
  *
  * Everything is read once here; the image is immutable afterwards.
  */
+import { realpath } from 'node:fs/promises';
+import { dirname, resolve } from 'node:path';
 import createDebug from 'debug';
 import { CorruptImageError, UnsupportedFeatureError } from '../../block/errors.js';
 import type { FormatImage, OpenOptions, Protocol } from '../../block/types.js';
@@ -48,11 +53,11 @@ function refuseVmdk3(path: string): never {
   throw new UnsupportedFeatureError(`${path}: a VMDK3 ("COWD", ESX vmfsSparse) file opens only through the descriptor file naming it (a VMFSSPARSE extent line)`);
 }
 
-/** Why a descriptor file's image opens read-only, naming the extent type when it is one qemu cannot write either. */
-function descriptorRefusal(extents: readonly Extent[]): string {
+/** Why a descriptor file's image opens read-only when an extent type is one that is not written (qemu cannot write seSparse either). */
+function descriptorRefusal(extents: readonly Extent[]): string | undefined {
   if (extents.some((extent) => extent instanceof SeSparseExtent)) return 'writing VMDK seSparse extents is not supported (qemu opens them read-only too)';
   if (extents.some((extent) => extent instanceof CowdExtent)) return 'writing VMDK3 ("COWD", vmfsSparse) extents is not supported';
-  return 'writing VMDK images made of extent files (a descriptor file) is not supported yet';
+  return undefined;
 }
 
 export async function openVmdk(file: Protocol, options: OpenOptions): Promise<FormatImage> {
@@ -73,9 +78,28 @@ export async function openVmdk(file: Protocol, options: OpenOptions): Promise<Fo
     if (!options.readOnly) notice(options, `${file.path}: opened read-only: writing a VMDK descriptor kept inside a sparse header is not supported`);
     return image;
   }
-  const { image, parts } = await openDescriptorFile(file, fileSize, 0, { ...options, readOnly: true });
-  if (!options.readOnly) notice(options, `${file.path}: opened read-only: ${descriptorRefusal(parts.extents)}`);
-  return image;
+  const { image, parts, shared } = await openDescriptorFile(file, fileSize, 0, { ...options, readOnly: true }, !options.readOnly);
+  if (options.readOnly) return image;
+  const refusal = descriptorRefusal(parts.extents) ?? shared;
+  if (refusal !== undefined) {
+    notice(options, `${file.path}: opened read-only: ${refusal}`);
+    return image;
+  }
+  // qemu rewrites the descriptor file's first sectors, NUL-padded, for a new CID: room for a longer CID
+  const room = Math.ceil((fileSize + 8) / SECTOR) * SECTOR;
+  const problem = parts.extents
+    .filter((extent): extent is SparseExtent => extent instanceof SparseExtent)
+    .map((extent) => extentLayoutProblem(extent))
+    .find((found) => found !== undefined);
+  return writableOrNotice(file, parts, { offset: 0, room }, options, problem);
+}
+
+/** Why a sparse extent of a descriptor file cannot be written (its tables must lie before its grains), if it cannot. */
+function extentLayoutProblem(extent: SparseExtent): string | undefined {
+  const { header } = extent;
+  const roomSectors = header.descOffset === 0 ? 0 : Math.min(header.descSize, EMBEDDED_DESCRIPTOR_BYTES / SECTOR);
+  const problem = layoutProblem(header, roomSectors, extent.directory, false);
+  return problem === undefined ? undefined : `extent ${extent.file.path}: ${problem}`;
 }
 
 function notice(options: OpenOptions, line: string): void {
@@ -146,8 +170,8 @@ async function openMonolithic(file: Protocol, fileSize: number, options: OpenOpt
  * the descriptor area and every grain table of the primary directory must lie between the header
  * and grain_offset (the redundant directory's tables are checked in readRedundant).
  */
-function layoutProblem(header: SparseHeader, roomSectors: number, gd: Uint32Array): string | undefined {
-  if (header.descOffset === 0 || roomSectors === 0) return 'its header names no embedded descriptor area (desc_offset / desc_size 0)';
+function layoutProblem(header: SparseHeader, roomSectors: number, gd: Uint32Array, needsDescriptor = true): string | undefined {
+  if (needsDescriptor && (header.descOffset === 0 || roomSectors === 0)) return 'its header names no embedded descriptor area (desc_offset / desc_size 0)';
   if (header.descOffset + roomSectors > header.grainOffset) return `its descriptor area (sector ${header.descOffset}) reaches past grain_offset ${header.grainOffset}`;
   const gtSectors = Math.ceil((header.numGtesPerGt * 4) / SECTOR);
   const gdSectors = Math.ceil((header.gdEntries * 4) / SECTOR);
@@ -175,24 +199,49 @@ function backingOf(descriptor: Descriptor): { filename: string; format: string }
   return descriptor.parentFileNameHint === undefined ? undefined : { filename: descriptor.parentFileNameHint, format: 'vmdk' };
 }
 
-async function openDescriptorFile(file: Protocol, fileSize: number, at: number, options: OpenOptions): Promise<{ image: FormatImage; parts: VmdkImageParts }> {
+/** `writeExtents`: FLAT, VMFS and SPARSE extent files are opened read-write (the image may be written). */
+async function openDescriptorFile(
+  file: Protocol, fileSize: number, at: number, options: OpenOptions, writeExtents = false,
+): Promise<{ image: FormatImage; parts: VmdkImageParts; shared?: string }> {
   const bytes = Buffer.alloc(Math.min(fileSize - at, DESCRIPTOR_FILE_MAX_BYTES));
   await file.read(at, bytes);
   const descriptor = parseDescriptorFile(descriptorText(bytes), file.path);
   if (descriptor.extents.length === 0) throw new CorruptImageError(`${file.path}: the VMDK descriptor lists no extent qemu would open (RW, a known type, a positive size)`);
+  // a file named twice (or the descriptor named as an extent): every extent opens read-only, the image too
+  const shared = writeExtents ? await sharedFile(file.path, descriptor.extents) : undefined;
   const extents: Extent[] = [];
-  for (const line of descriptor.extents) extents.push(await openExtent(file, line, extents.length, options));
+  for (const line of descriptor.extents) extents.push(await openExtent(file, line, extents.length, options, writeExtents && shared === undefined));
   const total = extents.reduce((sum, extent) => sum + extent.length, 0);
   if (!Number.isSafeInteger(total)) throw new CorruptImageError(`${file.path}: the VMDK extents add up to more than ${Number.MAX_SAFE_INTEGER} bytes`);
   // qemu's quirk: a compressed extent makes the image's create type streamOptimized
   const createType = extents.some((extent) => extent.compressed) ? 'streamOptimized' : descriptor.createType!;
   log('%s: %s descriptor with %d extent(s)', file.path, createType, extents.length);
   const parts: VmdkImageParts = { file, extents, descriptor, createType, backing: backingOf(descriptor) };
-  return { image: new VmdkImage(parts), parts };
+  return { image: new VmdkImage(parts), parts, shared };
 }
 
-async function openExtent(image: Protocol, line: ExtentLine, index: number, options: OpenOptions): Promise<Extent> {
-  const file = await options.files.open(line.fileName, 'VMDK extent', { readOnly: true, confined: true });
+/**
+ * Why the extents cannot be written when two lines name one file (symbolic links followed), or a
+ * line names the descriptor file: a write through one would overwrite the other's bytes or grains.
+ * Names that do not resolve are left to the gate, which refuses them with its own message.
+ */
+async function sharedFile(imagePath: string, lines: readonly ExtentLine[]): Promise<string | undefined> {
+  const real = async (path: string) => realpath(path).catch(() => undefined);
+  const own = await real(imagePath);
+  const seen = new Set<string>();
+  for (const line of lines) {
+    const path = await real(resolve(dirname(imagePath), line.fileName));
+    if (path === undefined) continue;
+    if (path === own) return `the extent ${line.fileName} is the descriptor file itself (writes would overwrite the descriptor)`;
+    if (seen.has(path)) return `the extent file ${line.fileName} is named by more than one extent line (writes through one would overwrite the other)`;
+    seen.add(path);
+  }
+  return undefined;
+}
+
+async function openExtent(image: Protocol, line: ExtentLine, index: number, options: OpenOptions, write: boolean): Promise<Extent> {
+  const writable = write && (line.type === 'FLAT' || line.type === 'VMFS' || line.type === 'SPARSE');
+  const file = await options.files.open(line.fileName, 'VMDK extent', { readOnly: !writable, confined: true });
   if (line.type === 'FLAT' || line.type === 'VMFS') return new FlatExtent(file, line.sectors * SECTOR, line.flatOffset * SECTOR, line.type, false);
   const fileSize = await file.size();
   if (fileSize < 4) throw new CorruptImageError(`${file.path}: VMDK extent of ${image.path} is ${fileSize} bytes, too small for a sparse extent`);

@@ -1,7 +1,11 @@
 /**
  * Writing monolithicSparse VMDK images (one uncompressed sparse file, every
- * grain table allocated: what qemu-img create makes): in place where a grain
- * is allocated, else a new grain at the end of the file.
+ * grain table allocated: what qemu-img create makes) and descriptor files
+ * whose extents are flat or such sparse files (monolithicFlat,
+ * twoGbMaxExtentFlat / Sparse, vmfs): a request is split at extent
+ * boundaries; a flat extent is raw, written in place (zero requests punch a
+ * hole, else write zeros); a sparse extent is written in place where a grain
+ * is allocated, else a new grain at the end of that extent's file.
  *
  * The order of an allocating write keeps the image consistent at every
  * moment, as qemu's "write the grain itself first": the whole new grain (the
@@ -17,14 +21,16 @@
  *
  * Concurrency: allocating writes (and zeroed-grain updates) are serialized by
  * one lock, and each re-reads its entry under it; in-place writes and reads
- * run concurrently. Flush is fdatasync of the file.
+ * run concurrently. Flush is fdatasync of the image's file and of every
+ * extent file written since the last flush.
  */
 import { randomInt } from 'node:crypto';
+import { constants } from 'node:os';
 import { Mutex } from 'async-mutex';
 import { CorruptImageError, InvalidArgumentError } from '../../block/errors.js';
-import type { BackingReader } from '../../block/types.js';
+import type { BackingReader, Protocol } from '../../block/types.js';
 import { descriptorText } from './descriptor.js';
-import { SparseExtent, type Extent } from './extent.js';
+import { FlatExtent, SparseExtent, type Extent } from './extent.js';
 import { SECTOR } from './header.js';
 import { VmdkImage, type VmdkImageParts } from './image.js';
 
@@ -47,7 +53,8 @@ export interface WritableParts extends VmdkImageParts {
 /** Why an image opened read-write must stay read-only, or undefined when it can be written. */
 export function writeRefusal(extents: readonly Extent[], version: (extent: SparseExtent) => number): string | undefined {
   for (const extent of extents) {
-    if (!(extent instanceof SparseExtent)) return 'writing flat VMDK extents is not supported yet';
+    if (extent instanceof FlatExtent) continue;
+    if (!(extent instanceof SparseExtent)) return 'writing this kind of VMDK extent is not supported';
     if (extent.compressed) return 'writing stream-optimized (compressed) VMDK images is not supported';
     if (version(extent) === 3) return 'it is a VMDK version 3 image, which qemu also opens only read-only (changed block tracking)';
     if (extent.directory.some((sector) => sector === 0)) return 'a grain table is not allocated (writing would need to allocate one, which is not supported)';
@@ -63,6 +70,8 @@ export class WritableVmdkImage extends VmdkImage {
   /** Serializes allocating writes and zeroed-grain updates (async-mutex, as the other drivers). */
   protected readonly allocation = new Mutex();
   private backingReader: BackingReader | undefined;
+  /** Extent files written since the last flush began (marked before a write and again when it ends). */
+  private readonly dirty = new Set<Protocol>();
   private cidUpdate: Promise<void> | undefined;
 
   constructor(parts: WritableParts) {
@@ -93,9 +102,11 @@ export class WritableVmdkImage extends VmdkImage {
     await this.eachExtent(offset, length, async (extent, at, start, done) => {
       const part = Math.min(extent.length - at, length - done);
       if (extent instanceof SparseExtent && extent.zeroGrains) {
+        this.dirty.add(extent.file);
         await this.zeroSparse(extent, at, part, start);
         return;
       }
+      if (extent instanceof FlatExtent && (await this.punch(extent, at, part))) return;
       // zeros written, a bounded buffer at a time
       const zeros = Buffer.alloc(Math.min(part, ZERO_CHUNK));
       for (let written = 0; written < part; written += zeros.length) {
@@ -104,9 +115,30 @@ export class WritableVmdkImage extends VmdkImage {
     });
   }
 
+  /** Frees a flat extent's range (it then reads as zeros); false when the host file cannot punch holes. */
+  private async punch(extent: FlatExtent, at: number, length: number): Promise<boolean> {
+    if (!extent.file.punchHole) return false;
+    this.dirty.add(extent.file);
+    try {
+      await extent.file.punchHole(extent.flatOffset + at, length);
+      return true;
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code === 'EOPNOTSUPP' || Math.abs((error as { errno?: number }).errno ?? 0) === constants.errno.EOPNOTSUPP) return false;
+      throw error;
+    }
+  }
+
+  /** The image's own file and every extent file written since the last flush. */
   override async flush(): Promise<void> {
     await this.allocation.waitForUnlock();
-    for (const file of new Set([this.file, ...this.extents.map((extent) => extent.file)])) await file.flush();
+    const files = new Set([this.file, ...this.dirty]);
+    this.dirty.clear();
+    try {
+      for (const file of files) await file.flush();
+    } catch (error) {
+      for (const file of files) this.dirty.add(file);
+      throw error;
+    }
   }
 
   override async close(): Promise<void> {
@@ -119,24 +151,35 @@ export class WritableVmdkImage extends VmdkImage {
     let index = this.extentAt(offset);
     let done = 0;
     const pieces: Promise<void>[] = [];
+    const touched: Extent[] = [];
     while (done < length) {
       const extent = this.extents[index]!;
       const start = this.starts[index]!;
       const at = offset + done - start;
       if (at < extent.length) {
+        touched.push(extent);
         pieces.push(body(extent, at, start, done));
         done += Math.min(extent.length - at, length - done);
       }
       index += 1;
     }
     const results = await Promise.allSettled(pieces);
+    // again once done: a flush that ran meanwhile may have taken the mark before these bytes landed
+    for (const extent of touched) this.dirty.add(extent.file);
     const failed = results.find((result): result is PromiseRejectedResult => result.status === 'rejected');
     if (failed) throw failed.reason;
   }
 
   private async writeExtent(extent: Extent, at: number, data: Buffer, start: number): Promise<void> {
-    if (!(extent instanceof SparseExtent)) throw new InvalidArgumentError(`${extent.file.path}: only sparse VMDK extents are written`);
+    if (extent instanceof FlatExtent) {
+      // a flat extent is raw: written in place
+      this.dirty.add(extent.file);
+      await extent.file.write(extent.flatOffset + at, data);
+      return;
+    }
+    if (!(extent instanceof SparseExtent)) throw new InvalidArgumentError(`${extent.file.path}: only flat and sparse VMDK extents are written`);
     const sparse = extent;
+    this.dirty.add(sparse.file);
     const grain = sparse.grainSize;
     const parts: Promise<void>[] = [];
     for (let done = 0; done < data.length; ) {
