@@ -24,8 +24,8 @@ export function openImage(path: string, options: OpenImageOptions = {}): Promise
   return block.openImage(path, { ...options, formats: options.formats ?? defaultFormats });
 }
 
-/** Creates an image file; refuses to overwrite unless `force`. */
-export function createImage(path: string, format: string, options: CreateImageOptions): Promise<void> {
+/** Creates an image file; refuses to overwrite unless `force`. Resolves with the other files it made beside `path` (a VMDK's extents). */
+export function createImage(path: string, format: string, options: CreateImageOptions): Promise<string[]> {
   return block.createImage(path, format, { ...options, formats: options.formats ?? defaultFormats });
 }
 

@@ -19,7 +19,7 @@
  *
  * -c (compressed clusters) has its own file: convert-compressed.test.ts.
  */
-import { copyFile, link, readFile, stat, truncate, writeFile } from 'node:fs/promises';
+import { copyFile, link, readdir, readFile, stat, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { convertImage, formatDrivers } from '../src/index.js';
@@ -322,6 +322,20 @@ describe('convert failures', () => {
     );
     await expect(stat(failing)).rejects.toThrow(/ENOENT/);
     await expect(stat(join(dir, 'failing.data'))).rejects.toThrow(/ENOENT/);
+  });
+
+  it('a failure into a new VMDK with extent files removes the descriptor and every extent it created; converting again then works', TIMEOUT, async () => {
+    const dir = await makeTempDir('imgmount-convert-');
+    const source = await qemuQcow2(dir);
+    const dest = join(dir, 'split.vmdk');
+    const options = { subformat: 'twoGbMaxExtentFlat' };
+    await expect(convertImage(source, dest, { targetFormat: 'vmdk', options, filters: readError, parallel: 1, bufferSize: 64 * KiB })).rejects.toThrow(
+      /^convert failed: .*; .*split\.vmdk and .*split-f001\.vmdk, which it had created, were removed$/,
+    );
+    expect((await readdir(dir)).filter((name) => name.startsWith('split'))).toEqual([]);
+    await convertImage(source, dest, { targetFormat: 'vmdk', options });
+    const compared = await run('qemu-img', ['compare', '-f', 'qcow2', '-F', 'vmdk', source, dest]);
+    expect(compared.code, compared.stdout + compared.stderr).toBe(0);
   });
 
   it('after -n, says DEST was left partly converted', TIMEOUT, async () => {

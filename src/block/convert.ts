@@ -127,14 +127,15 @@ export async function convertImage(source: string, dest: string, options: Conver
     if (options.existing) await refuseOtherFormat(dest, target.name, options.formats);
     // A file the destination's options name (a qcow2 data_file) that this call creates goes with it on failure.
     const dataFile = options.options?.data_file ? resolveBackingName(dest, options.options.data_file, 'data file') : undefined;
-    const removeAlso = dataFile !== undefined && !(await pathExists(dataFile)) ? dataFile : undefined;
+    const removeAlso = dataFile !== undefined && !(await pathExists(dataFile)) ? [dataFile] : [];
     let created = false;
     let writing = false;
     let output: BlockImage | undefined;
     try {
       if (!options.existing) {
         try {
-          await createImage(dest, target.name, {
+          // The other files create made (a VMDK's extents) go with DEST on failure too.
+          const made = await createImage(dest, target.name, {
             formats: options.formats,
             size: input.length,
             options: options.options,
@@ -142,10 +143,11 @@ export async function convertImage(source: string, dest: string, options: Conver
             backingFile: options.backingFile,
             backingFormat: options.backingFormat,
           });
+          removeAlso.push(...made);
         } catch (error) {
           // A create that failed on the host (EFBIG, ENOSPC) may leave a partial new file; a refused
           // one (a bad option, DEST appearing meanwhile, an EBUSY lock of an existing DEST) wrote nothing.
-          if (!destExists && !(error instanceof InvalidArgumentError)) created = (await pathExists(dest)) || removeAlso !== undefined;
+          if (!destExists && !(error instanceof InvalidArgumentError)) created = (await pathExists(dest)) || removeAlso.length > 0;
           throw error;
         }
         created = true;
@@ -245,13 +247,13 @@ async function refuseOtherFormat(dest: string, format: string, formats: FormatLi
   }
 }
 
-/** The error to report after a failure, once a destination this call created (and a data file it created) is removed. */
-async function cleanUp(error: unknown, dest: string, created: boolean, written: boolean, alsoCreated?: string): Promise<unknown> {
+/** The error to report after a failure, once a destination this call created (and the other files it created: a data file, extents) is removed. */
+async function cleanUp(error: unknown, dest: string, created: boolean, written: boolean, alsoCreated: readonly string[]): Promise<unknown> {
   const message = error instanceof Error ? error.message : String(error);
   const errno = error instanceof BlockError ? error.errno : ((error as NodeJS.ErrnoException | undefined)?.errno ?? -osConstants.errno.EIO);
   let what: string;
   if (created) {
-    const files = alsoCreated === undefined ? [dest] : [dest, alsoCreated];
+    const files = [dest, ...alsoCreated];
     what = await Promise.all(files.map((file) => rm(file, { force: true }))).then(
       () => `${files.join(' and ')}, which it had created, ${files.length > 1 ? 'were' : 'was'} removed`,
       (removal: unknown) => `${files.join(' and ')}, which it had created, could not be removed (${(removal as Error).message}) and are incomplete`,

@@ -212,7 +212,8 @@ export interface CreateImageOptions extends Omit<CreateOptions, 'size'> {
 }
 
 /** Creates an image file of `formatName`; refuses to overwrite unless `force`. */
-export async function createImage(path: string, formatName: string, options: CreateImageOptions): Promise<void> {
+/** Creates an image; resolves with the other files the format made beside `path` (none for most formats). */
+export async function createImage(path: string, formatName: string, options: CreateImageOptions): Promise<string[]> {
   const format = options.formats.named(formatName);
   if (!format.create) throw new UnsupportedFeatureError(`creating ${format.name} images is not supported`);
   const overwriting = await pathExists(path);
@@ -240,7 +241,7 @@ export async function createImage(path: string, formatName: string, options: Cre
   const lock = overwriting ? await lockForWriting(await canonicalPath(path), path) : undefined;
   try {
     const { formats: _formats, ...createOptions } = options;
-    await format.create(path, { ...createOptions, size, backingFormat });
+    return (await format.create(path, { ...createOptions, size, backingFormat })) ?? [];
   } finally {
     await lock?.release();
   }

@@ -261,8 +261,12 @@ export interface FormatDriver {
   /** Names of the open options (`OpenOptions.formatOptions`) the format takes; others are refused by the generic layer. */
   readonly openOptions?: readonly string[];
   open(file: Protocol, options: OpenOptions): Promise<FormatImage>;
-  /** Optional: creating images; missing means not supported. */
-  create?(path: string, options: CreateOptions): Promise<void>;
+  /**
+   * Optional: creating images; missing means not supported. Resolves with the other files it
+   * made beside `path` (a VMDK's extent files), if any, so that a caller removing a half-written
+   * image (convert) removes them too.
+   */
+  create?(path: string, options: CreateOptions): Promise<string[] | void>;
   /** Optional: consistency check with optional repair; missing means not supported. */
   check?(file: Protocol, options: CheckOptions): Promise<CheckResult>;
   /**

@@ -240,7 +240,8 @@ async function refuseExisting(extents: readonly ExtentPlan[]): Promise<void> {
   }
 }
 
-export async function createVmdk(path: string, options: CreateOptions): Promise<void> {
+/** Creates the image; resolves with the extent files made beside a descriptor file (none for a monolithic image). */
+export async function createVmdk(path: string, options: CreateOptions): Promise<string[]> {
   const { sectors, stream, flat, zeroedGrain, extents, descriptor } = plan(path, options);
   const parent = options.backingFile !== undefined ? await parentCid(path, options.backingFile) : 0xffffffff;
   const text = Buffer.from(descriptor(randomInt(0, 0x100000000), parent), 'utf8');
@@ -251,7 +252,7 @@ export async function createVmdk(path: string, options: CreateOptions): Promise<
     } catch (error) {
       throw hostIoError('cannot create', path, error);
     }
-    return;
+    return [];
   }
   await refuseExisting(extents);
   const created: string[] = [];
@@ -277,4 +278,5 @@ export async function createVmdk(path: string, options: CreateOptions): Promise<
     await Promise.all(created.map((file) => rm(file, { force: true }).catch(() => undefined)));
     throw hostIoError('cannot create', current, error);
   }
+  return created;
 }
