@@ -222,7 +222,6 @@ async function countL1(
 ): Promise<void> {
   if (l1Size === 0) return;
   const { clusterSize } = ctx.header;
-  const { geometry } = ctx;
   countRange(ctx, res, refs, l1Offset, l1Size * 8);
   const l1 = Buffer.alloc(l1Size * 8);
   await ctx.file.read(l1Offset, l1);

@@ -37,7 +37,7 @@ import { EXT_BITMAPS, EXT_CRYPTO, EXT_END } from './extensions.js';
 import { Geometry } from './geometry.js';
 import { AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, parseHeader, type Qcow2Header } from './header.js';
 import { getRefcount, refcountsPerBlock, setRefcount } from './refcount-entries.js';
-import { countReferences, readTables, RefcountArray, type CheckContext, type CheckSnapshot, type Counting } from './check-refs.js';
+import { countReferences, readTables, type CheckContext, type CheckSnapshot, type Counting } from './check-refs.js';
 import { writeRefcountStructure } from './check-rebuild.js';
 import { checkCopiedFlags } from './check-copied.js';
 import { MAX_DIRECTORY_BYTES as MAX_BITMAP_DIRECTORY_BYTES } from './bitmaps.js';

@@ -21,17 +21,12 @@
  * a new table) the L1 entry; references are dropped only after the entry that
  * held them is on disk. The flush is shared: new L2 entries are set in memory
  * at once (reads use them; the table stays pinned) and written together after
- * the next fdatasync (`persistSoon`: at a guest flush, a second after the
- * first pending one, or when many are pending; `persistLinks` at close), as
- * qemu's L2 cache waits for its refcount cache. That fdatasync is made
- * without holding the allocation lock: the pending entries are detached
- * first, with a copy of their bytes, so allocating writes go on during it and
- * the detached entries are written afterwards exactly as they were when their
- * data was flushed. One such persist runs at a time, in order; allocating
- * writes wait for it only once twice the usual amount is pending. With lazy refcounts the dirty bit is set and
- * flushed before the first change, entries are written at once, and the bit
- * is cleared on a clean close, and after a while without writes (markClean,
- * idle clean: refcounts written and flushed first), until the next change.
+ * the next fdatasync, as qemu's L2 cache waits for its refcount cache
+ * (link-persister.ts: when, and how allocating writes go on during it).
+ * With lazy refcounts the dirty bit is set and flushed before the first
+ * change, entries are written at once, and the bit is cleared on a clean
+ * close, and after a while without writes (markClean, idle clean: refcounts
+ * written and flushed first), until the next change.
  *
  * Zeroing and discard punch the host range of clusters written in place
  * (their entries stay, so nothing is freed that a concurrent in-place write
@@ -71,7 +66,7 @@ import type { TableHandle } from '../../cache/table-cache.js';
 import { classify, Kind, L2E_COMPRESSED_HIGH, L2E_COPIED_HIGH, L2E_ZERO_LOW, offsetBits, wordAt } from './geometry.js';
 import { AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from './header.js';
 import { Qcow2Image, type Qcow2Parts } from './image.js';
-import { PendingLinks, type DetachedLinks } from './pending-links.js';
+import { LinkPersister } from './link-persister.js';
 import { Refcounts } from './refcounts.js';
 import { RequestEpochs } from './quarantine.js';
 import { dropBitmaps } from './bitmap-release.js';
@@ -79,9 +74,6 @@ import { CompressedWriter } from './compressed-write.js';
 import { ALL_SUBCLUSTERS, planSubclusterZero } from './subcluster-zero.js';
 
 const log = createDebug('imgmount:qcow2');
-
-/** Pending L2 entries are written this long after the first of them at the latest (pending-links.ts: or when many wait). */
-const LINK_DELAY_MS = 1000;
 
 /** Header field offsets (v3) this module rewrites. */
 const INCOMPATIBLE_AT = 72;
@@ -125,15 +117,8 @@ export class WritableQcow2Image extends Qcow2Image {
   private dirtyMarked = false;
   /** Set once damaged metadata was met while writing: writes fail from then on. */
   private brokenBy: string | undefined;
-  /** L2 entries set in memory whose disk write waits for the next flush of the file (`persistLinks`). */
-  private readonly pending: PendingLinks;
-  private linkTimer: NodeJS.Timeout | undefined;
-  /** The persists of pending entries (persistSoon), one after the other; never rejects. */
-  private persisting: Promise<void> = Promise.resolve();
-  /** The persist waiting for the one before it to finish: later calls share it. */
-  private persistQueued: Promise<void> | undefined;
-  /** Set by close: no persist is started from then on but close's own. */
-  private closing = false;
+  /** L2 entries set in memory whose disk write waits for the next flush of the file (without lazy refcounts). */
+  private readonly links: LinkPersister;
   /** Compressed writes (compressed-write.ts), made on the first one. */
   private compressed: CompressedWriter | undefined;
 
@@ -145,7 +130,20 @@ export class WritableQcow2Image extends Qcow2Image {
   ) {
     super(parts);
     refcounts.deferWrites = true;
-    this.pending = new PendingLinks(this.geometry.l2EntryBytes);
+    this.links = new LinkPersister(
+      {
+        lock: this.allocationLock,
+        refcounts,
+        flushData: () => this.flushData(),
+        writeEntries: (offset, bytes) => {
+          announce(this.file, 'l2_update');
+          return this.file.write(offset, bytes);
+        },
+        isClosed: () => this.closed,
+        path: this.file.path,
+      },
+      this.geometry.l2EntryBytes,
+    );
     this.lazy = this.header.version === 3 && (this.header.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n;
     this.notify = parts.notice ?? ((line: string) => log(line));
   }
@@ -371,7 +369,7 @@ export class WritableQcow2Image extends Qcow2Image {
 
   override async flush(): Promise<void> {
     if (this.closed) return;
-    await this.persistSoon();
+    await this.links.soon();
     await this.flushData();
     // Freed clusters whose free this flush made durable: punched now, so the file's allocated size shrinks.
     if (this.refcounts.reclaimable) await this.allocationLock.runExclusive(() => this.refcounts.reclaim());
@@ -385,11 +383,11 @@ export class WritableQcow2Image extends Qcow2Image {
    * leaves no leaked cluster either. An image that met damaged metadata stays dirty.
    */
   async markClean(): Promise<void> {
-    if (this.closed || this.closing) return;
-    await this.persistSoon();
+    if (this.closed || this.links.closing) return;
+    await this.links.soon();
     await this.allocationLock.runExclusive(async () => {
       if (this.closed || this.brokenBy !== undefined) return;
-      if (!this.pending.empty) return; // written to since: not idle after all
+      if (!this.links.empty) return; // written to since: not idle after all
       await this.refcounts.writeBack();
       await this.flushData();
       // The frees this flush made durable: punched now, so an idle image gives their space back.
@@ -404,11 +402,10 @@ export class WritableQcow2Image extends Qcow2Image {
 
   override async close(): Promise<void> {
     if (this.closed) return;
-    this.closing = true;
-    await this.persisting; // a persist in flight ends first: its entries are older than what is pending now
+    await this.links.beginClose(); // a persist in flight ends first: its entries are older than what is pending now
     await this.allocationLock.runExclusive(async () => {
       try {
-        await this.persistLinks();
+        await this.links.persistLocked();
         if (this.dirtyMarked) {
           await this.flushData();
           await this.setIncompatible(this.header.incompatibleFeatures & ~INCOMPAT_DIRTY);
@@ -619,7 +616,7 @@ export class WritableQcow2Image extends Qcow2Image {
    * Points L2 entries at clusters just written, then drops the references they replace.
    * Refcounts (and data copied from elsewhere) must be durable before the entries are
    * on disk: without lazy refcounts the entries are set in memory at once (reads use
-   * them) and written after the next flush of the file, which `persistLinks` does for
+   * them) and written after the next flush of the file, which the LinkPersister does for
    * every pending entry together (at a guest flush, at close, after a second, or when
    * many are pending), so allocating writes do not each wait for an fdatasync.
    * With lazy refcounts the entries are written at once, so the data they point to is
@@ -636,88 +633,7 @@ export class WritableQcow2Image extends Qcow2Image {
       return;
     }
     this.storeEntries(table.handle.table, first, entries);
-    await this.pending.add(table.offset, first, first + entries.length, () => this.l2Cache.acquire(table.offset), releases);
-    if (this.pending.due) this.persistInBackground();
-    else this.linkTimer ??= setTimeout(() => this.persistInBackground(), LINK_DELAY_MS).unref();
-  }
-
-  private persistInBackground(): void {
-    if (this.linkTimer) clearTimeout(this.linkTimer);
-    this.linkTimer = undefined;
-    if (this.closed || this.closing) return;
-    this.persistSoon().catch((error: unknown) => {
-      log('%s: writing pending L2 entries failed (retried at the next flush): %s', this.file.path, (error as Error).message);
-    });
-  }
-
-  /**
-   * Writes every entry pending when it starts (after the persist before it, if any):
-   * under the lock the refcounts are written back and the entries detached; then the
-   * file is flushed with the lock free, so allocating writes go on; then, under the
-   * lock again, the detached entries are written and what they replaced released.
-   * A call while a persist waits to start shares that one.
-   */
-  private persistSoon(): Promise<void> {
-    if (this.persistQueued) return this.persistQueued;
-    const next = this.persisting.then(() => {
-      this.persistQueued = undefined;
-      return this.persistDetached();
-    });
-    this.persistQueued = next;
-    this.persisting = next.catch(() => undefined);
-    return next;
-  }
-
-  private async persistDetached(): Promise<void> {
-    let batch: DetachedLinks | undefined;
-    await this.allocationLock.runExclusive(async () => {
-      if (this.closed) return;
-      if (this.linkTimer) clearTimeout(this.linkTimer);
-      this.linkTimer = undefined;
-      await this.refcounts.writeBack();
-      if (!this.pending.empty) batch = this.pending.detach();
-    });
-    if (!batch) return;
-    const detached = batch;
-    try {
-      await this.flushData();
-    } catch (error) {
-      await this.allocationLock.runExclusive(async () => detached.restore(this.pending));
-      throw error;
-    }
-    await this.allocationLock.runExclusive(async () => {
-      await detached.write((offset, bytes) => {
-        announce(this.file, 'l2_update');
-        return this.file.write(offset, bytes);
-      }, this.pending);
-      // The decrements go to disk now too (after their entries; a crash before leaves leaks only).
-      await this.refcounts.writeBack();
-      // Freed clusters an earlier flush made durable: punched and reusable now.
-      if (this.refcounts.reclaimable) await this.refcounts.reclaim();
-    });
-  }
-
-  /**
-   * Flushes the file, then writes every pending L2 entry and drops what they replaced.
-   * Under the allocation lock, and only where no detached persist can be in flight
-   * (close, after `persisting` settled): a detached batch written after these entries
-   * would put older bytes over them.
-   */
-  private async persistLinks(): Promise<void> {
-    if (this.linkTimer) clearTimeout(this.linkTimer);
-    this.linkTimer = undefined;
-    await this.refcounts.writeBack();
-    if (!this.pending.empty) {
-      await this.flushData();
-      await this.pending.drain((offset, bytes) => {
-        announce(this.file, 'l2_update');
-        return this.file.write(offset, bytes);
-      });
-      // The decrements go to disk now too (after their entries; a crash before leaves leaks only).
-      await this.refcounts.writeBack();
-    }
-    // Freed clusters an earlier flush made durable: punched and reusable now.
-    if (this.refcounts.reclaimable) await this.refcounts.reclaim();
+    await this.links.add(table.offset, first, first + entries.length, () => this.l2Cache.acquire(table.offset), releases);
   }
 
   /**
@@ -996,8 +912,7 @@ export class WritableQcow2Image extends Qcow2Image {
 
   /** Runs a metadata change under the allocation lock; damaged metadata found there marks the image corrupt. */
   private async underLock(change: () => Promise<void>): Promise<void> {
-    // Far more pending than a persist takes at once: wait for one (pinned tables stay bounded).
-    if (this.pending.overfull && !this.closing) await this.persistSoon().catch(() => undefined);
+    await this.links.throttle();
     await this.allocationLock.runExclusive(async () => {
       this.assertWritable();
       try {
