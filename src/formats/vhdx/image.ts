@@ -1,16 +1,26 @@
 /**
- * An opened VHDX image (read-only): answers map() from the BAT, one payload
- * block at a time, and for partially present blocks of a differencing image
- * from the sector bitmap (a set bit: the sector is in this file; clear: in the
+ * An opened VHDX image: answers map() from the BAT, one payload block at a
+ * time, and for partially present blocks of a differencing image from the
+ * sector bitmap (a set bit: the sector is in this file; clear: in the
  * parent). BAT pages and sector bitmaps are 1 MiB tables in a bounded cache.
+ * A dynamic or fixed image opened read-write also writes (with a `writer`,
+ * writer.ts): in place in FULLY_PRESENT blocks, else into a new block whose
+ * BAT entry changes through the log.
  *
- * Concurrency rules: nothing changes after open (no writes), so map() calls
- * run concurrently without locks; the table cache shares one load per table.
- * When the log was replayed in memory, every read (BAT, bitmaps, data) goes
- * through the overlay (`view`), which data mappings name as their file.
+ * Concurrency rules: map() calls run concurrently without locks; the table
+ * cache shares one load per table. A BAT entry changes in the cached page
+ * only once it is durable in the file (writer.ts' order), with the page
+ * pinned; allocations run one at a time under the writer's lock, which maps
+ * the block again first, so a block is never allocated twice. Writes into
+ * FULLY_PRESENT blocks go straight to the file. When the log was replayed in
+ * memory (read-only opens), every read (BAT, bitmaps, data) goes through the
+ * overlay (`view`), which data mappings name as their file.
  */
 import createDebug from 'debug';
-import { CorruptImageError } from '../../block/errors.js';
+import { constants as osConstants } from 'node:os';
+import { BlockError, CorruptImageError } from '../../block/errors.js';
+import { announce, flushToDisk } from '../../block/events.js';
+import { settleAll } from '../../block/settle.js';
 import type { BackingReference, FormatImage, FormatInfo, Mapping, OpenOptions, Protocol } from '../../block/types.js';
 import { TableCache } from '../../cache/table-cache.js';
 import {
@@ -20,12 +30,16 @@ import {
 import { guidText, MiB, type RegionTable, type VhdxHeader } from './header.js';
 import type { VhdxMetadata } from './metadata.js';
 import { appendRun } from '../../block/mapping.js';
+import { LOG_SECTOR } from './log.js';
+import type { VhdxWriter } from './writer.js';
 
 const log = createDebug('imgmount:vhdx');
 
 /** Default bound of cached BAT pages and sector bitmaps (1 MiB each). */
 export const DEFAULT_TABLE_CACHE_BYTES = 16 * MiB;
 const TABLE_BYTES = MiB;
+/** Zeros are written in pieces of at most this many bytes. */
+const ZERO_CHUNK = MiB;
 
 export interface VhdxParts {
   header: VhdxHeader;
@@ -36,6 +50,8 @@ export interface VhdxParts {
   fileSize: number;
   /** Log entries replayed in memory at open. */
   replayedEntries: number;
+  /** Log entries replayed on disk at this (read-write) open. */
+  replayedOnDisk: number;
 }
 
 export class VhdxImage implements FormatImage {
@@ -44,6 +60,9 @@ export class VhdxImage implements FormatImage {
   private readonly reserved: ReturnType<typeof reservedRanges>;
   /** The file the data mappings name: the overlay when the log was replayed in memory. */
   private readonly dataFile: Protocol | undefined;
+  private closed = false;
+  readonly write?: (offset: number, data: Buffer) => Promise<void>;
+  readonly zero?: (offset: number, length: number) => Promise<void>;
 
   constructor(
     private readonly file: Protocol,
@@ -52,7 +71,13 @@ export class VhdxImage implements FormatImage {
     readonly parts: VhdxParts,
     readonly backing: BackingReference | undefined,
     options: OpenOptions,
+    /** Present when the image is writable (read-write open of a dynamic or fixed image). */
+    private readonly writer?: VhdxWriter,
   ) {
+    if (writer) {
+      this.write = (offset, data) => this.writeGuest(offset, data);
+      this.zero = (offset, length) => this.zeroGuest(offset, length);
+    }
     this.virtualSize = parts.metadata.virtualSize;
     this.reserved = reservedRanges(parts.header, parts.regions);
     this.dataFile = view === file ? undefined : view;
@@ -154,10 +179,98 @@ export class VhdxImage implements FormatImage {
     });
   }
 
-  async flush(): Promise<void> {}
+  private async writeGuest(offset: number, data: Buffer): Promise<void> {
+    this.assertOpen();
+    await this.writer!.userVisible();
+    const runs = await this.map(offset, data.length);
+    await settleAll(
+      runs.map((run) => {
+        const part = data.subarray(run.guestOffset - offset, run.guestOffset - offset + run.length);
+        if (run.kind === 'data') {
+          announce(this.file, 'write_aio');
+          return this.file.write(run.hostOffset, part);
+        }
+        return this.allocatingWrite(run.guestOffset, part);
+      }),
+    );
+  }
+
+  /** A write to blocks that were not present when looked at: one block at a time, under the writer's lock. */
+  private async allocatingWrite(offset: number, data: Buffer): Promise<void> {
+    const writer = this.writer!;
+    const { blockSize } = this.geometry;
+    await writer.lock.runExclusive(async () => {
+      this.assertOpen();
+      for (let pos = offset; pos < offset + data.length; ) {
+        const block = Math.floor(pos / blockSize);
+        const end = Math.min(offset + data.length, (block + 1) * blockSize);
+        const part = data.subarray(pos - offset, end - offset);
+        const [run] = await this.map(pos, end - pos);
+        if (run!.kind === 'data') {
+          announce(this.file, 'write_aio');
+          await this.file.write(run!.hostOffset, part);
+        } else {
+          // Every other state reads as zeros in an image without a parent: the rest of the new block stays zeros.
+          const start = await writer.allocateBlock(blockSize, pos - block * blockSize, part);
+          this.parts.fileSize = writer.fileSize;
+          await this.setBatEntry(this.geometry.payloadEntry(block), BigInt(start) | BigInt(FULLY_PRESENT));
+          log('%s: payload block %d allocated at %d', this.file.path, block, start);
+        }
+        pos = end;
+      }
+    });
+  }
+
+  /** Changes BAT entry `index` through the log (writer.ts), then in the cached page. Under the writer's lock. */
+  private async setBatEntry(index: number, value: bigint): Promise<void> {
+    const byte = index * 8;
+    const page = Math.floor(byte / TABLE_BYTES) * TABLE_BYTES;
+    const pageOffset = this.parts.regions.bat.fileOffset + page;
+    const handle = await this.cache.acquire(pageOffset);
+    try {
+      const inPage = byte - page;
+      const sectorStart = Math.floor(inPage / LOG_SECTOR) * LOG_SECTOR;
+      const sector = Buffer.from(handle.table.subarray(sectorStart, sectorStart + LOG_SECTOR));
+      sector.writeBigUInt64LE(value, inPage - sectorStart);
+      await this.writer!.logAndApply([{ offset: pageOffset + sectorStart, data: sector }]);
+      handle.table.writeBigUInt64LE(value, inPage);
+    } finally {
+      handle.release();
+    }
+  }
+
+  /** Makes a range read as zeros: stored bytes are overwritten with zeros; blocks not present read as zeros already. */
+  private async zeroGuest(offset: number, length: number): Promise<void> {
+    this.assertOpen();
+    await this.writer!.userVisible();
+    const runs = await this.map(offset, length);
+    for (const run of runs) {
+      if (run.kind !== 'data') continue;
+      for (let at = 0; at < run.length; at += ZERO_CHUNK) {
+        announce(this.file, 'write_aio');
+        await this.file.write(run.hostOffset + at, Buffer.alloc(Math.min(ZERO_CHUNK, run.length - at)));
+      }
+    }
+  }
+
+  async flush(): Promise<void> {
+    this.assertOpen();
+    if (this.writer) await flushToDisk(this.file);
+  }
 
   async close(): Promise<void> {
-    await this.file.close();
+    if (this.closed) return;
+    const finish = async () => {
+      this.closed = true;
+      if (this.writer) await flushToDisk(this.file);
+      await this.file.close();
+    };
+    if (this.writer) await this.writer.lock.runExclusive(finish);
+    else await finish();
+  }
+
+  private assertOpen(): void {
+    if (this.closed) throw new BlockError(`${this.file.path}: image is closed`, osConstants.errno.EBADF);
   }
 
   info(): FormatInfo {
@@ -172,7 +285,8 @@ export class VhdxImage implements FormatImage {
         'physical-sector-size': metadata.physicalSectorSize,
         'log-size': header.logLength,
         'log-entries-replayed-in-memory': this.parts.replayedEntries,
-        'data-write-guid': guidText(header.dataWriteGuid),
+        ...(this.parts.replayedOnDisk > 0 ? { 'log-entries-replayed-on-disk': this.parts.replayedOnDisk } : {}),
+        'data-write-guid': guidText((this.writer?.currentHeader ?? header).dataWriteGuid),
         ...(metadata.parent ? { 'parent-linkage': metadata.parent.get('parent_linkage') } : {}),
       },
     };
