@@ -10,6 +10,7 @@
 import createDebug from 'debug';
 import type { CheckOptions, CheckResult, FormatDriver, FormatImage, OpenOptions, ProbeSample, Protocol } from '../../block/types.js';
 import { checkVhdx } from './check.js';
+import { createVhdx } from './create.js';
 import { FILE_SIGNATURE } from './header.js';
 import { VhdxImage } from './image.js';
 import { DIFFERENCING_READ_ONLY, openParts } from './open.js';
@@ -42,5 +43,6 @@ export const vhdx: FormatDriver = {
     return sample.head.subarray(0, 8).equals(FILE_SIGNATURE) ? 100 : 0;
   },
   open: openVhdx,
+  create: createVhdx,
   check: (file: Protocol, options: CheckOptions): Promise<CheckResult> => checkVhdx(file, options),
 };
