@@ -5,15 +5,19 @@
  * block_state_zero=off), then `qemu-img check` clean, `qemu-img compare`
  * with the model, and our own read-back equal. Also: the header change
  * before the first write (new DataWriteGuid, higher sequence number, no log
- * GUID), a differencing image opening read-only with a notice, and one write
- * through a real FUSE mount.
+ * GUID), a differencing image opening read-only with a notice, and a log
+ * left to replay (made by the test writer, qemu's replay of a copy is the
+ * oracle) replayed on disk at a read-write open. Writes through a real FUSE
+ * mount: test/fuse/conformance.test.ts -t vhdx.
  */
+import { createHash } from 'node:crypto';
 import { copyFile, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { checkImage, openImage } from '../src/index.js';
-import { makeTempDir, qemuCheck, qemuCompare, qemuImg, qemuIo, readAll, run, skipWithoutQemu } from './helpers/qemu.js';
+import { makeTempDir, qemuCheck, qemuCompare, qemuConvertToRaw, qemuImg, qemuIo, readAll, run, seededBytes, skipWithoutQemu } from './helpers/qemu.js';
 import { seededRandom } from './helpers/random.js';
+import { STATE, writeVhdx, type BlockSpec } from './helpers/vhdx-writer.js';
 
 const MiB = 1024 * 1024;
 const T = { timeout: 120_000 };
@@ -121,5 +125,90 @@ describe.skipIf(skipWithoutQemu('vhdx write'))('writing VHDX', () => {
     expect((await stat(path)).size % MiB).toBe(0);
     const out = await run('qemu-io', ['-f', 'vhdx', '-c', `read -P 0x68 ${MiB + 17} 1`, '-c', `read -P 0 ${MiB} 17`, path]);
     expect(out.stdout + out.stderr).not.toMatch(/Pattern verification failed|error/i);
+  });
+});
+
+function sha(bytes: Buffer): string {
+  return createHash('sha256').update(bytes).digest('hex');
+}
+
+describe.skipIf(skipWithoutQemu('vhdx log replay on disk'))('a log left to replay, at a read-write open', () => {
+  async function pendingLog(dir: string): Promise<{ path: string; expected: Buffer }> {
+    const path = join(dir, 'log.vhdx');
+    const blocks = new Map<number, BlockSpec>([
+      [0, { state: STATE.FULLY_PRESENT, data: seededBytes(1, MiB) }],
+      [1, { state: STATE.FULLY_PRESENT, data: seededBytes(2, MiB), logged: true }],
+      [3, { state: STATE.ZERO }],
+      [4, { state: STATE.FULLY_PRESENT, data: seededBytes(4, MiB), logged: true }],
+    ]);
+    await writeVhdx(path, { virtualSize: 6 * MiB, blockSize: MiB, blocks, log: { start: MiB - 4096, staleAt: 64 * 1024 } }); // one entry, qemu's own shape (qemu replays only the last entry of longer sequences)
+    // qemu's replay of a copy is the oracle
+    const copy = join(dir, 'copy.vhdx');
+    await copyFile(path, copy);
+    await qemuImg(['check', '-q', '-r', 'all', '-f', 'vhdx', copy]);
+    const expected = await qemuConvertToRaw(copy, dir, 'vhdx');
+    expect(expected.subarray(MiB, 2 * MiB).equals(seededBytes(2, MiB))).toBe(true);
+    return { path, expected };
+  }
+
+  it('replays it on disk, says so, empties the log (qemu-img opens it read-only again), reads like qemu\'s replay, and writes', T, async () => {
+    const dir = await makeTempDir('imgmount-vhdxw-');
+    const { path, expected } = await pendingLog(dir);
+    expect((await run('qemu-img', ['info', '-f', 'vhdx', path])).stderr).toMatch(/log that needs to be replayed/);
+    const before = sha(await readFile(path));
+    // a read-only open first: replayed in memory, the file unchanged
+    const quiet: string[] = [];
+    const ro = await openImage(path, { format: 'vhdx', readOnly: true, notice: (line) => quiet.push(line) });
+    expect((await readAll(ro)).equals(expected)).toBe(true);
+    await ro.close();
+    expect(quiet.join('\n')).toMatch(/replayed in memory for this read-only open; the file is not changed/);
+    expect(sha(await readFile(path))).toBe(before);
+    // then read-write: replayed on disk
+    const notices: string[] = [];
+    const image = await openImage(path, { format: 'vhdx', notice: (line) => notices.push(line) });
+    expect(image.readOnly).toBe(false);
+    expect(notices.join('\n')).toMatch(/log holds 1 entry .*replayed on disk for this read-write open \(the file was changed\), and the log emptied/);
+    expect((await readAll(image)).equals(expected)).toBe(true);
+    await image.write(5 * MiB + 3, Buffer.from('after replay'));
+    await image.close();
+    expect(sha(await readFile(path))).not.toBe(before);
+    const model = Buffer.from(expected);
+    Buffer.from('after replay').copy(model, 5 * MiB + 3);
+    // the log GUID is gone: qemu opens it read-only, check is clean, and it reads the model
+    expect((await run('qemu-img', ['info', '-f', 'vhdx', path])).code).toBe(0);
+    await expectLikeModel(path, model, dir);
+    const again: string[] = [];
+    const reopened = await openImage(path, { format: 'vhdx', notice: (line) => again.push(line) });
+    await reopened.close();
+    expect(again.join('\n')).not.toMatch(/log/);
+  });
+
+  it('check -r (a read-write check) replays it on disk too, as qemu-img check -r all does', T, async () => {
+    const dir = await makeTempDir('imgmount-vhdxw-');
+    const { path, expected } = await pendingLog(dir);
+    const result = await checkImage(path, { format: 'vhdx', repair: true });
+    expect(result.corruptions).toBe(0);
+    expect(result.messages.join('\n')).toMatch(/replayed on disk/);
+    expect((await qemuCheck(path, 'vhdx')).code).toBe(0);
+    expect((await qemuConvertToRaw(path, dir, 'vhdx')).equals(expected)).toBe(true);
+  });
+
+  it('a differencing image opens read-only with a notice naming why, and its file is not changed', T, async () => {
+    const dir = await makeTempDir('imgmount-vhdxw-');
+    const parent = join(dir, 'base.vhdx');
+    const { dataWriteGuid } = await writeVhdx(parent, { virtualSize: 4 * MiB, blockSize: MiB, blocks: new Map([[0, { state: STATE.FULLY_PRESENT, data: seededBytes(9, MiB) }]]) });
+    const child = join(dir, 'child.avhdx');
+    await writeVhdx(child, {
+      virtualSize: 4 * MiB, blockSize: MiB, parent: { linkage: dataWriteGuid, relativePath: 'base.vhdx' },
+      blocks: new Map([[1, { state: STATE.FULLY_PRESENT, data: seededBytes(10, MiB) }]]),
+    });
+    const before = sha(await readFile(child));
+    const notices: string[] = [];
+    const image = await openImage(child, { format: 'vhdx', notice: (line) => notices.push(line) });
+    expect(image.readOnly).toBe(true);
+    await expect(image.write(0, Buffer.alloc(512))).rejects.toThrow();
+    await image.close();
+    expect(notices.join('\n')).toMatch(/opened read-only: writing differencing VHDX images .* is not supported/);
+    expect(sha(await readFile(child))).toBe(before);
   });
 });
