@@ -25,6 +25,8 @@
  */
 import { Mutex } from 'async-mutex';
 import createDebug from 'debug';
+import { constants as osConstants } from 'node:os';
+import { BlockError, UnsupportedFeatureError } from '../../block/errors.js';
 import { announce, flushToDisk } from '../../block/events.js';
 import type { Protocol } from '../../block/types.js';
 import { HEADER_OFFSETS, MiB, newGuid, serializeHeader, type VhdxHeader } from './header.js';
@@ -98,7 +100,7 @@ export class VhdxWriter {
   async allocateBlock(blockSize: number, inBlock: number, data: Buffer): Promise<number> {
     const start = Math.ceil(this.fileSize / MiB) * MiB;
     const end = start + blockSize;
-    if (!Number.isSafeInteger(end)) throw new RangeError(`${this.file.path}: a new block at ${start} would end past 2^53`);
+    if (!Number.isSafeInteger(end)) throw new BlockError(`${this.file.path}: a new block at ${start} would end past 2^53`, osConstants.errno.EFBIG);
     announce(this.file, 'cluster_alloc');
     this.fileSize = end;
     await this.file.truncate(end);
@@ -119,6 +121,7 @@ export class VhdxWriter {
     const logGuid = newGuid();
     this.header = await writeNextHeader(this.file, this.header, { fileWriteGuid: this.fileWriteGuid, logGuid });
     const length = (Math.ceil((sectors.length + 2) / 128) + sectors.length) * LOG_SECTOR;
+    if (length > logLength) throw new UnsupportedFeatureError(`${this.file.path}: a log entry of ${length} bytes does not fit in the ${logLength}-byte log`);
     if (this.logPosition + length > logLength) this.logPosition = 0;
     const entry = logEntryBytes({
       sequenceNumber: this.sequence,
