@@ -253,19 +253,32 @@ export class VhdxImage implements FormatImage {
     }
   }
 
+  /** fdatasync, then (writer.ts) a header without the log GUID when one names it: nothing left to replay. */
   async flush(): Promise<void> {
     this.assertOpen();
-    if (this.writer) await flushToDisk(this.file);
+    const writer = this.writer;
+    if (!writer) return;
+    await flushToDisk(this.file);
+    await writer.lock.runExclusive(() => writer.settle());
+  }
+
+  /** Idle clean: the same as flush (the log GUID is the only "dirty" state a VHDX has). */
+  async markClean(): Promise<void> {
+    if (!this.closed) await this.flush();
   }
 
   async close(): Promise<void> {
     if (this.closed) return;
+    const writer = this.writer;
     const finish = async () => {
       this.closed = true;
-      if (this.writer) await flushToDisk(this.file);
+      if (writer) {
+        await flushToDisk(this.file);
+        await writer.settle();
+      }
       await this.file.close();
     };
-    if (this.writer) await this.writer.lock.runExclusive(finish);
+    if (writer) await writer.lock.runExclusive(finish);
     else await finish();
   }
 

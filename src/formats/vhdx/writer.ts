@@ -9,8 +9,14 @@
  *   allocating a block: the file is extended by one block at its end, 1 MiB
  *     aligned (reads as zeros), the guest data written into it, fdatasync;
  *     then the BAT sector changes through the log: a header naming a new log
- *     GUID, fdatasync; a log entry holding the new BAT sector, fdatasync; the
- *     BAT sector itself, fdatasync; a header with no log GUID, fdatasync.
+ *     GUID, fdatasync (only when the current header names none); a log entry
+ *     holding the new BAT sector, fdatasync; the BAT sector itself, fdatasync.
+ *   flush, close and idle clean (`settle`): when a header names the log GUID,
+ *     a header without it, fdatasync: the image needs no replay from then on.
+ *     (qemu writes that header after every entry; keeping the GUID until the
+ *     next flush spares two fdatasyncs per allocation. Every entry's tail is
+ *     itself, since all earlier ones are applied, so a replay writes only the
+ *     last entry's BAT sector, which holds what the BAT holds.)
  *
  * A crash before the log entry is durable leaves an unreferenced block past
  * the end (the old data reads back); after it, a replay (ours at any open,
@@ -19,8 +25,8 @@
  * that is not current, so a torn one leaves the other (the previous state).
  *
  * Concurrency: `lock` serializes header updates and allocations (the image
- * takes it around each allocation); every method here except `userVisible`
- * is called with it held. The in-memory header and file size change only
+ * takes it around each allocation, flush and close); every method here
+ * except `userVisible` is called with it held. The in-memory header and file size change only
  * under it.
  */
 import { Mutex } from 'async-mutex';
@@ -66,6 +72,8 @@ export class VhdxWriter {
   /** Where the next log entry goes, from the start of the log. */
   private logPosition = 0;
   private sequence = 1n;
+  /** The current header names this session's log GUID (entries may be in the log). */
+  private logActive = false;
 
   constructor(
     private readonly file: Protocol,
@@ -112,14 +120,17 @@ export class VhdxWriter {
 
   /**
    * Changes 4 KiB metadata sectors of the file (BAT sectors) through the log:
-   * header with a new log GUID, the log entry, the sectors, header without a
-   * log GUID, each flushed. After a crash anywhere the file holds either the
+   * a header with a log GUID (unless one is current), the log entry, the
+   * sectors, each flushed. After a crash anywhere the file holds either the
    * old sectors or, once the entry is durable, the new ones after a replay.
    */
   async logAndApply(sectors: ReadonlyArray<{ offset: number; data: Buffer }>): Promise<void> {
     const { logOffset, logLength } = this.header;
-    const logGuid = newGuid();
-    this.header = await writeNextHeader(this.file, this.header, { fileWriteGuid: this.fileWriteGuid, logGuid });
+    if (!this.logActive) {
+      this.header = await writeNextHeader(this.file, this.header, { fileWriteGuid: this.fileWriteGuid, logGuid: newGuid() });
+      this.logActive = true;
+    }
+    const logGuid = this.header.logGuid;
     const length = (Math.ceil((sectors.length + 2) / 128) + sectors.length) * LOG_SECTOR;
     if (length > logLength) throw new UnsupportedFeatureError(`${this.file.path}: a log entry of ${length} bytes does not fit in the ${logLength}-byte log`);
     if (this.logPosition + length > logLength) this.logPosition = 0;
@@ -139,6 +150,12 @@ export class VhdxWriter {
     announce(this.file, 'l1_update');
     for (const sector of sectors) await this.file.write(sector.offset, sector.data);
     await flushToDisk(this.file);
+  }
+
+  /** Clears the log GUID from the header when it names one (every entry is applied already). Under the lock. */
+  async settle(): Promise<void> {
+    if (!this.logActive) return;
     this.header = await writeNextHeader(this.file, this.header, { fileWriteGuid: this.fileWriteGuid, logGuid: NO_GUID });
+    this.logActive = false;
   }
 }
