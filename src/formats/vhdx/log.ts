@@ -7,9 +7,9 @@
  *
  * This module finds that sequence and replays it IN MEMORY: `LogOverlay` is a
  * read-only Protocol over the image file that shows the file as it will be
- * after replay, without writing a byte. Writing the replay to disk belongs to
- * a read-write open (not done here). The overlay holds no locks: its state is
- * built once at open and never changes.
+ * after replay, without writing a byte (a read-write open replays on disk:
+ * log-write.ts). The overlay holds no locks: its state is built once at open
+ * and never changes.
  */
 import { CorruptImageError, ReadOnlyError, UnsupportedFeatureError } from '../../block/errors.js';
 import type { Protocol } from '../../block/types.js';
