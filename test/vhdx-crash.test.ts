@@ -14,6 +14,9 @@
  *   - read the same in qemu: `qemu-img check` clean and `qemu-img convert`
  *     equal, or, when qemu says the log must be replayed first, the same after
  *     `qemu-img check -r all` on a copy.
+ * And I/O errors (blkdebug) at every step of an allocation: the write fails
+ * with the error, the image reads old or new bytes there and the old ones
+ * elsewhere, here and in qemu, and the next session writes it cleanly.
  */
 import { copyFile, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -184,4 +187,60 @@ describe.skipIf(skipWithoutQemu('vhdx crash'))('VHDX writes at every crash point
     expect(pendingLogs, 'crash states with a log to replay').toBeGreaterThan(0);
     expect((await qemuConvertToRaw(working, dir, 'vhdx')).equals(newBytes)).toBe(true);
   });
+});
+
+describe.skipIf(skipWithoutQemu('vhdx I/O errors'))('VHDX writes failing at every step (blkdebug)', () => {
+  const steps = ['cluster_alloc', 'write_aio', 'header_update', 'l1_update', 'flush_to_disk'] as const;
+  for (const event of steps) {
+    it(`EIO after ${event} (1st, 2nd and 3rd time): the write fails, the image stays consistent and takes the write again`, T, async () => {
+      const dir = await makeTempDir('imgmount-vhdxerr-');
+      const before = join(dir, 'before.vhdx');
+      await qemuImg(['create', '-q', '-f', 'vhdx', '-o', 'block_size=1M', before, String(6 * MiB)]);
+      await qemuIo(before, ['write -P 0x21 0 5000'], 'vhdx');
+      const oldBytes = await qemuConvertToRaw(before, dir, 'vhdx');
+      const data = seededBytes(7, 300_000);
+      const at = 3 * MiB + 1234;
+      let failures = 0;
+      for (const nth of [1, 2, 3]) {
+        const path = join(dir, `failed-${nth}.vhdx`);
+        await copyFile(before, path);
+        const image = await openImage(path, { format: 'vhdx', idleCleanSeconds: 0, filters: [{ name: 'blkdebug', event, errno: 'EIO', nth: String(nth) }] });
+        const outcome = await image.write(at, data).then(() => image.flush()).then(() => undefined, (error: Error) => error);
+        if (outcome) {
+          failures += 1;
+          expect(outcome.message).toMatch(/EIO|I\/O error|Input\/output/);
+        }
+        await image.close().catch(() => undefined);
+        const notices: string[] = [];
+        const opened = await openImage(path, { readOnly: true, format: 'vhdx', notice: (line) => notices.push(line) });
+        const ours = await readAll(opened);
+        await opened.close();
+        const piece = ours.subarray(at, at + data.length);
+        expect(piece.equals(data) || piece.equals(oldBytes.subarray(at, at + data.length)), `nth ${nth}: old or new bytes`).toBe(true);
+        if (!outcome) expect(piece.equals(data), `nth ${nth}: a write that succeeded reads back`).toBe(true);
+        const rest = Buffer.from(ours);
+        oldBytes.copy(rest, at, at, at + data.length);
+        expect(rest.equals(oldBytes), `nth ${nth}: nothing else changed`).toBe(true);
+        let qemuSees = path;
+        if (notices.some((line) => /log holds/.test(line))) {
+          qemuSees = join(dir, `replayed-${nth}.vhdx`);
+          await copyFile(path, qemuSees);
+          expect((await run('qemu-img', ['check', '-r', 'all', '-f', 'vhdx', qemuSees])).code).toBe(0);
+        } else {
+          const check = await run('qemu-img', ['check', '-f', 'vhdx', path]);
+          expect(check.code, `nth ${nth}: ${check.stdout}${check.stderr}`).toBe(0);
+        }
+        expect((await qemuConvertToRaw(qemuSees, dir, 'vhdx')).equals(ours), `nth ${nth}: qemu reads what we read`).toBe(true);
+        // The next session (a read-write open: a pending log is replayed on disk) writes it.
+        const again = await openImage(path, { format: 'vhdx' });
+        await again.write(at, data);
+        await again.close();
+        const model = Buffer.from(oldBytes);
+        data.copy(model, at);
+        expect((await run('qemu-img', ['check', '-f', 'vhdx', path])).code).toBe(0);
+        expect((await qemuConvertToRaw(path, dir, 'vhdx')).equals(model), `nth ${nth}: rewritten`).toBe(true);
+      }
+      expect(failures, `${event}: the injected errors reached the write`).toBeGreaterThan(0);
+    });
+  }
 });
