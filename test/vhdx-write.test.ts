@@ -103,6 +103,22 @@ describe.skipIf(skipWithoutQemu('vhdx write'))('writing VHDX', () => {
     });
   }
 
+  it('a zero write over stored data punches whole 4 KiB pieces out of the file and reads zeros, here and in qemu', T, async () => {
+    const dir = await makeTempDir('imgmount-vhdxw-');
+    const path = join(dir, 'disk.vhdx');
+    await qemuImg(['create', '-q', '-f', 'vhdx', '-o', 'block_size=1M', path, '4M']);
+    await qemuIo(path, ['write -P 0x44 0 3M'], 'vhdx');
+    const allocated = (await stat(path)).blocks;
+    const image = await openImage(path, { format: 'vhdx' });
+    await image.zero(1000, 2 * MiB);
+    await image.close();
+    expect((await stat(path)).blocks, 'blocks of the file').toBeLessThan(allocated - 3000);
+    const model = Buffer.alloc(4 * MiB);
+    model.fill(0x44, 0, 3 * MiB);
+    model.fill(0, 1000, 1000 + 2 * MiB);
+    await expectLikeModel(path, model, dir);
+  });
+
   it('the first write changes the header first: a higher sequence number, a new DataWriteGuid, no log GUID; an open without writes changes nothing', T, async () => {
     const dir = await makeTempDir('imgmount-vhdxw-');
     const path = join(dir, 'disk.vhdx');

@@ -40,6 +40,8 @@ export const DEFAULT_TABLE_CACHE_BYTES = 16 * MiB;
 const TABLE_BYTES = MiB;
 /** Zeros are written in pieces of at most this many bytes. */
 const ZERO_CHUNK = MiB;
+/** Zero writes punch whole pieces of this size out of the file. */
+const PUNCH_UNIT = 4096;
 
 export interface VhdxParts {
   header: VhdxHeader;
@@ -239,17 +241,35 @@ export class VhdxImage implements FormatImage {
     }
   }
 
-  /** Makes a range read as zeros: stored bytes are overwritten with zeros; blocks not present read as zeros already. */
+  /**
+   * Makes a range read as zeros: stored bytes become zeros (whole 4 KiB pieces punched out of the
+   * file when it can, the rest written as zeros; the BAT does not change); blocks not present read
+   * as zeros already.
+   */
   private async zeroGuest(offset: number, length: number): Promise<void> {
     this.assertOpen();
     await this.writer!.userVisible();
     const runs = await this.map(offset, length);
     for (const run of runs) {
       if (run.kind !== 'data') continue;
-      for (let at = 0; at < run.length; at += ZERO_CHUNK) {
-        announce(this.file, 'write_aio');
-        await this.file.write(run.hostOffset + at, Buffer.alloc(Math.min(ZERO_CHUNK, run.length - at)));
+      const start = run.hostOffset;
+      const end = start + run.length;
+      const punchFrom = Math.ceil(start / PUNCH_UNIT) * PUNCH_UNIT;
+      const punchTo = Math.floor(end / PUNCH_UNIT) * PUNCH_UNIT;
+      if (this.file.punchHole && punchTo > punchFrom) {
+        await this.writeZeros(start, punchFrom);
+        await this.file.punchHole(punchFrom, punchTo - punchFrom);
+        await this.writeZeros(punchTo, end);
+      } else {
+        await this.writeZeros(start, end);
       }
+    }
+  }
+
+  private async writeZeros(from: number, to: number): Promise<void> {
+    for (let at = from; at < to; at += ZERO_CHUNK) {
+      announce(this.file, 'write_aio');
+      await this.file.write(at, Buffer.alloc(Math.min(ZERO_CHUNK, to - at)));
     }
   }
 
