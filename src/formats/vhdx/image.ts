@@ -22,7 +22,7 @@ import { BlockError, CorruptImageError } from '../../block/errors.js';
 import { announce, flushToDisk } from '../../block/events.js';
 import { settleAll } from '../../block/settle.js';
 import type { BackingReference, FormatImage, FormatInfo, Mapping, OpenOptions, Protocol } from '../../block/types.js';
-import { TableCache } from '../../cache/table-cache.js';
+import { TableCache, type TableHandle } from '../../cache/table-cache.js';
 import {
   BatGeometry, BITMAP_BYTES, blockProblem, decodeEntry, FULLY_PRESENT, NOT_PRESENT, PARTIALLY_PRESENT, reservedRanges, SB_BLOCK_PRESENT,
   STATE_NAMES, UNDEFINED, UNMAPPED, UNMAPPED_V095, ZERO,
@@ -40,6 +40,15 @@ export const DEFAULT_TABLE_CACHE_BYTES = 16 * MiB;
 const TABLE_BYTES = MiB;
 /** Zeros are written in pieces of at most this many bytes. */
 const ZERO_CHUNK = MiB;
+/** Blocks one write allocates together (their BAT sectors in one log entry, which a 1 MiB log holds). */
+const MAX_BLOCKS_PER_ENTRY = 64;
+
+interface FreshBlock {
+  block: number;
+  /** Where `data` starts in the block. */
+  inBlock: number;
+  data: Buffer;
+}
 /** Zero writes punch whole pieces of this size out of the file. */
 const PUNCH_UNIT = 4096;
 
@@ -197,12 +206,16 @@ export class VhdxImage implements FormatImage {
     );
   }
 
-  /** A write to blocks that were not present when looked at: one block at a time, under the writer's lock. */
+  /**
+   * A write to blocks that were not present when looked at, under the writer's lock: each block is
+   * mapped again (an earlier request may have allocated it meanwhile: then in place), and the
+   * blocks still missing are allocated together, their BAT entries in one log entry.
+   */
   private async allocatingWrite(offset: number, data: Buffer): Promise<void> {
-    const writer = this.writer!;
     const { blockSize } = this.geometry;
-    await writer.lock.runExclusive(async () => {
+    await this.writer!.lock.runExclusive(async () => {
       this.assertOpen();
+      const fresh: FreshBlock[] = [];
       for (let pos = offset; pos < offset + data.length; ) {
         const block = Math.floor(pos / blockSize);
         const end = Math.min(offset + data.length, (block + 1) * blockSize);
@@ -213,31 +226,54 @@ export class VhdxImage implements FormatImage {
           await this.file.write(run!.hostOffset, part);
         } else {
           // Every other state reads as zeros in an image without a parent: the rest of the new block stays zeros.
-          const start = await writer.allocateBlock(blockSize, pos - block * blockSize, part);
-          this.parts.fileSize = writer.fileSize;
-          await this.setBatEntry(this.geometry.payloadEntry(block), BigInt(start) | BigInt(FULLY_PRESENT));
-          log('%s: payload block %d allocated at %d', this.file.path, block, start);
+          fresh.push({ block, inBlock: pos - block * blockSize, data: part });
         }
         pos = end;
       }
+      for (let i = 0; i < fresh.length; i += MAX_BLOCKS_PER_ENTRY) await this.allocateBlocks(fresh.slice(i, i + MAX_BLOCKS_PER_ENTRY));
     });
   }
 
-  /** Changes BAT entry `index` through the log (writer.ts), then in the cached page. Under the writer's lock. */
-  private async setBatEntry(index: number, value: bigint): Promise<void> {
-    const byte = index * 8;
-    const page = Math.floor(byte / TABLE_BYTES) * TABLE_BYTES;
-    const pageOffset = this.parts.regions.bat.fileOffset + page;
-    const handle = await this.cache.acquire(pageOffset);
+  /** New blocks, contiguous at the end of the file, then their BAT entries through one log entry. Under the writer's lock. */
+  private async allocateBlocks(fresh: readonly FreshBlock[]): Promise<void> {
+    const writer = this.writer!;
+    const { blockSize } = this.geometry;
+    const start = await writer.allocateBlocks(blockSize, fresh);
+    this.parts.fileSize = writer.fileSize;
+    await this.setBatEntries(fresh.map((f, i) => ({ index: this.geometry.payloadEntry(f.block), value: BigInt(start + i * blockSize) | BigInt(FULLY_PRESENT) })));
+    log('%s: payload blocks %j allocated from %d', this.file.path, fresh.map((f) => f.block), start);
+  }
+
+  /** Changes BAT entries through the log (writer.ts: their 4 KiB sectors in one entry), then in the cached pages. Under the writer's lock. */
+  private async setBatEntries(changes: ReadonlyArray<{ index: number; value: bigint }>): Promise<void> {
+    const batOffset = this.parts.regions.bat.fileOffset;
+    const handles = new Map<number, TableHandle<Buffer>>();
     try {
-      const inPage = byte - page;
-      const sectorStart = Math.floor(inPage / LOG_SECTOR) * LOG_SECTOR;
-      const sector = Buffer.from(handle.table.subarray(sectorStart, sectorStart + LOG_SECTOR));
-      sector.writeBigUInt64LE(value, inPage - sectorStart);
-      await this.writer!.logAndApply([{ offset: pageOffset + sectorStart, data: sector }]);
-      handle.table.writeBigUInt64LE(value, inPage);
+      const sectors = new Map<number, Buffer>();
+      for (const { index, value } of changes) {
+        const byte = index * 8;
+        const page = Math.floor(byte / TABLE_BYTES) * TABLE_BYTES;
+        let handle = handles.get(page);
+        if (!handle) {
+          handle = await this.cache.acquire(batOffset + page);
+          handles.set(page, handle);
+        }
+        const sectorAt = Math.floor(byte / LOG_SECTOR) * LOG_SECTOR;
+        let sector = sectors.get(sectorAt);
+        if (!sector) {
+          sector = Buffer.from(handle.table.subarray(sectorAt - page, sectorAt - page + LOG_SECTOR));
+          sectors.set(sectorAt, sector);
+        }
+        sector.writeBigUInt64LE(value, byte - sectorAt);
+      }
+      await this.writer!.logAndApply([...sectors].map(([at, data]) => ({ offset: batOffset + at, data })));
+      for (const { index, value } of changes) {
+        const byte = index * 8;
+        const page = Math.floor(byte / TABLE_BYTES) * TABLE_BYTES;
+        handles.get(page)!.table.writeBigUInt64LE(value, byte - page);
+      }
     } finally {
-      handle.release();
+      for (const handle of handles.values()) handle.release();
     }
   }
 

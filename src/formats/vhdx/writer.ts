@@ -6,11 +6,12 @@
  *   first write of the session: the non-current header is rewritten with
  *     sequence + 1, a new FileWriteGuid and DataWriteGuid (and no log GUID),
  *     fdatasync; from then on it is the current one.
- *   allocating a block: the file is extended by one block at its end, 1 MiB
- *     aligned (reads as zeros), the guest data written into it, fdatasync;
- *     then the BAT sector changes through the log: a header naming a new log
+ *   allocating blocks (those one write request needs): the file is extended
+ *     by them at its end, 1 MiB aligned (reads as zeros), the guest data
+ *     written into them, fdatasync; then their BAT sectors change through the
+ *     log, in one entry: a header naming a new log
  *     GUID, fdatasync (only when the current header names none); a log entry
- *     holding the new BAT sector, fdatasync; the BAT sector itself, fdatasync.
+ *     holding the new BAT sectors, fdatasync; the BAT sectors themselves, fdatasync.
  *   flush, close and idle clean (`settle`): when a header names the log GUID,
  *     a header without it, fdatasync: the image needs no replay from then on.
  *     (qemu writes that header after every entry; keeping the GUID until the
@@ -101,19 +102,22 @@ export class VhdxWriter {
   }
 
   /**
-   * Extends the file by one block of `blockSize` at its end (1 MiB aligned, as
-   * qemu), writes `data` at `inBlock` of it and flushes. Returns the block's
-   * file offset. The space is given up even when a write fails (it may be on disk).
+   * Extends the file by `parts.length` blocks of `blockSize` at its end (1 MiB
+   * aligned, as qemu), writes each part's data at its place in its block and
+   * flushes. Returns the first block's file offset. The space is given up even
+   * when a write fails (it may be on disk).
    */
-  async allocateBlock(blockSize: number, inBlock: number, data: Buffer): Promise<number> {
+  async allocateBlocks(blockSize: number, parts: ReadonlyArray<{ inBlock: number; data: Buffer }>): Promise<number> {
     const start = Math.ceil(this.fileSize / MiB) * MiB;
-    const end = start + blockSize;
-    if (!Number.isSafeInteger(end)) throw new BlockError(`${this.file.path}: a new block at ${start} would end past 2^53`, osConstants.errno.EFBIG);
+    const end = start + parts.length * blockSize;
+    if (!Number.isSafeInteger(end)) throw new BlockError(`${this.file.path}: new blocks at ${start} would end past 2^53`, osConstants.errno.EFBIG);
     announce(this.file, 'cluster_alloc');
     this.fileSize = end;
     await this.file.truncate(end);
-    announce(this.file, 'write_aio');
-    await this.file.write(start + inBlock, data);
+    for (const [i, part] of parts.entries()) {
+      announce(this.file, 'write_aio');
+      await this.file.write(start + i * blockSize + part.inBlock, part.data);
+    }
     await flushToDisk(this.file);
     return start;
   }
