@@ -17,18 +17,18 @@
  *     (qemu writes that header after every entry; keeping the GUID until the
  *     next flush spares two fdatasyncs per allocation. Every entry's tail is
  *     itself, since all earlier ones are applied, so a replay writes only the
- *     last entry's BAT sector, which holds what the BAT holds.)
+ *     last entry's BAT sectors, which hold what the BAT holds.)
  *
- * A crash before the log entry is durable leaves an unreferenced block past
+ * A crash before the log entry is durable leaves unreferenced blocks past
  * the end (the old data reads back); after it, a replay (ours at any open,
- * qemu's at a read-write open or `check -r all`) writes the new BAT sector
+ * qemu's at a read-write open or `check -r all`) writes the new BAT sectors
  * again, so the new data reads back. Each header write goes to the header
  * that is not current, so a torn one leaves the other (the previous state).
  *
  * Concurrency: `lock` serializes header updates and allocations (the image
  * takes it around each allocation, flush and close); every method here
- * except `userVisible` is called with it held. The in-memory header and file size change only
- * under it.
+ * except `userVisible` is called with it held. The in-memory header and
+ * file size change only under it.
  */
 import { Mutex } from 'async-mutex';
 import createDebug from 'debug';
