@@ -119,6 +119,30 @@ describe.skipIf(skipWithoutQemu('vhdx write'))('writing VHDX', () => {
     await expectLikeModel(path, model, dir);
   });
 
+  it('an allocation leaves the log GUID in the header until the next flush, or idle clean: then no log is left to replay', T, async () => {
+    const dir = await makeTempDir('imgmount-vhdxw-');
+    const path = join(dir, 'disk.vhdx');
+    await qemuImg(['create', '-q', '-f', 'vhdx', '-o', 'block_size=1M', path, '4M']);
+    const none = '0'.repeat(32);
+    const image = await openImage(path, { format: 'vhdx', idleCleanSeconds: 0 });
+    await image.write(2 * MiB, Buffer.alloc(4096, 0x31));
+    expect((await currentHeader(path)).logGuid, 'after an allocation').not.toBe(none);
+    await image.flush();
+    expect((await currentHeader(path)).logGuid, 'after flush').toBe(none);
+    await image.write(100, Buffer.alloc(10, 0x32)); // in place: no log entry
+    await image.write(3 * MiB, Buffer.alloc(10, 0x33));
+    expect((await currentHeader(path)).logGuid).not.toBe(none);
+    await image.close();
+    expect((await currentHeader(path)).logGuid, 'after close').toBe(none);
+    const idle = await openImage(path, { format: 'vhdx', idleCleanSeconds: 1 });
+    await idle.write(MiB, Buffer.alloc(10, 0x34));
+    expect((await currentHeader(path)).logGuid).not.toBe(none);
+    await new Promise((resolve) => setTimeout(resolve, 2500));
+    expect((await currentHeader(path)).logGuid, 'after idle clean, still open').toBe(none);
+    await idle.close();
+    expect((await qemuCheck(path, 'vhdx')).code).toBe(0);
+  });
+
   it('the first write changes the header first: a higher sequence number, a new DataWriteGuid, no log GUID; an open without writes changes nothing', T, async () => {
     const dir = await makeTempDir('imgmount-vhdxw-');
     const path = join(dir, 'disk.vhdx');
