@@ -12,7 +12,9 @@
  * only once it is durable in the file (writer.ts' order), with the page
  * pinned; allocations run one at a time under the writer's lock, which maps
  * the block again first, so a block is never allocated twice. Writes into
- * FULLY_PRESENT blocks go straight to the file. When the log was replayed in
+ * FULLY_PRESENT blocks (and into the present sectors of a partially present
+ * one) go straight to the file; completing a partially present block under
+ * the lock writes only its sectors not present. When the log was replayed in
  * memory (read-only opens), every read (BAT, bitmaps, data) goes through the
  * overlay (`view`), which data mappings name as their file.
  */
@@ -21,7 +23,7 @@ import { constants as osConstants } from 'node:os';
 import { BlockError, CorruptImageError } from '../../block/errors.js';
 import { announce, flushToDisk } from '../../block/events.js';
 import { settleAll } from '../../block/settle.js';
-import type { BackingReference, FormatImage, FormatInfo, Mapping, OpenOptions, Protocol } from '../../block/types.js';
+import type { BackingReader, BackingReference, FormatImage, FormatInfo, Mapping, OpenOptions, Protocol } from '../../block/types.js';
 import { TableCache, type TableHandle } from '../../cache/table-cache.js';
 import {
   BatGeometry, BITMAP_BYTES, blockProblem, decodeEntry, FULLY_PRESENT, NOT_PRESENT, PARTIALLY_PRESENT, reservedRanges, SB_BLOCK_PRESENT,
@@ -48,7 +50,12 @@ interface FreshBlock {
   /** Where `data` starts in the block. */
   inBlock: number;
   data: Buffer;
+  /** The block read the parent (a differencing image): the rest of the new block is the parent's bytes. */
+  fromParent: boolean;
 }
+
+/** Parent bytes are copied in pieces of at most this many bytes. */
+const COPY_CHUNK = MiB;
 /** Zero writes punch whole pieces of this size out of the file. */
 const PUNCH_UNIT = 4096;
 
@@ -72,6 +79,8 @@ export class VhdxImage implements FormatImage {
   /** The file the data mappings name: the overlay when the log was replayed in memory. */
   private readonly dataFile: Protocol | undefined;
   private closed = false;
+  /** Reads the parent of a differencing image (zeros past its end); set by the generic layer. */
+  private readBacking: BackingReader | undefined;
   readonly write?: (offset: number, data: Buffer) => Promise<void>;
   readonly zero?: (offset: number, length: number) => Promise<void>;
 
@@ -104,6 +113,10 @@ export class VhdxImage implements FormatImage {
     });
     const raised = this.cache.raisedNotice(file.path, TABLE_BYTES);
     if (raised) (options.notice ?? ((line: string) => log(line)))(raised);
+  }
+
+  attachBacking(reader: BackingReader | undefined): void {
+    this.readBacking = reader;
   }
 
   private get geometry(): BatGeometry {
@@ -208,40 +221,93 @@ export class VhdxImage implements FormatImage {
 
   /**
    * A write to blocks that were not present when looked at, under the writer's lock: each block is
-   * mapped again (an earlier request may have allocated it meanwhile: then in place), and the
-   * blocks still missing are allocated together, their BAT entries in one log entry.
+   * mapped again (an earlier request may have allocated it meanwhile: then in place). Blocks still
+   * missing are allocated together, their BAT entries in one log entry; the rest of a new block is
+   * zeros, or in a differencing image the parent's bytes where the block read the parent. A
+   * partially present block of a differencing image is completed in place (its sectors not present
+   * filled from the parent) and becomes FULLY_PRESENT through the log.
    */
   private async allocatingWrite(offset: number, data: Buffer): Promise<void> {
     const { blockSize } = this.geometry;
     await this.writer!.lock.runExclusive(async () => {
       this.assertOpen();
       const fresh: FreshBlock[] = [];
+      const completed: Array<{ index: number; value: bigint }> = [];
       for (let pos = offset; pos < offset + data.length; ) {
         const block = Math.floor(pos / blockSize);
         const end = Math.min(offset + data.length, (block + 1) * blockSize);
         const part = data.subarray(pos - offset, end - offset);
-        const [run] = await this.map(pos, end - pos);
-        if (run!.kind === 'data') {
-          announce(this.file, 'write_aio');
-          await this.file.write(run!.hostOffset, part);
+        const runs = await this.map(pos, end - pos);
+        if (runs.every((run) => run.kind === 'data')) {
+          for (const run of runs) {
+            announce(this.file, 'write_aio');
+            await this.file.write(run.hostOffset, part.subarray(run.guestOffset - pos, run.guestOffset - pos + run.length));
+          }
         } else {
-          // Every other state reads as zeros in an image without a parent: the rest of the new block stays zeros.
-          fresh.push({ block, inBlock: pos - block * blockSize, data: part });
+          const entry = this.geometry.payloadEntry(block);
+          const { state, offset: host } = decodeEntry(await this.batEntry(entry));
+          if (state === PARTIALLY_PRESENT) {
+            await this.completePartial(block, host!, pos, part);
+            completed.push({ index: entry, value: BigInt(host!) | BigInt(FULLY_PRESENT) });
+          } else {
+            fresh.push({ block, inBlock: pos - block * blockSize, data: part, fromParent: this.parts.metadata.hasParent && runs[0]!.kind === 'backing' });
+          }
         }
         pos = end;
+      }
+      if (completed.length > 0) {
+        await flushToDisk(this.file);
+        await this.setBatEntries(completed);
       }
       for (let i = 0; i < fresh.length; i += MAX_BLOCKS_PER_ENTRY) await this.allocateBlocks(fresh.slice(i, i + MAX_BLOCKS_PER_ENTRY));
     });
   }
 
-  /** New blocks, contiguous at the end of the file, then their BAT entries through one log entry. Under the writer's lock. */
+  /** New blocks, contiguous at the end of the file, their data flushed, then their BAT entries through one log entry. Under the writer's lock. */
   private async allocateBlocks(fresh: readonly FreshBlock[]): Promise<void> {
     const writer = this.writer!;
     const { blockSize } = this.geometry;
-    const start = await writer.allocateBlocks(blockSize, fresh);
+    const start = await writer.reserveBlocks(blockSize, fresh.length);
     this.parts.fileSize = writer.fileSize;
+    for (const [i, f] of fresh.entries()) {
+      const host = start + i * blockSize;
+      if (f.fromParent) {
+        const blockStart = f.block * blockSize;
+        const blockLength = Math.min(blockSize, this.virtualSize - blockStart);
+        await this.copyParent(blockStart, blockStart + f.inBlock, host);
+        await this.copyParent(blockStart + f.inBlock + f.data.length, blockStart + blockLength, host + f.inBlock + f.data.length);
+      }
+      announce(this.file, 'write_aio');
+      await this.file.write(host + f.inBlock, f.data);
+    }
+    await flushToDisk(this.file);
     await this.setBatEntries(fresh.map((f, i) => ({ index: this.geometry.payloadEntry(f.block), value: BigInt(start + i * blockSize) | BigInt(FULLY_PRESENT) })));
     log('%s: payload blocks %j allocated from %d', this.file.path, fresh.map((f) => f.block), start);
+  }
+
+  /**
+   * A partially present block about to become FULLY_PRESENT: the parent's bytes go into its sectors
+   * not present (which read the parent until the BAT entry changes), then `part` at `pos`.
+   */
+  private async completePartial(block: number, host: number, pos: number, part: Buffer): Promise<void> {
+    const blockStart = block * this.geometry.blockSize;
+    const blockLength = Math.min(this.geometry.blockSize, this.virtualSize - blockStart);
+    for (const run of await this.map(blockStart, blockLength)) {
+      if (run.kind === 'backing') await this.copyParent(run.guestOffset, run.guestOffset + run.length, host + (run.guestOffset - blockStart));
+    }
+    announce(this.file, 'write_aio');
+    await this.file.write(host + (pos - blockStart), part);
+  }
+
+  /** Copies the parent's guest bytes [from, to) to file offset `host`, 1 MiB at a time. */
+  private async copyParent(from: number, to: number, host: number): Promise<void> {
+    if (!this.readBacking) throw new BlockError(`${this.file.path}: a write into a differencing VHDX needs its parent, which is not open`, osConstants.errno.EIO);
+    for (let at = from; at < to; at += COPY_CHUNK) {
+      const bytes = Buffer.alloc(Math.min(COPY_CHUNK, to - at));
+      await this.readBacking!(at, bytes);
+      announce(this.file, 'cow_write');
+      await this.file.write(host + (at - from), bytes);
+    }
   }
 
   /** Changes BAT entries through the log (writer.ts: their 4 KiB sectors in one entry), then in the cached pages. Under the writer's lock. */
@@ -280,13 +346,21 @@ export class VhdxImage implements FormatImage {
   /**
    * Makes a range read as zeros: stored bytes become zeros (whole 4 KiB pieces punched out of the
    * file when it can, the rest written as zeros; the BAT does not change); blocks not present read
-   * as zeros already.
+   * as zeros already, but in a differencing image, where they read the parent, zeros are written
+   * like any data.
    */
   private async zeroGuest(offset: number, length: number): Promise<void> {
     this.assertOpen();
     await this.writer!.userVisible();
     const runs = await this.map(offset, length);
     for (const run of runs) {
+      if (run.kind === 'backing' && this.parts.metadata.hasParent) {
+        // Reads the parent: zeros must be written into this image (a new block, the rest from the parent).
+        for (let at = run.guestOffset; at < run.guestOffset + run.length; at += ZERO_CHUNK) {
+          await this.allocatingWrite(at, Buffer.alloc(Math.min(ZERO_CHUNK, run.guestOffset + run.length - at)));
+        }
+        continue;
+      }
       if (run.kind !== 'data') continue;
       const start = run.hostOffset;
       const end = start + run.length;

@@ -2,8 +2,8 @@
  * The VHDX format driver (MS-VHDX; docs/formats/vhdx.md): probe, open of
  * dynamic, fixed and differencing images (a log that must be replayed is
  * replayed in memory for a read-only open, on disk for a read-write one),
- * writing dynamic and fixed images (writer.ts; differencing images open
- * read-only with a notice), create (create.ts) and check.
+ * writing (writer.ts, image.ts: a differencing image's new blocks are
+ * filled from the parent), create (create.ts) and check.
  * Parsing lives in header.ts / metadata.ts / log.ts / bat.ts (in order: open.ts),
  * the I/O path in image.ts, the parent checks in parent.ts. No state outside the opened image.
  */
@@ -13,7 +13,7 @@ import { checkVhdx } from './check.js';
 import { createVhdx } from './create.js';
 import { FILE_SIGNATURE } from './header.js';
 import { VhdxImage } from './image.js';
-import { DIFFERENCING_READ_ONLY, openParts } from './open.js';
+import { openParts } from './open.js';
 import { parentReference, verifyParent } from './parent.js';
 import { VhdxWriter } from './writer.js';
 
@@ -29,7 +29,7 @@ async function openVhdx(file: Protocol, options: OpenOptions): Promise<FormatIma
   }
   let writer: VhdxWriter | undefined;
   if (!file.readOnly) {
-    const why = parts.metadata.hasParent ? DIFFERENCING_READ_ONLY : parts.header.logLength === 0 ? 'the image has no log, through which every BAT change must go' : undefined;
+    const why = parts.header.logLength === 0 ? 'the image has no log, through which every BAT change must go' : undefined;
     if (why) notice(`${file.path}: opened read-only: ${why}`);
     else writer = new VhdxWriter(file, parts.header, parts.fileSize);
   }

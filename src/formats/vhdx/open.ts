@@ -17,9 +17,6 @@ import { replayOnDisk } from './log-write.js';
 import { readMetadata } from './metadata.js';
 import { NO_GUID, writeNextHeader } from './writer.js';
 
-/** Why a differencing image opens read-only (docs/formats/vhdx.md). */
-export const DIFFERENCING_READ_ONLY = 'writing differencing VHDX images (sector bitmaps over the parent) is not supported';
-
 async function readAt(file: Protocol, offset: number, length: number): Promise<Buffer> {
   const bytes = Buffer.alloc(length);
   await file.read(offset, bytes);
@@ -44,9 +41,8 @@ async function readStructures(view: Protocol, header: VhdxHeader, path: string):
 /**
  * Reads and checks every structure of the image; `view` is the file as reads
  * see it. A log with entries to replay is replayed in memory (`view` is then
- * the overlay) for a read-only open and for a differencing image (which opens
- * read-only); a read-write open of a dynamic or fixed image replays it on
- * disk, flushes, and writes a header without the log GUID, and says so.
+ * the overlay) for a read-only open; a read-write open replays it on disk,
+ * flushes, and writes a header without the log GUID, and says so.
  */
 export async function openParts(file: Protocol, notice: (line: string) => void): Promise<{ parts: VhdxParts; view: Protocol }> {
   const path = file.path;
@@ -60,8 +56,8 @@ export async function openParts(file: Protocol, notice: (line: string) => void):
   const overlay = new LogOverlay(file, entries, size);
   const parts = await readStructures(overlay, header, path);
   const what = `${path}: the VHDX log holds ${entries.length} entr${entries.length === 1 ? 'y' : 'ies'} (sequence ${entries[0]!.sequenceNumber}..${entries[entries.length - 1]!.sequenceNumber}, ${overlay.changes} change(s)) not yet applied`;
-  if (file.readOnly || parts.metadata.hasParent) {
-    notice(`${what}: replayed in memory for this read-only open${file.readOnly ? '' : ` (${DIFFERENCING_READ_ONLY})`}; the file is not changed`);
+  if (file.readOnly) {
+    notice(`${what}: replayed in memory for this read-only open; the file is not changed`);
     return { parts: { ...parts, replayedEntries: entries.length, replayedOnDisk: 0 }, view: overlay };
   }
   await replayOnDisk(file, entries, size);

@@ -102,23 +102,18 @@ export class VhdxWriter {
   }
 
   /**
-   * Extends the file by `parts.length` blocks of `blockSize` at its end (1 MiB
-   * aligned, as qemu), writes each part's data at its place in its block and
-   * flushes. Returns the first block's file offset. The space is given up even
-   * when a write fails (it may be on disk).
+   * Extends the file by `count` blocks of `blockSize` at its end (1 MiB
+   * aligned, as qemu; they read as zeros) and returns the first one's file
+   * offset. The caller writes their data and flushes. The space is given up
+   * even when the extension fails (it may be on disk).
    */
-  async allocateBlocks(blockSize: number, parts: ReadonlyArray<{ inBlock: number; data: Buffer }>): Promise<number> {
+  async reserveBlocks(blockSize: number, count: number): Promise<number> {
     const start = Math.ceil(this.fileSize / MiB) * MiB;
-    const end = start + parts.length * blockSize;
+    const end = start + count * blockSize;
     if (!Number.isSafeInteger(end)) throw new BlockError(`${this.file.path}: new blocks at ${start} would end past 2^53`, osConstants.errno.EFBIG);
     announce(this.file, 'cluster_alloc');
     this.fileSize = end;
     await this.file.truncate(end);
-    for (const [i, part] of parts.entries()) {
-      announce(this.file, 'write_aio');
-      await this.file.write(start + i * blockSize + part.inBlock, part.data);
-    }
-    await flushToDisk(this.file);
     return start;
   }
 
