@@ -7,7 +7,7 @@ import { createHash } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { expect } from 'vitest';
-import { formatDrivers } from '../../src/index.js';
+import { formatDrivers, openImage } from '../../src/index.js';
 import type { BuiltImage } from './formats.js';
 import { qemuImg, qemuInfo, qemuIo, qemuMap, run, type QemuMapRun } from './qemu.js';
 
@@ -39,13 +39,28 @@ export async function granularity(path: string, format: string): Promise<number>
   return typeof info['cluster-size'] === 'number' ? Math.max(4096, info['cluster-size']) : 4096;
 }
 
+/**
+ * DEST's data ranges: qemu-img map's, but for a VHDX DEST, whose qemu 7.2 driver has no block
+ * status (its map calls every byte data): our own map, which test/vhdx.test.ts checks against
+ * the file's bytes.
+ */
+export async function destDataRanges(dest: string, format: string): Promise<[number, number][]> {
+  if (format !== 'vhdx') return dataRanges(await qemuMap(dest, format));
+  const image = await openImage(dest, { format, readOnly: true });
+  try {
+    return (await image.map()).filter((run) => run.data).map((run): [number, number] => [run.offset, run.offset + run.length]);
+  } finally {
+    await image.close();
+  }
+}
+
 /** Fails when DEST has data (qemu-img map) in a granule where the source had none. */
 export async function expectHolesKept(source: BuiltImage, dest: string, format: string): Promise<void> {
   const grain = await granularity(dest, format);
   const sourceData = dataRanges(await qemuMap(source.path, source.format, { cwd: source.qemuCwd })).map(
     ([start, end]): [number, number] => [Math.floor(start / grain) * grain, Math.ceil(end / grain) * grain],
   );
-  for (const [start, end] of dataRanges(await qemuMap(dest, format))) {
+  for (const [start, end] of await destDataRanges(dest, format)) {
     for (let at = start; at < end; at = Math.min(end, Math.floor(at / grain) * grain + grain)) {
       const covered = sourceData.some(([from, to]) => from <= at && at < to);
       expect(covered, `${dest} has data at ${at} (of ${start}..${end}) where ${source.path} has none`).toBe(true);

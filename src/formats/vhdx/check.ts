@@ -1,10 +1,11 @@
 /**
- * `check` for VHDX (read-only; a repair would write, which is not supported):
- * every BAT entry is decoded; blocks outside the file or on the header
+ * `check` for VHDX (it repairs nothing; a read-write check, `check -r`,
+ * replays a pending log on disk first, as `qemu-img check -r all` does, and
+ * says so): every BAT entry is decoded; blocks outside the file or on the header
  * section, log, BAT or metadata region, reserved states, partially present
  * blocks outside a differencing image, bad sector bitmap entries and blocks
  * that overlap each other are corruptions. A log that must be replayed is
- * replayed in memory first and reported. Reads the BAT one 1 MiB page at a time.
+ * otherwise replayed in memory first and reported. Reads the BAT one 1 MiB page at a time.
  */
 import type { CheckOptions, CheckResult, Protocol } from '../../block/types.js';
 import {

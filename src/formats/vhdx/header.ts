@@ -8,7 +8,8 @@
  * read as bigint and refused above 2^53. Pure functions over buffers, no state.
  */
 import { CorruptImageError, UnsupportedFeatureError } from '../../block/errors.js';
-import { checksumMatches } from './crc32c.js';
+import { randomUUID } from 'node:crypto';
+import { checksumMatches, vhdxChecksum } from './crc32c.js';
 
 export const KiB = 1024;
 export const MiB = 1024 * KiB;
@@ -223,4 +224,42 @@ export function checkLayout(header: VhdxHeader, regions: RegionTable, path: stri
       throw new CorruptImageError(`${path}: the log (${header.logLength} bytes at ${header.logOffset}) overlaps the ${name} (${region.length} bytes at ${region.fileOffset})`);
     }
   }
+}
+
+/** The 4 KiB on-disk form of `header` (signature, CRC-32C, fields; the rest zeros). */
+export function serializeHeader(header: VhdxHeader): Buffer {
+  const bytes = Buffer.alloc(HEADER_BYTES);
+  bytes.writeUInt32LE(HEADER_SIGNATURE, 0);
+  bytes.writeBigUInt64LE(header.sequenceNumber, 8);
+  header.fileWriteGuid.copy(bytes, 16);
+  header.dataWriteGuid.copy(bytes, 32);
+  header.logGuid.copy(bytes, 48);
+  bytes.writeUInt16LE(header.logVersion, 64);
+  bytes.writeUInt16LE(header.version, 66);
+  bytes.writeUInt32LE(header.logLength, 68);
+  bytes.writeBigUInt64LE(BigInt(header.logOffset), 72);
+  bytes.writeUInt32LE(vhdxChecksum(bytes, 4), 4);
+  return bytes;
+}
+
+/** A random GUID in on-disk byte order (version 4: the byte order does not matter for randomness). */
+export function newGuid(): Buffer {
+  return guid(randomUUID());
+}
+
+/** The 64 KiB region table naming the BAT and the metadata region (both marked required, as the specification says). */
+export function serializeRegionTable(bat: { fileOffset: number; length: number }, metadata: { fileOffset: number; length: number }): Buffer {
+  const bytes = Buffer.alloc(REGION_TABLE_BYTES);
+  bytes.writeUInt32LE(REGION_SIGNATURE, 0);
+  bytes.writeUInt32LE(2, 8);
+  [[BAT_REGION, bat], [METADATA_REGION, metadata]].forEach(([id, region], i) => {
+    const at = 16 + 32 * i;
+    (id as Buffer).copy(bytes, at);
+    const { fileOffset, length } = region as { fileOffset: number; length: number };
+    bytes.writeBigUInt64LE(BigInt(fileOffset), at + 16);
+    bytes.writeUInt32LE(length, at + 24);
+    bytes.writeUInt32LE(1, at + 28);
+  });
+  bytes.writeUInt32LE(vhdxChecksum(bytes, 4), 4);
+  return bytes;
 }

@@ -7,9 +7,9 @@
  *
  * This module finds that sequence and replays it IN MEMORY: `LogOverlay` is a
  * read-only Protocol over the image file that shows the file as it will be
- * after replay, without writing a byte. Writing the replay to disk belongs to
- * a read-write open (not done here). The overlay holds no locks: its state is
- * built once at open and never changes.
+ * after replay, without writing a byte (a read-write open replays on disk:
+ * log-write.ts). The overlay holds no locks: its state is built once at open
+ * and never changes.
  */
 import { CorruptImageError, ReadOnlyError, UnsupportedFeatureError } from '../../block/errors.js';
 import type { Protocol } from '../../block/types.js';
@@ -20,10 +20,10 @@ export const LOG_SECTOR = 4 * KiB;
 /** Largest log read into memory to search for the active sequence. */
 export const MAX_LOG_BYTES = 256 * MiB;
 
-const ENTRY_SIGNATURE = 0x65676f6c; // "loge"
-const DATA_DESCRIPTOR = 0x63736564; // "desc"
+export const ENTRY_SIGNATURE = 0x65676f6c; // "loge"
+export const DATA_DESCRIPTOR = 0x63736564; // "desc"
 const ZERO_DESCRIPTOR = 0x6f72657a; // "zero"
-const DATA_SECTOR = 0x61746164; // "data"
+export const DATA_SECTOR = 0x61746164; // "data"
 
 /** One change the log makes to the file: a 4 KiB sector of data, or zeros over a range. */
 export type LogWrite = { offset: number; data: Buffer } | { offset: number; zeroLength: number };
