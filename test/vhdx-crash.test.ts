@@ -98,7 +98,8 @@ interface GuestWrite {
 
 interface CrashState {
   name: string;
-  file: Buffer;
+  /** The file's bytes in this state, made when asked (held all at once, the states took gigabytes). */
+  file: () => Buffer;
   acked: Set<number>;
 }
 
@@ -139,11 +140,11 @@ function crashStates(base: Buffer, log: readonly Entry[], metadataEnd: number, m
   for (const [e, epoch] of epochs.entries()) {
     const earlier = epochs.slice(0, e).flatMap((x) => x.records);
     const choices = epoch.records.length <= maxSubsetRecords ? subsets(epoch.records) : epoch.records.map((_, n) => epoch.records.slice(0, n + 1));
-    for (const [c, kept] of choices.entries()) states.push({ name: `epoch ${e} subset ${c}`, file: apply(base, [...earlier, ...kept]), acked: epoch.acked });
+    for (const [c, kept] of choices.entries()) states.push({ name: `epoch ${e} subset ${c}`, file: () => apply(base, [...earlier, ...kept]), acked: epoch.acked });
     for (const [n, r] of epoch.records.entries()) {
       if (r.kind !== 'write' || r.data.length < 1024 || r.offset >= metadataEnd) continue;
       const half: Recorded = { kind: 'write', offset: r.offset, data: r.data.subarray(0, Math.floor(r.data.length / 1024) * 512) };
-      states.push({ name: `epoch ${e} record ${n} torn`, file: apply(base, [...earlier, ...epoch.records.slice(0, n), half]), acked: epoch.acked });
+      states.push({ name: `epoch ${e} record ${n} torn`, file: () => apply(base, [...earlier, ...epoch.records.slice(0, n), half]), acked: epoch.acked });
     }
   }
   return { states, final: apply(base, epochs.flatMap((x) => x.records)) };
@@ -195,7 +196,7 @@ describe.skipIf(skipWithoutQemu('vhdx crash'))('VHDX writes at every crash point
     let pendingLogs = 0;
     for (const [s, state] of states.entries()) {
       const path = join(dir, `state.vhdx`);
-      await writeFile(path, state.file);
+      await writeFile(path, state.file());
       const notices: string[] = [];
       const opened = await openImage(path, { readOnly: true, format: 'vhdx', notice: (line) => notices.push(line) });
       const ours = await readAll(opened);
@@ -258,7 +259,7 @@ describe.skipIf(skipWithoutQemu('vhdx crash'))('VHDX writes at every crash point
     let pendingLogs = 0;
     for (const [s, state] of states.entries()) {
       const path = join(dir, 'state.avhdx');
-      await writeFile(path, state.file);
+      await writeFile(path, state.file());
       const notices: string[] = [];
       const opened = await openImage(path, { readOnly: true, format: 'vhdx', notice: (line) => notices.push(line) });
       const ours = await readAll(opened);
