@@ -333,7 +333,7 @@ export class BlockImage {
       clusterSize: formatInfo.clusterSize,
       dirty: formatInfo.dirty,
       backingFilename: reference?.filename,
-      backingFormat: reference ? (reference.format ?? this.backing?.format) : undefined,
+      backingFormat: reference ? (reference.format ?? this.backing?.format ?? reference.assumedFormat) : undefined,
       fullBackingFilename: reference ? (this.backing?.path ?? safeResolve(this.path, reference.filename)) : undefined,
       formatSpecific: formatInfo.specific,
       snapshots: formatInfo.snapshots,

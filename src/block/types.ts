@@ -80,6 +80,8 @@ export interface BackingReference {
   filename: string;
   /** A format that must be used without probing ('raw' for QED_F_BACKING_FORMAT_NO_PROBE, qcow2's backing format extension). */
   format?: string;
+  /** Without `format`: the format info names while the parent is not opened (the parent is probed when it is). */
+  assumedFormat?: string;
 }
 
 /** An internal snapshot, with qemu-img's fields. */

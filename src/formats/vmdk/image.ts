@@ -59,9 +59,11 @@ export class VmdkImage implements FormatImage {
    * it, as qemu fails them.
    */
   verifyBacking(backing: { path: string; format: string; specific: Record<string, unknown> | undefined }): void {
-    const found = backing.format === 'vmdk' ? backing.specific?.['cid'] : undefined;
+    // A parent of another format has no CID: it is trusted by its name, as qcow2's and QED's backing files are.
+    if (backing.format !== 'vmdk') return;
+    const found = backing.specific?.['cid'];
     if (found === this.descriptor.parentCid) return;
-    const theirs = typeof found === 'number' ? `its CID is ${found.toString(16)}` : `it has no VMDK CID (${backing.format})`;
+    const theirs = typeof found === 'number' ? `its CID is ${found.toString(16)}` : 'it has no CID';
     this.parentMismatch =
       `${this.file.path}: its parent ${backing.path} is not the image it was made over, or was written since: ` +
       `parentCID is ${this.descriptor.parentCid.toString(16)}, ${theirs}; reads and writes are refused (as qemu refuses them)`;

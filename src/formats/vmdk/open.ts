@@ -22,7 +22,7 @@ import { realpath } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
 import createDebug from 'debug';
 import { CorruptImageError, UnsupportedFeatureError } from '../../block/errors.js';
-import type { FormatImage, OpenOptions, Protocol } from '../../block/types.js';
+import type { BackingReference, FormatImage, OpenOptions, Protocol } from '../../block/types.js';
 import {
   DESCRIPTOR_FILE_MAX_BYTES, EMBEDDED_DESCRIPTOR_BYTES, descriptorText, parseDescriptorFile, parseEmbeddedDescriptor, type Descriptor, type ExtentLine,
 } from './descriptor.js';
@@ -194,9 +194,14 @@ function metadataSectors(header: SparseHeader, sector: number, count: number, ro
   return sector >= 1 && sector + count <= header.grainOffset && afterDescriptor;
 }
 
-/** The parent of a differencing image; qemu opens it as vmdk, never probed, and so does this. */
-function backingOf(descriptor: Descriptor): { filename: string; format: string } | undefined {
-  return descriptor.parentFileNameHint === undefined ? undefined : { filename: descriptor.parentFileNameHint, format: 'vmdk' };
+/**
+ * The parent of a differencing image, probed: a VMDK parent is found by its magic (and then its CID
+ * checked, verifyBacking), and a parent of another format reads too. qemu 7.2 opens every parent as
+ * vmdk, so a descriptor naming a qcow2 or raw parent fails there. Until the parent is opened, info
+ * names its format vmdk, as qemu-img info does.
+ */
+function backingOf(descriptor: Descriptor): BackingReference | undefined {
+  return descriptor.parentFileNameHint === undefined ? undefined : { filename: descriptor.parentFileNameHint, assumedFormat: 'vmdk' };
 }
 
 /** `writeExtents`: FLAT, VMFS and SPARSE extent files are opened read-write (the image may be written). */
