@@ -154,7 +154,7 @@ async function reference(original: string[], columns = 100): Promise<Outcome> {
           .option('snapshot', { alias: 'l', type: 'string', describe: 'convert this internal snapshot: snapshot.name=NAME, snapshot.id=ID, or an id or name' })
           .option('backing', { alias: 'B', type: 'string', describe: "create dest over this backing file (same content as the source's backing chain): only the source's top image is copied" })
           .option('backing-format', { alias: 'F', type: 'string', describe: `format of the -B backing file (${readable})` })
-          .option('parallel', { alias: 'm', type: 'string', describe: 'requests in flight, 1..16 (default 8)' })
+          .option('parallel', { alias: 'm', type: 'string', describe: 'reads in flight, 1..16 (default 8; two buffers are written at a time)' })
           .option('force', { type: 'boolean', default: false, describe: 'overwrite an existing dest (qemu-img does so silently)' })
           .option('allow-files', { type: 'string', describe: ALLOW_FILES_HELP })
           .option('filter', { type: 'string', describe: FILTER_HELP }),

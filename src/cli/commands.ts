@@ -45,7 +45,7 @@ export function formatNames(drivers: readonly { name: string; recognizedOnly?: b
  * every format driver (about 40 ms); test/cli-args.test.ts fails when the list of
  * formats (src/formats/index.ts) and these names disagree.
  */
-export const HELP_FORMAT_NAMES: FormatNames = { readable: 'qcow2, qed, raw, vdi, vhdx, vmdk, vpc, qcow, parallels, bochs, cloop, dmg', creatable: 'qcow2, qed, raw, vdi, vmdk, vpc' };
+export const HELP_FORMAT_NAMES: FormatNames = { readable: 'qcow2, qed, raw, vdi, vhdx, vmdk, vpc, qcow, parallels, bochs, cloop, dmg', creatable: 'qcow2, qed, raw, vdi, vhdx, vmdk, vpc' };
 
 /** Every command with its options; the help texts name the formats (only help needs them). */
 export function program(formats: FormatNames = { readable: '', creatable: '' }): Program {
