@@ -3,7 +3,9 @@
  * run that continues the previous one the same way is joined to it, so a
  * caller sees one run per stretch of same storage. Pure function, no state.
  */
-import type { Mapping } from './types.js';
+import { announce } from './events.js';
+import { settleAll } from './settle.js';
+import type { Mapping, Protocol } from './types.js';
 
 /**
  * Appends `run` to `runs`, joining it to the last run when both are of the same
@@ -23,4 +25,22 @@ export function appendRun(runs: Mapping[], run: Mapping): void {
     }
   }
   runs.push(run);
+}
+
+/**
+ * Writes `data` (at guest `offset`) by the runs a driver's map() gave for that range: a
+ * `data` run in place in `file`, any other through `allocate`. Resolves once every part has
+ * settled (the caller's buffer is then free), rejecting with the first failure.
+ */
+export function writeByRuns(file: Protocol, runs: readonly Mapping[], offset: number, data: Buffer, allocate: (guestOffset: number, part: Buffer) => Promise<void>): Promise<void> {
+  return settleAll(
+    runs.map((run) => {
+      const part = data.subarray(run.guestOffset - offset, run.guestOffset - offset + run.length);
+      if (run.kind === 'data') {
+        announce(run.file ?? file, 'write_aio');
+        return (run.file ?? file).write(run.hostOffset, part);
+      }
+      return allocate(run.guestOffset, part);
+    }),
+  );
 }

@@ -22,7 +22,6 @@ import createDebug from 'debug';
 import { constants as osConstants } from 'node:os';
 import { BlockError, CorruptImageError } from '../../block/errors.js';
 import { announce, flushToDisk } from '../../block/events.js';
-import { settleAll } from '../../block/settle.js';
 import type { BackingReader, BackingReference, FormatImage, FormatInfo, Mapping, OpenOptions, Protocol } from '../../block/types.js';
 import { TableCache, type TableHandle } from '../../cache/table-cache.js';
 import {
@@ -31,7 +30,7 @@ import {
 } from './bat.js';
 import { guidText, MiB, type RegionTable, type VhdxHeader } from './header.js';
 import type { VhdxMetadata } from './metadata.js';
-import { appendRun } from '../../block/mapping.js';
+import { appendRun, writeByRuns } from '../../block/mapping.js';
 import { LOG_SECTOR } from './log.js';
 import type { VhdxWriter } from './writer.js';
 
@@ -206,17 +205,7 @@ export class VhdxImage implements FormatImage {
   private async writeGuest(offset: number, data: Buffer): Promise<void> {
     this.assertOpen();
     await this.writer!.userVisible();
-    const runs = await this.map(offset, data.length);
-    await settleAll(
-      runs.map((run) => {
-        const part = data.subarray(run.guestOffset - offset, run.guestOffset - offset + run.length);
-        if (run.kind === 'data') {
-          announce(this.file, 'write_aio');
-          return this.file.write(run.hostOffset, part);
-        }
-        return this.allocatingWrite(run.guestOffset, part);
-      }),
-    );
+    await writeByRuns(this.file, await this.map(offset, data.length), offset, data, (at, part) => this.allocatingWrite(at, part));
   }
 
   /**

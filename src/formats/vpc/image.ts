@@ -40,7 +40,7 @@ import type { BackingReader, BackingReference, FormatImage, FormatInfo, Mapping,
 import { UNALLOCATED, type DynamicHeader } from './dynamic-header.js';
 import { writeDifferencing, zeroDifferencing } from './differencing-write.js';
 import { DISK_DIFFERENCING, diskTypeName, SECTOR, uuidText, type SizeSource, type VhdFooter } from './footer.js';
-import { appendRun } from '../../block/mapping.js';
+import { appendRun, writeByRuns } from '../../block/mapping.js';
 
 const log = createDebug('imgmount:vpc');
 
@@ -158,17 +158,7 @@ export class VpcImage implements FormatImage {
 
   private async writeGuest(offset: number, data: Buffer): Promise<void> {
     this.assertOpen();
-    const runs = await this.map(offset, data.length);
-    await settleAll(
-      runs.map((run) => {
-        const part = data.subarray(run.guestOffset - offset, run.guestOffset - offset + run.length);
-        if (run.kind === 'data') {
-          announce(this.file, 'write_aio');
-          return this.file.write(run.hostOffset, part);
-        }
-        return this.allocatingWrite(run.guestOffset, part);
-      }),
-    );
+    await writeByRuns(this.file, await this.map(offset, data.length), offset, data, (at, part) => this.allocatingWrite(at, part));
   }
 
   /** A write to blocks that were unallocated when looked at; one block at a time, under the lock. */
