@@ -19,7 +19,8 @@
 import { copyFile, open, readFile, stat, truncate } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { makeTempDir, qemuConvertToRaw, qemuImg, qemuIo, readBytes, run, skipWithoutQemu, type RunResult } from './helpers/qemu.js';
+import { makeTempDir, qemuConvertToRaw, qemuImg, qemuIo, readBytes, run, skipWithoutQemu, spyProtocol, type RunResult } from './helpers/qemu.js';
+import { qcow2 } from '../src/formats/qcow2/index.js';
 import { QCOW2, readBE32, readBE64, writeBE32, writeBE64 } from './helpers/qcow2-layout.js';
 import { encodeSnapshotTable, readSnapshotTable, rewriteSnapshotTableInPlace, setRefcount16, type RawSnapshot } from './helpers/qcow2-snapshot-table.js';
 
@@ -339,5 +340,43 @@ describe.skipIf(skipWithoutQemu('qcow2 snapshot table outside the file'))('qcow2
     expect(await contents(ours, dir, ids)).toEqual(before);
     expect((await readBytes(theirs, QCOW2.nbSnapshots, 4)).readUInt32BE(0)).toBe(2);
     expect((await qemuImg(['snapshot', '-l', theirs])).stdout).not.toMatch(/\bone\b/);
+  }, 60_000);
+});
+
+describe.skipIf(skipWithoutQemu('qcow2 snapshot table rewrite ordering'))('qcow2 check -r all: the snapshot table rewrite order', () => {
+  it('writes and flushes the new table, then points the header at it and flushes, then frees the old table', async () => {
+    const dir = await makeTempDir('imgmount-snaporder-');
+    const path = await baseImage(dir);
+    const { entries, offset: oldTable } = await readSnapshotTable(path);
+    await rewriteSnapshotTableInPlace(path, [{ ...entries[0]!, extra: entries[0]!.extra.subarray(0, 8) }, entries[1]!]);
+    const file = await spyProtocol(path, false);
+    try {
+      const result = await qcow2.check!(file, { repair: true, fix: 'all' });
+      expect(result.corruptionsFixed).toBe(1);
+    } finally {
+      await file.close();
+    }
+    const newTable = Number(await readBE64(path, QCOW2.snapshotsOffset));
+    expect(newTable).not.toBe(oldTable);
+    const calls = file.calls.filter((call) => !call.startsWith('read'));
+    const tableWrite = calls.findIndex((call) => call.startsWith(`write ${newTable} `));
+    const headerWrite = calls.indexOf('write 60 12');
+    expect(tableWrite).toBeGreaterThan(-1);
+    expect(headerWrite).toBeGreaterThan(tableWrite);
+    expect(calls.slice(tableWrite + 1, headerWrite)).toContain('flush');
+    expect(calls[headerWrite + 1]).toBe('flush');
+    // The old table's refcount drops only after the header moved: every refcount block write comes later.
+    const refcountTable = Number(await readBE64(path, QCOW2.refcountTableOffset));
+    const block = Number((await readBE64(path, refcountTable)) & 0xfffffffffffffe00n);
+    const blockWrites = calls.map((call, index) => ({ call, index })).filter(({ call }) => {
+      const at = Number(call.split(' ')[1]);
+      return call.startsWith('write') && at >= block && at < block + 65536;
+    });
+    // The new clusters' refcounts are written (and flushed) before the table that uses them.
+    expect(blockWrites[0]!.index).toBeLessThan(tableWrite);
+    expect(calls.slice(blockWrites[0]!.index + 1, tableWrite)).toContain('flush');
+    expect(blockWrites.at(-1)!.index).toBeGreaterThan(headerWrite);
+    expect((await check('qemu', path)).code).toBe(0);
+    expect((await qemuImg(['snapshot', '-l', path])).stdout).toMatch(/\bone\b[\s\S]*\btwo\b/);
   }, 60_000);
 });
