@@ -16,6 +16,7 @@
  * snapshots, every snapshot reads the same, and the active disk reads what it
  * read before the damage (`qemu-img convert -O raw`).
  */
+import { createHash } from 'node:crypto';
 import { copyFile, open, readFile, stat, truncate } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -46,13 +47,15 @@ async function baseImage(dir: string, create: string[] = [], finalWrite = true):
   return path;
 }
 
+const digest = (bytes: Buffer): string => createHash('sha256').update(bytes).digest('hex');
+
 /** The guest bytes of every snapshot (by id) qemu-img can read, and of the active disk. */
 async function contents(path: string, dir: string, ids: string[]): Promise<Map<string, string>> {
   const out = new Map<string, string>();
-  out.set('active', (await qemuConvertToRaw(path, dir, 'qcow2')).toString('base64'));
+  out.set('active', digest(await qemuConvertToRaw(path, dir, 'qcow2')));
   for (const id of ids) {
     try {
-      out.set(id, (await qemuConvertToRaw(path, dir, 'qcow2', { snapshot: { id } })).toString('base64'));
+      out.set(id, digest(await qemuConvertToRaw(path, dir, 'qcow2', { snapshot: { id } })));
     } catch (error) {
       // The message names the file, which differs between the copies: only its last words are kept.
       const line = (error as Error).message.split('\n').find((text) => text.startsWith('qemu-img:')) ?? '';
@@ -152,7 +155,7 @@ describe.skipIf(skipWithoutQemu('qcow2 snapshot table check'))('qcow2 check of b
       const dir = await makeTempDir('imgmount-snapcheck-');
       const path = await baseImage(dir, testCase.create, !testCase.tableLast);
       const ids = (await readSnapshotTable(path)).entries.map((entry) => entry.id.toString());
-      const activeBefore = (await qemuConvertToRaw(path, dir, 'qcow2')).toString('base64');
+      const activeBefore = digest(await qemuConvertToRaw(path, dir, 'qcow2'));
       await testCase.damage(path);
       const copy = async (name: string): Promise<string> => {
         await copyFile(path, join(dir, name));
@@ -177,7 +180,7 @@ describe.skipIf(skipWithoutQemu('qcow2 snapshot table check'))('qcow2 check of b
         expect(plainOurs.stderr).toBe(unprefixed(plainTheirs.stderr));
         expect(jsonOurs.stdout).toBe(jsonTheirs.stdout);
       }
-      expect(await readFile(path)).toEqual(damaged); // a check without -r writes nothing
+      expect((await readFile(path)).equals(damaged)).toBe(true); // a check without -r writes nothing
 
       // -r leaks: what qemu-img does (it leaves the table alone).
       const [leaksTheirs, leaksOurs] = await Promise.all([check('qemu', theirsLeaks, '-r', 'leaks'), check('ours', oursLeaks, '-r', 'leaks')]);
@@ -189,7 +192,7 @@ describe.skipIf(skipWithoutQemu('qcow2 snapshot table check'))('qcow2 check of b
       expect(allOurs.code).toBe(allTheirs.code);
       if (testCase.unreadable) {
         expect(allOurs.stderr).toMatch(testCase.unreadable);
-        expect(await readFile(ours)).toEqual(damaged); // nothing written
+        expect((await readFile(ours)).equals(damaged)).toBe(true); // nothing written
         return;
       }
       if (testCase.expected) expect(allTheirs.code).toBe(testCase.expected[1]);
@@ -228,7 +231,7 @@ async function imageWithTable(dir: string, entries: RawSnapshot[]): Promise<{ pa
   const path = join(dir, 'many.qcow2');
   await qemuImg(['create', '-q', '-f', 'qcow2', path, '64M']);
   await qemuIo(path, ['write -P 1 0 1M', 'write -P 2 3M 64k'], 'qcow2');
-  const activeBefore = (await qemuConvertToRaw(path, dir, 'qcow2')).toString('base64');
+  const activeBefore = digest(await qemuConvertToRaw(path, dir, 'qcow2'));
   const clusterSize = 2 ** (await readBE32(path, QCOW2.clusterBits));
   const start = Math.ceil((await stat(path)).size / clusterSize) * clusterSize;
   const table = encodeSnapshotTable(entries);
@@ -246,27 +249,31 @@ async function imageWithTable(dir: string, entries: RawSnapshot[]): Promise<{ pa
   for (let cluster = start / clusterSize; cluster < Math.ceil((start + table.length) / clusterSize); cluster++) await setRefcount16(path, cluster, 1);
   await writeBE32(path, QCOW2.nbSnapshots, entries.length);
   await writeBE64(path, QCOW2.snapshotsOffset, BigInt(start));
-  expect((await check('qemu', path, '-r', 'leaks')).stderr).not.toMatch(/Leaked|ERROR cluster/); // refcounts set right
   return { path, activeBefore };
 }
 
-/** Runs -r all on copies with both tools; the outcome, qemu-img's checks after, snapshot lists and active disk agree. */
-async function repairBoth(dir: string, path: string, activeBefore: string): Promise<{ ours: string; theirs: string }> {
+/**
+ * Runs -r all on a copy with our tool and (`withQemu`) on another with qemu-img: the same outcome;
+ * qemu-img check finds ours clean, the snapshot lists agree and the active disk is unchanged.
+ */
+async function repairBoth(dir: string, path: string, activeBefore: string, withQemu: boolean): Promise<{ ours: string; allOurs: RunResult }> {
   const ours = join(dir, 'ours.qcow2');
   const theirs = join(dir, 'theirs.qcow2');
-  await Promise.all([copyFile(path, ours), copyFile(path, theirs)]);
-  const [allTheirs, allOurs] = await Promise.all([check('qemu', theirs, '-r', 'all'), check('ours', ours, '-r', 'all')]);
-  expect(allTheirs.code).toBe(0);
+  await Promise.all([copyFile(path, ours), withQemu ? copyFile(path, theirs) : undefined]);
+  const [allTheirs, allOurs] = await Promise.all([withQemu ? check('qemu', theirs, '-r', 'all') : undefined, check('ours', ours, '-r', 'all')]);
   expect(allOurs.code).toBe(0);
-  expect(withoutEnd(allOurs.stdout)).toBe(withoutEnd(allTheirs.stdout));
-  expect(allOurs.stderr).toBe(unprefixed(allTheirs.stderr));
-  const [afterTheirs, afterOurs] = await Promise.all([check('qemu', theirs), check('qemu', ours)]);
-  expect(afterTheirs.code).toBe(0);
+  const [afterOurs, activeAfter] = await Promise.all([check('qemu', ours), qemuConvertToRaw(ours, dir, 'qcow2')]);
   expect(afterOurs.code).toBe(0);
-  const [listTheirs, listOurs] = await Promise.all([qemuImg(['snapshot', '-l', theirs]), qemuImg(['snapshot', '-l', ours])]);
-  expect(listOurs.stdout).toBe(listTheirs.stdout);
-  expect((await qemuConvertToRaw(ours, dir, 'qcow2')).toString('base64')).toBe(activeBefore);
-  return { ours, theirs };
+  expect(digest(activeAfter)).toBe(activeBefore);
+  if (allTheirs) {
+    expect(allTheirs.code).toBe(0);
+    expect(withoutEnd(allOurs.stdout)).toBe(withoutEnd(allTheirs.stdout));
+    expect(allOurs.stderr).toBe(unprefixed(allTheirs.stderr));
+    expect((await check('qemu', theirs)).code).toBe(0);
+    const [listTheirs, listOurs] = await Promise.all([qemuImg(['snapshot', '-l', theirs]), qemuImg(['snapshot', '-l', ours])]);
+    expect(listOurs.stdout).toBe(listTheirs.stdout);
+  }
+  return { ours, allOurs };
 }
 
 describe.skipIf(skipWithoutQemu('qcow2 snapshot table limits'))("qcow2 check at qemu's snapshot table limits", () => {
@@ -280,9 +287,17 @@ describe.skipIf(skipWithoutQemu('qcow2 snapshot table limits'))("qcow2 check at 
       expect(theirs.stderr).toMatch(words);
       expect(ours.stderr).toMatch(words);
     }
-    const { ours: repaired } = await repairBoth(dir, path, activeBefore);
+    // qemu-img's own -r all takes 13 s here (ours 1 s); what it does was seen once and is asserted instead:
+    // the count cut (1 corruption fixed), the entry left in its own cluster freed (1 leak), the first 65536 kept.
+    const { ours: repaired, allOurs } = await repairBoth(dir, path, activeBefore, false);
+    expect(allOurs.stdout).toMatch(/repaired:\n\n {4}1 leaked clusters\n {4}1 corruptions\n/);
+    expect(allOurs.stderr).toMatch(/^Discarding 1 overhanging snapshots\n/);
     expect(await readBE32(repaired, QCOW2.nbSnapshots)).toBe(65536);
-  }, 120_000);
+    // Read by the specification (every qemu-img open of this image takes 4-5 s): the first 65536 entries, as they were.
+    const { entries } = await readSnapshotTable(repaired);
+    expect(entries.map((entry) => entry.id.toString()).join(',')).toBe(Array.from({ length: 65536 }, (_, index) => String(index + 1)).join(','));
+    expect(entries.every((entry) => entry.l1Size === 0 && entry.extra.length === 24 && entry.name.length === 0)).toBe(true);
+  }, 60_000);
 
   it('a table above 64 MiB (1025 entries with 65535-byte names): the overhang is discarded as qemu-img does', async () => {
     const dir = await makeTempDir('imgmount-snapbig-');
@@ -303,7 +318,7 @@ describe.skipIf(skipWithoutQemu('qcow2 snapshot table limits'))("qcow2 check at 
       expect(theirs.stderr).toMatch(words);
       expect(ours.stderr).toMatch(words);
     }
-    const { ours: repaired } = await repairBoth(dir, path, activeBefore);
+    const { ours: repaired } = await repairBoth(dir, path, activeBefore, true);
     expect(await readBE32(repaired, QCOW2.nbSnapshots)).toBe(kept);
   }, 120_000);
 });
@@ -329,7 +344,7 @@ describe.skipIf(skipWithoutQemu('qcow2 snapshot table outside the file'))('qcow2
       const repair = await check('ours', ours, '-r', level);
       expect(repair.code).toBe(1);
       expect(repair.stderr).toMatch(/snapshot table \(2 entries at 0x40000000, 80 bytes\) lies outside the file/);
-      expect(await readFile(ours)).toEqual(damaged);
+      expect((await readFile(ours)).equals(damaged)).toBe(true);
     }
     // What qemu-img's repair does: the snapshots' clusters are freed, so putting the pointer back no longer restores them.
     const theirs = join(dir, 'theirs.qcow2');

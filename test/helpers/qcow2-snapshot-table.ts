@@ -28,15 +28,23 @@ export interface RawSnapshot {
 export async function readSnapshotTable(path: string): Promise<{ offset: number; entries: RawSnapshot[]; end: number }> {
   const count = await readBE32(path, QCOW2.nbSnapshots);
   const offset = Number(await readBE64(path, QCOW2.snapshotsOffset));
+  // One read of everything from the table on (tables of 65536 entries are read here); zeros past the end of the file.
+  const size = (await stat(path)).size;
+  const bytes = await readBytes(path, offset, Math.max(0, size - offset));
+  const at = (position: number, length: number): Buffer => {
+    const out = Buffer.alloc(length);
+    bytes.copy(out, 0, Math.min(position, bytes.length), Math.min(position + length, bytes.length));
+    return out;
+  };
   const entries: RawSnapshot[] = [];
-  let at = offset;
+  let position = 0;
   for (let index = 0; index < count; index++) {
-    at = Math.ceil(at / 8) * 8;
-    const fixed = await readBytes(path, at, 40);
+    position = Math.ceil(position / 8) * 8;
+    const fixed = at(position, 40);
     const idSize = fixed.readUInt16BE(12);
     const nameSize = fixed.readUInt16BE(14);
     const extraSize = fixed.readUInt32BE(36);
-    const rest = await readBytes(path, at + 40, extraSize + idSize + nameSize);
+    const rest = at(position + 40, extraSize + idSize + nameSize);
     entries.push({
       l1Offset: fixed.readBigUInt64BE(0),
       l1Size: fixed.readUInt32BE(8),
@@ -48,9 +56,9 @@ export async function readSnapshotTable(path: string): Promise<{ offset: number;
       id: rest.subarray(extraSize, extraSize + idSize),
       name: rest.subarray(extraSize + idSize),
     });
-    at += 40 + extraSize + idSize + nameSize;
+    position += 40 + extraSize + idSize + nameSize;
   }
-  return { offset, entries, end: at };
+  return { offset, entries, end: offset + position };
 }
 
 export function encodeSnapshotTable(entries: readonly RawSnapshot[]): Buffer {
