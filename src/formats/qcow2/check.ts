@@ -261,8 +261,7 @@ async function fixSnapshotTable(ctx: CheckContext, table: SnapshotTableRead, ref
   const { header, file } = ctx;
   const counted = table.size > 0 && table.offset + table.size - ctx.fileSize < header.clusterSize;
   try {
-    const offset = await rewriteSnapshotTable(file, header, table.entries, { offset: table.offset, size: table.size, counted }, refs);
-    log('%s: snapshot table rewritten at %d', file.path, offset);
+    await rewriteSnapshotTable(file, header, table.entries, { offset: table.offset, size: table.size, counted }, refs);
   } catch (error) {
     const reason = error instanceof Error ? error.message : String(error);
     throw checkFailed(`${file.path}: ERROR failed to update snapshot table: ${reason}; Check failed`);
