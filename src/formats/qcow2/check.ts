@@ -2,6 +2,9 @@
  * qcow2 consistency check and repair, as `qemu-img check [-r leaks|all]`
  * (qemu 7.2) does it and reports it:
  *
+ * 0. read the snapshot table tolerantly (check-snapshots.ts): what qemu
+ *    cannot read fails the check, what it can repair is counted (and an
+ *    overlong table cut in the header at once with -r all);
  * 1. count every reference from the header down (check-refs.ts);
  * 2. compare each cluster's refcount with its references: a refcount above
  *    them is a leak ("Leaked cluster N refcount=R reference=C"), below them a
@@ -12,7 +15,9 @@
  *    repairs the old structure's clusters, now leaked;
  * 4. check the OFLAG_COPIED bit of the active L1 and L2 entries against
  *    refcount == 1, and fix it;
- * 5. with nothing left to repair, clear the dirty and corrupt bits.
+ * 5. with -r all, rewrite a snapshot table whose entries needed fixing
+ *    (check-snapshot-write.ts), once the refcounts can be trusted;
+ * 6. with nothing left to repair, clear the dirty and corrupt bits.
  *
  * Counts: `CheckResult.corruptions` / `leaks` are everything found, the
  * `...Fixed` counts what was repaired (the CLI prints what is left). The
@@ -37,10 +42,12 @@ import { EXT_BITMAPS, EXT_CRYPTO, EXT_END } from './extensions.js';
 import { Geometry } from './geometry.js';
 import { AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, parseHeader, type Qcow2Header } from './header.js';
 import { getRefcount, refcountsPerBlock, setRefcount } from './refcount-entries.js';
-import { countReferences, readTables, type CheckContext, type CheckSnapshot, type Counting } from './check-refs.js';
+import { countReferences, readTables, type CheckContext, type Counting } from './check-refs.js';
 import { writeRefcountStructure } from './check-rebuild.js';
 import { checkCopiedFlags } from './check-copied.js';
 import { MAX_DIRECTORY_BYTES as MAX_BITMAP_DIRECTORY_BYTES } from './bitmaps.js';
+import { readSnapshotTableForCheck, SNAPSHOT_POINTER_AT, type SnapshotTableRead } from './check-snapshots.js';
+import { rewriteSnapshotTable } from './check-snapshot-write.js';
 
 const log = createDebug('imgmount:qcow2:check');
 
@@ -64,7 +71,7 @@ interface Tally {
 export async function checkQcow2(file: Protocol, options: Qcow2CheckOptions): Promise<Qcow2CheckResult> {
   const fixErrors = options.repair && (options.fix ?? 'all') === 'all';
   const fixLeaks = options.repair;
-  const ctx = await readContext(file, options.progress);
+  const { ctx, snapshotTable } = await readContext(file, options.progress, options.repair, fixErrors);
   const res: Tally = { corruptions: 0, leaks: 0, corruptionsFixed: 0, leaksFixed: 0, messages: ctx.messages };
   const asResult = res as unknown as CheckResult;
 
@@ -109,11 +116,12 @@ export async function checkQcow2(file: Protocol, options: Qcow2CheckOptions): Pr
   }
   await checkCopiedFlags(ctx, res, stored, fixErrors ? true : fixLeaks ? ctx.checkErrors === 0 && res.corruptions === 0 && res.leaks === 0 : false);
   if (ctx.checkErrors > 0) throw checkFailed(`${file.path}: Check failed: ${ctx.checkErrors} internal errors occurred during the check`);
-  if (options.repair && res.corruptions === 0) await markClean(file, ctx.header);
+  if (fixErrors && snapshotTable.corruptions > 0 && !counting.rebuild) await fixSnapshotTable(ctx, snapshotTable, counting.refs);
+  if (options.repair && res.corruptions === 0 && snapshotTable.corruptions === 0) await markClean(file, ctx.header);
   return {
-    corruptions: res.corruptions + res.corruptionsFixed,
+    corruptions: res.corruptions + res.corruptionsFixed + snapshotTable.corruptions + snapshotTable.corruptionsFixed,
     leaks: res.leaks + res.leaksFixed,
-    corruptionsFixed: res.corruptionsFixed,
+    corruptionsFixed: res.corruptionsFixed + snapshotTable.corruptionsFixed,
     leaksFixed: res.leaksFixed,
     messages: ctx.messages,
     imageEndOffset: (highest + 1) * ctx.header.clusterSize,
@@ -245,12 +253,34 @@ function compare(ctx: CheckContext, res: Tally, stored: StoredRefcounts, countin
   return highest;
 }
 
-/** The header, the refcount table, snapshots, and the extensions the counting needs. */
-async function readContext(file: Protocol, progress: CheckOptions['progress']): Promise<CheckContext> {
+/**
+ * qemu's qcow2_check_fix_snapshot_table: the table written again with its
+ * entries fixed, the header pointed at it, the old table freed.
+ */
+async function fixSnapshotTable(ctx: CheckContext, table: SnapshotTableRead, refs: Counting['refs']): Promise<void> {
+  const { header, file } = ctx;
+  const counted = table.size > 0 && table.offset + table.size - ctx.fileSize < header.clusterSize;
+  try {
+    await rewriteSnapshotTable(file, header, table.entries, { offset: table.offset, size: table.size, counted }, refs);
+  } catch (error) {
+    const reason = error instanceof Error ? error.message : String(error);
+    throw checkFailed(`${file.path}: ERROR failed to update snapshot table: ${reason}; Check failed`);
+  }
+  table.corruptionsFixed += table.corruptions;
+  table.corruptions = 0;
+}
+
+/** The header, the refcount table, the snapshot table, and the extensions the counting needs. */
+async function readContext(
+  file: Protocol, progress: CheckOptions['progress'], repair: boolean, fixErrors: boolean,
+): Promise<{ ctx: CheckContext; snapshotTable: SnapshotTableRead }> {
   const fileSize = await file.size();
   const start = Buffer.alloc(4096);
   await file.read(0, start);
-  const header = parseHeader(start, fileSize, file.path);
+  // As qemu's open for a check: the snapshot table pointer is left out here and read tolerantly below.
+  const withoutSnapshots = Buffer.from(start);
+  withoutSnapshots.fill(0, SNAPSHOT_POINTER_AT, SNAPSHOT_POINTER_AT + 12);
+  const header = parseHeader(withoutSnapshots, fileSize, file.path);
   const firstCluster = Buffer.alloc(header.clusterSize);
   await file.read(0, firstCluster);
   const refcountTable = Buffer.alloc(header.refcountTableClusters * header.clusterSize);
@@ -259,35 +289,14 @@ async function readContext(file: Protocol, progress: CheckOptions['progress']): 
     file, header, geometry: new Geometry(header), fileSize, snapshots: [], snapshotsSize: 0, refcountTable,
     messages: [], checkErrors: 0, progress,
   };
-  await readSnapshotTable(ctx);
+  const snapshotTable = await readSnapshotTableForCheck(file, start, {
+    version: header.version, clusterSize: header.clusterSize, fileSize, repair, fixErrors, messages: ctx.messages,
+  });
+  ctx.snapshots = snapshotTable.entries;
+  ctx.snapshotsSize = snapshotTable.size;
+  ctx.header = { ...header, nbSnapshots: snapshotTable.entries.length, snapshotsOffset: snapshotTable.offset };
   await readExtensions(ctx, firstCluster);
-  return ctx;
-}
-
-/** The snapshot table, tolerating what the counting reports (unaligned or oversized L1 tables). */
-async function readSnapshotTable(ctx: CheckContext): Promise<void> {
-  const { header, file } = ctx;
-  let at = header.snapshotsOffset;
-  for (let index = 0; index < header.nbSnapshots; index++) {
-    const fixed = Buffer.alloc(40);
-    if (at + 40 > ctx.fileSize) throw checkFailed(`${file.path}: Check failed: snapshot table entry ${index} lies outside the file`);
-    await file.read(at, fixed);
-    const l1Offset = fixed.readBigUInt64BE(0);
-    const idSize = fixed.readUInt16BE(12);
-    const nameSize = fixed.readUInt16BE(14);
-    const extraSize = fixed.readUInt32BE(36);
-    const strings = Buffer.alloc(idSize + nameSize);
-    await file.read(at + 40 + extraSize, strings);
-    const snapshot: CheckSnapshot = {
-      id: strings.subarray(0, idSize).toString('utf8'),
-      name: strings.subarray(idSize).toString('utf8'),
-      l1TableOffset: l1Offset > BigInt(Number.MAX_SAFE_INTEGER) ? 1 : Number(l1Offset),
-      l1Size: fixed.readUInt32BE(8),
-    };
-    ctx.snapshots.push(snapshot);
-    at += Math.ceil((40 + extraSize + idSize + nameSize) / 8) * 8;
-  }
-  ctx.snapshotsSize = at - header.snapshotsOffset;
+  return { ctx, snapshotTable };
 }
 
 /** The LUKS header and bitmap directory ranges, from the header extensions. */
