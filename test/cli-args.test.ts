@@ -84,6 +84,7 @@ async function reference(original: string[], columns = 100): Promise<Outcome> {
   const { argv, size } = takeResizeSize(split.argv);
   const asList = (v: unknown): unknown[] => (v === undefined ? [] : Array.isArray(v) ? v : [v]);
   const { readable, creatable } = formats;
+  const OPEN_OPTION_HELP = "an option of the image's format for opening it, KEY=VALUE (repeatable; vpc: force_size_calc=chs|current_size)";
   const FILTER_HELP =
   'a filter between the layers, NAME[:key=value,...] (repeatable, applied in order; layer=N picks the image of the backing chain): ' +
   'blkdebug:event=NAME,errno=N[,once=on][,nth=K] or blkdebug:config=FILE, blkverify:reference=FILE, log-writes:log=FILE; see docs/filters.md';
@@ -121,8 +122,9 @@ async function reference(original: string[], columns = 100): Promise<Outcome> {
           .option('output', { choices: outputChoices, default: 'human' })
           .option('backing-chain', { type: 'boolean', default: false, describe: 'describe every image of the backing chain' })
           .option('allow-files', { type: 'string', describe: ALLOW_FILES_HELP })
-          .option('filter', { type: 'string', describe: FILTER_HELP }),
-      (args: any) => run('info')({ file: args.file, format: args.format, snapshot: args.snapshot, output: args.output, backingChain: args['backing-chain'], allowFiles: asList(args['allow-files']), filters: asList(args.filter) }))
+          .option('filter', { type: 'string', describe: FILTER_HELP })
+          .option('open-option', { type: 'string', describe: OPEN_OPTION_HELP }),
+      (args: any) => run('info')({ file: args.file, format: args.format, snapshot: args.snapshot, output: args.output, backingChain: args['backing-chain'], allowFiles: asList(args['allow-files']), filters: asList(args.filter), openOptions: asList(args['open-option']) }))
     .command('check <file>', 'check image metadata (like qemu-img check); exit 0 clean, 2 corrupt, 3 leaks, 1 failed, 63 no check for the format', (y: any) => y
           .positional('file', { type: 'string', demandOption: true })
           .option('format', { alias: 'f', type: 'string', describe: `image format (${readable}); no probing` })
@@ -157,12 +159,13 @@ async function reference(original: string[], columns = 100): Promise<Outcome> {
           .option('parallel', { alias: 'm', type: 'string', describe: 'reads in flight, 1..16 (default 8; two buffers are written at a time)' })
           .option('force', { type: 'boolean', default: false, describe: 'overwrite an existing dest (qemu-img does so silently)' })
           .option('allow-files', { type: 'string', describe: ALLOW_FILES_HELP })
-          .option('filter', { type: 'string', describe: FILTER_HELP }),
+          .option('filter', { type: 'string', describe: FILTER_HELP })
+          .option('open-option', { type: 'string', describe: OPEN_OPTION_HELP }),
       (args: any) => run('convert')({
         source: args.source, dest: args.dest, format: args.format, outputFormat: args['output-format'], options: asList(args.options),
         compress: args.compress, progress: args.progress, existing: args['skip-create'], sparseSize: args['sparse-size'], snapshot: args.snapshot,
         backing: args.backing, backingFormat: args['backing-format'], parallel: args.parallel, force: args.force,
-        allowFiles: asList(args['allow-files']), filters: asList(args.filter),
+        allowFiles: asList(args['allow-files']), filters: asList(args.filter), openOptions: asList(args['open-option']),
       }))
     .command('map <file>', 'show where the guest bytes live, data, zero or unallocated, down the backing chain (like qemu-img map)', (y: any) => y
           .positional('file', { type: 'string', demandOption: true })
@@ -170,8 +173,9 @@ async function reference(original: string[], columns = 100): Promise<Outcome> {
           .option('snapshot', { alias: 's', type: 'string', describe: 'map this internal snapshot (id or name) instead of the current state' })
           .option('allow-files', { type: 'string', describe: ALLOW_FILES_HELP })
           .option('filter', { type: 'string', describe: FILTER_HELP })
+          .option('open-option', { type: 'string', describe: OPEN_OPTION_HELP })
           .option('output', { choices: outputChoices, default: 'human', describe: "human: qemu-img's table of data runs; json: every run, as qemu-img map --output=json" }),
-      (args: any) => run('map')({ file: args.file, format: args.format, snapshot: args.snapshot, allowFiles: asList(args['allow-files']), output: args.output, filters: asList(args.filter) }))
+      (args: any) => run('map')({ file: args.file, format: args.format, snapshot: args.snapshot, allowFiles: asList(args['allow-files']), output: args.output, filters: asList(args.filter), openOptions: asList(args['open-option']) }))
     .command('$0 [paths..]', 'mount IMAGE... at MOUNTPOINT: one raw file per image (disk.qed -> disk.raw)', (y: any) => y
           .positional('paths', { type: 'string', array: true, describe: 'IMAGE... MOUNTPOINT' })
           .option('read-only', { alias: 'r', type: 'boolean', describe: 'open the images read-only; writes fail with EROFS' })
@@ -186,9 +190,10 @@ async function reference(original: string[], columns = 100): Promise<Outcome> {
           .option('cache-size', { type: 'string', describe: 'L2-table cache per image (default 16M: every table of a 128 GiB default-geometry QED image); a size below 4 tables, 0 included, is raised to 4 tables, with a notice' })
           .option('idle-clean', { type: 'string', describe: 'seconds without writes after which each image is flushed and marked clean (QED need-check, qcow2 dirty bit) until its next write, so a crash after that needs no repair (default 5; 0: only at unmount)' })
           .option('filter', { type: 'string', describe: FILTER_HELP })
+          .option('open-option', { type: 'string', describe: OPEN_OPTION_HELP })
           .option('options', { alias: 'o', type: 'string', describe: 'mount(8)-style options: ro, allow_other, format=FMT, snapshot=ID, name=NAME, log=FILE, debug, foreground, nonempty, cache_size=SIZE, idle_clean=SECONDS' })
           .option('unmount', { alias: 'u', type: 'boolean', describe: 'unmount MOUNTPOINT (same as imgmount unmount)' }),
-      (args: any) => run('mount')({ paths: args.paths ?? [], format: args.format, snapshot: args.snapshot, allowFiles: asList(args['allow-files']), readOnly: args['read-only'], allowOther: args['allow-other'], name: args.name, foreground: args.foreground, debug: args.debug, log: args.log, cacheSize: args['cache-size'], idleClean: args['idle-clean'], filters: asList(args.filter), options: asList(args.options), unmount: args.unmount }))
+      (args: any) => run('mount')({ paths: args.paths ?? [], format: args.format, snapshot: args.snapshot, allowFiles: asList(args['allow-files']), readOnly: args['read-only'], allowOther: args['allow-other'], name: args.name, foreground: args.foreground, debug: args.debug, log: args.log, cacheSize: args['cache-size'], idleClean: args['idle-clean'], filters: asList(args.filter), openOptions: asList(args['open-option']), options: asList(args.options), unmount: args.unmount }))
     .command('unmount <mountpoint>', 'unmount and wait until every image is closed cleanly', (y: any) => y.positional('mountpoint', { type: 'string', demandOption: true }), (args: any) => run('unmount')({ mountpoint: args.mountpoint }))
     .strict()
     .demandCommand(1, 'give a command (create, info, check, map) or IMAGE... MOUNTPOINT to mount')
@@ -246,6 +251,9 @@ const corpus: string[][] = [
   ['--filter', 'blkdebug:event=l2_update,errno=5,once=on', 'disk.qed', '/mnt/x'],
   ['--filter', 'blkdebug:event=l2_load,errno=5', '--filter=blkverify:reference=r.raw', 'a', 'm'],
   ['info', '--filter', 'blkdebug:event=read_aio,errno=5', 'x'],
+  ['info', '--open-option', 'force_size_calc=chs', 'x.vhd'],
+  ['--open-option=force_size_calc=current_size', '-r', 'x.vhd', '/mnt/x'],
+  ['convert', '-O', 'raw', '--open-option', 'a=b', '--open-option', 'c=d', 'x', 'y'],
   ['check', '-r', '--filter', 'blkdebug:config=c.ini', 'x'],
   ['map', 'x', '--filter'],
   ['-u', 'm'],

@@ -5,10 +5,12 @@
  * `--image-opts driver=vpc,force_size_calc=...` for qemu, the oracle). Images
  * are qemu's with the creator and the geometry patched in both footer copies.
  */
+import { mkdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { openImage } from '../src/index.js';
 import { makeTempDir, qemuImg, qemuInfo } from './helpers/qemu.js';
+import { imgmount, isImgmountMount } from './fuse/fuse-helpers.js';
 import { patchFooter } from './helpers/vhd-layout.js';
 
 const M = 1024 * 1024;
@@ -53,6 +55,53 @@ describe('VHD virtual size: by creator application, or forced with force_size_ca
       }
     });
   }
+
+  it('the command line: --open-option force_size_calc=... on info, map, convert and the mount; a bad one is one line', { timeout: 60_000 }, async () => {
+    const dir = await makeTempDir();
+    const path = join(dir, 'disk.vhd');
+    await qemuImg(['create', '-q', '-f', 'vpc', '-o', 'force_size=on', path, String(30 * M)]);
+    await patchFooter(path, 28, Buffer.from('vpc ', 'latin1')); // Virtual PC: the geometry counts by default
+    const chs = Buffer.alloc(4);
+    chs.writeUInt16BE(200, 0);
+    chs.writeUInt8(16, 2);
+    chs.writeUInt8(17, 3);
+    await patchFooter(path, 56, chs);
+    const bySize = 30 * M;
+    expect(await qemuSize(path, 'current_size')).toBe(bySize);
+    const info = await imgmount(['info', '--output=json', '--open-option', 'force_size_calc=current_size', path]);
+    expect(info.code, info.stderr).toBe(0);
+    expect((JSON.parse(info.stdout) as { 'virtual-size': number })['virtual-size']).toBe(bySize);
+    const plain = await imgmount(['info', '--output=json', path]);
+    expect((JSON.parse(plain.stdout) as { 'virtual-size': number })['virtual-size']).toBe(200 * 16 * 17 * 512);
+    const map = await imgmount(['map', '--output=json', '--open-option', 'force_size_calc=current_size', path]);
+    expect(map.code, map.stderr).toBe(0);
+    const runs = JSON.parse(map.stdout) as { start: number; length: number }[];
+    expect(runs.at(-1)!.start + runs.at(-1)!.length).toBe(bySize);
+    const raw = join(dir, 'disk.raw');
+    const converted = await imgmount(['convert', '-O', 'raw', '--open-option', 'force_size_calc=current_size', path, raw]);
+    expect(converted.code, converted.stderr).toBe(0);
+    expect((await stat(raw)).size).toBe(bySize);
+    const mnt = join(dir, 'mnt');
+    await mkdir(mnt);
+    const mounted = await imgmount(['--open-option', 'force_size_calc=current_size', '-r', path, mnt]);
+    expect(mounted.code, mounted.stderr).toBe(0);
+    try {
+      expect(await isImgmountMount(mnt)).toBe(true);
+      expect((await stat(join(mnt, 'disk.raw'))).size).toBe(bySize);
+    } finally {
+      await imgmount(['unmount', mnt]);
+    }
+    for (const [args, message] of [
+      [['info', '--open-option', 'force_size_calc', path], /^imgmount: --open-option force_size_calc: give KEY=VALUE/],
+      [['info', '--open-option', 'force_size=on', path], /unknown vpc open option force_size; vpc takes force_size_calc/],
+      [['info', '--open-option', 'force_size_calc=chs', '--open-option', 'force_size_calc=chs', path], /--open-option force_size_calc is given twice/],
+    ] as const) {
+      const refused = await imgmount(args);
+      expect(refused.code, refused.stderr).toBe(1);
+      expect(refused.stderr).toMatch(message);
+      expect(refused.stderr.trimEnd().split('\n')).toHaveLength(1);
+    }
+  });
 
   it('a bad value, and an open option of a format that takes none, are refused by name', async () => {
     const dir = await makeTempDir();

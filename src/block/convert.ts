@@ -55,6 +55,8 @@ export interface ConvertImageOptions extends FilePolicy {
   targetFormat: string;
   /** The source's format (-f); probed when omitted. */
   sourceFormat?: string;
+  /** Open options of the source's format (`--open-option`: vpc's force_size_calc). */
+  sourceOpenOptions?: Readonly<Record<string, string>>;
   /** Format options of the destination (-o), as for createImage. */
   options?: Record<string, string>;
   /** An internal snapshot of the source (id or name) to convert instead of its current state (-l). */
@@ -117,6 +119,7 @@ export async function convertImage(source: string, dest: string, options: Conver
     format: options.sourceFormat,
     readOnly: true,
     snapshot: options.snapshot,
+    formatOptions: options.sourceOpenOptions,
     filters: options.filters,
     notice: options.notice,
     allowFiles: options.allowFiles,

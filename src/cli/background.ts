@@ -11,6 +11,7 @@
  * command line holds the process title it sets, `imgmount IMAGE... on
  * MOUNTPOINT` (Node.js can only shorten the original command line's memory).
  */
+import { parseOpenOptions } from './open-options.js';
 import { spawn } from 'node:child_process';
 import { closeSync, openSync } from 'node:fs';
 import { realpath } from 'node:fs/promises';
@@ -45,6 +46,8 @@ export interface MountArguments {
   allowFiles?: string[];
   /** `--filter NAME[:key=value,...]` (repeatable): filters on every image of the mount. */
   filters?: string[];
+  /** `--open-option KEY=VALUE` (repeatable): format open options, for every image of the mount. */
+  openOptions?: string[];
   /** `-o` lists, mount(8) style. */
   options?: string[];
   /** `-u`: unmount the one path given. */
@@ -85,6 +88,7 @@ export function planMount(args: MountArguments, settings: MountOptionSettings, c
     idleCleanSeconds: idleClean === undefined ? undefined : parseIdleCleanSeconds(idleClean),
     allowFiles: args.allowFiles && args.allowFiles.length > 0 ? args.allowFiles.map((dir) => resolve(cwd, dir)) : undefined,
     filters: mountFilters(args.filters ?? [], images.length, cwd),
+    formatOptions: parseOpenOptions(args.openOptions),
   };
   const foreground = (args.foreground ?? false) || (settings.foreground ?? false) || (debug && logFile === undefined);
   return { config, foreground };

@@ -19,6 +19,7 @@ export function asList(value: Value | undefined): string[] {
 
 const outputChoices = ['human', 'json'] as const;
 
+const OPEN_OPTION_HELP = "an option of the image's format for opening it, KEY=VALUE (repeatable; vpc: force_size_calc=chs|current_size)";
 const FILTER_HELP =
   'a filter between the layers, NAME[:key=value,...] (repeatable, applied in order; layer=N picks the image of the backing chain): ' +
   'blkdebug:event=NAME,errno=N[,once=on][,nth=K] or blkdebug:config=FILE, blkverify:reference=FILE, log-writes:log=FILE; see docs/filters.md';
@@ -82,6 +83,7 @@ export function program(formats: FormatNames = { readable: '', creatable: '' }):
           { name: 'backing-chain', type: 'boolean', default: false, describe: 'describe every image of the backing chain' },
           { name: 'allow-files', type: 'string', describe: ALLOW_FILES_HELP },
           { name: 'filter', type: 'string', describe: FILTER_HELP },
+          { name: 'open-option', type: 'string', describe: OPEN_OPTION_HELP },
         ],
       },
       {
@@ -140,6 +142,7 @@ export function program(formats: FormatNames = { readable: '', creatable: '' }):
           { name: 'force', type: 'boolean', default: false, describe: 'overwrite an existing dest (qemu-img does so silently)' },
           { name: 'allow-files', type: 'string', describe: ALLOW_FILES_HELP },
           { name: 'filter', type: 'string', describe: FILTER_HELP },
+          { name: 'open-option', type: 'string', describe: OPEN_OPTION_HELP },
         ],
       },
       {
@@ -152,6 +155,7 @@ export function program(formats: FormatNames = { readable: '', creatable: '' }):
           { name: 'snapshot', alias: 's', type: 'string', describe: 'map this internal snapshot (id or name) instead of the current state' },
           { name: 'allow-files', type: 'string', describe: ALLOW_FILES_HELP },
           { name: 'filter', type: 'string', describe: FILTER_HELP },
+          { name: 'open-option', type: 'string', describe: OPEN_OPTION_HELP },
           {
             name: 'output',
             choices: outputChoices,
@@ -187,6 +191,7 @@ export function program(formats: FormatNames = { readable: '', creatable: '' }):
               'seconds without writes after which each image is flushed and marked clean (QED need-check, qcow2 dirty bit) until its next write, so a crash after that needs no repair (default 5; 0: only at unmount)',
           },
           { name: 'filter', type: 'string', describe: FILTER_HELP },
+          { name: 'open-option', type: 'string', describe: OPEN_OPTION_HELP },
           {
             name: 'options',
             alias: 'o',
@@ -252,12 +257,19 @@ export function invocation({ command, options: o, positionals: p }: Parsed): Inv
           backingChain: flag(o['backing-chain'])!,
           allowFiles: asList(o['allow-files']),
           filters: asList(o.filter),
+          openOptions: asList(o['open-option']),
         },
       };
     case 'check':
       return {
         command: 'check',
-        args: { file: p.file as string, format: text(o.format), repair: repairLevel(o.repair), output: o.output as CheckArguments['output'], filters: asList(o.filter) },
+        args: {
+          file: p.file as string,
+          format: text(o.format),
+          repair: repairLevel(o.repair),
+          output: o.output as CheckArguments['output'],
+          filters: asList(o.filter),
+        },
       };
     case 'map':
       return {
@@ -269,6 +281,7 @@ export function invocation({ command, options: o, positionals: p }: Parsed): Inv
           allowFiles: asList(o['allow-files']),
           output: o.output as MapArguments['output'],
           filters: asList(o.filter),
+          openOptions: asList(o['open-option']),
         },
       };
     case 'convert':
@@ -291,6 +304,7 @@ export function invocation({ command, options: o, positionals: p }: Parsed): Inv
           force: flag(o.force)!,
           allowFiles: asList(o['allow-files']),
           filters: asList(o.filter),
+          openOptions: asList(o['open-option']),
         },
       };
     case 'resize':
@@ -314,6 +328,7 @@ export function invocation({ command, options: o, positionals: p }: Parsed): Inv
           cacheSize: text(o['cache-size']),
           idleClean: text(o['idle-clean']),
           filters: asList(o.filter),
+          openOptions: asList(o['open-option']),
           options: asList(o.options),
           unmount: flag(o.unmount),
         },

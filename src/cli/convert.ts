@@ -5,6 +5,7 @@
  * prints nothing but the progress bar (-p, on stderr) and errors; unlike
  * qemu-img an existing DEST is refused unless --force (or -n).
  */
+import { parseOpenOptions } from './open-options.js';
 import { createRequire } from 'node:module';
 import type CliProgress from 'cli-progress';
 import { convertImage, parseFilterArgument } from '../index.js';
@@ -29,6 +30,8 @@ export interface ConvertArguments {
   force?: boolean;
   allowFiles?: string[];
   filters?: string[];
+  /** `--open-option KEY=VALUE` (repeatable): the source format's open options. */
+  openOptions?: string[];
 }
 
 /** `-l`: snapshot.id=ID, snapshot.name=NAME, or a bare ID or name, as qemu-img takes it. */
@@ -85,6 +88,7 @@ export async function runConvert(args: ConvertArguments): Promise<void> {
       parallel: parseCount(args.parallel, '-m'),
       allowFiles: args.allowFiles && args.allowFiles.length > 0 ? args.allowFiles : undefined,
       filters: (args.filters ?? []).map((text) => parseFilterArgument(text)),
+      sourceOpenOptions: parseOpenOptions(args.openOptions),
       progress: bar?.update,
       notice: (line) => process.stderr.write(`${line}\n`),
       signal: interrupt.signal,

@@ -4,6 +4,7 @@
  * (snapshot list, format-specific information). With --output=json only
  * the JSON goes to stdout; notices (a corrupt image...) go to stderr.
  */
+import { parseOpenOptions } from './open-options.js';
 import { openImage } from '../index.js';
 import { parseFilterArgument } from '../block/filters/spec.js';
 import type { ImageInfo } from '../block/image.js';
@@ -19,6 +20,8 @@ export interface InfoArguments {
   allowFiles?: string[];
   /** `--filter NAME[:key=value,...]` (repeatable). */
   filters?: string[];
+  /** `--open-option KEY=VALUE` (repeatable): the format's open options. */
+  openOptions?: string[];
 }
 
 export async function runInfo(args: InfoArguments): Promise<void> {
@@ -29,6 +32,7 @@ export async function runInfo(args: InfoArguments): Promise<void> {
     openBacking: args.backingChain === true,
     allowFiles: args.allowFiles && args.allowFiles.length > 0 ? args.allowFiles : undefined,
     filters: (args.filters ?? []).map((text) => parseFilterArgument(text)),
+    formatOptions: parseOpenOptions(args.openOptions),
     notice: (line) => process.stderr.write(`imgmount: ${line}\n`),
   });
   let info: ImageInfo;

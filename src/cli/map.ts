@@ -15,6 +15,7 @@
  *   Compressed runs have no host offset; like qemu, the human format refuses
  *   them (use --output=json).
  */
+import { parseOpenOptions } from './open-options.js';
 import { isAbsolute } from 'node:path';
 import { openImage, type BlockImage, type ImageInfo, type MapRun } from '../index.js';
 import { ExitError } from './errors.js';
@@ -28,6 +29,8 @@ export interface MapArguments {
   output: 'human' | 'json';
   /** `--filter NAME[:key=value,...]` (repeatable). */
   filters?: string[];
+  /** `--open-option KEY=VALUE` (repeatable): the format's open options. */
+  openOptions?: string[];
 }
 
 export async function runMap(args: MapArguments): Promise<void> {
@@ -37,6 +40,7 @@ export async function runMap(args: MapArguments): Promise<void> {
     snapshot: args.snapshot,
     allowFiles: args.allowFiles && args.allowFiles.length > 0 ? args.allowFiles : undefined,
     filters: (args.filters ?? []).map((text) => parseFilterArgument(text)),
+    formatOptions: parseOpenOptions(args.openOptions),
     notice: (line) => process.stderr.write(`imgmount: ${line}\n`),
   });
   let runs: MapRun[];

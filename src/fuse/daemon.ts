@@ -117,6 +117,7 @@ async function openForMount(path: string, config: MountConfig, notice: (line: st
     idleCleanSeconds: config.idleCleanSeconds,
     allowFiles: config.allowFiles,
     filters: config.filters,
+    formatOptions: config.formatOptions,
     notice,
   };
   try {

@@ -36,6 +36,8 @@ export interface MountConfig {
   allowFiles?: string[];
   /** Filters on every image (src/block/filters), file options resolved. */
   filters?: FilterSpec[];
+  /** Open options of the images' format (`--open-option`), for every image. */
+  formatOptions?: Record<string, string>;
 }
 
 /** What `-o` can set; the same settings as the long options. */
