@@ -28,6 +28,7 @@ import type { Protocol } from '../src/block/types.js';
 import { vhdx } from '../src/formats/vhdx/index.js';
 import { makeTempDir, qemuConvertToRaw, qemuImg, qemuIo, readAll, run, seededBytes, skipWithoutQemu } from './helpers/qemu.js';
 import { STATE, writeVhdx, type BlockSpec } from './helpers/vhdx-writer.js';
+import { subsets } from './helpers/recording-protocol.js';
 
 const MiB = 1024 * 1024;
 const T = { timeout: 600_000 };
@@ -58,10 +59,6 @@ async function recordingProtocol(path: string, log: Entry[]): Promise<Protocol> 
     },
     close: () => inner.close(),
   };
-}
-
-function subsets<T>(items: readonly T[]): T[][] {
-  return Array.from({ length: 2 ** items.length }, (_, mask) => items.filter((_, i) => mask & (1 << i)));
 }
 
 function apply(base: Buffer, records: readonly Recorded[]): Buffer {

@@ -16,14 +16,13 @@ import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { BlockImage, convertImage, createImage, openImage } from '../src/index.js';
-import { FileProtocol } from '../src/block/file.js';
 import { ImageFileGate } from '../src/block/gate.js';
-import type { Protocol } from '../src/block/types.js';
 import { vpc } from '../src/formats/vpc/index.js';
 import { IMGMOUNT as BIN } from './helpers/bundle.js';
 import { makeTempDir, qemuConvertToRaw, qemuImg, qemuIo, readAll, run } from './helpers/qemu.js';
 import { seededRandom } from './helpers/random.js';
 import { footerIdentity, SECTOR } from './helpers/vhd-layout.js';
+import { recordingProtocol, subsets, type Recorded } from './helpers/recording-protocol.js';
 
 const M = 1024 * 1024;
 const TIMEOUT = { timeout: 120_000 };
@@ -252,39 +251,6 @@ describe('writing a differencing VHD made by create -b', () => {
     await reopened.close();
   });
 });
-
-interface Recorded {
-  offset: number;
-  data: Buffer;
-}
-
-/** A file protocol that records every write and flush in order. */
-async function recordingProtocol(path: string): Promise<{ protocol: Protocol; log: Array<Recorded | 'flush'> }> {
-  const inner = await FileProtocol.open(path, false);
-  const log: Array<Recorded | 'flush'> = [];
-  const protocol: Protocol = {
-    path,
-    readOnly: false,
-    read: (offset, buffer) => inner.read(offset, buffer),
-    async write(offset, buffer) {
-      log.push({ offset, data: Buffer.from(buffer) });
-      await inner.write(offset, buffer);
-    },
-    async flush() {
-      log.push('flush');
-      await inner.flush();
-    },
-    size: () => inner.size(),
-    allocatedSize: () => inner.allocatedSize(),
-    truncate: (length) => inner.truncate(length),
-    close: () => inner.close(),
-  };
-  return { protocol, log };
-}
-
-function subsets<T>(items: readonly T[]): T[][] {
-  return Array.from({ length: 2 ** items.length }, (_, mask) => items.filter((_, i) => mask & (1 << i)));
-}
 
 describe('crash states of an allocating write into a differencing VHD', () => {
   it('every crash state opens (here and in vhdiinfo) and reads each block wholly old or wholly new', TIMEOUT, async () => {

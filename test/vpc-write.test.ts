@@ -17,6 +17,7 @@ import { ImageFileGate } from '../src/block/gate.js';
 import type { Protocol } from '../src/block/types.js';
 import { vpc } from '../src/formats/vpc/index.js';
 import { makeTempDir, qemuConvertToRaw, qemuImg, qemuInfo, qemuIo, readAll, run } from './helpers/qemu.js';
+import { recordingProtocol, subsets, type Recorded } from './helpers/recording-protocol.js';
 
 const M = 1024 * 1024;
 const TIMEOUT = { timeout: 60_000 };
@@ -90,40 +91,6 @@ describe('creating VHDs like qemu-img create -f vpc', () => {
     }
   });
 });
-
-interface Recorded {
-  offset: number;
-  data: Buffer;
-}
-
-/** A file protocol that records every write (with its bytes) and flush, in order. */
-async function recordingProtocol(path: string): Promise<{ protocol: Protocol; log: Array<Recorded | 'flush'> }> {
-  const inner = await FileProtocol.open(path, false);
-  const log: Array<Recorded | 'flush'> = [];
-  const protocol: Protocol = {
-    path,
-    readOnly: false,
-    read: (offset, buffer) => inner.read(offset, buffer),
-    async write(offset, buffer) {
-      log.push({ offset, data: Buffer.from(buffer) });
-      await inner.write(offset, buffer);
-    },
-    async flush() {
-      log.push('flush');
-      await inner.flush();
-    },
-    size: () => inner.size(),
-    allocatedSize: () => inner.allocatedSize(),
-    truncate: (length) => inner.truncate(length),
-    close: () => inner.close(),
-  };
-  return { protocol, log };
-}
-
-/** Every subset of `items` (a flush epoch whose writes may reach the disk in any order). */
-function subsets<T>(items: readonly T[]): T[][] {
-  return Array.from({ length: 2 ** items.length }, (_, mask) => items.filter((_, i) => mask & (1 << i)));
-}
 
 describe('crash states of an allocating write', () => {
   for (const [title, options] of [['dynamic', {}], ['dynamic force_size', { force_size: 'on' }]] as const) {

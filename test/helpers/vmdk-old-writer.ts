@@ -29,6 +29,7 @@
  *
  * Pure functions; the caller writes the files.
  */
+import type { QemuMapRun } from './qemu.js';
 import { seededRandom } from './random.js';
 
 export const SECTOR = 512;
@@ -73,23 +74,12 @@ export interface DescriptorOptions {
   parentFileNameHint?: string;
 }
 
-/** One run of `qemu-img map --output=json`. */
-export interface MapRunLike {
-  start: number;
-  length: number;
-  depth: number;
-  present: boolean;
-  zero: boolean;
-  data: boolean;
-  offset?: number;
-}
-
 /**
  * Where `qemu-img map` of the image disagrees with the model (depth-0 runs only): data runs must
  * be data grains at the offsets the writer chose, zero runs zero or unmapped grains, runs not
  * present unallocated grains. An empty list when they agree.
  */
-export function mapDisagreements(model: OldVmdkModel, hostOffsets: readonly number[], runs: readonly MapRunLike[]): string[] {
+export function mapDisagreements(model: OldVmdkModel, hostOffsets: readonly number[], runs: readonly QemuMapRun[]): string[] {
   const problems: string[] = [];
   for (const run of runs) {
     for (let at = run.start; at < run.start + run.length; at = (Math.floor(at / model.grain) + 1) * model.grain) {
