@@ -31,7 +31,7 @@
  * write that took over 2 ms every write goes to the pool for a second.
  */
 import { open, realpath, stat, type FileHandle } from 'node:fs/promises';
-import { constants as fsConstants, read as readCallback, write as writeCallback, writeSync } from 'node:fs';
+import { constants as fsConstants, fdatasync as fdatasyncCallback, read as readCallback, write as writeCallback, writeSync } from 'node:fs';
 import createDebug from 'debug';
 import { constants as osConstants } from 'node:os';
 import { constants as nativeConstants, fallocate, preadNowait, seekExtent } from '../native/index.js';
@@ -150,7 +150,7 @@ export class FileProtocol implements Protocol {
     if (this.readOnly) return;
     this.pending++;
     try {
-      await this.handle.datasync();
+      await datasync(this.handle.fd);
     } catch (error) {
       throw hostIoError('fdatasync', this.path, error);
     } finally {
@@ -248,6 +248,11 @@ async function refuseSpecialFile(path: string): Promise<void> {
           ? 'a socket'
           : 'a character device';
   throw new InvalidArgumentError(`${path} is ${kind}, not a regular image file`);
+}
+
+/** fdatasync through fs's callback API (cheaper per call than FileHandle.datasync on Node 20). */
+function datasync(fd: number): Promise<void> {
+  return new Promise((resolve, reject) => fdatasyncCallback(fd, (error) => (error ? reject(error) : resolve())));
 }
 
 function pread(fd: number, buffer: Buffer, at: number, length: number, position: number): Promise<number> {

@@ -42,6 +42,8 @@ export interface MountArguments {
   cacheSize?: string;
   /** `--idle-clean SECONDS`: mark images clean after this long without writes (0: off). */
   idleClean?: string;
+  /** `--busy-poll MICROSECONDS`: longest busy poll of /dev/fuse after the last reply (0: off). */
+  busyPoll?: string;
   /** `--allow-files DIR` (repeatable): where backing and data files may lie. */
   allowFiles?: string[];
   /** `--filter NAME[:key=value,...]` (repeatable): filters on every image of the mount. */
@@ -71,6 +73,7 @@ export function planMount(args: MountArguments, settings: MountOptionSettings, c
   const logFile = agree('log', args.log, settings.logFile);
   const cacheSize = agree('cache-size', args.cacheSize, settings.cacheSize);
   const idleClean = agree('idle-clean', args.idleClean, settings.idleClean);
+  const busyPoll = agree('busy-poll', args.busyPoll, settings.busyPoll);
   const debug = (args.debug ?? false) || (settings.debug ?? false);
   const images = args.paths.slice(0, -1).map((path) => resolve(cwd, path));
   const config: MountConfig = {
@@ -89,6 +92,7 @@ export function planMount(args: MountArguments, settings: MountOptionSettings, c
     allowFiles: args.allowFiles && args.allowFiles.length > 0 ? args.allowFiles.map((dir) => resolve(cwd, dir)) : undefined,
     filters: mountFilters(args.filters ?? [], images.length, cwd),
     formatOptions: parseOpenOptions(args.openOptions),
+    busyPollUs: busyPoll === undefined ? undefined : parseBusyPollUs(busyPoll),
   };
   const foreground = (args.foreground ?? false) || (settings.foreground ?? false) || (debug && logFile === undefined);
   return { config, foreground };
@@ -105,9 +109,22 @@ function mountFilters(texts: readonly string[], imageCount: number, cwd: string)
   return specs;
 }
 
+/** Longest `--busy-poll` accepted, in microseconds. */
+const MAX_BUSY_POLL_US = 1000;
+
+/** `--busy-poll MICROSECONDS`: a whole number from 0 (off) to 1000. */
+export function parseBusyPollUs(text: string): number {
+  const match = /^\s*(\d+)\s*$/.exec(text);
+  const value = match ? Number(match[1]) : NaN;
+  if (!match || value > MAX_BUSY_POLL_US) {
+    throw new InvalidArgumentError(`invalid --busy-poll '${text}': expected whole microseconds from 0 to ${MAX_BUSY_POLL_US} (0 turns busy polling off)`);
+  }
+  return value;
+}
+
 function agree(option: string, long: string | undefined, fromO: string | undefined): string | undefined {
   if (long !== undefined && fromO !== undefined && long !== fromO) {
-    throw new InvalidArgumentError(`--${option} ${long} and -o ${option}=${fromO} disagree`);
+    throw new InvalidArgumentError(`--${option} ${long} and -o ${option.replace(/-/g, '_')}=${fromO} disagree`);
   }
   return long ?? fromO;
 }

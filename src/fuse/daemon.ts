@@ -70,7 +70,7 @@ export async function runDaemon(config: MountConfig, events: DaemonEvents): Prom
       stops.throwIfRequested();
       filesystem = new ImageFilesystem(opened);
       const readOnly = config.readOnly || opened.every(({ image }) => image.readOnly);
-      session = await FuseSession.mount(config.mountpoint, filesystem, kernelMountOptions({ ...config, readOnly }));
+      session = await FuseSession.mount(config.mountpoint, filesystem, kernelMountOptions({ ...config, readOnly }), config.busyPollUs);
     } catch (error) {
       await closeImages(opened.map(({ image }) => image));
       throw error;

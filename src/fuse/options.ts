@@ -38,6 +38,8 @@ export interface MountConfig {
   filters?: FilterSpec[];
   /** Open options of the images' format (`--open-option`), for every image. */
   formatOptions?: Record<string, string>;
+  /** Longest busy poll of /dev/fuse after the last reply, in microseconds (`--busy-poll`); the transport's default when undefined, 0 off. */
+  busyPollUs?: number;
 }
 
 /** What `-o` can set; the same settings as the long options. */
@@ -53,6 +55,7 @@ export interface MountOptionSettings {
   nonempty?: boolean;
   cacheSize?: string;
   idleClean?: string;
+  busyPoll?: string;
 }
 
 const FLAG_OPTIONS: Record<string, (settings: MountOptionSettings) => void> = {
@@ -75,6 +78,7 @@ const VALUE_OPTIONS: Record<string, (settings: MountOptionSettings, value: strin
   log: (s, v) => (s.logFile = v),
   cache_size: (s, v) => (s.cacheSize = v),
   idle_clean: (s, v) => (s.idleClean = v),
+  busy_poll: (s, v) => (s.busyPoll = v),
 };
 
 /** Parses `-o ro,allow_other,format=qed` (repeatable) into settings; later items win. */

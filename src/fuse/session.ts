@@ -120,9 +120,9 @@ export class FuseSession {
   }
 
   /** Mounts `filesystem` at `mountpoint` (checked by checkMountpoint) and resolves once the kernel can send requests. */
-  static async mount(mountpoint: string, filesystem: KernelFilesystem, options: KernelMountOptions): Promise<FuseSession> {
+  static async mount(mountpoint: string, filesystem: KernelFilesystem, options: KernelMountOptions, busyPollUs?: number): Promise<FuseSession> {
     const fd = await mountKernel(mountpoint, options);
-    const connection = new KernelConnection(fd, filesystem);
+    const connection = new KernelConnection(fd, filesystem, busyPollUs);
     try {
       await waitForInit(connection, mountpoint);
       const entry = await findMount(mountpoint);

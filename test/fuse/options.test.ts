@@ -103,6 +103,16 @@ describe('the mount plan from the command line', () => {
     expect(() => mountPlan({ paths: ['a', 'm'], cacheSize: 'lots' })).toThrow("invalid cache size 'lots'");
   });
 
+  test('busy polling comes from --busy-poll or -o busy_poll, whole microseconds up to 1000', () => {
+    expect(mountPlan({ paths: ['a', 'm'] }).config.busyPollUs).toBeUndefined();
+    expect(mountPlan({ paths: ['a', 'm'], busyPoll: '0' }).config.busyPollUs).toBe(0);
+    expect(mountPlan({ paths: ['a', 'm'], options: ['busy_poll=200'] }).config.busyPollUs).toBe(200);
+    for (const bad of ['-1', '1001', '2.5', 'fast', '']) {
+      expect(() => mountPlan({ paths: ['a', 'm'], busyPoll: bad }), bad).toThrow(`invalid --busy-poll '${bad}': expected whole microseconds from 0 to 1000`);
+    }
+    expect(() => mountPlan({ paths: ['a', 'm'], busyPoll: '10', options: ['busy_poll=20'] })).toThrow('--busy-poll 10 and -o busy_poll=20 disagree');
+  });
+
   test('one path is not enough', () => {
     expect(() => mountPlan({ paths: ['mnt'] })).toThrow(/give at least one IMAGE and the MOUNTPOINT/);
   });

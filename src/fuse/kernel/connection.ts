@@ -7,7 +7,10 @@
  * read (non-blocking) until EAGAIN, parsed (request.ts) and dispatched without
  * waiting for each other, so many requests are in flight at once and overlap
  * at their awaits. Replies are written with one writev each (reply.ts), on the
- * same thread; /dev/fuse writes never block.
+ * same thread; /dev/fuse writes never block. Once the last request in
+ * flight is answered, the connection keeps reading for a short adaptive
+ * window (poll-window.ts) before it sleeps in the event loop again: at queue
+ * depth 1 the next request usually comes within it, without a wake-up.
  *
  * Buffers. Each read of /dev/fuse goes into a buffer of max_write plus room
  * for the headers (a smaller one makes the kernel fail the read). Only a
@@ -30,6 +33,7 @@ import {
   FUSE_ASYNC_DIO, FUSE_ASYNC_READ, FUSE_BIG_WRITES, FUSE_KERNEL_MINOR_VERSION, FUSE_KERNEL_VERSION, FUSE_MAX_PAGES,
   FUSE_PARALLEL_DIROPS, minReadBufferSize,
 } from './abi.js';
+import { PollWindow } from './poll-window.js';
 import { parseRequest, WireError, type Request } from './request.js';
 import {
   DirentWriter, replyAttr, replyData, replyEmpty, replyEntry, replyError, replyInit, replyLseek, replyOpen, replyStatfs, replyWrite,
@@ -44,6 +48,8 @@ const READ_BUFFER_BYTES = Math.max(minReadBufferSize(MAX_REQUEST_BYTES), MAX_REQ
 const SPARE_BUFFERS = 8;
 /** How long the kernel may cache names and attributes, in seconds. */
 const CACHE_SECONDS = 1;
+/** Default longest busy poll after the last reply (QEMU's IOThreads poll up to 32 µs). */
+export const DEFAULT_POLL_MAX_US = 50;
 
 /** A node as LOOKUP answers it. */
 export interface NodeEntry {
@@ -92,11 +98,15 @@ export class KernelConnection {
   private readonly inFlight = new Set<bigint>();
   private idle: (() => void)[] = [];
   private initialized = false;
+  private readonly pollWindow: PollWindow;
 
   constructor(
     private readonly fd: number,
     private readonly filesystem: KernelFilesystem,
+    /** Longest busy poll after the last reply, in microseconds (poll-window.ts); 0: none. */
+    pollMaxUs = DEFAULT_POLL_MAX_US,
   ) {
+    this.pollWindow = new PollWindow(pollMaxUs);
     this.ended = new Promise((resolve) => (this.markEnded = resolve));
     this.pollId = native.pollStart(fd, (status) => this.onReadable(status));
   }
@@ -146,6 +156,7 @@ export class KernelConnection {
         this.giveBack(buffer);
         return; // EAGAIN: nothing more to read until the next poll
       }
+      this.pollWindow.arrived(performance.now());
       this.receive(buffer, length);
     }
   }
@@ -281,7 +292,38 @@ export class KernelConnection {
     this.send(unique, reply);
     if (heldBuffer) this.giveBack(heldBuffer);
     this.inFlight.delete(unique);
-    if (this.inFlight.size === 0) for (const wake of this.idle.splice(0)) wake();
+    if (this.inFlight.size === 0) {
+      for (const wake of this.idle.splice(0)) wake();
+      this.pollBriefly();
+    }
+  }
+
+  /**
+   * Keeps reading /dev/fuse for the poll window (poll-window.ts) once the last
+   * request is answered; a request read here is dispatched as onReadable would.
+   * Nothing else runs meanwhile: the window is bounded (`pollMaxUs`).
+   */
+  private pollBriefly(): void {
+    const now = performance.now();
+    const windowUs = this.pollWindow.beginIdle(now);
+    if (windowUs <= 0) return;
+    const until = now + windowUs / 1000;
+    const buffer = this.spare.pop() ?? Buffer.allocUnsafe(READ_BUFFER_BYTES);
+    while (!this.hasEnded) {
+      let length: number;
+      try {
+        length = native.readInto(this.fd, buffer);
+      } catch {
+        break; // onReadable meets the same error and handles it
+      }
+      if (length >= 0) {
+        this.pollWindow.arrived(performance.now());
+        this.receive(buffer, length);
+        return;
+      }
+      if (performance.now() > until) break;
+    }
+    this.giveBack(buffer);
   }
 
   private send(unique: bigint, reply: Buffer[]): void {
@@ -312,6 +354,8 @@ export class KernelConnection {
     this.send(unique, [replyInit(unique, initReply(flags, Math.min(request.maxReadahead, MAX_REQUEST_BYTES)))]);
     this.initialized = true;
     log('FUSE %d.%d, kernel offers 0x%s, using 0x%s; requests up to %d bytes', request.major, request.minor, request.flags.toString(16), flags.toString(16), MAX_REQUEST_BYTES);
+    if (this.pollWindow.maxUs > 0) log('busy polling up to %d µs after the last reply (adaptive)', this.pollWindow.maxUs);
+    else log('busy polling off');
   }
 
   /** Whether INIT has been answered. */
