@@ -8,7 +8,9 @@
  * overlap only at their awaits, and the block layer orders what must be
  * ordered (QED allocations). A READ's buffer is filled, and a WRITE's data
  * consumed, before the handler resolves, so the connection answers only
- * after all I/O on the request's buffer has finished.
+ * after all I/O on the request's buffer has finished; the connection gives
+ * a READ's buffer back (recycleRead) once its reply is written, for the next
+ * READ of that size (read-buffers.ts).
  *
  * Semantics, as for a block device:
  * - read: clamped to the virtual size; at or past the end it returns 0 bytes (EOF).
@@ -38,6 +40,7 @@
 import type { BlockImage } from '../block/index.js';
 import { Errno, refusal } from './errno.js';
 import { log } from './log.js';
+import { ReadBufferPool } from './read-buffers.js';
 import type { DirectoryEntry, KernelFilesystem, NodeEntry } from './kernel/connection.js';
 import type { FuseAttr, Kstatfs } from './kernel/reply.js';
 import { FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE, FOPEN_PARALLEL_DIRECT_WRITES } from './kernel/abi.js';
@@ -73,6 +76,7 @@ interface FileEntry extends MountedImage {
 
 export class ImageFilesystem implements KernelFilesystem {
   private readonly files: FileEntry[] = [];
+  private readonly readBuffers = new ReadBufferPool();
   private readonly byName = new Map<string, FileEntry>();
   private readonly mountedAt = new Date();
   private readonly owner = { uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0 };
@@ -138,9 +142,13 @@ export class ImageFilesystem implements KernelFilesystem {
   async read(node: bigint, offset: number, size: number): Promise<Buffer> {
     const { image } = this.file(node);
     const count = Math.max(0, Math.min(size, image.length - offset));
-    const buffer = Buffer.allocUnsafe(count);
+    const buffer = this.readBuffers.take(count);
     if (count > 0) await image.read(offset, buffer);
     return buffer;
+  }
+
+  recycleRead(data: Buffer): void {
+    this.readBuffers.give(data);
   }
 
   async write(node: bigint, offset: number, data: Buffer): Promise<number> {

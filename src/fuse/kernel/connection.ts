@@ -75,6 +75,8 @@ export interface KernelFilesystem {
   release(node: bigint, fh: number): void;
   /** Reads at most `size` bytes at `offset` (fewer at the end of the file). */
   read(node: bigint, offset: number, size: number): Promise<Buffer>;
+  /** Takes back a buffer `read` returned, once its reply has been written (optional). */
+  recycleRead?(data: Buffer): void;
   write(node: bigint, offset: number, data: Buffer): Promise<number>;
   flush(node: bigint): void;
   fsync(node: bigint, dataOnly: boolean): Promise<void>;
@@ -278,6 +280,8 @@ export class KernelConnection {
       (reply) => {
         if (trace.enabled) trace('%s -> ok (%s ms)', describe(request), (performance.now() - started).toFixed(2));
         this.finish(unique, heldBuffer, reply);
+        // The reply is written (writev is synchronous): the data buffer is free again.
+        if (request.kind === 'read' && reply.length === 2) this.filesystem.recycleRead?.(reply[1]!);
       },
       (error: unknown) => {
         const name = describe(request);

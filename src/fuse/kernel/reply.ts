@@ -265,7 +265,7 @@ export function replyLseek(unique: bigint, offset: number): Buffer {
  * the write has finished.
  */
 export function replyData(unique: bigint, data: Buffer | readonly Buffer[]): Buffer[] {
-  const header = Buffer.alloc(OUT);
+  const header = Buffer.allocUnsafe(OUT); // writeOutHeader sets all of it
   if (Buffer.isBuffer(data)) {
     writeOutHeader(header, unique, 0, OUT + data.length);
     return [header, data];
