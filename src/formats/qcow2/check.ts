@@ -42,6 +42,7 @@ import { EXT_BITMAPS, EXT_CRYPTO, EXT_END } from './extensions.js';
 import { Geometry } from './geometry.js';
 import { AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, parseHeader, type Qcow2Header } from './header.js';
 import { getRefcount, refcountsPerBlock, setRefcount } from './refcount-entries.js';
+import { nextNonZeroEntry } from '../../block/table-scan.js';
 import { countReferences, readTables, type CheckContext, type Counting } from './check-refs.js';
 import { writeRefcountStructure } from './check-rebuild.js';
 import { checkCopiedFlags } from './check-copied.js';
@@ -114,7 +115,7 @@ export async function checkQcow2(file: Protocol, options: Qcow2CheckOptions): Pr
       await stored.writeBack(file);
     }
   }
-  await checkCopiedFlags(ctx, res, stored, fixErrors ? true : fixLeaks ? ctx.checkErrors === 0 && res.corruptions === 0 && res.leaks === 0 : false);
+  await checkCopiedFlags(ctx, res, stored, fixErrors ? true : fixLeaks ? ctx.checkErrors === 0 && res.corruptions === 0 && res.leaks === 0 : false, counting.copied);
   if (ctx.checkErrors > 0) throw checkFailed(`${file.path}: Check failed: ${ctx.checkErrors} internal errors occurred during the check`);
   if (fixErrors && snapshotTable.corruptions > 0 && !counting.rebuild) await fixSnapshotTable(ctx, snapshotTable, counting.refs);
   if (options.repair && res.corruptions === 0 && snapshotTable.corruptions === 0) await markClean(file, ctx.header);
@@ -149,6 +150,9 @@ export async function rebuildRefcounts(file: Protocol): Promise<{ result: Qcow2C
 /** Refcounts as the image stores them, block by block, with the changes a repair makes. */
 export class StoredRefcounts {
   private readonly dirty = new Set<number>();
+  /** The block `block` found last, and its index (a block is never replaced once found). */
+  private lastIndex = -1;
+  private lastBlock: Buffer | null | undefined = null;
   private constructor(
     private readonly ctx: CheckContext,
     /** Blocks by file offset. */
@@ -159,7 +163,8 @@ export class StoredRefcounts {
   static async load(ctx: CheckContext): Promise<StoredRefcounts> {
     const { clusterSize, refcountOrder } = ctx.header;
     const offsets: number[] = [];
-    for (let index = 0; index < ctx.refcountTable.length / 8; index++) {
+    const entries = ctx.refcountTable.length / 8;
+    for (let index = nextNonZeroEntry(ctx.refcountTable, 0, entries); index < entries; index = nextNonZeroEntry(ctx.refcountTable, index + 1, entries)) {
       const offset = StoredRefcounts.blockOffset(ctx.refcountTable, index);
       if (offset > 0 && offset % clusterSize === 0 && offset < ctx.fileSize) offsets.push(offset);
     }
@@ -173,6 +178,14 @@ export class StoredRefcounts {
   /** The refcount block holding `cluster`'s count: null for none (count 0), undefined for an unreadable one. */
   block(cluster: number): Buffer | null | undefined {
     const index = Math.floor(cluster / this.perBlock);
+    if (index === this.lastIndex) return this.lastBlock;
+    const block = this.findBlock(index);
+    this.lastIndex = index;
+    this.lastBlock = block;
+    return block;
+  }
+
+  private findBlock(index: number): Buffer | null | undefined {
     if (index >= this.ctx.refcountTable.length / 8) return null;
     const offset = StoredRefcounts.blockOffset(this.ctx.refcountTable, index);
     if (offset === 0) return null;
@@ -190,7 +203,7 @@ export class StoredRefcounts {
     const block = this.block(cluster);
     if (block === null) return 0;
     if (block === undefined) return undefined;
-    return getRefcount(block, cluster % this.perBlock, this.ctx.header.refcountOrder);
+    return refcountIn(block, cluster % this.perBlock, this.ctx.header.refcountOrder);
   }
 
   set(cluster: number, value: number): void {
@@ -210,47 +223,59 @@ export class StoredRefcounts {
   }
 }
 
-/** qemu's compare_refcounts; returns the highest cluster in use. */
+/** Entry `index` of a refcount block: the common widths (8 and 16 bits) read directly. */
+function refcountIn(block: Buffer, index: number, order: number): number {
+  if (order === 4) return (block[index * 2]! << 8) | block[index * 2 + 1]!;
+  if (order === 3) return block[index]!;
+  return getRefcount(block, index, order);
+}
+
+/** qemu's compare_refcounts, one refcount block's range of clusters at a time; returns the highest cluster in use. */
 function compare(ctx: CheckContext, res: Tally, stored: StoredRefcounts, counting: Counting, fixLeaks: boolean, fixErrors: boolean): number {
   const { refs } = counting;
+  const order = ctx.header.refcountOrder;
+  const { perBlock } = stored;
   let highest = 0;
-  for (let cluster = 0; cluster < refs.length; cluster++) {
-    const references = refs.get(cluster);
-    const block = stored.block(cluster);
-    // A whole block of zero counts and zero references, in one step.
-    if (block === null && references === 0) {
-      const next = (Math.floor(cluster / stored.perBlock) + 1) * stored.perBlock;
-      let end = cluster;
-      while (end < next && end < refs.length && refs.get(end) === 0) end++;
-      if (end > cluster) {
-        cluster = end - 1;
-        continue;
+  for (let base = 0; base < refs.length; base += perBlock) {
+    const end = Math.min(refs.length, base + perBlock);
+    const block = stored.block(base);
+    if (block === undefined) {
+      for (let cluster = base; cluster < end; cluster++) {
+        ctx.messages.push(`Can't get refcount for cluster ${cluster}: Input/output error`);
+        ctx.checkErrors += 1;
       }
-    }
-    const refcount = stored.get(cluster);
-    if (refcount === undefined) {
-      ctx.messages.push(`Can't get refcount for cluster ${cluster}: Input/output error`);
-      ctx.checkErrors += 1;
       continue;
     }
-    if (refcount > 0 || references > 0) highest = cluster;
-    if (refcount === references) continue;
-    let fixing: 'leaks' | 'corruptions' | undefined;
-    if (refcount === 0) counting.rebuild = true;
-    else if (refcount > references && fixLeaks) fixing = 'leaks';
-    else if (refcount < references && fixErrors) fixing = 'corruptions';
-    const word = fixing ? 'Repairing' : refcount < references ? 'ERROR' : 'Leaked';
-    ctx.messages.push(`${word} cluster ${cluster} refcount=${refcount} reference=${references}`);
-    if (fixing) {
-      stored.set(cluster, references);
-      if (fixing === 'leaks') res.leaksFixed += 1;
-      else res.corruptionsFixed += 1;
-      continue;
+    for (let cluster = base; cluster < end; cluster++) {
+      const references = refs.get(cluster);
+      // No block: every count is 0.
+      const refcount = block === null ? 0 : refcountIn(block, cluster - base, order);
+      if (refcount > 0 || references > 0) highest = cluster;
+      if (refcount !== references) mismatch(ctx, res, stored, counting, cluster, refcount, references, fixLeaks, fixErrors);
     }
-    if (refcount < references) res.corruptions += 1;
-    else res.leaks += 1;
   }
   return highest;
+}
+
+/** One cluster whose stored refcount is not its count of references: reported, and repaired as far as asked. */
+function mismatch(
+  ctx: CheckContext, res: Tally, stored: StoredRefcounts, counting: Counting,
+  cluster: number, refcount: number, references: number, fixLeaks: boolean, fixErrors: boolean,
+): void {
+  let fixing: 'leaks' | 'corruptions' | undefined;
+  if (refcount === 0) counting.rebuild = true;
+  else if (refcount > references && fixLeaks) fixing = 'leaks';
+  else if (refcount < references && fixErrors) fixing = 'corruptions';
+  const word = fixing ? 'Repairing' : refcount < references ? 'ERROR' : 'Leaked';
+  ctx.messages.push(`${word} cluster ${cluster} refcount=${refcount} reference=${references}`);
+  if (fixing) {
+    stored.set(cluster, references);
+    if (fixing === 'leaks') res.leaksFixed += 1;
+    else res.corruptionsFixed += 1;
+    return;
+  }
+  if (refcount < references) res.corruptions += 1;
+  else res.leaks += 1;
 }
 
 /**
