@@ -41,6 +41,11 @@ export function tableWords(table: Buffer): Uint32Array | undefined {
   return table.byteOffset % 4 === 0 ? new Uint32Array(table.buffer, table.byteOffset, table.length >>> 2) : undefined;
 }
 
+/** `tableWords`, or the words of a copy when the table is not aligned (then later changes to the table do not show in them). */
+export function readableWords(table: Buffer): Uint32Array {
+  return tableWords(table) ?? new Uint32Array(Uint8Array.prototype.slice.call(table).buffer, 0, table.length >>> 2);
+}
+
 /** The index of the first 64-bit entry at or after `from`, below `entries`, that is not 0; `entries` when there is none. */
 export function nextNonZeroEntry(table: Buffer, from: number, entries: number = table.length >>> 3): number {
   return nextNonZeroIn(table, tableWords(table), from, entries);

@@ -13,7 +13,7 @@
  */
 import type { Protocol } from '../../block/types.js';
 import { hex64, nextL2Entry, readTables, type CheckContext, type TableScratch } from './check-refs.js';
-import type { CopiedRecord } from './copied-record.js';
+import type { CopiedRecord, RefcountBlocks } from './copied-record.js';
 import { tableWords } from '../../block/table-scan.js';
 
 interface Tally {
@@ -21,7 +21,7 @@ interface Tally {
   corruptionsFixed: number;
 }
 
-interface Refcounts {
+interface Refcounts extends RefcountBlocks {
   get(cluster: number): number | undefined;
 }
 
@@ -31,7 +31,7 @@ const offsetOf = (high: number, low: number): number => (high & 0x00ffffff) * 0x
 /** `record`: what the counting of the active tables saw of the bits, which the tables on disk still hold. */
 export async function checkCopiedFlags(ctx: CheckContext, res: Tally, stored: Refcounts, repair: boolean, record: CopiedRecord): Promise<void> {
   const { header, geometry, file } = ctx;
-  if (!record.mayNeedChanges((cluster) => stored.get(cluster))) {
+  if (!record.mayNeedChanges(stored)) {
     if (repair) await file.flush();
     return;
   }

@@ -16,8 +16,15 @@
  * Concurrency: plain data, filled by one counting and read once after it.
  */
 
-/** The stored refcount of a cluster, undefined where it cannot be read (the OFLAG_COPIED pass skips those). */
-export type StoredRefcountOf = (cluster: number) => number | undefined;
+/** The stored refcounts, block by block. */
+export interface RefcountBlocks {
+  /** Counts per block: a multiple of 32. */
+  readonly perBlock: number;
+  /** The block holding `cluster`'s count: null for none (count 0), undefined for one that cannot be read (the OFLAG_COPIED pass skips its clusters). */
+  block(cluster: number): Buffer | null | undefined;
+  /** Count `index` of a block. */
+  countIn(block: Buffer, index: number): number;
+}
 
 export class CopiedRecord {
   private readonly withFlag: Uint32Array;
@@ -43,19 +50,30 @@ export class CopiedRecord {
   }
 
   /** True when the full pass is needed, or when some recorded entry disagrees with its cluster's refcount. */
-  mayNeedChanges(refcountOf: StoredRefcountOf): boolean {
+  mayNeedChanges(stored: RefcountBlocks): boolean {
     if (this.needsFullPass) return true;
-    return CopiedRecord.disagrees(this.withFlag, refcountOf, true) || CopiedRecord.disagrees(this.withoutFlag, refcountOf, false);
+    return CopiedRecord.disagrees(this.withFlag, stored, true) || CopiedRecord.disagrees(this.withoutFlag, stored, false);
   }
 
-  private static disagrees(bits: Uint32Array, refcountOf: StoredRefcountOf, copied: boolean): boolean {
+  private static disagrees(bits: Uint32Array, stored: RefcountBlocks, copied: boolean): boolean {
+    const { perBlock } = stored;
     for (let word = 0; word < bits.length; word++) {
       let value = bits[word]!;
+      if (value === 0) continue;
+      // The 32 clusters of a word share a block (perBlock is a multiple of 32).
+      const first = word * 32;
+      const block = stored.block(first);
+      if (block === undefined) continue;
+      if (block === null) {
+        // Every count is 0: only an entry with the flag disagrees.
+        if (copied) return true;
+        continue;
+      }
+      const index = first % perBlock;
       while (value !== 0) {
         const bit = 31 - Math.clz32(value);
         value &= ~(1 << bit);
-        const refcount = refcountOf(word * 32 + bit);
-        if (refcount !== undefined && (refcount === 1) !== copied) return true;
+        if ((stored.countIn(block, index + bit) === 1) !== copied) return true;
       }
     }
     return false;
