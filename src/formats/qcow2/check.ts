@@ -6,15 +6,18 @@
  *    cannot read fails the check, what it can repair is counted (and an
  *    overlong table cut in the header at once with -r all);
  * 1. count every reference from the header down (check-refs.ts);
- * 2. compare each cluster's refcount with its references: a refcount above
- *    them is a leak ("Leaked cluster N refcount=R reference=C"), below them a
- *    corruption ("ERROR cluster N ..."); a repair sets the refcount in place;
+ * 2. compare each cluster's refcount with its references (16-bit counts a
+ *    chunk at a time with memcmp, one by one only where a chunk differs): a
+ *    refcount above them is a leak ("Leaked cluster N refcount=R
+ *    reference=C"), below them a corruption ("ERROR cluster N ..."); a repair
+ *    sets the refcount in place;
  * 3. where the refcount structure cannot hold the repair (a referenced cluster
  *    with refcount 0, a damaged refcount table or block), `-r all` writes a
  *    new one past the end of the image (check-rebuild.ts), counts again and
  *    repairs the old structure's clusters, now leaked;
  * 4. check the OFLAG_COPIED bit of the active L1 and L2 entries against
- *    refcount == 1, and fix it;
+ *    refcount == 1, and fix it (without reading the L2 tables again when what
+ *    the counting recorded of the bits agrees with the refcounts);
  * 5. with -r all, rewrite a snapshot table whose entries needed fixing
  *    (check-snapshot-write.ts), once the refcounts can be trusted;
  * 6. with nothing left to repair, clear the dirty and corrupt bits.
