@@ -161,6 +161,8 @@ export class StoredRefcounts {
   /** The block `block` found last, and its index (a block is never replaced once found). */
   private lastIndex = -1;
   private lastBlock: Buffer | null | undefined = null;
+  /** 16-bit counts of 1, a block's worth (made when first needed). */
+  private ones16: Buffer | undefined;
   private constructor(
     private readonly ctx: CheckContext,
     /** Blocks by file offset. */
@@ -209,6 +211,20 @@ export class StoredRefcounts {
   /** Count `index` of one of these blocks. */
   countIn(block: Buffer, index: number): number {
     return refcountIn(block, index, this.ctx.header.refcountOrder);
+  }
+
+  /** True when counts [index, index + count) of one of these blocks are all 1 (16-bit counts: one memcmp). */
+  allOne(block: Buffer, index: number, count: number): boolean {
+    const order = this.ctx.header.refcountOrder;
+    if (order === 4) {
+      if (!this.ones16) {
+        this.ones16 = Buffer.alloc(this.ctx.header.clusterSize);
+        for (let at = 1; at < this.ones16.length; at += 2) this.ones16[at] = 1;
+      }
+      return block.compare(this.ones16, 0, count * 2, index * 2, (index + count) * 2) === 0;
+    }
+    for (let at = index; at < index + count; at++) if (refcountIn(block, at, order) !== 1) return false;
+    return true;
   }
 
   /** The stored count of `cluster`, or undefined (an unaligned refcount block) after reporting it. */

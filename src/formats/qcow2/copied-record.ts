@@ -24,6 +24,8 @@ export interface RefcountBlocks {
   block(cluster: number): Buffer | null | undefined;
   /** Count `index` of a block. */
   countIn(block: Buffer, index: number): number;
+  /** True when counts [index, index + count) of a block are all 1. */
+  allOne(block: Buffer, index: number, count: number): boolean;
 }
 
 export class CopiedRecord {
@@ -70,6 +72,14 @@ export class CopiedRecord {
         continue;
       }
       const index = first % perBlock;
+      if (copied && value === 0xffffffff) {
+        // A run of clusters all with the flag (a fully allocated stretch): their counts checked at once.
+        let words = 1;
+        while (word + words < bits.length && bits[word + words] === 0xffffffff && (index + 32 * words) % perBlock !== 0) words++;
+        if (!stored.allOne(block, index, 32 * words)) return true;
+        word += words - 1;
+        continue;
+      }
       while (value !== 0) {
         const bit = 31 - Math.clz32(value);
         value &= ~(1 << bit);
