@@ -313,18 +313,21 @@ async function countL2(
   const extended = geometry.extendedL2;
   const entryBytes = geometry.l2EntryBytes;
   const dataFile = geometry.hasDataFile;
-  let nextContiguous = 0;
+  const walk: L2Walk = { nextContiguous: 0 };
   // Most entries of a sparse image are zero: skipped on the raw words, without decoding.
   const entries = geometry.l2Entries;
-  // Big-endian words read through a host-order view, byte-swapped in place (cheaper than readUInt32BE).
+  // Big-endian words read through a host-order view, byte-swapped (cheaper than readUInt32BE).
   const words = readableWords(l2);
   const wordsPerEntry = entryBytes / 4;
+  const plain = !extended && !dataFile;
   for (let index = nextL2Entry(l2, words, 0, entries, extended); index < entries; index = nextL2Entry(l2, words, index + 1, entries, extended)) {
+    if (plain) {
+      index = countPlainEntries(ctx, refs, counting, l2, words, index, entries, active, copied, walk);
+      if (index >= entries) break;
+    }
     const at = index * entryBytes;
-    const highWord = words[index * wordsPerEntry]!;
-    const lowWord = words[index * wordsPerEntry + 1]!;
-    let high = ((highWord << 24) | ((highWord & 0xff00) << 8) | ((highWord >>> 8) & 0xff00) | (highWord >>> 24)) >>> 0;
-    const low = ((lowWord << 24) | ((lowWord & 0xff00) << 8) | ((lowWord >>> 8) & 0xff00) | (lowWord >>> 24)) >>> 0;
+    let high = be32(words[index * wordsPerEntry]!);
+    const low = be32(words[index * wordsPerEntry + 1]!);
     const zeroBits = extended ? l2.readUInt32BE(at + 8) : 0;
     const allocBits = extended ? l2.readUInt32BE(at + 12) : 0;
     if (high === 0 && low === 0 && zeroBits === 0 && allocBits === 0) continue;
@@ -398,8 +401,8 @@ async function countL2(
     }
     if (active) {
       counting.allocated += 1;
-      if (nextContiguous !== 0 && offset !== nextContiguous) counting.fragmented += 1;
-      nextContiguous = offset + clusterSize;
+      if (walk.nextContiguous !== 0 && offset !== walk.nextContiguous) counting.fragmented += 1;
+      walk.nextContiguous = offset + clusterSize;
     }
     if (copied) {
       // With a data file every data cluster counts as refcount 1: only an entry without the flag needs the pass.
@@ -408,6 +411,47 @@ async function countL2(
     }
     if (!dataFile) countRange(ctx, res, refs, offset, clusterSize);
   }
+}
+
+/** Where the walk of one L2 table is, for both countL2 and countPlainEntries. */
+interface L2Walk {
+  /** The host offset of a data cluster that follows the last one counted (0: none counted yet). */
+  nextContiguous: number;
+}
+
+/** A big-endian 32-bit word read through a host-order (little-endian) view. */
+const be32 = (word: number): number => ((word << 24) | ((word & 0xff00) << 8) | ((word >>> 8) & 0xff00) | (word >>> 24)) >>> 0;
+
+/**
+ * Counts the plain entries of a standard L2 table (8-byte entries, no data file) from
+ * `from` on, in a loop small enough to be optimized at once: allocated, not compressed,
+ * no reserved or zero bit, cluster-aligned, inside the file, with a count below the
+ * maximum. Such an entry is counted just as countL2 counts it, with nothing to report.
+ * Returns the first entry that is not plain, for countL2 to take, or `entries`.
+ */
+function countPlainEntries(
+  ctx: CheckContext, refs: RefcountArray, counting: Counting, l2: Buffer, words: Uint32Array,
+  from: number, entries: number, active: boolean, copied: CopiedRecord | undefined, walk: L2Walk,
+): number {
+  const { clusterSize } = ctx.header;
+  const { fileSize } = ctx;
+  for (let index = nextNonZeroIn(l2, words, from, entries); index < entries; index = nextNonZeroIn(l2, words, index + 1, entries)) {
+    const high = be32(words[index * 2]!);
+    const low = be32(words[index * 2 + 1]!);
+    if ((high & 0x7f000000) !== 0 || (low & 0x1ff) !== 0) return index;
+    const offset = (high & 0x00ffffff) * 0x100000000 + low;
+    if (offset === 0 || offset % clusterSize !== 0 || offset >= fileSize) return index;
+    const cluster = offset / clusterSize;
+    refs.grow(cluster + 1);
+    if (!refs.addOne(cluster)) return index;
+    if (active) {
+      counting.allocated += 1;
+      if (walk.nextContiguous !== 0 && offset !== walk.nextContiguous) counting.fragmented += 1;
+      walk.nextContiguous = offset + clusterSize;
+    }
+    copied?.note(cluster, (high & 0x80000000) !== 0);
+  }
+  return entries;
 }
 
 /** The first L2 entry at or after `from` that is not all zeros (`entries` when none is); `words`: `tableWords(l2)`. */
