@@ -217,10 +217,7 @@ export class StoredRefcounts {
   allOne(block: Buffer, index: number, count: number): boolean {
     const order = this.ctx.header.refcountOrder;
     if (order === 4) {
-      if (!this.ones16) {
-        this.ones16 = Buffer.alloc(this.ctx.header.clusterSize);
-        for (let at = 1; at < this.ones16.length; at += 2) this.ones16[at] = 1;
-      }
+      this.ones16 ??= Buffer.alloc(this.ctx.header.clusterSize, Buffer.from([0, 1]));
       return block.compare(this.ones16, 0, count * 2, index * 2, (index + count) * 2) === 0;
     }
     for (let at = index; at < index + count; at++) if (refcountIn(block, at, order) !== 1) return false;
