@@ -27,6 +27,7 @@
  * L2 tables are issued in parallel batches (into one buffer per batch, used
  * again by the next batch), processed in L1 order.
  */
+import { endianness } from 'node:os';
 import type { CheckResult, Protocol } from '../../block/types.js';
 import type { Geometry } from './geometry.js';
 import type { Qcow2Header } from './header.js';
@@ -419,8 +420,10 @@ interface L2Walk {
   nextContiguous: number;
 }
 
-/** A big-endian 32-bit word read through a host-order (little-endian) view. */
-const be32 = (word: number): number => ((word << 24) | ((word & 0xff00) << 8) | ((word >>> 8) & 0xff00) | (word >>> 24)) >>> 0;
+/** The value of a big-endian 32-bit word read through a host-order view (byte-swapped on a little-endian host). */
+const be32: (word: number) => number = endianness() === 'LE'
+  ? (word) => ((word << 24) | ((word & 0xff00) << 8) | ((word >>> 8) & 0xff00) | (word >>> 24)) >>> 0
+  : (word) => word >>> 0;
 
 /**
  * Counts the plain entries of a standard L2 table (8-byte entries, no data file) from
