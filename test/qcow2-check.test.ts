@@ -96,6 +96,13 @@ interface Case {
 
 const COPIED = 1n << 63n;
 
+/**
+ * One 512-byte write every 64 KiB of a 64 MiB image with 512-byte clusters: 1024
+ * L2 tables (several batches of them for the check) and a dozen refcount blocks.
+ */
+const MANY_TABLES = 1024;
+const MANY_TABLE_WRITES = Array.from({ length: MANY_TABLES }, (_, index) => `write -P ${(index % 250) + 1} ${index * 64}k 512`);
+
 const cases: Case[] = [
   {
     name: 'a refcount raised by hand (leak, refcount 2 reference 1)',
@@ -202,6 +209,18 @@ const cases: Case[] = [
     },
   },
   {
+    name: 'many L2 tables: a COPIED flag cleared in the last one, a refcount raised in the one before',
+    create: ['-o', 'cluster_size=512'], writes: [],
+    damage: async (p) => {
+      await qemuIo(p, MANY_TABLE_WRITES, 'qcow2');
+      const last = (MANY_TABLES - 1) * 64 * 1024;
+      const { entryOffset, entry } = await dataCluster(p, last);
+      await writeBE64(p, entryOffset, entry & ~COPIED);
+      const { cluster } = await dataCluster(p, last - 64 * 1024);
+      await setRefcountByHand(p, cluster, 2);
+    },
+  },
+  {
     name: 'refcount_bits=1: a leak',
     create: ['-o', 'refcount_bits=1'], writes: ['write -P 17 0 64k'],
     damage: (p) => leakNewCluster(p),
@@ -293,6 +312,7 @@ const cleanShapes: { name: string; create: string[]; writes: string[]; extra?: (
   { name: 'v3, 4 KiB clusters', create: ['-o', 'cluster_size=4096'], writes: ['write -P 1 100k 1M'] },
   { name: 'v3, 2 MiB clusters', create: ['-o', 'cluster_size=2M'], writes: ['write -P 1 0 5M'] },
   { name: 'empty', create: [], writes: [] },
+  { name: 'many L2 tables', create: ['-o', 'cluster_size=512'], writes: [], extra: (_dir, path) => qemuIo(path, MANY_TABLE_WRITES, 'qcow2') },
   { name: 'snapshots', create: [], writes: ['write -P 1 0 1M', 'SNAPSHOT', 'write -P 2 512k 1M', 'SNAPSHOT', 'write -P 3 0 64k'] },
   { name: 'compressed clusters', create: [], writes: ['write -c -P 1 0 64k', 'write -c -P 2 64k 64k', 'write -c 1M 192k'] },
   { name: 'extended L2', create: ['-o', 'extended_l2=on'], writes: ['write -P 1 4k 8k', 'write -P 2 1M 1M'] },

@@ -5,27 +5,36 @@
  * after the refcounts were compared (and repaired), against the stored
  * refcounts; with `repair`, the bit is set or cleared. A flipped bit needs no
  * ordering: each table is written on its own, and the image stays readable
- * whichever state it is in.
+ * whichever state it is in. When what the counting recorded of the bits
+ * (copied-record.ts) agrees with the refcounts, nothing needs reporting or
+ * fixing and no L2 table is read again; otherwise every table is.
  *
  * Concurrency: runs inside a check, on an image nobody else writes.
  */
 import type { Protocol } from '../../block/types.js';
-import { hex64, isZeroRun, readTables, wordsOf, ZERO_RUN, type CheckContext } from './check-refs.js';
+import { hex64, nextL2Entry, readTables, type CheckContext, type TableScratch } from './check-refs.js';
+import type { CopiedRecord, RefcountBlocks } from './copied-record.js';
+import { tableWords } from '../../block/table-scan.js';
 
 interface Tally {
   corruptions: number;
   corruptionsFixed: number;
 }
 
-interface Refcounts {
+interface Refcounts extends RefcountBlocks {
   get(cluster: number): number | undefined;
 }
 
 const COPIED = 0x80000000;
 const offsetOf = (high: number, low: number): number => (high & 0x00ffffff) * 0x100000000 + ((low & 0xfffffe00) >>> 0);
 
-export async function checkCopiedFlags(ctx: CheckContext, res: Tally, stored: Refcounts, repair: boolean): Promise<void> {
+/** `record`: what the counting of the active tables saw of the bits, which the tables on disk still hold. */
+export async function checkCopiedFlags(ctx: CheckContext, res: Tally, stored: Refcounts, repair: boolean, record: CopiedRecord): Promise<void> {
   const { header, geometry, file } = ctx;
+  if (!record.mayNeedChanges(stored)) {
+    if (repair) await file.flush();
+    return;
+  }
   const { clusterSize, clusterBits } = header;
   const word = repair ? 'Repairing' : 'ERROR';
   const l1 = Buffer.alloc(header.l1Size * 8);
@@ -33,10 +42,11 @@ export async function checkCopiedFlags(ctx: CheckContext, res: Tally, stored: Re
   const used: number[] = [];
   for (let index = 0; index < header.l1Size; index++) if (offsetOf(l1.readUInt32BE(index * 8), l1.readUInt32BE(index * 8 + 4)) !== 0) used.push(index);
   const batch = 256;
+  const scratch: TableScratch = {};
   for (let first = 0; first < used.length; first += batch) {
     const indexes = used.slice(first, first + batch);
     const offsets = indexes.map((index) => offsetOf(l1.readUInt32BE(index * 8), l1.readUInt32BE(index * 8 + 4))).filter((offset) => offset < ctx.fileSize);
-    const tables = await readTables(file, offsets, clusterSize);
+    const tables = await readTables(file, offsets, clusterSize, scratch);
     for (const index of indexes) {
       const high = l1.readUInt32BE(index * 8);
       const low = l1.readUInt32BE(index * 8 + 4);
@@ -56,18 +66,13 @@ export async function checkCopiedFlags(ctx: CheckContext, res: Tally, stored: Re
       const l2 = tables.get(l2Offset);
       if (!l2) continue; // past the end of the file: reads as zeros, no entry to check
       let changed = 0;
-      const words = wordsOf(l2);
-      const wordsPerEntry = geometry.l2EntryBytes / 4;
-      const entriesPerRun = ZERO_RUN.length / geometry.l2EntryBytes;
-      for (let entry = 0; entry < geometry.l2Entries; entry++) {
-        if (entry % entriesPerRun === 0 && isZeroRun(l2, entry * geometry.l2EntryBytes)) {
-          entry += entriesPerRun - 1;
-          continue;
-        }
-        if (words[entry * wordsPerEntry] === 0 && words[entry * wordsPerEntry + 1] === 0) continue;
+      const entries = geometry.l2Entries;
+      const words = tableWords(l2);
+      for (let entry = nextL2Entry(l2, words, 0, entries, geometry.extendedL2); entry < entries; entry = nextL2Entry(l2, words, entry + 1, entries, geometry.extendedL2)) {
         const at = entry * geometry.l2EntryBytes;
         const entryHigh = l2.readUInt32BE(at);
         const entryLow = l2.readUInt32BE(at + 4);
+        if (entryHigh === 0 && entryLow === 0) continue;
         if (entryHigh & 0x40000000) continue; // compressed
         const offset = offsetOf(entryHigh, entryLow);
         const allocated = offset !== 0 || (geometry.hasDataFile && (entryHigh & COPIED) !== 0);

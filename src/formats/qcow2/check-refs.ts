@@ -19,18 +19,33 @@
  * so before any refcount is repaired (a write and an fdatasync per entry made
  * a damaged L1 table with thousands of bad entries take minutes).
  *
+ * While counting, the OFLAG_COPIED bits of the active tables' entries are
+ * recorded (copied-record.ts), so the OFLAG_COPIED pass need not read every
+ * L2 table again when they all agree with the refcounts.
+ *
  * Concurrency: one scan at a time on an image nobody else writes; reads of
- * L2 tables are issued in parallel batches, processed in L1 order.
+ * L2 tables are issued in parallel batches (into one buffer per batch, used
+ * again by the next batch), processed in L1 order.
  */
+import { endianness } from 'node:os';
 import type { CheckResult, Protocol } from '../../block/types.js';
 import type { Geometry } from './geometry.js';
 import type { Qcow2Header } from './header.js';
 import { maxRefcount } from './refcount-entries.js';
+import { nextNonZeroEntry, nextNonZeroIn, readableWords } from '../../block/table-scan.js';
+import { CopiedRecord } from './copied-record.js';
 
 /** qemu's limits on an L1 table (32 MiB) and on the snapshot table. */
 const MAX_L1_ENTRIES = (32 * 1024 * 1024) / 8;
-/** L2 tables read per batch, and bytes per coalesced read. */
+/**
+ * L2 tables read per batch (at most that many, and at most that many bytes: a
+ * smaller buffer used again stays in the CPU's caches and is not faulted in anew;
+ * 64 tables of 64 KiB still keep the thread pool busy when they must come from
+ * the disk; never fewer than 16), and bytes per coalesced read.
+ */
 const L2_BATCH = 256;
+const L2_BATCH_BYTES = 4 * 1024 * 1024;
+const L2_BATCH_MIN = 16;
 const MAX_READ_BYTES = 4 * 1024 * 1024;
 
 export const hex = (value: number): string => value.toString(16);
@@ -60,6 +75,19 @@ export class RefcountArray {
 
   get(cluster: number): number {
     return cluster < this.length ? this.counts[cluster]! : 0;
+  }
+
+  /** The 16-bit counts (refcount_order 4) in host byte order, until the array next grows; undefined for other widths. */
+  counts16(): Uint16Array | undefined {
+    return this.counts instanceof Uint16Array ? this.counts : undefined;
+  }
+
+  /** One more reference to `cluster` (below `length`); false, changing nothing, when its count is at the width's maximum. */
+  addOne(cluster: number): boolean {
+    const count = this.counts[cluster]!;
+    if (count === this.max) return false;
+    this.counts[cluster] = count + 1;
+    return true;
   }
 
   set(cluster: number, value: number): void {
@@ -120,10 +148,17 @@ export interface Counting {
   allocated: number;
   fragmented: number;
   compressed: number;
+  /** The OFLAG_COPIED bits of the active L1 and L2 entries counted. */
+  copied: CopiedRecord;
 }
 
 interface Fix {
   errors: boolean;
+}
+
+/** A buffer that successive batches of tables are read into (a batch's tables are done with before the next is read). */
+export interface TableScratch {
+  buffer?: Buffer;
 }
 
 /** Counts one reference to every cluster of [offset, offset + size), as qemu-img check does. */
@@ -142,35 +177,21 @@ function countRange(ctx: CheckContext, res: CheckResult, refs: RefcountArray, of
   const last = Math.floor((offset + size - 1) / 2 ** clusterBits);
   refs.grow(last + 1);
   for (let cluster = first; cluster <= last; cluster++) {
-    const count = refs.get(cluster);
-    if (count === refs.max) {
-      ctx.messages.push(`ERROR: overflow cluster offset=0x${hex(cluster * clusterSize)}`);
-      ctx.messages.push(
-        'Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing',
-      );
-      res.corruptions += 1;
-      continue;
-    }
-    refs.set(cluster, count + 1);
+    if (refs.addOne(cluster)) continue;
+    ctx.messages.push(`ERROR: overflow cluster offset=0x${hex(cluster * clusterSize)}`);
+    ctx.messages.push(
+      'Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing',
+    );
+    res.corruptions += 1;
   }
 }
 
-/** Zeros compared natively (memcmp) against a table to skip empty stretches at once. */
-export const ZERO_RUN = Buffer.alloc(512);
-
-/** True when the ZERO_RUN.length bytes at `at` are zero (or the table ends before them: then false). */
-export function isZeroRun(table: Buffer, at: number): boolean {
-  return at + ZERO_RUN.length <= table.length && table.compare(ZERO_RUN, 0, ZERO_RUN.length, at, at + ZERO_RUN.length) === 0;
-}
-
-/** The 32-bit words of a table (in host order: for telling zero words apart only). */
-export function wordsOf(table: Buffer): Uint32Array {
-  if (table.byteOffset % 4 === 0) return new Uint32Array(table.buffer, table.byteOffset, table.length / 4);
-  return new Uint32Array(Uint8Array.prototype.slice.call(table).buffer);
-}
-
-/** Reads the tables at `offsets` (each `bytes` long), coalescing adjacent ones into one read. */
-export async function readTables(file: Protocol, offsets: readonly number[], bytes: number): Promise<Map<number, Buffer>> {
+/**
+ * Reads the tables at `offsets` (each `bytes` long), coalescing adjacent ones into one read,
+ * all into one buffer: `scratch`'s (taken over, or replaced when too small) when given, whose
+ * previous tables must be done with.
+ */
+export async function readTables(file: Protocol, offsets: readonly number[], bytes: number, scratch?: TableScratch): Promise<Map<number, Buffer>> {
   const sorted = [...new Set(offsets)].sort((a, b) => a - b);
   const tables = new Map<number, Buffer>();
   const runs: { start: number; count: number }[] = [];
@@ -179,13 +200,22 @@ export async function readTables(file: Protocol, offsets: readonly number[], byt
     if (run && run.start + run.count * bytes === offset && (run.count + 1) * bytes <= MAX_READ_BYTES) run.count += 1;
     else runs.push({ start: offset, count: 1 });
   }
-  await Promise.all(
-    runs.map(async ({ start, count }) => {
-      const buffer = Buffer.alloc(count * bytes);
-      await file.read(start, buffer);
-      for (let index = 0; index < count; index++) tables.set(start + index * bytes, buffer.subarray(index * bytes, (index + 1) * bytes));
-    }),
-  );
+  const total = sorted.length * bytes;
+  let pool = scratch?.buffer;
+  if (!pool || pool.length < total) {
+    // Every byte is read into (a read fills what lies past the end of the file with zeros).
+    pool = Buffer.allocUnsafeSlow(total);
+    if (scratch) scratch.buffer = pool;
+  }
+  let used = 0;
+  const reads: Promise<void>[] = [];
+  for (const { start, count } of runs) {
+    const buffer = pool.subarray(used, used + count * bytes);
+    used += count * bytes;
+    for (let index = 0; index < count; index++) tables.set(start + index * bytes, buffer.subarray(index * bytes, (index + 1) * bytes));
+    reads.push(file.read(start, buffer));
+  }
+  await Promise.all(reads);
   return tables;
 }
 
@@ -226,10 +256,12 @@ async function countL1(
   const l1 = Buffer.alloc(l1Size * 8);
   await ctx.file.read(l1Offset, l1);
   const used: number[] = [];
-  for (let index = 0; index < l1Size; index++) if (l1.readUInt32BE(index * 8) !== 0 || l1.readUInt32BE(index * 8 + 4) !== 0) used.push(index);
+  for (let index = nextNonZeroEntry(l1, 0, l1Size); index < l1Size; index = nextNonZeroEntry(l1, index + 1, l1Size)) used.push(index);
   const l2Bytes = clusterSize;
-  for (let batch = 0; batch < used.length; batch += L2_BATCH) {
-    const indexes = used.slice(batch, batch + L2_BATCH);
+  const scratch: TableScratch = {};
+  const perBatch = Math.max(L2_BATCH_MIN, Math.min(L2_BATCH, Math.floor(L2_BATCH_BYTES / clusterSize)));
+  for (let batch = 0; batch < used.length; batch += perBatch) {
+    const indexes = used.slice(batch, batch + perBatch);
     const offsets: number[] = [];
     for (const index of indexes) {
       const high = l1.readUInt32BE(index * 8);
@@ -237,8 +269,9 @@ async function countL1(
       const offset = (high & 0x00ffffff) * 0x100000000 + ((low & 0xfffffe00) >>> 0);
       if (offset < ctx.fileSize) offsets.push(offset);
     }
-    const tables = await readTables(ctx.file, offsets, l2Bytes);
-    for (const [position, index] of indexes.entries()) {
+    const tables = await readTables(ctx.file, offsets, l2Bytes, scratch);
+    for (let position = 0; position < indexes.length; position++) {
+      const index = indexes[position]!;
       if (active) ctx.progress?.(batch + position, used.length);
       const high = l1.readUInt32BE(index * 8);
       const low = l1.readUInt32BE(index * 8 + 4);
@@ -256,13 +289,15 @@ async function countL1(
         continue;
       }
       countRange(ctx, res, refs, l2Offset, clusterSize);
+      if (active && l2Offset !== 0) counting.copied.note(Math.floor(l2Offset / clusterSize), (high & 0x80000000) !== 0);
       if (l2Offset % clusterSize !== 0) {
         ctx.messages.push(`ERROR l2_offset=${hex(l2Offset)}: Table is not cluster aligned; L1 entry corrupted`);
         res.corruptions += 1;
       }
       // A table past the end of the file reads as zeros: it references nothing (no zero-filled copy per entry).
       const l2 = tables.get(l2Offset);
-      if (l2) await countL2(ctx, res, refs, counting, l2Offset, l2, active, fix);
+      // (The OFLAG_COPIED pass looks at no table whose L1 entry has offset 0.)
+      if (l2) await countL2(ctx, res, refs, counting, l2Offset, l2, active, fix, active && l2Offset !== 0 ? counting.copied : undefined);
     }
     await flushFixes(ctx);
   }
@@ -272,28 +307,28 @@ async function countL1(
 
 async function countL2(
   ctx: CheckContext, res: CheckResult, refs: RefcountArray, counting: Counting,
-  l2Offset: number, l2: Buffer, active: boolean, fix: Fix,
+  l2Offset: number, l2: Buffer, active: boolean, fix: Fix, copied: CopiedRecord | undefined,
 ): Promise<void> {
   const { geometry, header } = ctx;
   const { clusterSize } = header;
   const extended = geometry.extendedL2;
   const entryBytes = geometry.l2EntryBytes;
   const dataFile = geometry.hasDataFile;
-  let nextContiguous = 0;
+  const walk: L2Walk = { nextContiguous: 0 };
   // Most entries of a sparse image are zero: skipped on the raw words, without decoding.
-  const words = wordsOf(l2);
+  const entries = geometry.l2Entries;
+  // Big-endian words read through a host-order view, byte-swapped (cheaper than readUInt32BE).
+  const words = readableWords(l2);
   const wordsPerEntry = entryBytes / 4;
-  const entriesPerRun = ZERO_RUN.length / entryBytes;
-  for (let index = 0; index < geometry.l2Entries; index++) {
-    if (index % entriesPerRun === 0 && isZeroRun(l2, index * entryBytes)) {
-      index += entriesPerRun - 1;
-      continue;
+  const plain = !extended && !dataFile;
+  for (let index = nextL2Entry(l2, words, 0, entries, extended); index < entries; index = nextL2Entry(l2, words, index + 1, entries, extended)) {
+    if (plain) {
+      index = countPlainEntries(ctx, refs, counting, l2, words, index, entries, active, copied, walk);
+      if (index >= entries) break;
     }
-    const w = index * wordsPerEntry;
-    if (words[w] === 0 && words[w + 1] === 0 && (!extended || (words[w + 2] === 0 && words[w + 3] === 0))) continue;
     const at = index * entryBytes;
-    let high = l2.readUInt32BE(at);
-    const low = l2.readUInt32BE(at + 4);
+    let high = be32(words[index * wordsPerEntry]!);
+    const low = be32(words[index * wordsPerEntry + 1]!);
     const zeroBits = extended ? l2.readUInt32BE(at + 8) : 0;
     const allocBits = extended ? l2.readUInt32BE(at + 12) : 0;
     if (high === 0 && low === 0 && zeroBits === 0 && allocBits === 0) continue;
@@ -367,11 +402,66 @@ async function countL2(
     }
     if (active) {
       counting.allocated += 1;
-      if (nextContiguous !== 0 && offset !== nextContiguous) counting.fragmented += 1;
-      nextContiguous = offset + clusterSize;
+      if (walk.nextContiguous !== 0 && offset !== walk.nextContiguous) counting.fragmented += 1;
+      walk.nextContiguous = offset + clusterSize;
+    }
+    if (copied) {
+      // With a data file every data cluster counts as refcount 1: only an entry without the flag needs the pass.
+      if (!dataFile) copied.note(Math.floor(offset / clusterSize), (high & 0x80000000) !== 0);
+      else if ((high & 0x80000000) === 0) copied.needsFullPass = true;
     }
     if (!dataFile) countRange(ctx, res, refs, offset, clusterSize);
   }
+}
+
+/** Where the walk of one L2 table is, for both countL2 and countPlainEntries. */
+interface L2Walk {
+  /** The host offset of a data cluster that follows the last one counted (0: none counted yet). */
+  nextContiguous: number;
+}
+
+/** The value of a big-endian 32-bit word read through a host-order view (byte-swapped on a little-endian host). */
+const be32: (word: number) => number = endianness() === 'LE'
+  ? (word) => ((word << 24) | ((word & 0xff00) << 8) | ((word >>> 8) & 0xff00) | (word >>> 24)) >>> 0
+  : (word) => word >>> 0;
+
+/**
+ * Counts the plain entries of a standard L2 table (8-byte entries, no data file) from
+ * `from` on, in a loop small enough to be optimized at once: allocated, not compressed,
+ * no reserved or zero bit, cluster-aligned, inside the file, with a count below the
+ * maximum. Such an entry is counted just as countL2 counts it, with nothing to report.
+ * Returns the first entry that is not plain, for countL2 to take, or `entries`.
+ */
+function countPlainEntries(
+  ctx: CheckContext, refs: RefcountArray, counting: Counting, l2: Buffer, words: Uint32Array,
+  from: number, entries: number, active: boolean, copied: CopiedRecord | undefined, walk: L2Walk,
+): number {
+  const { clusterSize } = ctx.header;
+  const { fileSize } = ctx;
+  for (let index = nextNonZeroIn(l2, words, from, entries); index < entries; index = nextNonZeroIn(l2, words, index + 1, entries)) {
+    const high = be32(words[index * 2]!);
+    const low = be32(words[index * 2 + 1]!);
+    if ((high & 0x7f000000) !== 0 || (low & 0x1ff) !== 0) return index;
+    const offset = (high & 0x00ffffff) * 0x100000000 + low;
+    if (offset === 0 || offset % clusterSize !== 0 || offset >= fileSize) return index;
+    const cluster = offset / clusterSize;
+    refs.grow(cluster + 1);
+    if (!refs.addOne(cluster)) return index;
+    if (active) {
+      counting.allocated += 1;
+      if (walk.nextContiguous !== 0 && offset !== walk.nextContiguous) counting.fragmented += 1;
+      walk.nextContiguous = offset + clusterSize;
+    }
+    copied?.note(cluster, (high & 0x80000000) !== 0);
+  }
+  return entries;
+}
+
+/** The first L2 entry at or after `from` that is not all zeros (`entries` when none is); `words`: `tableWords(l2)`. */
+export function nextL2Entry(l2: Buffer, words: Uint32Array | undefined, from: number, entries: number, extended: boolean): number {
+  if (!extended) return nextNonZeroIn(l2, words, from, entries);
+  // A 16-byte entry is two 64-bit words.
+  return Math.floor(nextNonZeroIn(l2, words, from * 2, entries * 2) / 2);
 }
 
 /**
@@ -403,7 +493,9 @@ export async function countReferences(ctx: CheckContext, res: CheckResult, fixEr
   const { header, geometry } = ctx;
   const { clusterSize } = header;
   const refs = new RefcountArray(header.refcountOrder, Math.ceil(ctx.fileSize / clusterSize));
-  const counting: Counting = { refs, rebuild: false, allocated: 0, fragmented: 0, compressed: 0 };
+  const counting: Counting = {
+    refs, rebuild: false, allocated: 0, fragmented: 0, compressed: 0, copied: new CopiedRecord(Math.ceil(ctx.fileSize / clusterSize)),
+  };
   const fix: Fix = { errors: fixErrors };
   countRange(ctx, res, refs, 0, clusterSize);
   await countL1(ctx, res, refs, counting, header.l1TableOffset, header.l1Size, true, fix);
@@ -465,7 +557,9 @@ async function checkRefcountBlocks(ctx: CheckContext, res: CheckResult, counting
   const { clusterSize } = ctx.header;
   const { refs } = counting;
   const table = ctx.refcountTable;
-  for (let index = 0; index < table.length / 8; index++) {
+  const entries = table.length / 8;
+  // A zero entry (no block) has nothing to check.
+  for (let index = nextNonZeroEntry(table, 0, entries); index < entries; index = nextNonZeroEntry(table, index + 1, entries)) {
     const high = table.readUInt32BE(index * 8);
     const low = table.readUInt32BE(index * 8 + 4);
     const offset = high * 0x100000000 + ((low & 0xfffffe00) >>> 0);

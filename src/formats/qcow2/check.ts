@@ -6,15 +6,18 @@
  *    cannot read fails the check, what it can repair is counted (and an
  *    overlong table cut in the header at once with -r all);
  * 1. count every reference from the header down (check-refs.ts);
- * 2. compare each cluster's refcount with its references: a refcount above
- *    them is a leak ("Leaked cluster N refcount=R reference=C"), below them a
- *    corruption ("ERROR cluster N ..."); a repair sets the refcount in place;
+ * 2. compare each cluster's refcount with its references (16-bit counts a
+ *    chunk at a time with memcmp, one by one only where a chunk differs): a
+ *    refcount above them is a leak ("Leaked cluster N refcount=R
+ *    reference=C"), below them a corruption ("ERROR cluster N ..."); a repair
+ *    sets the refcount in place;
  * 3. where the refcount structure cannot hold the repair (a referenced cluster
  *    with refcount 0, a damaged refcount table or block), `-r all` writes a
  *    new one past the end of the image (check-rebuild.ts), counts again and
  *    repairs the old structure's clusters, now leaked;
  * 4. check the OFLAG_COPIED bit of the active L1 and L2 entries against
- *    refcount == 1, and fix it;
+ *    refcount == 1, and fix it (without reading the L2 tables again when what
+ *    the counting recorded of the bits agrees with the refcounts);
  * 5. with -r all, rewrite a snapshot table whose entries needed fixing
  *    (check-snapshot-write.ts), once the refcounts can be trusted;
  * 6. with nothing left to repair, clear the dirty and corrupt bits.
@@ -42,6 +45,8 @@ import { EXT_BITMAPS, EXT_CRYPTO, EXT_END } from './extensions.js';
 import { Geometry } from './geometry.js';
 import { AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, parseHeader, type Qcow2Header } from './header.js';
 import { getRefcount, refcountsPerBlock, setRefcount } from './refcount-entries.js';
+import { nextNonZeroEntry } from '../../block/table-scan.js';
+import { endianness } from 'node:os';
 import { countReferences, readTables, type CheckContext, type Counting } from './check-refs.js';
 import { writeRefcountStructure } from './check-rebuild.js';
 import { checkCopiedFlags } from './check-copied.js';
@@ -50,6 +55,10 @@ import { readSnapshotTableForCheck, SNAPSHOT_POINTER_AT, type SnapshotTableRead 
 import { rewriteSnapshotTable } from './check-snapshot-write.js';
 
 const log = createDebug('imgmount:qcow2:check');
+
+const LITTLE_ENDIAN = endianness() === 'LE';
+/** Clusters whose 16-bit counts compare is given at once (one memcmp of 512 bytes) before one by one. */
+const COMPARE_CHUNK = 256;
 
 /** What a qcow2 check found, with qemu-img's allocation figures. */
 export interface Qcow2CheckResult extends CheckResult {
@@ -114,7 +123,7 @@ export async function checkQcow2(file: Protocol, options: Qcow2CheckOptions): Pr
       await stored.writeBack(file);
     }
   }
-  await checkCopiedFlags(ctx, res, stored, fixErrors ? true : fixLeaks ? ctx.checkErrors === 0 && res.corruptions === 0 && res.leaks === 0 : false);
+  await checkCopiedFlags(ctx, res, stored, fixErrors ? true : fixLeaks ? ctx.checkErrors === 0 && res.corruptions === 0 && res.leaks === 0 : false, counting.copied);
   if (ctx.checkErrors > 0) throw checkFailed(`${file.path}: Check failed: ${ctx.checkErrors} internal errors occurred during the check`);
   if (fixErrors && snapshotTable.corruptions > 0 && !counting.rebuild) await fixSnapshotTable(ctx, snapshotTable, counting.refs);
   if (options.repair && res.corruptions === 0 && snapshotTable.corruptions === 0) await markClean(file, ctx.header);
@@ -149,6 +158,11 @@ export async function rebuildRefcounts(file: Protocol): Promise<{ result: Qcow2C
 /** Refcounts as the image stores them, block by block, with the changes a repair makes. */
 export class StoredRefcounts {
   private readonly dirty = new Set<number>();
+  /** The block `block` found last, and its index (a block is never replaced once found). */
+  private lastIndex = -1;
+  private lastBlock: Buffer | null | undefined = null;
+  /** 16-bit counts of 1, a block's worth (made when first needed). */
+  private ones16: Buffer | undefined;
   private constructor(
     private readonly ctx: CheckContext,
     /** Blocks by file offset. */
@@ -159,7 +173,8 @@ export class StoredRefcounts {
   static async load(ctx: CheckContext): Promise<StoredRefcounts> {
     const { clusterSize, refcountOrder } = ctx.header;
     const offsets: number[] = [];
-    for (let index = 0; index < ctx.refcountTable.length / 8; index++) {
+    const entries = ctx.refcountTable.length / 8;
+    for (let index = nextNonZeroEntry(ctx.refcountTable, 0, entries); index < entries; index = nextNonZeroEntry(ctx.refcountTable, index + 1, entries)) {
       const offset = StoredRefcounts.blockOffset(ctx.refcountTable, index);
       if (offset > 0 && offset % clusterSize === 0 && offset < ctx.fileSize) offsets.push(offset);
     }
@@ -173,6 +188,14 @@ export class StoredRefcounts {
   /** The refcount block holding `cluster`'s count: null for none (count 0), undefined for an unreadable one. */
   block(cluster: number): Buffer | null | undefined {
     const index = Math.floor(cluster / this.perBlock);
+    if (index === this.lastIndex) return this.lastBlock;
+    const block = this.findBlock(index);
+    this.lastIndex = index;
+    this.lastBlock = block;
+    return block;
+  }
+
+  private findBlock(index: number): Buffer | null | undefined {
     if (index >= this.ctx.refcountTable.length / 8) return null;
     const offset = StoredRefcounts.blockOffset(this.ctx.refcountTable, index);
     if (offset === 0) return null;
@@ -185,12 +208,28 @@ export class StoredRefcounts {
     return block;
   }
 
+  /** Count `index` of one of these blocks. */
+  countIn(block: Buffer, index: number): number {
+    return refcountIn(block, index, this.ctx.header.refcountOrder);
+  }
+
+  /** True when counts [index, index + count) of one of these blocks are all 1 (16-bit counts: one memcmp). */
+  allOne(block: Buffer, index: number, count: number): boolean {
+    const order = this.ctx.header.refcountOrder;
+    if (order === 4) {
+      this.ones16 ??= Buffer.alloc(this.ctx.header.clusterSize, Buffer.from([0, 1]));
+      return block.compare(this.ones16, 0, count * 2, index * 2, (index + count) * 2) === 0;
+    }
+    for (let at = index; at < index + count; at++) if (refcountIn(block, at, order) !== 1) return false;
+    return true;
+  }
+
   /** The stored count of `cluster`, or undefined (an unaligned refcount block) after reporting it. */
   get(cluster: number): number | undefined {
     const block = this.block(cluster);
     if (block === null) return 0;
     if (block === undefined) return undefined;
-    return getRefcount(block, cluster % this.perBlock, this.ctx.header.refcountOrder);
+    return refcountIn(block, cluster % this.perBlock, this.ctx.header.refcountOrder);
   }
 
   set(cluster: number, value: number): void {
@@ -210,47 +249,91 @@ export class StoredRefcounts {
   }
 }
 
-/** qemu's compare_refcounts; returns the highest cluster in use. */
+/** Entry `index` of a refcount block: the common widths (8 and 16 bits) read directly. */
+function refcountIn(block: Buffer, index: number, order: number): number {
+  if (order === 4) return (block[index * 2]! << 8) | block[index * 2 + 1]!;
+  if (order === 3) return block[index]!;
+  return getRefcount(block, index, order);
+}
+
+/** qemu's compare_refcounts, one refcount block's range of clusters at a time; returns the highest cluster in use. */
 function compare(ctx: CheckContext, res: Tally, stored: StoredRefcounts, counting: Counting, fixLeaks: boolean, fixErrors: boolean): number {
   const { refs } = counting;
+  const order = ctx.header.refcountOrder;
+  const { perBlock } = stored;
+  // 16-bit counts on a little-endian host: compared with a byte-swapped copy of each block, chunk by chunk (memcmp).
+  const counts = LITTLE_ENDIAN ? refs.counts16() : undefined;
+  const countBytes = counts && Buffer.from(counts.buffer, counts.byteOffset, counts.byteLength);
+  let swapped: Buffer | undefined;
+  // Clusters in use found one by one; those of chunks that compared equal are found after the loop.
   let highest = 0;
-  for (let cluster = 0; cluster < refs.length; cluster++) {
-    const references = refs.get(cluster);
-    const block = stored.block(cluster);
-    // A whole block of zero counts and zero references, in one step.
-    if (block === null && references === 0) {
-      const next = (Math.floor(cluster / stored.perBlock) + 1) * stored.perBlock;
-      let end = cluster;
-      while (end < next && end < refs.length && refs.get(end) === 0) end++;
-      if (end > cluster) {
-        cluster = end - 1;
-        continue;
+  const compareClusters = (block: Buffer | null, base: number, from: number, to: number): void => {
+    for (let cluster = from; cluster < to; cluster++) {
+      const references = refs.get(cluster);
+      // No block: every count is 0.
+      const refcount = block === null ? 0 : refcountIn(block, cluster - base, order);
+      if (refcount > 0 || references > 0) highest = cluster;
+      if (refcount !== references) mismatch(ctx, res, stored, counting, cluster, refcount, references, fixLeaks, fixErrors);
+    }
+  };
+  for (let base = 0; base < refs.length; base += perBlock) {
+    const end = Math.min(refs.length, base + perBlock);
+    const block = stored.block(base);
+    if (block === undefined) {
+      for (let cluster = base; cluster < end; cluster++) {
+        ctx.messages.push(`Can't get refcount for cluster ${cluster}: Input/output error`);
+        ctx.checkErrors += 1;
       }
-    }
-    const refcount = stored.get(cluster);
-    if (refcount === undefined) {
-      ctx.messages.push(`Can't get refcount for cluster ${cluster}: Input/output error`);
-      ctx.checkErrors += 1;
       continue;
     }
-    if (refcount > 0 || references > 0) highest = cluster;
-    if (refcount === references) continue;
-    let fixing: 'leaks' | 'corruptions' | undefined;
-    if (refcount === 0) counting.rebuild = true;
-    else if (refcount > references && fixLeaks) fixing = 'leaks';
-    else if (refcount < references && fixErrors) fixing = 'corruptions';
-    const word = fixing ? 'Repairing' : refcount < references ? 'ERROR' : 'Leaked';
-    ctx.messages.push(`${word} cluster ${cluster} refcount=${refcount} reference=${references}`);
-    if (fixing) {
-      stored.set(cluster, references);
-      if (fixing === 'leaks') res.leaksFixed += 1;
-      else res.corruptionsFixed += 1;
+    if (block === null || countBytes === undefined) {
+      compareClusters(block, base, base, end);
       continue;
     }
-    if (refcount < references) res.corruptions += 1;
-    else res.leaks += 1;
+    const bytes = (end - base) * 2;
+    swapped ??= Buffer.allocUnsafeSlow(perBlock * 2);
+    block.copy(swapped, 0, 0, bytes);
+    swapped.subarray(0, bytes).swap16();
+    for (let from = base; from < end; from += COMPARE_CHUNK) {
+      const to = Math.min(end, from + COMPARE_CHUNK);
+      if (countBytes.compare(swapped, (from - base) * 2, (to - base) * 2, from * 2, to * 2) !== 0) compareClusters(block, base, from, to);
+    }
   }
-  return highest;
+  return Math.max(highest, lastInUse(refs, stored, order));
+}
+
+/** The last cluster with references or a stored count, outside blocks that cannot be read (0 when none is). */
+function lastInUse(refs: Counting['refs'], stored: StoredRefcounts, order: number): number {
+  for (let cluster = refs.length - 1; cluster >= 0; cluster--) {
+    const block = stored.block(cluster);
+    if (block === undefined) {
+      cluster -= cluster % stored.perBlock;
+      continue;
+    }
+    if (refs.get(cluster) > 0 || (block !== null && refcountIn(block, cluster % stored.perBlock, order) > 0)) return cluster;
+  }
+  return 0;
+}
+
+/** One cluster whose stored refcount is not its count of references: reported, and repaired as far as asked. */
+function mismatch(
+  ctx: CheckContext, res: Tally, stored: StoredRefcounts, counting: Counting,
+  cluster: number, refcount: number, references: number, fixLeaks: boolean, fixErrors: boolean,
+): void {
+  let fixing: 'leaks' | 'corruptions' | undefined;
+  if (refcount === 0) counting.rebuild = true;
+  else if (refcount > references && fixLeaks) fixing = 'leaks';
+  else if (refcount < references && fixErrors) fixing = 'corruptions';
+  const word = fixing ? 'Repairing' : refcount < references ? 'ERROR' : 'Leaked';
+  ctx.messages.push(`${word} cluster ${cluster} refcount=${refcount} reference=${references}`);
+  if (fixing) {
+    stored.set(cluster, references);
+    if (fixing === 'leaks') res.leaksFixed += 1;
+    else res.corruptionsFixed += 1;
+    return;
+  }
+  if (refcount < references) res.corruptions += 1;
+  else res.leaks += 1;
 }
 
 /**

@@ -19,7 +19,7 @@
  * "Repairing ..." for what is repaired).
  */
 import type { CheckOptions, CheckResult, Protocol } from '../../block/types.js';
-import { nextNonZeroEntry } from '../../block/table-scan.js';
+import { nextNonZeroIn, tableWords } from '../../block/table-scan.js';
 import { Geometry, getEntry, setEntry, ZERO_CLUSTER, type Table } from './geometry.js';
 import { QED_F_NEED_CHECK, type QedHeader } from './header.js';
 import { readTable, writeHeader } from './tables.js';
@@ -97,9 +97,12 @@ export async function checkQed(file: Protocol, header: QedHeader, options: Check
   const l1 = await readTable(file, header.l1TableOffset, tableBytes);
   let l1Changed = false;
   // One buffer for every L2 table, read one at a time (a zeroed buffer per table cost a fifth of a 512-table check).
-  const l2: Table = Buffer.allocUnsafe(tableBytes);
+  const l2: Table = Buffer.allocUnsafeSlow(tableBytes);
+  const l2Words = tableWords(l2);
+  const l1Words = tableWords(l1);
   for (let l1Index = 0; l1Index < entries; l1Index++) {
     options.progress?.(l1Index, entries);
+    if (l1Words !== undefined && (l1Words[2 * l1Index]! | l1Words[2 * l1Index + 1]!) === 0) continue;
     let l2Offset = getEntry(l1, l1Index);
     if (l2Offset === 0) continue;
     if (!geometry.isValidTableOffset(l2Offset, fileEnd)) {
@@ -122,7 +125,7 @@ export async function checkQed(file: Protocol, header: QedHeader, options: Check
     }
     await file.read(l2Offset, l2);
     let l2Changed = false;
-    for (let l2Index = nextNonZeroEntry(l2, 0); l2Index < entries; l2Index = nextNonZeroEntry(l2, l2Index + 1)) {
+    for (let l2Index = nextNonZeroIn(l2, l2Words, 0, entries); l2Index < entries; l2Index = nextNonZeroIn(l2, l2Words, l2Index + 1, entries)) {
       const dataOffset = getEntry(l2, l2Index);
       if (dataOffset === 0 || dataOffset === ZERO_CLUSTER) continue;
       const guest = l1Index * geometry.l2Span + l2Index * clusterSize;
