@@ -71,7 +71,7 @@ import { Refcounts } from './refcounts.js';
 import { RequestEpochs } from './quarantine.js';
 import { dropBitmaps } from './bitmap-release.js';
 import { CompressedWriter } from './compressed-write.js';
-import { ALL_SUBCLUSTERS, planSubclusterZero } from './subcluster-zero.js';
+import { ALL_SUBCLUSTERS, planSubclusterZero, type SubclusterZeroTarget } from './subcluster-zero.js';
 
 const log = createDebug('imgmount:qcow2');
 
@@ -79,19 +79,14 @@ const log = createDebug('imgmount:qcow2');
 const INCOMPATIBLE_AT = 72;
 const AUTOCLEAR_AT = 88;
 
-/** One cluster's share of a request, with its L2 entry as it was looked up. */
-interface Slot {
+/**
+ * One cluster's share of a request, with its L2 entry as it was looked up: the
+ * guest range inside the cluster, the entry's words and, with extended L2, the
+ * subcluster bitmap's zero and allocation halves (0 otherwise), as subcluster-zero.ts takes them.
+ */
+interface Slot extends SubclusterZeroTarget {
   l1Index: number;
   l2Index: number;
-  clusterStart: number;
-  /** Guest range of the request inside this cluster. */
-  from: number;
-  to: number;
-  high: number;
-  low: number;
-  /** Extended L2 entries: the subcluster bitmap's zero and allocation halves (0 otherwise). */
-  zeroBits: number;
-  allocBits: number;
   /** The L2 table is this image's alone (COPIED in the L1 entry). */
   tableOwned: boolean;
 }
