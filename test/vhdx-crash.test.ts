@@ -193,14 +193,9 @@ describe.skipIf(skipWithoutQemu('vhdx crash'))('VHDX writes at every crash point
     let pendingLogs = 0;
     for (const [s, state] of states.entries()) {
       const path = join(dir, `state.vhdx`);
-      await writeFile(path, state.file());
-      const notices: string[] = [];
-      const opened = await openImage(path, { readOnly: true, format: 'vhdx', notice: (line) => notices.push(line) });
-      const ours = await readAll(opened);
-      await opened.close();
+      const { ours, pending } = await readState(path, state.file());
       const why = `${state.name} (state ${s})`;
       expectOldOrNew(ours, oldBytes, writes, state.acked, why);
-      const pending = notices.some((line) => /log holds/.test(line));
       const check = await run('qemu-img', ['check', '-f', 'vhdx', path]);
       let qemuSees = path;
       if (pending) {
@@ -256,15 +251,11 @@ describe.skipIf(skipWithoutQemu('vhdx crash'))('VHDX writes at every crash point
     let pendingLogs = 0;
     for (const [s, state] of states.entries()) {
       const path = join(dir, 'state.avhdx');
-      await writeFile(path, state.file());
-      const notices: string[] = [];
-      const opened = await openImage(path, { readOnly: true, format: 'vhdx', notice: (line) => notices.push(line) });
-      const ours = await readAll(opened);
-      await opened.close();
+      const { ours, pending } = await readState(path, state.file());
       const why = `${state.name} (state ${s})`;
       expectOldOrNew(ours, oldBytes, writes, state.acked, why);
       // libvhdi does not replay a log: compare it where none is pending (every third such state: it is slow to start)
-      if (notices.some((line) => /log holds/.test(line))) pendingLogs += 1;
+      if (pending) pendingLogs += 1;
       else if (s % 3 === 0) expect((await libvhdiRead([path, parent], join(dir, 'state.raw'))).equals(ours), `${why}: libvhdi reads what we read`).toBe(true);
     }
     expect(states.length).toBeGreaterThan(30);
@@ -346,3 +337,13 @@ describe.skipIf(skipWithoutQemu('vhdx I/O errors'))('VHDX writes failing at ever
     });
   }
 });
+
+/** Writes a crash state to `path` and reads it read-only as we would: its guest bytes, and whether a log was left to replay. */
+async function readState(path: string, file: Buffer): Promise<{ ours: Buffer; pending: boolean }> {
+  await writeFile(path, file);
+  const notices: string[] = [];
+  const opened = await openImage(path, { readOnly: true, format: 'vhdx', notice: (line) => notices.push(line) });
+  const ours = await readAll(opened);
+  await opened.close();
+  return { ours, pending: notices.some((line) => /log holds/.test(line)) };
+}
