@@ -26,7 +26,7 @@ import type { ImageFilter } from './filters/types.js';
 import type { WriteGuard } from './probe-guard.js';
 import { settleAll } from './settle.js';
 import { announce } from './events.js';
-import type { EncodedCluster, FormatImage, GuestOffset, HostOffset, Protocol, SnapshotInfo } from './types.js';
+import type { EncodedCluster, FormatImage, GuestOffset, HostOffset, Mapping, Protocol, SnapshotInfo } from './types.js';
 
 const log = createDebug('imgmount:block');
 
@@ -104,8 +104,13 @@ export class BlockImage {
   /** The idle timer of a writable image whose format can mark itself clean. */
   private readonly idle: IdleClean | undefined;
   private readonly filters: readonly ImageFilter[];
-  /** Reads and writes not finished yet; close waits for them. */
-  private readonly inFlight = new Set<Promise<void>>();
+  /** Reads and writes not finished yet; close waits until none is left. */
+  private active = 0;
+  private readonly whenSettled: (() => void)[] = [];
+  /** Counts one request as finished (bound once: it runs for every request). */
+  private readonly settle = (): void => {
+    if (--this.active === 0 && this.whenSettled.length > 0) for (const wake of this.whenSettled.splice(0)) wake();
+  };
   private closing: Promise<void> | undefined;
 
   constructor(parts: BlockImageParts) {
@@ -151,41 +156,40 @@ export class BlockImage {
   private async readNow(offset: GuestOffset, buffer: Buffer): Promise<void> {
     this.checkRange('read', offset, buffer.length);
     if (buffer.length === 0) return;
-    if (!this.image.beginRead) return this.readMapped(offset, buffer);
     // The format may not hand out the host clusters mapped here again before the read ends.
-    const token = this.image.beginRead();
+    const token = this.image.beginRead?.();
     try {
-      await this.readMapped(offset, buffer);
+      const runs = await this.image.map(offset, buffer.length);
+      // One run (most reads) has no other part that could still be using the buffer.
+      if (runs.length === 1) await this.readRun(runs[0]!, offset, buffer);
+      else await settleAll(runs.map((run) => this.readRun(run, offset, buffer)));
     } finally {
-      this.image.endRead?.(token);
+      if (token !== undefined) this.image.endRead?.(token);
     }
   }
 
-  private async readMapped(offset: GuestOffset, buffer: Buffer): Promise<void> {
-    const runs = await this.image.map(offset, buffer.length);
-    await settleAll(
-      runs.map((run) => {
-        const part = buffer.subarray(run.guestOffset - offset, run.guestOffset - offset + run.length);
-        switch (run.kind) {
-          case 'data': {
-            const file = run.file ?? this.file;
-            announce(file, 'read_aio');
-            return file.read(run.hostOffset, part);
-          }
-          case 'encoded':
-            return this.readEncoded(run.cluster, run.guestOffset - run.cluster.guestStart, part);
-          case 'zero':
-            part.fill(0);
-            return undefined;
-          case 'backing':
-            return this.readBacking(run.guestOffset, part);
-        }
-      }),
-    );
+  /** Starts reading one run of the map into its part of `buffer` (which starts at guest `offset`). */
+  private readRun(run: Mapping, offset: GuestOffset, buffer: Buffer): Promise<void> | undefined {
+    const start = run.guestOffset - offset;
+    const part = start === 0 && run.length === buffer.length ? buffer : buffer.subarray(start, start + run.length);
+    switch (run.kind) {
+      case 'data': {
+        const file = run.file ?? this.file;
+        announce(file, 'read_aio');
+        return file.read(run.hostOffset, part);
+      }
+      case 'encoded':
+        return this.readEncoded(run.cluster, run.guestOffset - run.cluster.guestStart, part);
+      case 'zero':
+        part.fill(0);
+        return undefined;
+      case 'backing':
+        return this.readBacking(run.guestOffset, part);
+    }
   }
 
   private readEncoded(cluster: EncodedCluster, offsetInCluster: number, part: Buffer): Promise<void> {
-    if (!this.decoded) throw new CorruptImageError(`${this.path}: the ${this.format} driver mapped an encoded cluster but cannot decode it`);
+    if (!this.decoded) return Promise.reject(new CorruptImageError(`${this.path}: the ${this.format} driver mapped an encoded cluster but cannot decode it`));
     return this.decoded.read(cluster, offsetInCluster, part);
   }
 
@@ -355,9 +359,9 @@ export class BlockImage {
   }
 
   private async closeNow(): Promise<void> {
-    log('closing %s (%d requests in flight)', this.path, this.inFlight.size);
+    log('closing %s (%d requests in flight)', this.path, this.active);
     const cleaning = this.idle?.stop();
-    await Promise.allSettled([...this.inFlight]);
+    if (this.active > 0) await new Promise<void>((resolve) => this.whenSettled.push(resolve));
     await cleaning;
     try {
       await this.image.close();
@@ -375,9 +379,8 @@ export class BlockImage {
   private track(request: () => Promise<void>): Promise<void> {
     if (this.closing) return Promise.reject(new InvalidArgumentError(`${this.path} is closed`));
     const promise = request();
-    this.inFlight.add(promise);
-    const forget = () => this.inFlight.delete(promise);
-    promise.then(forget, forget);
+    this.active++;
+    promise.then(this.settle, this.settle);
     return promise;
   }
 
