@@ -21,7 +21,7 @@ export class DecodedClusterCache {
   private readonly inFlight = new Map<string, Promise<Buffer>>();
 
   constructor(
-    private readonly decode: (cluster: EncodedCluster) => Promise<Buffer>,
+    private readonly decode: (cluster: EncodedCluster, parallel: boolean) => Promise<Buffer>,
     maxBytes = DEFAULT_DECODED_CACHE_BYTES,
   ) {
     this.lru = new LRUCache<string, Buffer>({
@@ -31,18 +31,27 @@ export class DecodedClusterCache {
     });
   }
 
-  /** Copies `target.length` decoded bytes starting at `offsetInCluster` into `target`. */
-  async read(cluster: EncodedCluster, offsetInCluster: number, target: Buffer): Promise<void> {
-    const decoded = await this.get(cluster);
+  /** Copies `target.length` decoded bytes starting at `offsetInCluster` into `target`; `parallel`: as FormatImage.decode's. */
+  async read(cluster: EncodedCluster, offsetInCluster: number, target: Buffer, parallel = false): Promise<void> {
+    const decoded = await this.get(cluster, parallel);
     decoded.copy(target, 0, offsetInCluster, offsetInCluster + target.length);
   }
 
-  private get(cluster: EncodedCluster): Promise<Buffer> {
+  /** Starts decoding `cluster` unless it is cached or being decoded; resolves when done, failed or not. */
+  prefetch(cluster: EncodedCluster, parallel: boolean): Promise<void> {
+    if (this.lru.has(cluster.key) || this.inFlight.has(cluster.key)) return Promise.resolve();
+    return this.get(cluster, parallel).then(
+      () => undefined,
+      () => undefined, // the read that needs the cluster decodes it again and reports the failure
+    );
+  }
+
+  private get(cluster: EncodedCluster, parallel: boolean): Promise<Buffer> {
     const cached = this.lru.get(cluster.key);
     if (cached) return Promise.resolve(cached);
     let pending = this.inFlight.get(cluster.key);
     if (!pending) {
-      pending = this.decode(cluster).then(
+      pending = this.decode(cluster, parallel).then(
         (decoded) => {
           this.inFlight.delete(cluster.key);
           this.lru.set(cluster.key, decoded);

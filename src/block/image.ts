@@ -20,6 +20,8 @@ import { constants as osConstants } from 'node:os';
 import { BlockError, CorruptImageError, InvalidArgumentError, ReadOnlyError } from './errors.js';
 import { resolveBackingName } from './backing-name.js';
 import { DecodedClusterCache } from './decoded-cache.js';
+import { DecodeAhead } from './decode-ahead.js';
+import { decodeLanes } from './decode-pool.js';
 import { IdleClean } from './idle-clean.js';
 import type { ImageFileGate } from './gate.js';
 import type { ImageFilter } from './filters/types.js';
@@ -27,6 +29,9 @@ import type { WriteGuard } from './probe-guard.js';
 import { settleAll } from './settle.js';
 import { announce } from './events.js';
 import type { EncodedCluster, FormatImage, GuestOffset, HostOffset, Mapping, Protocol, SnapshotInfo } from './types.js';
+
+/** Compressed clusters a read must cover before some decode on worker threads (fewer: the round trip costs more). */
+const OFFLOAD_MIN_CLUSTERS = 4;
 
 const log = createDebug('imgmount:block');
 
@@ -104,6 +109,8 @@ export class BlockImage {
   /** The idle timer of a writable image whose format can mark itself clean. */
   private readonly idle: IdleClean | undefined;
   private readonly filters: readonly ImageFilter[];
+  /** Decoding ahead of sequential reads of compressed clusters, when there are decode workers. */
+  private readonly ahead: DecodeAhead | undefined;
   /** Reads and writes not finished yet; close waits until none is left. */
   private active = 0;
   private readonly whenSettled: (() => void)[] = [];
@@ -124,7 +131,14 @@ export class BlockImage {
     this.filters = parts.filters ?? [];
     this.length = parts.image.virtualSize;
     const decode = parts.image.decode?.bind(parts.image);
-    this.decoded = decode ? new DecodedClusterCache((cluster) => this.decodeChecked(decode, cluster), parts.decodedCacheBytes) : undefined;
+    this.decoded = decode ? new DecodedClusterCache((cluster, parallel) => this.decodeChecked(decode, cluster, parallel), parts.decodedCacheBytes) : undefined;
+    this.ahead =
+      this.decoded && decodeLanes() > 1
+        ? new DecodeAhead(this.length, (offset, length) => {
+            // After the read that asked for it has been answered; refused (and dropped) once close began.
+            setImmediate(() => this.track(() => this.decodeAhead(offset, length)).catch(() => undefined));
+          })
+        : undefined;
     parts.image.attachBacking?.(parts.backing ? (offset, buffer) => this.readBacking(offset, buffer) : undefined);
     const markClean = parts.image.markClean?.bind(parts.image);
     const idleMs = parts.idleCleanMs ?? 0;
@@ -161,15 +175,40 @@ export class BlockImage {
     try {
       const runs = await this.image.map(offset, buffer.length);
       // One run (most reads) has no other part that could still be using the buffer.
-      if (runs.length === 1) await this.readRun(runs[0]!, offset, buffer);
-      else await settleAll(runs.map((run) => this.readRun(run, offset, buffer)));
+      if (runs.length === 1) await this.readRun(runs[0]!, offset, buffer, false);
+      else {
+        // Many encoded clusters in one read decode side by side: every `lanes`-th here, the others on
+        // decode workers. A few are not worth a worker's round trip: decoding ahead covers sequential reads.
+        const encodedRuns = this.decoded ? runs.reduce((count, run) => count + (run.kind === 'encoded' ? 1 : 0), 0) : 0;
+        const lanes = encodedRuns >= OFFLOAD_MIN_CLUSTERS ? decodeLanes() : 1;
+        let encoded = 0;
+        await settleAll(runs.map((run) => this.readRun(run, offset, buffer, run.kind === 'encoded' && encoded++ % lanes !== 0)));
+      }
+      if (this.ahead && runs.some((run) => run.kind === 'encoded')) this.ahead.read(offset, buffer.length);
     } finally {
       if (token !== undefined) this.image.endRead?.(token);
     }
   }
 
-  /** Starts reading one run of the map into its part of `buffer` (which starts at guest `offset`). */
-  private readRun(run: Mapping, offset: GuestOffset, buffer: Buffer): Promise<void> | undefined {
+  /** Decodes the compressed clusters of a range ahead of a sequential reader (decode-ahead.ts); failures are left to the read that needs them. */
+  private async decodeAhead(offset: GuestOffset, length: number): Promise<void> {
+    const decoded = this.decoded;
+    if (!decoded) return;
+    const token = this.image.beginRead?.();
+    try {
+      const runs = await this.image.map(offset, length);
+      const lanes = decodeLanes();
+      let encoded = 0;
+      const decodes: Promise<void>[] = [];
+      for (const run of runs) if (run.kind === 'encoded') decodes.push(decoded.prefetch(run.cluster, encoded++ % lanes !== 0));
+      await Promise.allSettled(decodes);
+    } finally {
+      if (token !== undefined) this.image.endRead?.(token);
+    }
+  }
+
+  /** Starts reading one run of the map into its part of `buffer` (which starts at guest `offset`); `parallel`: as FormatImage.decode's. */
+  private readRun(run: Mapping, offset: GuestOffset, buffer: Buffer, parallel: boolean): Promise<void> | undefined {
     const start = run.guestOffset - offset;
     const part = start === 0 && run.length === buffer.length ? buffer : buffer.subarray(start, start + run.length);
     switch (run.kind) {
@@ -179,7 +218,7 @@ export class BlockImage {
         return file.read(run.hostOffset, part);
       }
       case 'encoded':
-        return this.readEncoded(run.cluster, run.guestOffset - run.cluster.guestStart, part);
+        return this.readEncoded(run.cluster, run.guestOffset - run.cluster.guestStart, part, parallel);
       case 'zero':
         part.fill(0);
         return undefined;
@@ -188,13 +227,13 @@ export class BlockImage {
     }
   }
 
-  private readEncoded(cluster: EncodedCluster, offsetInCluster: number, part: Buffer): Promise<void> {
+  private readEncoded(cluster: EncodedCluster, offsetInCluster: number, part: Buffer, parallel: boolean): Promise<void> {
     if (!this.decoded) return Promise.reject(new CorruptImageError(`${this.path}: the ${this.format} driver mapped an encoded cluster but cannot decode it`));
-    return this.decoded.read(cluster, offsetInCluster, part);
+    return this.decoded.read(cluster, offsetInCluster, part, parallel);
   }
 
-  private async decodeChecked(decode: (cluster: EncodedCluster) => Promise<Buffer>, cluster: EncodedCluster): Promise<Buffer> {
-    const decoded = await decode(cluster);
+  private async decodeChecked(decode: (cluster: EncodedCluster, parallel: boolean) => Promise<Buffer>, cluster: EncodedCluster, parallel: boolean): Promise<Buffer> {
+    const decoded = await decode(cluster, parallel);
     if (decoded.length !== cluster.decodedLength) {
       throw new CorruptImageError(
         `${this.path}: the compressed cluster at host offset ${cluster.hostOffset} (guest offset ${cluster.guestStart}) decodes to ${decoded.length} bytes, not ${cluster.decodedLength}`,

@@ -114,8 +114,11 @@ export interface FormatImage {
   readonly backing: BackingReference | undefined;
   /** Answers where [offset, offset + length) lives; the caller keeps the range inside the image. */
   map(offset: GuestOffset, length: number): Promise<Mapping[]>;
-  /** Decodes an encoded cluster a `map` returned into `decodedLength` bytes; required when `map` returns encoded runs. */
-  decode?(cluster: EncodedCluster): Promise<Buffer>;
+  /**
+   * Decodes an encoded cluster a `map` returned into `decodedLength` bytes; required when `map` returns encoded runs.
+   * `parallel`: the read has other clusters to decode; the driver may decode this one on a worker thread (decode-pool.ts).
+   */
+  decode?(cluster: EncodedCluster, parallel?: boolean): Promise<Buffer>;
   /**
    * Optional, with `endRead`: the generic layer calls `beginRead` before the `map` of a
    * read and `endRead(token)` once every byte it mapped was read (or failed), so a format

@@ -220,12 +220,12 @@ export class Qcow2Image implements FormatImage {
     };
   }
 
-  async decode(cluster: EncodedCluster): Promise<Buffer> {
+  async decode(cluster: EncodedCluster, parallel = false): Promise<Buffer> {
     const data = Buffer.alloc(cluster.hostLength);
     announce(this.file, 'read_aio');
     await this.file.read(cluster.hostOffset, data);
     try {
-      return await decompressCluster(this.header.compressionType, data, cluster.decodedLength);
+      return await decompressCluster(this.header.compressionType, data, cluster.decodedLength, parallel);
     } catch (error) {
       throw new CorruptImageError(
         `${this.file.path}: the compressed cluster for guest offset ${cluster.guestStart} (host offset ${cluster.hostOffset}): ${(error as Error).message}`,
