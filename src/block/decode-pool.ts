@@ -18,11 +18,9 @@
 import createDebug from 'debug';
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
+import type { Codec } from './codecs.js';
 
 const log = createDebug('imgmount:decode-pool');
-
-/** The codecs a worker knows (decode-worker.ts). */
-export type Codec = 'deflate' | 'zstd';
 
 /** What the main thread sends: decode `data` into `size` bytes. */
 export interface DecodeRequest {

@@ -4,7 +4,7 @@
  * (transferred) or the decoder's message. One request at a time, in order.
  */
 import { parentPort } from 'node:worker_threads';
-import { decodeHere } from '../formats/qcow2/compression.js';
+import { decodeHere } from './codecs.js';
 import type { DecodeAnswer, DecodeRequest } from './decode-pool.js';
 
 const port = parentPort;

@@ -20,7 +20,7 @@ import createDebug from 'debug';
 import { CorruptImageError } from '../../block/errors.js';
 import type { BackingReference, EncodedCluster, FormatImage, FormatInfo, Mapping, Protocol } from '../../block/types.js';
 import { TableCache } from '../../cache/table-cache.js';
-import { decompressCluster } from './compression.js';
+import { decompressCluster } from '../../block/codecs.js';
 import { classify, Geometry, Kind, L2E_COPIED_HIGH, offsetBits, wordAt } from './geometry.js';
 import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, AUTOCLEAR_DATA_FILE_RAW, type Qcow2Header } from './header.js';
 import type { Qcow2Extensions } from './extensions.js';
@@ -225,7 +225,7 @@ export class Qcow2Image implements FormatImage {
     announce(this.file, 'read_aio');
     await this.file.read(cluster.hostOffset, data);
     try {
-      return await decompressCluster(this.header.compressionType, data, cluster.decodedLength, parallel);
+      return await decompressCluster(this.header.compressionType === 'zstd' ? 'zstd' : 'deflate', data, cluster.decodedLength, parallel);
     } catch (error) {
       throw new CorruptImageError(
         `${this.file.path}: the compressed cluster for guest offset ${cluster.guestStart} (host offset ${cluster.hostOffset}): ${(error as Error).message}`,

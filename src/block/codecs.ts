@@ -1,36 +1,39 @@
 /**
- * Decoding compressed qcow2 clusters: raw deflate (zlib compression type) and
- * zstd. The stored bytes run to a sector boundary and may be followed by the
- * start of the next compressed cluster, so both decoders stop at the end of
- * their stream: deflate by itself, zstd after the first frame, whose length is
- * found by walking its block headers.
+ * Decoders for compressed clusters: raw deflate (qcow2's zlib compression
+ * type) and zstd. The stored bytes run to a sector boundary and may be
+ * followed by the start of the next compressed cluster, so both decoders stop
+ * at the end of their stream: deflate by itself, zstd after the first frame,
+ * whose length is found by walking its block headers.
  *
  * Both decode synchronously on the calling thread. A read that covers several
- * compressed clusters sends all but every `decodeLanes()`-th of them to decode
- * worker threads (src/block/decode-pool.ts), so they decode in parallel. For deflate that was
- * measured against zlib's asynchronous inflate (thread pool) through a mount,
- * fio 4 KiB random O_DIRECT reads of a deflate qcow2: 2.6k -> 4.5k IOPS at 1
- * job, 4.9-5.1k -> 5.7-5.9k at 4 jobs, 128 KiB sequential 190-208 -> 256-265
- * MB/s: the thread-pool hop cost more than the ~100 us the decode blocks.
+ * compressed clusters, or clusters decoded ahead of a sequential reader, may
+ * be sent to decode worker threads (decode-pool.ts), which run these same
+ * decoders (decode-worker.ts).
+ *
+ * For deflate, decoding on the main thread was measured against zlib's
+ * asynchronous inflate (thread pool) through a mount, fio 4 KiB random
+ * O_DIRECT reads of a deflate qcow2: 2.6k -> 4.5k IOPS at 1 job, 4.9-5.1k ->
+ * 5.7-5.9k at 4 jobs, 128 KiB sequential 190-208 -> 256-265 MB/s: the
+ * thread-pool hop cost more than the ~100 us the decode blocks.
  *
  * zstd uses `zstddec` (zstd compiled to WebAssembly; Node 20's zlib has no
  * zstd): it installs on a fresh machine with no native build and no download,
  * and decodes at a few hundred MiB/s. The module is imported, and its
- * WebAssembly instance made, once, on the first zstd decode (so opening a
- * qcow2 image, or any command, does not pay for it); decoding is synchronous
- * on the calling thread.
+ * WebAssembly instance made, once per thread, on the first zstd decode (so
+ * opening an image, or any command, does not pay for it).
  */
 import { inflateRawSync, constants as zlibConstants } from 'node:zlib';
 import type { ZSTDDecoder } from 'zstddec';
-import { decodeOnWorker, type Codec } from '../../block/decode-pool.js';
-import type { CompressionType } from './header.js';
+import { decodeOnWorker } from './decode-pool.js';
+
+/** The codecs: deflate (raw, no zlib header) and zstd. */
+export type Codec = 'deflate' | 'zstd';
 
 /**
  * Decodes `data` into exactly `clusterSize` bytes; throws a message (without the file name) when it cannot.
  * `parallel`: on a decode worker thread (src/block/decode-pool.ts), beside the others of the same read.
  */
-export async function decompressCluster(type: CompressionType, data: Buffer, clusterSize: number, parallel = false): Promise<Buffer> {
-  const codec = type === 'zstd' ? 'zstd' : 'deflate';
+export async function decompressCluster(codec: Codec, data: Buffer, clusterSize: number, parallel = false): Promise<Buffer> {
   const here = (): Promise<Buffer> => decodeHere(codec, data, clusterSize);
   const decoded = await (parallel ? decodeOnWorker(codec, data, clusterSize, here) : here());
   // A stream that ends early (damaged data or sector count) must not hand a short cluster to a writer that copies from it.
