@@ -10,8 +10,9 @@
  * Concurrency: reads and writes may overlap; the format driver serializes
  * whatever must be serialized (QED: allocating writes). A request split into
  * parts is answered only once every part has finished (settleAll), and
- * close waits for every request in flight, so no I/O ever runs on a buffer
- * that was answered or on a file that was closed. Writes, zeroing and
+ * close waits for every request in flight (decodes ahead of a sequential
+ * reader included: decode-ahead.ts), so no I/O ever runs on a buffer that was
+ * answered or on a file that was closed. Writes, zeroing and
  * discard go through the idle timer (idle-clean.ts): after a while with
  * none of them the format marks the image clean, never during one.
  */

@@ -328,8 +328,10 @@ export class KernelConnection {
     if (heldBuffer) this.giveBack(heldBuffer);
     const inFlight = this.inFlight;
     const index = inFlight.indexOf(unique);
-    const last = inFlight.pop()!;
-    if (index >= 0 && index < inFlight.length) inFlight[index] = last;
+    if (index >= 0) {
+      const last = inFlight.pop()!;
+      if (index < inFlight.length) inFlight[index] = last;
+    }
     if (inFlight.length === 0) {
       if (this.idle.length > 0) for (const wake of this.idle.splice(0)) wake();
       this.pollBriefly();
