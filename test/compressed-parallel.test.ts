@@ -7,14 +7,19 @@
  * time, with the guest offset named), and a close while clusters are still
  * decoding ahead ends cleanly.
  */
+import { execFile } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import { writeFile } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
+import { pathToFileURL } from 'node:url';
+import { promisify } from 'node:util';
 import { describe, expect, it } from 'vitest';
 import { CorruptImageError, openImage } from '../src/index.js';
 import { makeTempDir, qemuConvertToRaw, qemuImg, seededBytes, skipWithoutQemu } from './helpers/qemu.js';
 import { l2EntryLocation, readBE64, writeAt } from './helpers/qcow2-layout.js';
 
+const execFileAsync = promisify(execFile);
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const CLUSTER = 64 * KiB;
@@ -104,6 +109,32 @@ describe.skipIf(skipWithoutQemu('compressed-parallel'))('compressed clusters dec
     } finally {
       await image.close();
     }
+  });
+
+  it('when the decode workers cannot start, 1 MiB reads still return qemu-img\'s bytes, decoded on the calling thread, promptly', async () => {
+    const { dir, path, reference } = await compressedImage('zstd');
+    const library = pathToFileURL(join(process.cwd(), 'dist', 'index.js')).href;
+    const script = `
+      import { createHash } from 'node:crypto';
+      import { openImage } from ${JSON.stringify(library)};
+      const image = await openImage(${JSON.stringify(path)}, { readOnly: true });
+      const hash = createHash('sha256');
+      for (let offset = 0; offset < image.length; offset += 1048576) {
+        const buffer = Buffer.alloc(Math.min(1048576, image.length - offset));
+        await image.read(offset, buffer);
+        hash.update(buffer);
+      }
+      await image.close();
+      console.log(hash.digest('hex'));`;
+    const started = Date.now();
+    const { stdout, stderr } = await execFileAsync(process.execPath, ['--input-type=module', '-e', script], {
+      cwd: dir,
+      env: { ...process.env, IMGMOUNT_TEST_DECODE_WORKER: join(dir, 'no-such-worker.js'), DEBUG: 'imgmount:decode-pool' },
+      maxBuffer: 16 * MiB,
+    });
+    expect(stdout.trim()).toBe(createHash('sha256').update(reference).digest('hex'));
+    expect(stderr).toMatch(/decode worker failed: .*no-such-worker\.js.*decoding on the calling thread/);
+    expect(Date.now() - started).toBeLessThan(10_000);
   });
 
   it('closing right after sequential reads (clusters still decoding ahead) resolves, and later reads are refused', async () => {

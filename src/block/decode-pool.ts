@@ -17,6 +17,7 @@
  */
 import createDebug from 'debug';
 import { availableParallelism } from 'node:os';
+import { pathToFileURL } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import type { Codec } from './codecs.js';
 
@@ -36,8 +37,13 @@ export type DecodeAnswer = { id: number; decoded: Uint8Array } | { id: number; e
 /** Workers beside the calling thread: one per core but one, at most 3. */
 const WORKERS = Math.max(0, Math.min(3, availableParallelism() - 1));
 
-/** From the sources (src/block) as from dist/block, dist/fuse or dist/cli: two levels below the package root. */
-const WORKER_URL = new URL('../../dist/block/decode-worker.js', import.meta.url);
+/**
+ * From the sources (src/block) as from dist/block, dist/fuse or dist/cli: two levels below the package root.
+ * IMGMOUNT_TEST_DECODE_WORKER names another file, for the tests only (a worker that cannot start).
+ */
+const WORKER_URL = process.env.IMGMOUNT_TEST_DECODE_WORKER
+  ? pathToFileURL(process.env.IMGMOUNT_TEST_DECODE_WORKER)
+  : new URL('../../dist/block/decode-worker.js', import.meta.url);
 
 interface Job extends DecodeRequest {
   resolve(decoded: Buffer): void;
