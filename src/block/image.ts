@@ -36,6 +36,12 @@ const OFFLOAD_MIN_CLUSTERS = 4;
 
 const log = createDebug('imgmount:block');
 
+/** Asked once per compressed cluster, in order: whether it goes to a decode worker (all but every `lanes`-th does). */
+function workerShare(lanes: number): () => boolean {
+  let clusters = 0;
+  return () => clusters++ % lanes !== 0;
+}
+
 /** One run of `map`, like a line of `qemu-img map --output=json`. */
 export interface MapRun {
   offset: GuestOffset;
@@ -181,9 +187,8 @@ export class BlockImage {
         // Many encoded clusters in one read decode side by side: every `lanes`-th here, the others on
         // decode workers. A few are not worth a worker's round trip: decoding ahead covers sequential reads.
         const encodedRuns = this.decoded ? runs.reduce((count, run) => count + (run.kind === 'encoded' ? 1 : 0), 0) : 0;
-        const lanes = encodedRuns >= OFFLOAD_MIN_CLUSTERS ? decodeLanes() : 1;
-        let encoded = 0;
-        await settleAll(runs.map((run) => this.readRun(run, offset, buffer, run.kind === 'encoded' && encoded++ % lanes !== 0)));
+        const offload = workerShare(encodedRuns >= OFFLOAD_MIN_CLUSTERS ? decodeLanes() : 1);
+        await settleAll(runs.map((run) => this.readRun(run, offset, buffer, run.kind === 'encoded' && offload())));
       }
       if (this.ahead && runs.some((run) => run.kind === 'encoded')) this.ahead.read(offset, buffer.length);
     } finally {
@@ -198,10 +203,9 @@ export class BlockImage {
     const token = this.image.beginRead?.();
     try {
       const runs = await this.image.map(offset, length);
-      const lanes = decodeLanes();
-      let encoded = 0;
+      const offload = workerShare(decodeLanes());
       const decodes: Promise<void>[] = [];
-      for (const run of runs) if (run.kind === 'encoded') decodes.push(decoded.prefetch(run.cluster, encoded++ % lanes !== 0));
+      for (const run of runs) if (run.kind === 'encoded') decodes.push(decoded.prefetch(run.cluster, offload()));
       await Promise.allSettled(decodes);
     } finally {
       if (token !== undefined) this.image.endRead?.(token);
